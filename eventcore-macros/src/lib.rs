@@ -1,0 +1,42 @@
+//! Derive macros for [EventCore](https://docs.rs/eventcore). Use them through the
+//! `eventcore` crate, which re-exports them; this crate is an implementation detail.
+//!
+//! The derive is a small pipeline, one module per stage:
+//! [`ast`] turns the syn input into a typed description that keeps spans, [`attr`] parses
+//! `#[stream]` attributes, [`valid`] checks rules across fields, [`expand`] writes the
+//! generated code, and [`fallback`] emits a stub impl when there were errors, so a user
+//! sees the real mistakes and not a cascade of "trait not implemented" errors.
+
+mod ast;
+mod attr;
+mod ctxt;
+mod expand;
+mod fallback;
+mod valid;
+
+use proc_macro::TokenStream;
+use syn::{DeriveInput, parse_macro_input};
+
+/// Derives `eventcore::CommandStreams` for a struct with named fields.
+///
+/// Mark every field that names a stream the command reads (and may write) with
+/// `#[stream]`; its type must be a `StreamId` or a collection of them (`Vec<StreamId>`,
+/// `Option<StreamId>`, sets, arrays). The derive also generates a marker type
+/// `<Name>StreamSet` (same visibility as the struct) that ties the command's
+/// `StreamWrite`s to it.
+///
+/// ```ignore
+/// #[derive(Command)]
+/// struct Transfer {
+///     #[stream]
+///     from: StreamId,
+///     #[stream]
+///     to: StreamId,
+///     amount: u64,
+/// }
+/// ```
+#[proc_macro_derive(Command, attributes(stream))]
+pub fn derive_command(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::derive(&input).into()
+}

@@ -1,0 +1,313 @@
+//! The in-memory [`EventStore`] for EventCore: the default for examples and for users'
+//! tests, and exactly as strict as the database backends.
+//!
+//! It passes the same conformance suite as every other backend: the same version
+//! conflicts (read-only participants included), the same atomicity, the same global
+//! order with the prefix property, the same idempotency keys, the same typed errors.
+//! Nothing is persisted; dropping the last clone drops the events.
+//!
+//! # Examples
+//!
+//! ```
+//! use eventcore::{AppendRequest, EventData, EventMetadata, EventPayload, EventStore,
+//!     EventType, ExpectedVersion, StreamId};
+//! use eventcore_memory::InMemoryEventStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> eventcore::Result<()> {
+//! let store = InMemoryEventStore::new();
+//! let stream = StreamId::try_new("greetings")?;
+//! let event = EventData::new(
+//!     EventType::try_new("Greeted")?,
+//!     EventPayload::from_json(r#"{"name":"Ada"}"#)?,
+//!     EventMetadata::default(),
+//! );
+//! store
+//!     .append(AppendRequest::single(stream.clone(), ExpectedVersion::NoStream, vec![event]))
+//!     .await?;
+//! let read = store.read_streams(&[stream.clone()]).await?;
+//! assert_eq!(read.version_of(&stream).value(), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Concurrency
+//!
+//! Each stream has its own lock; the global log has one more. An append locks its
+//! streams in a fixed order (by id) and then the log, checks every expectation, assigns
+//! positions and publishes the events to the streams and the log before releasing
+//! anything, so the log is always a contiguous prefix and readers of several streams see
+//! an append entirely or not at all. Reading streams never touches the log lock. No lock
+//! is ever held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use dashmap::DashMap;
+use eventcore::{
+    AppendOutcome, AppendRequest, AppendedEvent, Error, EventStore, GlobalPosition, IdempotencyKey,
+    LogQuery, RecordedEvent, Result, StreamConflict, StreamId, StreamVersion, StreamsSnapshot,
+};
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+/// An event store that keeps everything in memory. Cheap to clone; clones share events.
+#[derive(Clone)]
+pub struct InMemoryEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    streams: DashMap<StreamId, Arc<RwLock<Vec<RecordedEvent>>>>,
+    log: RwLock<Log>,
+    /// The head position, published after every append so waiting readers wake up.
+    head: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Log {
+    /// Event at position `p` is at index `p - 1`: positions are contiguous here.
+    events: Vec<RecordedEvent>,
+    idempotency: HashMap<IdempotencyKey, AppendOutcome>,
+}
+
+impl InMemoryEventStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        InMemoryEventStore {
+            inner: Arc::new(Inner {
+                streams: DashMap::new(),
+                log: RwLock::new(Log::default()),
+                head: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// The number of events stored.
+    pub fn len(&self) -> usize {
+        self.inner.log.read().events.len()
+    }
+
+    /// Whether no event is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn stream_handle(&self, stream: &StreamId) -> Arc<RwLock<Vec<RecordedEvent>>> {
+        // The map guard is dropped at the end of this statement: it is never held while
+        // a stream lock is taken, so map shards and stream locks cannot deadlock.
+        self.inner
+            .streams
+            .entry(stream.clone())
+            .or_default()
+            .value()
+            .clone()
+    }
+}
+
+impl Default for InMemoryEventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for InMemoryEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryEventStore")
+            .field("events", &self.len())
+            .field("streams", &self.inner.streams.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot> {
+        let mut ids: Vec<&StreamId> = streams.iter().collect();
+        ids.sort();
+        ids.dedup();
+        // Locks are taken in id order, like appends take them, so a multi-stream append
+        // is seen entirely or not at all. A stream missing from the map is not locked; if
+        // one appears while we hold the others, an append may have created it after we
+        // looked, so start over rather than return a torn snapshot.
+        loop {
+            let handles: Vec<Option<Arc<RwLock<Vec<RecordedEvent>>>>> = ids
+                .iter()
+                .map(|id| self.inner.streams.get(*id).map(|h| h.value().clone()))
+                .collect();
+            let guards: Vec<_> = handles
+                .iter()
+                .map(|handle| handle.as_ref().map(|h| h.read()))
+                .collect();
+            let appeared = ids
+                .iter()
+                .zip(&guards)
+                .any(|(id, guard)| guard.is_none() && self.inner.streams.contains_key(*id));
+            if appeared {
+                continue;
+            }
+            let mut snapshot = StreamsSnapshot::default();
+            for (id, guard) in ids.iter().zip(&guards) {
+                let events: &[RecordedEvent] = guard.as_deref().map_or(&[], Vec::as_slice);
+                snapshot
+                    .versions
+                    .push(((*id).clone(), StreamVersion::new(events.len() as u64)));
+                snapshot.events.extend_from_slice(events);
+            }
+            drop(guards);
+            if ids.len() > 1 {
+                snapshot.events.sort_unstable_by_key(|e| e.global_position);
+            }
+            // Report versions in the caller's order.
+            let mut versions = Vec::with_capacity(snapshot.versions.len());
+            for stream in streams {
+                if versions.iter().all(|(id, _)| id != stream) {
+                    versions.push((stream.clone(), snapshot.version_of(stream)));
+                }
+            }
+            snapshot.versions = versions;
+            return Ok(snapshot);
+        }
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
+        request.validate()?;
+        let span = tracing::debug_span!(
+            "eventcore.memory.append",
+            streams = request.streams.len(),
+            events = request.event_count()
+        );
+        let _entered = span.enter();
+
+        let handles: Vec<_> = request
+            .streams
+            .iter()
+            .map(|s| self.stream_handle(&s.stream_id))
+            .collect();
+        let mut order: Vec<usize> = (0..handles.len()).collect();
+        order.sort_by(|a, b| {
+            request.streams[*a]
+                .stream_id
+                .cmp(&request.streams[*b].stream_id)
+        });
+        let mut guards: Vec<Option<parking_lot::RwLockWriteGuard<'_, Vec<RecordedEvent>>>> =
+            (0..handles.len()).map(|_| None).collect();
+        for index in order {
+            guards[index] = Some(handles[index].write());
+        }
+        let mut guards: Vec<_> = guards.into_iter().flatten().collect();
+        let mut log = self.inner.log.write();
+
+        // The key is checked before any version: a retried request whose first try
+        // succeeded must get its outcome back, not a conflict with itself.
+        if let Some(key) = &request.idempotency_key
+            && let Some(outcome) = log.idempotency.get(key)
+        {
+            return Ok(outcome.clone().into_deduplicated());
+        }
+
+        let conflicts: Vec<StreamConflict> = request
+            .streams
+            .iter()
+            .zip(&guards)
+            .filter_map(|(stream, events)| {
+                let actual = StreamVersion::new(events.len() as u64);
+                (!stream.expected_version.is_satisfied_by(actual)).then(|| StreamConflict {
+                    stream: stream.stream_id.clone(),
+                    expected: stream.expected_version,
+                    actual,
+                })
+            })
+            .collect();
+        if !conflicts.is_empty() {
+            return Err(Error::VersionConflict { conflicts });
+        }
+
+        let recorded_at = Utc::now();
+        let mut appended = Vec::with_capacity(request.event_count());
+        let AppendRequest {
+            streams,
+            idempotency_key,
+        } = request;
+        log.events.reserve(appended.capacity());
+        for (stream, events) in streams.into_iter().zip(guards.iter_mut()) {
+            for data in stream.events {
+                let version = StreamVersion::new(events.len() as u64 + 1);
+                let position = GlobalPosition::new(log.events.len() as u64 + 1);
+                let recorded = RecordedEvent::new(
+                    data.event_id,
+                    stream.stream_id.clone(),
+                    version,
+                    position,
+                    data.event_type,
+                    data.payload,
+                    Arc::new(data.metadata),
+                    recorded_at,
+                );
+                appended.push(AppendedEvent::new(
+                    data.event_id,
+                    stream.stream_id.clone(),
+                    version,
+                    position,
+                ));
+                events.push(recorded.clone());
+                log.events.push(recorded);
+            }
+        }
+        let outcome = AppendOutcome::written(appended);
+        if let Some(key) = idempotency_key {
+            log.idempotency.insert(key, outcome.clone());
+        }
+        let head = log.events.len() as u64;
+        drop(log);
+        drop(guards);
+        self.inner.head.send_if_modified(|current| {
+            let moved = head > *current;
+            if moved {
+                *current = head;
+            }
+            moved
+        });
+        Ok(outcome)
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>> {
+        let log = self.inner.log.read();
+        let start = query
+            .after_position()
+            .map_or(0, |p| usize::try_from(p.value()).unwrap_or(usize::MAX));
+        let tail = log.events.get(start..).unwrap_or(&[]);
+        Ok(tail
+            .iter()
+            .filter(|event| query.matches(event))
+            .take(query.limit_value())
+            .cloned()
+            .collect())
+    }
+
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        let head = self.inner.log.read().events.len() as u64;
+        Ok((head > 0).then(|| GlobalPosition::new(head)))
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> Result<()> {
+        let after = after.map_or(0, GlobalPosition::value);
+        let mut head = self.inner.head.subscribe();
+        head.wait_for(|head| *head > after)
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::backend("the in-memory store was dropped", false, None))
+    }
+
+    async fn idempotent_outcome(&self, key: &IdempotencyKey) -> Result<Option<AppendOutcome>> {
+        Ok(self
+            .inner
+            .log
+            .read()
+            .idempotency
+            .get(key)
+            .map(|outcome| outcome.clone().into_deduplicated()))
+    }
+}

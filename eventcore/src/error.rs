@@ -1,0 +1,286 @@
+//! The crate's error type.
+
+use std::fmt;
+
+use crate::types::{StreamId, StreamVersion};
+
+/// The result type used throughout EventCore.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The result of a command's `handle`: the same [`Result`], named as users know it.
+pub type CommandResult<T> = Result<T>;
+
+/// A boxed error from user code or a backend.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in EventCore.
+///
+/// Match on the variants you can act on and treat the rest as failures; the enum is
+/// `#[non_exhaustive]` so new failure modes can be added without a breaking release.
+/// [`Error::is_retryable`] tells whether repeating the same operation may succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A string was not a valid [`StreamId`]. Fix the input; retrying cannot help.
+    #[error(transparent)]
+    InvalidStreamId(#[from] InvalidStreamId),
+
+    /// An event type name was empty, too long or contained control characters.
+    /// Event type names are part of the stored data; fix the [`crate::Event`] impl.
+    #[error("invalid event type name {name:?}: {problem}")]
+    InvalidEventType {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        problem: NameProblem,
+    },
+
+    /// An idempotency key was empty, too long or contained control characters.
+    #[error("invalid idempotency key {key:?}: {problem}")]
+    InvalidIdempotencyKey {
+        /// The rejected key.
+        key: String,
+        /// What is wrong with it.
+        problem: NameProblem,
+    },
+
+    /// A payload handed to the store as raw JSON text was not valid JSON.
+    #[error("event payload is not valid JSON: {0}")]
+    InvalidPayload(serde_json::Error),
+
+    /// An append request was malformed (no streams, the same stream twice, ...).
+    /// Nothing was written. This is a programming error on the caller's side.
+    #[error("invalid append request: {reason}")]
+    InvalidAppend {
+        /// Why the request was refused.
+        reason: String,
+    },
+
+    /// One or more streams were not at the version the writer expected, so nothing was
+    /// written. The [`crate::CommandExecutor`] retries these under its
+    /// [`crate::RetryPolicy`]; direct callers of [`crate::EventStore::append`] should
+    /// re-read and decide again.
+    #[error("version conflict on {}", DisplayConflicts(.conflicts))]
+    VersionConflict {
+        /// One entry per stream whose expectation did not hold.
+        conflicts: Vec<StreamConflict>,
+    },
+
+    /// A stored event's payload could not be deserialized into the requested type.
+    /// The event is still stored and is never dropped; the usual cause is a changed
+    /// event shape that needs an upcaster (see the schema evolution chapter).
+    #[error("cannot deserialize event `{event_type}` at version {version} of stream `{stream}`")]
+    Deserialization {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in that stream.
+        version: StreamVersion,
+        /// The stored event type name.
+        event_type: String,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// An event could not be serialized to JSON. Usually a map with non-string keys.
+    #[error("cannot serialize event `{event_type}`")]
+    Serialization {
+        /// The event type name being serialized.
+        event_type: String,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A command produced a write to a stream it neither declared with `#[stream]` nor
+    /// requested through the [`crate::StreamResolver`]. Nothing was written.
+    #[error("command wrote to stream `{stream}`, which it neither declared nor resolved")]
+    UndeclaredStream {
+        /// The stream the command tried to write to.
+        stream: StreamId,
+    },
+
+    /// A command kept asking the [`crate::StreamResolver`] for new streams for more rounds
+    /// than the executor allows. Usually a resolver request that depends on itself.
+    #[error("command requested additional streams in more than {limit} rounds")]
+    TooManyStreamResolutions {
+        /// The configured bound.
+        limit: u32,
+    },
+
+    /// A business rule in `handle` refused the command (see [`crate::require!`]).
+    /// Never retried.
+    #[error("business rule violated: {0}")]
+    BusinessRuleViolation(String),
+
+    /// `handle` refused the command with a domain error of the user's own type.
+    /// Never retried; use `downcast_ref` on the inner error to recover it.
+    #[error("command rejected: {0}")]
+    Rejected(BoxError),
+
+    /// The executor gave up after the retry policy's last attempt; the last error is the
+    /// source. Nothing was written by the failed attempts.
+    #[error("gave up after {attempts} attempts")]
+    RetriesExhausted {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// The error of the last attempt.
+        #[source]
+        last: Box<Error>,
+    },
+
+    /// The storage backend failed. `retryable` says whether the same request may succeed
+    /// later (a lost connection, a serialization failure) or not (a permission error).
+    /// A failed append never leaves anything half-written.
+    #[error("event store failure: {message}")]
+    Backend {
+        /// What failed, for humans.
+        message: String,
+        /// Whether repeating the operation may succeed.
+        retryable: bool,
+        /// The backend's own error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl Error {
+    /// Whether the same operation may succeed if tried again: version conflicts and
+    /// retryable backend failures. Business errors and bad input never are.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::VersionConflict { .. } => true,
+            Error::Backend { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+
+    /// The conflicts of a [`Error::VersionConflict`], looking through
+    /// [`Error::RetriesExhausted`]; `None` for every other error.
+    pub fn version_conflicts(&self) -> Option<&[StreamConflict]> {
+        match self {
+            Error::VersionConflict { conflicts } => Some(conflicts),
+            Error::RetriesExhausted { last, .. } => last.version_conflicts(),
+            _ => None,
+        }
+    }
+
+    /// A backend failure with a message, a retryability flag and an optional cause.
+    pub fn backend(
+        message: impl Into<String>,
+        retryable: bool,
+        source: impl Into<Option<BoxError>>,
+    ) -> Self {
+        Error::Backend {
+            message: message.into(),
+            retryable,
+            source: source.into(),
+        }
+    }
+
+    /// A command rejection carrying a domain error of the caller's own type.
+    pub fn rejected(error: impl Into<BoxError>) -> Self {
+        Error::Rejected(error.into())
+    }
+}
+
+/// One stream whose expected version did not hold during an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConflict {
+    /// The stream.
+    pub stream: StreamId,
+    /// What the writer expected.
+    pub expected: crate::ExpectedVersion,
+    /// The version the stream was at.
+    pub actual: StreamVersion,
+}
+
+impl fmt::Display for StreamConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` (expected {}, actual {})",
+            self.stream, self.expected, self.actual
+        )
+    }
+}
+
+struct DisplayConflicts<'a>(&'a [StreamConflict]);
+
+impl fmt::Display for DisplayConflicts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, conflict) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{conflict}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a name (stream id, event type, idempotency key) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameProblem {
+    /// The name was empty.
+    #[error("it is empty")]
+    Empty,
+    /// The name was longer than the limit, in bytes of UTF-8.
+    #[error("it is {len} bytes long, the limit is {max}")]
+    TooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The name contained a control character at this byte offset.
+    #[error("it contains a control character at byte {at}")]
+    ControlCharacter {
+        /// Byte offset of the first control character.
+        at: usize,
+    },
+}
+
+/// A string that is not a valid [`StreamId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid stream id {value:?}: {problem}")]
+pub struct InvalidStreamId {
+    /// The rejected input (cut to 300 bytes so a huge input does not flood logs).
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: NameProblem,
+}
+
+/// The longest name (stream id, event type, idempotency key) accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Checks the rules shared by every identifier EventCore stores.
+pub(crate) fn check_name(value: &str) -> Result<(), NameProblem> {
+    if value.is_empty() {
+        return Err(NameProblem::Empty);
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameProblem::TooLong {
+            len: value.len(),
+            max: MAX_NAME_LEN,
+        });
+    }
+    if let Some((at, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(NameProblem::ControlCharacter { at });
+    }
+    Ok(())
+}
+
+/// Cuts a rejected input for error messages, on a char boundary.
+pub(crate) fn truncate_for_error(value: &str) -> String {
+    const LIMIT: usize = 300;
+    if value.len() <= LIMIT {
+        return value.to_owned();
+    }
+    let mut end = LIMIT;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &value[..end])
+}

@@ -1,0 +1,474 @@
+//! Command execution: read, fold, decide, append atomically, retry on conflict.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{Map, Value};
+use tracing::{Instrument, field};
+
+use crate::command::{Command, CommandLogic, ReadStreams, StreamResolver, StreamWrite};
+use crate::error::{Error, Result};
+use crate::event::{EventData, StoredEvent};
+use crate::metadata::EventMetadata;
+use crate::store::{AppendOutcome, AppendRequest, AppendedEvent, EventStore, StreamAppend};
+use crate::types::{CausationId, CorrelationId, ExpectedVersion, IdempotencyKey, StreamId};
+
+/// When and how often the executor repeats a command after a retryable failure
+/// ([`Error::VersionConflict`], or a backend error marked retryable).
+///
+/// The delay before retry `n` (1-based) is drawn uniformly from
+/// `[d/2, d]` with `d = min(max_delay, initial_delay * 2^(n-1))` ("equal jitter"), so
+/// writers that collided spread out instead of colliding again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    initial_delay: Duration,
+    max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// The default: 10 attempts, first delay 1 ms, delays capped at 100 ms.
+    pub const fn new() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            initial_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(100),
+        }
+    }
+
+    /// One attempt, no retry.
+    pub const fn no_retries() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            initial_delay: Duration::ZERO,
+            max_delay: Duration::ZERO,
+        }
+    }
+
+    /// Sets the total number of attempts, the first one included (at least 1).
+    pub const fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = if max_attempts == 0 { 1 } else { max_attempts };
+        self
+    }
+
+    /// Sets the delay before the first retry.
+    pub const fn with_initial_delay(mut self, delay: Duration) -> Self {
+        self.initial_delay = delay;
+        self
+    }
+
+    /// Sets the cap on any single delay.
+    pub const fn with_max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// The total number of attempts allowed.
+    pub const fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The delay to wait before retry number `retry` (1 for the first retry).
+    pub fn delay_before_retry(&self, retry: u32) -> Duration {
+        let exponent = retry.saturating_sub(1).min(31);
+        let ceiling = self
+            .initial_delay
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_delay);
+        if ceiling.is_zero() {
+            return Duration::ZERO;
+        }
+        let half = ceiling / 2;
+        let nanos = u64::try_from((ceiling - half).as_nanos()).unwrap_or(u64::MAX);
+        half + Duration::from_nanos(rand::rng().random_range(0..=nanos))
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Per-execution settings: idempotency key and the metadata stamped on every event.
+///
+/// # Examples
+///
+/// ```
+/// use eventcore::{ExecutionOptions, IdempotencyKey, CorrelationId};
+///
+/// let options = ExecutionOptions::new()
+///     .idempotency_key(IdempotencyKey::try_new("order-7/charge")?)
+///     .correlation_id(CorrelationId::new())
+///     .actor("user-3");
+/// # Ok::<(), eventcore::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecutionOptions {
+    idempotency_key: Option<IdempotencyKey>,
+    correlation_id: Option<CorrelationId>,
+    causation_id: Option<CausationId>,
+    actor: Option<String>,
+    custom: Map<String, Value>,
+}
+
+impl ExecutionOptions {
+    /// No key; a fresh correlation id; causation = this execution.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Executes at most once for this key: a later execution with the same key writes
+    /// nothing and returns the first outcome.
+    pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+
+    /// The correlation id stamped on every event (a fresh one when not set).
+    pub fn correlation_id(mut self, id: CorrelationId) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// The causation id stamped on every event, usually the event that triggered this
+    /// command (an id for this execution when not set).
+    pub fn causation_id(mut self, id: CausationId) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// The user or system on whose behalf the command runs.
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// A custom metadata field stamped on every event.
+    pub fn custom(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.custom.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// What an execution did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExecutionResult {
+    /// The events written, with their stream versions and global positions.
+    pub events_written: Vec<AppendedEvent>,
+    /// Attempts made (1 when there was no conflict; 0 when the idempotency key was found
+    /// before anything ran).
+    pub attempts: u32,
+    /// `true` when the idempotency key had been used before: nothing was written now and
+    /// `events_written` are the first execution's.
+    pub deduplicated: bool,
+}
+
+/// Executes commands against an [`EventStore`].
+///
+/// For each execution: read every declared stream, fold the events into the command's
+/// state, call `handle`, read any streams the command resolved and decide again, then
+/// append all writes atomically, with an expected version for every stream read, the
+/// read-only ones included. A [`Error::VersionConflict`] or a retryable backend error
+/// repeats the whole cycle under the [`RetryPolicy`]; business errors never do.
+///
+/// Cloning is cheap; clones share the store.
+#[derive(Clone)]
+pub struct CommandExecutor {
+    store: Arc<dyn EventStore>,
+    retry_policy: RetryPolicy,
+    max_stream_resolutions: u32,
+}
+
+impl CommandExecutor {
+    /// The default bound on [`StreamResolver`] rounds per attempt.
+    pub const DEFAULT_MAX_STREAM_RESOLUTIONS: u32 = 8;
+
+    /// An executor over `store` with the default retry policy.
+    pub fn new(store: impl EventStore) -> Self {
+        Self::from_shared(Arc::new(store))
+    }
+
+    /// An executor over a store that is already shared.
+    pub fn from_shared(store: Arc<dyn EventStore>) -> Self {
+        CommandExecutor {
+            store,
+            retry_policy: RetryPolicy::default(),
+            max_stream_resolutions: Self::DEFAULT_MAX_STREAM_RESOLUTIONS,
+        }
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
+        self
+    }
+
+    /// Bounds the number of [`StreamResolver`] rounds per attempt.
+    pub fn with_max_stream_resolutions(mut self, rounds: u32) -> Self {
+        self.max_stream_resolutions = rounds;
+        self
+    }
+
+    /// The store this executor writes to.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The retry policy.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry_policy
+    }
+
+    /// Executes `command` with default options.
+    ///
+    /// # Errors
+    ///
+    /// The command's business error; [`Error::RetriesExhausted`] when every attempt hit a
+    /// conflict or a retryable backend failure; [`Error::Deserialization`] when a stored
+    /// event does not decode into the command's event type; [`Error::UndeclaredStream`],
+    /// [`Error::TooManyStreamResolutions`]; a non-retryable [`Error::Backend`].
+    /// Whatever the error, nothing of this execution was written.
+    pub async fn execute<C: Command>(&self, command: &C) -> Result<ExecutionResult> {
+        self.execute_with(command, ExecutionOptions::default())
+            .await
+    }
+
+    /// Executes `command` with an idempotency key and/or metadata.
+    ///
+    /// # Errors
+    ///
+    /// As [`CommandExecutor::execute`].
+    pub async fn execute_with<C: Command>(
+        &self,
+        command: &C,
+        options: ExecutionOptions,
+    ) -> Result<ExecutionResult> {
+        let span = tracing::info_span!(
+            "eventcore.execute",
+            command = command.command_name(),
+            streams = field::Empty,
+            attempt = field::Empty,
+            events_written = field::Empty,
+            deduplicated = field::Empty,
+        );
+        self.run(command, options).instrument(span).await
+    }
+
+    async fn run<C: Command>(
+        &self,
+        command: &C,
+        options: ExecutionOptions,
+    ) -> Result<ExecutionResult> {
+        let span = tracing::Span::current();
+        if let Some(key) = &options.idempotency_key
+            && let Some(outcome) = self.store.idempotent_outcome(key).await?
+        {
+            span.record("deduplicated", true);
+            span.record("events_written", outcome.events.len());
+            return Ok(ExecutionResult {
+                events_written: outcome.events,
+                attempts: 0,
+                deduplicated: true,
+            });
+        }
+
+        let metadata = EventMetadata {
+            correlation_id: options.correlation_id.unwrap_or_default(),
+            causation_id: Some(options.causation_id.unwrap_or_default()),
+            actor: options.actor.clone(),
+            custom: options.custom.clone(),
+        };
+        let mut streams = command.read_streams();
+        dedup_in_order(&mut streams);
+        if !span.is_disabled() {
+            span.record("streams", field::debug(&streams));
+        }
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            span.record("attempt", attempt);
+            let result = self
+                .attempt(
+                    command,
+                    &mut streams,
+                    &metadata,
+                    options.idempotency_key.as_ref(),
+                )
+                .await;
+            match result {
+                Ok(outcome) => {
+                    span.record("events_written", outcome.events.len());
+                    span.record("deduplicated", outcome.deduplicated);
+                    return Ok(ExecutionResult {
+                        events_written: outcome.events,
+                        attempts: attempt,
+                        deduplicated: outcome.deduplicated,
+                    });
+                }
+                Err(error) if error.is_retryable() => {
+                    if attempt >= self.retry_policy.max_attempts() {
+                        tracing::warn!(attempt, %error, "giving up");
+                        return Err(Error::RetriesExhausted {
+                            attempts: attempt,
+                            last: Box::new(error),
+                        });
+                    }
+                    let delay = self.retry_policy.delay_before_retry(attempt);
+                    tracing::debug!(attempt, %error, ?delay, "retrying");
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn attempt<C: Command>(
+        &self,
+        command: &C,
+        streams: &mut Vec<StreamId>,
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
+        let mut rounds = 0;
+        let (writes, snapshot) = loop {
+            let snapshot = self.store.read_streams(streams).await?;
+            let events = snapshot
+                .events
+                .iter()
+                .map(|event| event.decode::<C::Event>())
+                .collect::<Result<Vec<_>>>()?;
+            let decision = decide(command, streams, &events)?;
+            if decision.more_streams.is_empty() {
+                break (decision.writes, snapshot);
+            }
+            rounds += 1;
+            if rounds > self.max_stream_resolutions {
+                return Err(Error::TooManyStreamResolutions {
+                    limit: self.max_stream_resolutions,
+                });
+            }
+            streams.extend(decision.more_streams);
+        };
+
+        if writes.is_empty() && idempotency_key.is_none() {
+            return Ok(AppendOutcome::written(Vec::new()));
+        }
+        let mut request = build_request(streams, &snapshot, writes, metadata)?;
+        request.idempotency_key = idempotency_key.cloned();
+        self.store.append(request).await
+    }
+}
+
+impl std::fmt::Debug for CommandExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandExecutor")
+            .field("retry_policy", &self.retry_policy)
+            .field("max_stream_resolutions", &self.max_stream_resolutions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one fold-and-handle round decided.
+pub(crate) struct Decision<C: CommandLogic> {
+    pub(crate) writes: Vec<StreamWrite<C::StreamSet, C::Event>>,
+    /// Streams `handle` asked for that were not read yet.
+    pub(crate) more_streams: Vec<StreamId>,
+}
+
+/// Folds `events` (already in global order) into a fresh state and calls `handle`.
+/// Shared by the executor and the test harness so both run the very same logic.
+pub(crate) fn decide<C: CommandLogic>(
+    command: &C,
+    streams: &[StreamId],
+    events: &[StoredEvent<C::Event>],
+) -> Result<Decision<C>> {
+    let mut state = C::State::default();
+    for event in events {
+        command.apply(&mut state, event);
+    }
+    let mut resolver = StreamResolver::new();
+    let writes = command.handle(ReadStreams::new(streams.to_vec()), state, &mut resolver)?;
+    let more_streams = resolver
+        .into_requested()
+        .into_iter()
+        .filter(|stream| !streams.contains(stream))
+        .collect();
+    Ok(Decision {
+        writes,
+        more_streams,
+    })
+}
+
+/// Groups the writes by stream. Streams that were written come first, in the order the
+/// command first wrote to each (that is the order of their global positions); the
+/// streams only read follow, each checked at the version read.
+fn build_request<S, E: crate::Event>(
+    streams: &[StreamId],
+    snapshot: &crate::StreamsSnapshot,
+    writes: Vec<StreamWrite<S, E>>,
+    metadata: &EventMetadata,
+) -> Result<AppendRequest> {
+    let mut written: Vec<StreamAppend> = Vec::new();
+    for write in writes {
+        let (stream_id, event) = write.into_parts();
+        if !streams.contains(&stream_id) {
+            return Err(Error::UndeclaredStream { stream: stream_id });
+        }
+        let data = EventData::from_event(&event, metadata.clone())?;
+        match written.iter_mut().find(|s| s.stream_id == stream_id) {
+            Some(entry) => entry.events.push(data),
+            None => {
+                let expected = ExpectedVersion::Exact(snapshot.version_of(&stream_id));
+                written.push(StreamAppend::new(stream_id, expected, vec![data]));
+            }
+        }
+    }
+    for stream in streams {
+        if !written.iter().any(|s| &s.stream_id == stream) {
+            written.push(StreamAppend::check_only(
+                stream.clone(),
+                ExpectedVersion::Exact(snapshot.version_of(stream)),
+            ));
+        }
+    }
+    Ok(AppendRequest {
+        streams: written,
+        idempotency_key: None,
+    })
+}
+
+fn dedup_in_order(streams: &mut Vec<StreamId>) {
+    let mut seen = std::collections::HashSet::with_capacity(streams.len());
+    streams.retain(|stream| seen.insert(stream.clone()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_bounds() {
+        let policy = RetryPolicy::new()
+            .with_initial_delay(Duration::from_millis(4))
+            .with_max_delay(Duration::from_millis(20));
+        for _ in 0..100 {
+            let first = policy.delay_before_retry(1);
+            assert!(first >= Duration::from_millis(2) && first <= Duration::from_millis(4));
+            let third = policy.delay_before_retry(3);
+            assert!(third >= Duration::from_millis(8) && third <= Duration::from_millis(16));
+            let capped = policy.delay_before_retry(30);
+            assert!(capped >= Duration::from_millis(10) && capped <= Duration::from_millis(20));
+        }
+        assert_eq!(
+            RetryPolicy::no_retries().delay_before_retry(1),
+            Duration::ZERO
+        );
+        assert_eq!(RetryPolicy::new().with_max_attempts(0).max_attempts(), 1);
+    }
+}

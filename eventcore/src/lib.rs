@@ -1,0 +1,137 @@
+//! Event sourcing for Rust with commands that read several streams and write to them
+//! atomically.
+//!
+//! # Concepts
+//!
+//! - A **stream** is an ordered sequence of events named by a validated [`StreamId`].
+//!   Every event has a [`StreamVersion`] in its stream (1, 2, 3, ...) and a
+//!   [`GlobalPosition`] in the store's global log.
+//! - A **command** is a struct with `#[derive(Command)]`; its `#[stream]` fields declare
+//!   the streams it reads and may write. [`CommandLogic`] folds the events of those streams
+//!   into a `State` ([`CommandLogic::apply`]) and decides which events to write
+//!   ([`CommandLogic::handle`]), returning [`StreamWrite`]s that can only target streams
+//!   the command read.
+//! - The [`CommandExecutor`] runs a command: read every stream, fold, decide, and append
+//!   every write atomically with an expected version for *every* stream read, so no
+//!   decision is ever committed on a stale read. Conflicts are retried under a
+//!   [`RetryPolicy`]; business errors ([`require!`]) are not.
+//! - An [`EventStore`] is the storage contract (object safe: `Arc<dyn EventStore>`).
+//!   `eventcore-memory` provides the in-memory store for tests and examples; the
+//!   conformance suite in `testing` keeps every backend equally strict.
+//!
+//! # Quick start
+//!
+//! ```
+//! use eventcore::{
+//!     require, Command, CommandExecutor, CommandLogic, CommandResult, ReadStreams,
+//!     StoredEvent, StreamId, StreamResolver, StreamWrite,
+//! };
+//! use eventcore_memory::InMemoryEventStore;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! enum AccountEvent {
+//!     Deposited { amount: u64 },
+//!     Withdrawn { amount: u64 },
+//! }
+//!
+//! impl eventcore::Event for AccountEvent {
+//!     fn event_type(&self) -> &'static str {
+//!         match self {
+//!             AccountEvent::Deposited { .. } => "Deposited",
+//!             AccountEvent::Withdrawn { .. } => "Withdrawn",
+//!         }
+//!     }
+//! }
+//!
+//! #[derive(Command)]
+//! struct Deposit {
+//!     #[stream]
+//!     account: StreamId,
+//!     amount: u64,
+//! }
+//!
+//! impl CommandLogic for Deposit {
+//!     type State = u64;
+//!     type Event = AccountEvent;
+//!
+//!     fn apply(&self, balance: &mut u64, event: &StoredEvent<AccountEvent>) {
+//!         match event.payload {
+//!             AccountEvent::Deposited { amount } => *balance += amount,
+//!             AccountEvent::Withdrawn { amount } => *balance -= amount,
+//!         }
+//!     }
+//!
+//!     fn handle(
+//!         &self,
+//!         read_streams: ReadStreams<Self::StreamSet>,
+//!         _balance: u64,
+//!         _resolver: &mut StreamResolver,
+//!     ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, AccountEvent>>> {
+//!         require!(self.amount > 0, "a deposit must be positive");
+//!         Ok(vec![StreamWrite::new(
+//!             &read_streams,
+//!             self.account.clone(),
+//!             AccountEvent::Deposited { amount: self.amount },
+//!         )?])
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), eventcore::Error> {
+//! let executor = CommandExecutor::new(InMemoryEventStore::new());
+//! let account = StreamId::try_new("account-1")?;
+//! let result = executor.execute(&Deposit { account: account.clone(), amount: 50 }).await?;
+//! assert_eq!(result.events_written.len(), 1);
+//! assert_eq!(result.events_written[0].stream_version.value(), 1);
+//!
+//! let refused = executor.execute(&Deposit { account, amount: 0 }).await;
+//! assert!(matches!(refused, Err(eventcore::Error::BusinessRuleViolation(_))));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testing` | `eventcore::testing`: the public backend conformance suite ([`event_store_conformance_tests!`]) and the given/when/then command harness |
+//!
+//! The user manual lives in the repository's `docs/` directory; design decisions are in
+//! `docs/adr/`.
+
+mod command;
+mod error;
+mod event;
+mod executor;
+mod metadata;
+mod store;
+mod types;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use eventcore_macros::Command;
+
+pub use crate::command::{
+    Command, CommandLogic, CommandStreams, ReadStreams, StreamResolver, StreamWrite,
+};
+pub use crate::error::{
+    BoxError, CommandResult, Error, InvalidStreamId, MAX_NAME_LEN, NameProblem, Result,
+    StreamConflict,
+};
+pub use crate::event::{Event, EventData, EventPayload, EventType, RecordedEvent, StoredEvent};
+pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
+pub use crate::metadata::EventMetadata;
+pub use crate::store::{
+    AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, StreamAppend,
+    StreamsSnapshot,
+};
+pub use crate::types::{
+    CausationId, CorrelationId, EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId,
+    StreamVersion,
+};

@@ -1,0 +1,414 @@
+//! The event store contract every backend implements.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::event::{EventData, EventType, RecordedEvent};
+use crate::types::{
+    EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId, StreamVersion,
+};
+
+/// The storage contract: streams of serialized events, a global log, atomic
+/// multi-stream appends under optimistic concurrency.
+///
+/// Backends work on serialized events ([`EventData`] in, [`RecordedEvent`] out) so they
+/// are not generic over user types, and the trait is object safe:
+/// `Arc<dyn EventStore>` is what the [`crate::CommandExecutor`] holds.
+///
+/// Every backend must pass the public conformance suite
+/// (`eventcore::testing::conformance`, feature `testing`); the semantics below are what
+/// it checks.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Reads every event of the given streams and their current versions, as one
+    /// consistent snapshot: an append that touched several of them is seen entirely or
+    /// not at all.
+    ///
+    /// Events come back in global-position order across all the streams. A stream that
+    /// does not exist reads as empty at [`StreamVersion::INITIAL`]. Duplicates in
+    /// `streams` are read once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot>;
+
+    /// Appends events to one or more streams atomically: either every event becomes
+    /// visible, or none does.
+    ///
+    /// Every [`StreamAppend`] carries an expectation that is checked under the same atomic
+    /// unit, including the entries with no events (streams a command only read). If the
+    /// request carries an [`IdempotencyKey`] that the store already holds, nothing is
+    /// written and the outcome of the first append is returned with
+    /// [`AppendOutcome::deduplicated`] set; the key is checked before any version.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VersionConflict`] naming every stream whose expectation failed;
+    /// [`Error::InvalidAppend`] for a malformed request; [`Error::Backend`] when the
+    /// backend fails, in which case nothing was written.
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome>;
+
+    /// Reads the global log in position order, after `query`'s position, at most
+    /// `query`'s limit of events, with its filters applied before the limit.
+    ///
+    /// What a reader sees is always a prefix of the final global order: once a position
+    /// has been returned, no event with a lower position will appear later.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>>;
+
+    /// The position of the last visible event, `None` when the log is empty.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn head_position(&self) -> Result<Option<GlobalPosition>>;
+
+    /// Waits, without polling, until an event after `after` is visible (returns at once
+    /// if one already is). `None` waits for the first event.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails or its notification source is gone.
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> Result<()>;
+
+    /// The outcome of the append that stored `key`, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn idempotent_outcome(&self, key: &IdempotencyKey) -> Result<Option<AppendOutcome>>;
+}
+
+#[async_trait]
+impl<S: EventStore + ?Sized> EventStore for Arc<S> {
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot> {
+        (**self).read_streams(streams).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {
+        (**self).append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>> {
+        (**self).read_all(query).await
+    }
+
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        (**self).head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> Result<()> {
+        (**self).wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(&self, key: &IdempotencyKey) -> Result<Option<AppendOutcome>> {
+        (**self).idempotent_outcome(key).await
+    }
+}
+
+/// The events of several streams and their versions, as read together.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamsSnapshot {
+    /// Every event of the streams, in global-position order.
+    pub events: Vec<RecordedEvent>,
+    /// Each requested stream's version at the time of the read (0 if it has no events).
+    pub versions: Vec<(StreamId, StreamVersion)>,
+}
+
+impl StreamsSnapshot {
+    /// The version read for `stream`, [`StreamVersion::INITIAL`] if it was not read.
+    pub fn version_of(&self, stream: &StreamId) -> StreamVersion {
+        self.versions
+            .iter()
+            .find(|(id, _)| id == stream)
+            .map_or(StreamVersion::INITIAL, |(_, version)| *version)
+    }
+}
+
+/// One stream's part of an [`AppendRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamAppend {
+    /// The stream.
+    pub stream_id: StreamId,
+    /// What the stream's version must be for the append to go ahead.
+    pub expected_version: ExpectedVersion,
+    /// The events to append, in order; empty for a stream that is only checked.
+    pub events: Vec<EventData>,
+}
+
+impl StreamAppend {
+    /// Events to append to `stream_id` if it is at `expected_version`.
+    pub fn new(
+        stream_id: StreamId,
+        expected_version: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Self {
+        StreamAppend {
+            stream_id,
+            expected_version,
+            events,
+        }
+    }
+
+    /// A stream that is only checked: the append fails unless it is at
+    /// `expected_version`.
+    pub fn check_only(stream_id: StreamId, expected_version: ExpectedVersion) -> Self {
+        Self::new(stream_id, expected_version, Vec::new())
+    }
+}
+
+/// An atomic append to one or more streams.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppendRequest {
+    /// The participating streams; each at most once. Global positions are assigned in
+    /// this order, stream by stream.
+    pub streams: Vec<StreamAppend>,
+    /// Makes the append happen at most once (see [`IdempotencyKey`]).
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl AppendRequest {
+    /// An empty request; add streams with [`AppendRequest::with_stream`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A request that appends `events` to one stream.
+    pub fn single(
+        stream_id: StreamId,
+        expected_version: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Self {
+        Self::new().with_stream(StreamAppend::new(stream_id, expected_version, events))
+    }
+
+    /// Adds a participating stream.
+    pub fn with_stream(mut self, stream: StreamAppend) -> Self {
+        self.streams.push(stream);
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+
+    /// The number of events the request would write.
+    pub fn event_count(&self) -> usize {
+        self.streams.iter().map(|s| s.events.len()).sum()
+    }
+
+    /// Checks the rules every backend enforces before touching storage: at least one
+    /// stream, no stream twice, no event id twice.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAppend`] saying which rule failed.
+    pub fn validate(&self) -> Result<()> {
+        if self.streams.is_empty() {
+            return Err(Error::InvalidAppend {
+                reason: "the request names no stream".to_owned(),
+            });
+        }
+        let mut seen = HashSet::with_capacity(self.streams.len());
+        for stream in &self.streams {
+            if !seen.insert(&stream.stream_id) {
+                return Err(Error::InvalidAppend {
+                    reason: format!("stream `{}` appears more than once", stream.stream_id),
+                });
+            }
+        }
+        let mut ids = HashSet::with_capacity(self.event_count());
+        for event in self.streams.iter().flat_map(|s| &s.events) {
+            if !ids.insert(event.event_id) {
+                return Err(Error::InvalidAppend {
+                    reason: format!("event id {} appears more than once", event.event_id),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where one appended event landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AppendedEvent {
+    /// The event's id.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream_id: StreamId,
+    /// Its version in the stream.
+    pub stream_version: StreamVersion,
+    /// Its position in the global log.
+    pub global_position: GlobalPosition,
+}
+
+impl AppendedEvent {
+    /// Assembles an appended event (for backends).
+    pub fn new(
+        event_id: EventId,
+        stream_id: StreamId,
+        stream_version: StreamVersion,
+        global_position: GlobalPosition,
+    ) -> Self {
+        AppendedEvent {
+            event_id,
+            stream_id,
+            stream_version,
+            global_position,
+        }
+    }
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct AppendOutcome {
+    /// The events written, in the order of the request.
+    pub events: Vec<AppendedEvent>,
+    /// `true` when the request's idempotency key was already stored: nothing was written
+    /// now and `events` are those of the first append with that key.
+    pub deduplicated: bool,
+}
+
+impl AppendOutcome {
+    /// The outcome of an append that wrote `events`.
+    pub fn written(events: Vec<AppendedEvent>) -> Self {
+        AppendOutcome {
+            events,
+            deduplicated: false,
+        }
+    }
+
+    /// The same outcome marked as a replay of an earlier append.
+    pub fn into_deduplicated(mut self) -> Self {
+        self.deduplicated = true;
+        self
+    }
+}
+
+/// What to read from the global log: a start, a batch size and optional filters.
+///
+/// # Examples
+///
+/// ```
+/// use eventcore::{GlobalPosition, LogQuery};
+///
+/// let query = LogQuery::after(GlobalPosition::new(41))
+///     .limit(500)
+///     .stream_prefix("account-")
+///     .event_types(["Deposited", "Withdrawn"])?;
+/// assert_eq!(query.limit_value(), 500);
+/// # Ok::<(), eventcore::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogQuery {
+    after: Option<GlobalPosition>,
+    limit: usize,
+    stream_prefix: Option<String>,
+    event_types: Option<Vec<EventType>>,
+}
+
+impl LogQuery {
+    /// The batch size used when none is given.
+    pub const DEFAULT_LIMIT: usize = 1_000;
+
+    /// From the first event of the log.
+    pub fn from_start() -> Self {
+        LogQuery {
+            after: None,
+            limit: Self::DEFAULT_LIMIT,
+            stream_prefix: None,
+            event_types: None,
+        }
+    }
+
+    /// The events after `position` (exclusive).
+    pub fn after(position: GlobalPosition) -> Self {
+        Self::after_opt(Some(position))
+    }
+
+    /// The events after `position`, or from the start when it is `None`.
+    pub fn after_opt(position: Option<GlobalPosition>) -> Self {
+        LogQuery {
+            after: position,
+            ..Self::from_start()
+        }
+    }
+
+    /// At most `limit` events (the first ones after the start).
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Only events whose stream id starts with `prefix`.
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Only events of these types.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEventType`] if a name is not a valid event type name.
+    pub fn event_types<I>(mut self, types: I) -> Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let types = types
+            .into_iter()
+            .map(|t| EventType::try_new(t.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        self.event_types = Some(types);
+        Ok(self)
+    }
+
+    /// The exclusive start position.
+    pub fn after_position(&self) -> Option<GlobalPosition> {
+        self.after
+    }
+
+    /// The batch size.
+    pub fn limit_value(&self) -> usize {
+        self.limit
+    }
+
+    /// The stream prefix filter.
+    pub fn stream_prefix_value(&self) -> Option<&str> {
+        self.stream_prefix.as_deref()
+    }
+
+    /// The event type filter.
+    pub fn event_types_value(&self) -> Option<&[EventType]> {
+        self.event_types.as_deref()
+    }
+
+    /// Whether `event` passes the filters (not the position or the limit).
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        self.stream_prefix
+            .as_deref()
+            .is_none_or(|prefix| event.stream_id.as_str().starts_with(prefix))
+            && self
+                .event_types
+                .as_deref()
+                .is_none_or(|types| types.contains(&event.event_type))
+    }
+}
+
+impl Default for LogQuery {
+    fn default() -> Self {
+        Self::from_start()
+    }
+}

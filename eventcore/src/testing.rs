@@ -1,0 +1,104 @@
+//! Test support (feature `testing`): the backend conformance suite and a given/when/then
+//! harness for command logic.
+//!
+//! # Conformance suite
+//!
+//! Every [`crate::EventStore`] backend must behave the same. [`conformance`] holds the
+//! checks as generic async functions; [`crate::event_store_conformance_tests!`]
+//! instantiates every one of them as a `#[test]` for a store factory, so a third-party
+//! backend runs the very suite the built-in ones run:
+//!
+//! ```ignore
+//! mod conformance {
+//!     eventcore::event_store_conformance_tests!(|| async { my_backend::Store::connect_fresh().await });
+//! }
+//! ```
+//!
+//! The factory is called once per test and must return a fresh, empty store.
+//!
+//! # Command harness
+//!
+//! [`CommandScenario`] runs a command's `apply`/`handle` exactly as the executor does,
+//! without a store: given events on streams, when a command, then the expected events or
+//! error.
+
+use std::future::Future;
+
+pub mod conformance;
+mod scenario;
+
+pub use scenario::{CommandScenario, ScenarioOutcome};
+
+/// Runs `future` to completion on a fresh multi-threaded runtime (4 workers, so the
+/// concurrency checks are genuinely parallel). Used by the generated conformance tests.
+///
+/// # Panics
+///
+/// If the runtime cannot be built (the OS refused threads), or if `future` panics.
+pub fn run<F: Future>(future: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("failed to build a tokio runtime for the test");
+    runtime.block_on(future)
+}
+
+/// Instantiates every conformance check of [`conformance`] as a `#[test]` for a store
+/// factory: an expression callable as `factory()` that returns a future of a fresh store.
+///
+/// ```ignore
+/// mod conformance {
+///     eventcore::event_store_conformance_tests!(|| async { eventcore_memory::InMemoryEventStore::new() });
+/// }
+/// ```
+#[macro_export]
+macro_rules! event_store_conformance_tests {
+    ($factory:expr) => {
+        $crate::__event_store_conformance_tests! {
+            $factory;
+            append_then_read_round_trips_payload_and_metadata,
+            missing_stream_reads_empty_at_version_zero,
+            stale_expected_version_conflicts,
+            no_stream_expectation_requires_an_empty_stream,
+            any_expectation_appends_at_every_version,
+            conflict_leaves_every_stream_untouched,
+            read_only_participant_that_moved_fails_the_append,
+            read_only_participant_at_its_version_lets_the_append_succeed,
+            streams_are_isolated,
+            read_streams_merges_several_streams_in_global_order,
+            global_positions_increase_across_streams_in_append_order,
+            read_all_resumes_after_a_position_exclusively,
+            read_all_batch_limit_returns_the_first_events,
+            stream_prefix_filter_is_applied_before_the_limit,
+            event_type_filter_is_applied_before_the_limit,
+            append_of_ten_thousand_events_in_one_call,
+            undecodable_payload_is_a_typed_error_and_never_dropped,
+            idempotency_key_returns_the_first_outcome_and_writes_nothing,
+            racing_appends_with_one_idempotency_key_write_once,
+            invalid_append_requests_are_refused,
+            invalid_stream_ids_are_rejected_at_construction,
+            head_position_tracks_the_last_event,
+            waiting_reader_wakes_when_an_event_is_appended,
+            sixteen_writers_racing_on_one_stream_get_one_winner_per_version,
+            concurrent_multi_stream_appends_reach_a_live_reader_once_and_in_order,
+            multi_stream_appends_are_read_entirely_or_not_at_all,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __event_store_conformance_tests {
+    ($factory:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                $crate::testing::run(async {
+                    let store = ($factory)().await;
+                    $crate::testing::conformance::$test(store).await;
+                });
+            }
+        )*
+    };
+}

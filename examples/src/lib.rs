@@ -1,0 +1,1 @@
+//! Runnable examples live under `examples/<name>/`; this library is empty.
