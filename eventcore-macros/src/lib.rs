@@ -2,9 +2,9 @@
 //! `eventcore` crate, which re-exports them; this crate is an implementation detail.
 //!
 //! The derive is a small pipeline, one module per stage:
-//! [`ast`] turns the syn input into a typed description that keeps spans, [`attr`] parses
-//! `#[stream]` attributes, [`valid`] checks rules across fields, [`expand`] writes the
-//! generated code, and [`fallback`] emits a stub impl when there were errors, so a user
+//! `ast` turns the syn input into a typed description that keeps spans, `attr` parses
+//! `#[stream]` attributes, `valid` checks rules across fields, `expand` writes the
+//! generated code, and `fallback` emits a stub impl when there were errors, so a user
 //! sees the real mistakes and not a cascade of "trait not implemented" errors.
 
 mod ast;
@@ -25,7 +25,9 @@ use syn::{DeriveInput, parse_macro_input};
 /// `<Name>StreamSet` (same visibility as the struct) that ties the command's
 /// `StreamWrite`s to it.
 ///
-/// ```ignore
+/// ```
+/// use eventcore::{Command, CommandStreams, StreamId};
+///
 /// #[derive(Command)]
 /// struct Transfer {
 ///     #[stream]
@@ -34,6 +36,11 @@ use syn::{DeriveInput, parse_macro_input};
 ///     to: StreamId,
 ///     amount: u64,
 /// }
+///
+/// let (from, to) = (StreamId::from_static("a"), StreamId::from_static("b"));
+/// let transfer = Transfer { from: from.clone(), to: to.clone(), amount: 5 };
+/// assert_eq!(transfer.read_streams(), vec![from, to]);
+/// let _marker: TransferStreamSet = TransferStreamSet;
 /// ```
 #[proc_macro_derive(Command, attributes(stream))]
 pub fn derive_command(input: TokenStream) -> TokenStream {

@@ -95,7 +95,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testing` | `eventcore::testing`: the public backend conformance suite ([`event_store_conformance_tests!`]) and the given/when/then command harness |
+//! | `testing` | `eventcore::testing`: the public backend conformance suite (`event_store_conformance_tests!`) and the given/when/then command harness (`CommandScenario`) |
 //!
 //! The user manual lives in the repository's `docs/` directory; design decisions are in
 //! `docs/adr/`.
@@ -135,3 +135,21 @@ pub use crate::types::{
     CausationId, CorrelationId, EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId,
     StreamVersion,
 };
+
+/// The manual's pages in `docs/`, compiled and run as doc tests so their code cannot
+/// drift from the API.
+#[cfg(doctest)]
+mod manual {
+    #[doc = include_str!("../../docs/getting-started.md")]
+    struct GettingStarted;
+
+    #[cfg(feature = "testing")]
+    #[doc = include_str!("../../docs/commands.md")]
+    struct Commands;
+
+    #[doc = include_str!("../../docs/event-stores.md")]
+    struct EventStores;
+
+    #[doc = include_str!("../../docs/schema-evolution.md")]
+    struct SchemaEvolution;
+}

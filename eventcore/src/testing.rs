@@ -8,10 +8,14 @@
 //! instantiates every one of them as a `#[test]` for a store factory, so a third-party
 //! backend runs the very suite the built-in ones run:
 //!
-//! ```ignore
+//! ```
 //! mod conformance {
-//!     eventcore::event_store_conformance_tests!(|| async { my_backend::Store::connect_fresh().await });
+//!     // Any expression callable as `factory()` returning a future of a fresh store.
+//!     eventcore::event_store_conformance_tests!(|| async {
+//!         eventcore_memory::InMemoryEventStore::new()
+//!     });
 //! }
+//! # fn main() {}
 //! ```
 //!
 //! The factory is called once per test and must return a fresh, empty store.
@@ -47,10 +51,13 @@ pub fn run<F: Future>(future: F) -> F::Output {
 /// Instantiates every conformance check of [`conformance`] as a `#[test]` for a store
 /// factory: an expression callable as `factory()` that returns a future of a fresh store.
 ///
-/// ```ignore
+/// ```
 /// mod conformance {
-///     eventcore::event_store_conformance_tests!(|| async { eventcore_memory::InMemoryEventStore::new() });
+///     eventcore::event_store_conformance_tests!(|| async {
+///         eventcore_memory::InMemoryEventStore::new()
+///     });
 /// }
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! event_store_conformance_tests {

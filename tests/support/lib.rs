@@ -1,1 +1,4 @@
-//! x
+//! Shared support for the workspace tests: a small bank domain and checks of the
+//! invariants every backend must keep under concurrency.
+
+pub mod bank;

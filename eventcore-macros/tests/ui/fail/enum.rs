@@ -1,0 +1,8 @@
+use eventcore::{Command, StreamId};
+
+#[derive(Command)]
+enum Deposit {
+    Small { account: StreamId },
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use eventcore::Command;
+
+#[derive(Command)]
+struct Ping;
+
+fn main() {}

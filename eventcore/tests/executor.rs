@@ -1,0 +1,716 @@
+//! The command executor against the in-memory store: atomic multi-stream writes,
+//! conflicts and retries, the stream resolver, metadata, idempotency keys.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use eventcore::{
+    AppendOutcome, AppendRequest, CausationId, Command, CommandExecutor, CommandLogic,
+    CommandResult, CorrelationId, Error, EventData, EventMetadata, EventPayload, EventStore,
+    EventType, ExecutionOptions, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery,
+    ReadStreams, RecordedEvent, RetryPolicy, StoredEvent, StreamId, StreamResolver, StreamWrite,
+    StreamsSnapshot, require,
+};
+use eventcore_memory::InMemoryEventStore;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Ledger {
+    Credited {
+        amount: i64,
+    },
+    Debited {
+        amount: i64,
+    },
+    /// Points at another stream (for the stream resolver).
+    Linked {
+        to: StreamId,
+    },
+}
+
+impl eventcore::Event for Ledger {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Ledger::Credited { .. } => "Credited",
+            Ledger::Debited { .. } => "Debited",
+            Ledger::Linked { .. } => "Linked",
+        }
+    }
+}
+
+fn id(name: &str) -> StreamId {
+    StreamId::try_new(name).expect("valid")
+}
+
+fn credit(amount: i64) -> EventData {
+    EventData::from_event(&Ledger::Credited { amount }, EventMetadata::default()).expect("ser")
+}
+
+async fn seed(store: &impl EventStore, stream: &StreamId, events: Vec<EventData>) {
+    store
+        .append(AppendRequest::single(
+            stream.clone(),
+            ExpectedVersion::Any,
+            events,
+        ))
+        .await
+        .expect("seed");
+}
+
+async fn balance(store: &impl EventStore, stream: &StreamId) -> i64 {
+    let snapshot = store
+        .read_streams(std::slice::from_ref(stream))
+        .await
+        .expect("read");
+    snapshot
+        .events
+        .iter()
+        .map(|e| match e.decode::<Ledger>().expect("decode").payload {
+            Ledger::Credited { amount } => amount,
+            Ledger::Debited { amount } => -amount,
+            Ledger::Linked { .. } => 0,
+        })
+        .sum()
+}
+
+/// Moves money; reads a third "audit" stream it never writes (a read-only participant).
+#[derive(Command)]
+struct Move {
+    #[stream]
+    from: StreamId,
+    #[stream]
+    to: StreamId,
+    #[stream]
+    audit: Option<StreamId>,
+    amount: i64,
+}
+
+#[derive(Default)]
+struct MoveState {
+    from: i64,
+    audit_events: usize,
+}
+
+impl CommandLogic for Move {
+    type State = MoveState;
+    type Event = Ledger;
+
+    fn apply(&self, state: &mut MoveState, event: &StoredEvent<Ledger>) {
+        if Some(&event.stream_id) == self.audit.as_ref() {
+            state.audit_events += 1;
+        } else if event.stream_id == self.from {
+            match event.payload {
+                Ledger::Credited { amount } => state.from += amount,
+                Ledger::Debited { amount } => state.from -= amount,
+                Ledger::Linked { .. } => {}
+            }
+        }
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        state: MoveState,
+        _resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        require!(
+            state.from >= self.amount,
+            "insufficient funds: {} < {}",
+            state.from,
+            self.amount
+        );
+        Ok(vec![
+            StreamWrite::new(
+                &read_streams,
+                self.from.clone(),
+                Ledger::Debited {
+                    amount: self.amount,
+                },
+            )?,
+            StreamWrite::new(
+                &read_streams,
+                self.to.clone(),
+                Ledger::Credited {
+                    amount: self.amount,
+                },
+            )?,
+        ])
+    }
+}
+
+fn transfer(from: &StreamId, to: &StreamId, amount: i64) -> Move {
+    Move {
+        from: from.clone(),
+        to: to.clone(),
+        audit: None,
+        amount,
+    }
+}
+
+/// Wraps a store; before chosen appends it runs a competing write, and it can inject
+/// backend failures. Counts reads and appends.
+#[derive(Default)]
+struct Meddler {
+    inner: InMemoryEventStore,
+    /// Streams to write to (one event each) before each of the next appends, in order.
+    interfere: Mutex<Vec<StreamId>>,
+    /// Errors to return from the next appends instead of appending.
+    failures: Mutex<Vec<Error>>,
+    reads: AtomicUsize,
+    appends: AtomicUsize,
+}
+
+#[async_trait]
+impl EventStore for Meddler {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_streams(streams).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        let failure = {
+            let mut failures = self.failures.lock();
+            (!failures.is_empty()).then(|| failures.remove(0))
+        };
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let target = {
+            let mut interfere = self.interfere.lock();
+            (!interfere.is_empty()).then(|| interfere.remove(0))
+        };
+        if let Some(stream) = target {
+            seed(&self.inner, &stream, vec![credit(1)]).await;
+        }
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
+fn fast_retries(attempts: u32) -> RetryPolicy {
+    RetryPolicy::new()
+        .with_max_attempts(attempts)
+        .with_initial_delay(std::time::Duration::ZERO)
+}
+
+#[tokio::test]
+async fn transfer_writes_both_streams_atomically_with_versions_and_positions() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(100)]).await;
+    let executor = CommandExecutor::new(store.clone());
+
+    let result = executor.execute(&transfer(&a, &b, 30)).await.expect("ok");
+
+    assert_eq!(result.attempts, 1);
+    assert!(!result.deduplicated);
+    assert_eq!(result.events_written.len(), 2);
+    assert_eq!(result.events_written[0].stream_id, a);
+    assert_eq!(result.events_written[0].stream_version.value(), 2);
+    assert_eq!(result.events_written[1].stream_id, b);
+    assert_eq!(result.events_written[1].stream_version.value(), 1);
+    assert!(result.events_written[0].global_position < result.events_written[1].global_position);
+    assert_eq!(balance(&store, &a).await, 70);
+    assert_eq!(balance(&store, &b).await, 30);
+}
+
+#[tokio::test]
+async fn business_errors_are_returned_once_and_never_retried() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(5));
+
+    let error = executor
+        .execute(&transfer(&a, &b, 50))
+        .await
+        .expect_err("overdraft");
+
+    assert!(
+        matches!(&error, Error::BusinessRuleViolation(m) if m == "insufficient funds: 10 < 50")
+    );
+    assert!(!error.is_retryable());
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(store.appends.load(Ordering::SeqCst), 0);
+    assert_eq!(store.inner.len(), 1);
+}
+
+#[tokio::test]
+async fn a_conflict_is_retried_with_fresh_state() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    // Somebody credits `a` between our read and our append.
+    store.interfere.lock().push(a.clone());
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(5));
+
+    let result = executor.execute(&transfer(&a, &b, 10)).await.expect("ok");
+
+    assert_eq!(result.attempts, 2);
+    assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+    // The retry appended at the version that includes the competing credit.
+    assert_eq!(result.events_written[0].stream_version.value(), 3);
+    assert_eq!(balance(&store.inner, &a).await, 1);
+    assert_eq!(balance(&store.inner, &b).await, 10);
+}
+
+#[tokio::test]
+async fn a_read_only_stream_that_moved_forces_a_retry() {
+    let store = Arc::new(Meddler::default());
+    let (a, b, audit) = (id("acc-a"), id("acc-b"), id("audit"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    store.interfere.lock().push(audit.clone());
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(5));
+    let command = Move {
+        audit: Some(audit.clone()),
+        ..transfer(&a, &b, 5)
+    };
+
+    let result = executor.execute(&command).await.expect("ok");
+
+    assert_eq!(
+        result.attempts, 2,
+        "the audit stream moved after the first read"
+    );
+    assert!(result.events_written.iter().all(|e| e.stream_id != audit));
+    assert_eq!(
+        balance(&store.inner, &audit).await,
+        1,
+        "only the meddler wrote"
+    );
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_policy_limit_with_the_last_conflict() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    store
+        .interfere
+        .lock()
+        .extend([a.clone(), a.clone(), a.clone()]);
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(3));
+
+    let error = executor
+        .execute(&transfer(&a, &b, 1))
+        .await
+        .expect_err("always conflicts");
+
+    match &error {
+        Error::RetriesExhausted { attempts, last } => {
+            assert_eq!(*attempts, 3);
+            assert!(matches!(**last, Error::VersionConflict { .. }));
+        }
+        other => panic!("expected RetriesExhausted, got {other:?}"),
+    }
+    let conflicts = error.version_conflicts().expect("conflicts");
+    assert_eq!(conflicts[0].stream, a);
+    assert_eq!(
+        balance(&store.inner, &b).await,
+        0,
+        "nothing of the command written"
+    );
+    assert_eq!(
+        balance(&store.inner, &a).await,
+        13,
+        "only the meddler's credits"
+    );
+}
+
+#[tokio::test]
+async fn retryable_backend_errors_are_retried_and_others_are_not() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    store
+        .failures
+        .lock()
+        .push(Error::backend("connection reset", true, None));
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(3));
+    let result = executor.execute(&transfer(&a, &b, 1)).await.expect("ok");
+    assert_eq!(result.attempts, 2);
+
+    store
+        .failures
+        .lock()
+        .push(Error::backend("permission denied", false, None));
+    let error = executor
+        .execute(&transfer(&a, &b, 1))
+        .await
+        .expect_err("fatal");
+    assert!(matches!(
+        error,
+        Error::Backend {
+            retryable: false,
+            ..
+        }
+    ));
+    assert_eq!(balance(&store.inner, &b).await, 1);
+}
+
+/// Tries to write to a stream it did not declare.
+#[derive(Command)]
+struct Sneaky {
+    #[stream]
+    declared: StreamId,
+    target: StreamId,
+}
+
+impl CommandLogic for Sneaky {
+    type State = ();
+    type Event = Ledger;
+
+    fn apply(&self, _: &mut (), _: &StoredEvent<Ledger>) {}
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        _: (),
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        Ok(vec![
+            StreamWrite::new(
+                &read_streams,
+                self.declared.clone(),
+                Ledger::Credited { amount: 1 },
+            )?,
+            StreamWrite::new(
+                &read_streams,
+                self.target.clone(),
+                Ledger::Credited { amount: 1 },
+            )?,
+        ])
+    }
+}
+
+#[tokio::test]
+async fn a_write_to_an_undeclared_stream_is_refused_before_anything_is_stored() {
+    let store = InMemoryEventStore::new();
+    let executor = CommandExecutor::new(store.clone());
+    let command = Sneaky {
+        declared: id("mine"),
+        target: id("yours"),
+    };
+
+    let error = executor.execute(&command).await.expect_err("refused");
+
+    assert!(matches!(error, Error::UndeclaredStream { stream } if stream == id("yours")));
+    assert!(store.is_empty());
+}
+
+/// Follows `Linked` events to discover and write to another stream.
+#[derive(Command)]
+struct CreditLinked {
+    #[stream]
+    directory: StreamId,
+    /// How many links to follow before writing (to exercise the round bound).
+    hops: usize,
+}
+
+#[derive(Default)]
+struct Links {
+    seen: Vec<StreamId>,
+}
+
+impl CommandLogic for CreditLinked {
+    type State = Links;
+    type Event = Ledger;
+
+    fn apply(&self, state: &mut Links, event: &StoredEvent<Ledger>) {
+        if let Ledger::Linked { to } = &event.payload {
+            state.seen.push(to.clone());
+        }
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        state: Links,
+        resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        let unread: Vec<StreamId> = state
+            .seen
+            .iter()
+            .filter(|s| !read_streams.contains(s))
+            .cloned()
+            .collect();
+        if !unread.is_empty() {
+            resolver.add_streams(unread);
+            return Ok(Vec::new());
+        }
+        require!(
+            read_streams.len() > self.hops,
+            "only {} streams found",
+            read_streams.len()
+        );
+        let last = read_streams.iter().last().cloned().expect("non-empty");
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            last,
+            Ledger::Credited { amount: 7 },
+        )?])
+    }
+}
+
+async fn link(store: &impl EventStore, from: &StreamId, to: &StreamId) {
+    let event = EventData::from_event(&Ledger::Linked { to: to.clone() }, EventMetadata::default())
+        .expect("ser");
+    seed(store, from, vec![event]).await;
+}
+
+#[tokio::test]
+async fn the_stream_resolver_reads_discovered_streams_and_allows_writing_to_them() {
+    let store = Arc::new(Meddler::default());
+    let (dir, first, second) = (id("directory"), id("first"), id("second"));
+    link(&store.inner, &dir, &first).await;
+    link(&store.inner, &first, &second).await;
+    let executor = CommandExecutor::from_shared(store.clone());
+
+    let result = executor
+        .execute(&CreditLinked {
+            directory: dir.clone(),
+            hops: 2,
+        })
+        .await
+        .expect("ok");
+
+    assert_eq!(
+        store.reads.load(Ordering::SeqCst),
+        3,
+        "declared, then first, then second"
+    );
+    assert_eq!(result.events_written.len(), 1);
+    assert_eq!(result.events_written[0].stream_id, second);
+    assert_eq!(balance(&store.inner, &second).await, 7);
+}
+
+#[tokio::test]
+async fn stream_resolution_rounds_are_bounded() {
+    let store = InMemoryEventStore::new();
+    let streams: Vec<StreamId> = (0..6).map(|i| id(&format!("chain-{i}"))).collect();
+    for pair in streams.windows(2) {
+        link(&store, &pair[0], &pair[1]).await;
+    }
+    let executor = CommandExecutor::new(store.clone()).with_max_stream_resolutions(3);
+
+    let error = executor
+        .execute(&CreditLinked {
+            directory: streams[0].clone(),
+            hops: 5,
+        })
+        .await
+        .expect_err("too deep");
+
+    assert!(matches!(
+        error,
+        Error::TooManyStreamResolutions { limit: 3 }
+    ));
+    assert_eq!(store.len(), 5, "nothing written");
+}
+
+#[tokio::test]
+async fn metadata_carries_correlation_causation_actor_and_custom_fields() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(10)]).await;
+    let executor = CommandExecutor::new(store.clone());
+    let correlation = CorrelationId::new();
+    let causation = CausationId::new();
+
+    executor
+        .execute_with(
+            &transfer(&a, &b, 1),
+            ExecutionOptions::new()
+                .correlation_id(correlation)
+                .causation_id(causation)
+                .actor("clerk-9")
+                .custom("channel", "branch"),
+        )
+        .await
+        .expect("ok");
+    executor.execute(&transfer(&a, &b, 1)).await.expect("ok");
+
+    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let first: Vec<_> = log[1..3].iter().map(|e| e.metadata.clone()).collect();
+    for metadata in &first {
+        assert_eq!(metadata.correlation_id, correlation);
+        assert_eq!(metadata.causation_id, Some(causation));
+        assert_eq!(metadata.actor.as_deref(), Some("clerk-9"));
+        assert_eq!(metadata.custom["channel"], "branch");
+    }
+    let second: Vec<_> = log[3..5].iter().map(|e| e.metadata.clone()).collect();
+    assert_eq!(second[0].correlation_id, second[1].correlation_id);
+    assert_ne!(
+        second[0].correlation_id, correlation,
+        "a fresh one by default"
+    );
+    assert!(
+        second[0].causation_id.is_some(),
+        "causation is always filled"
+    );
+    assert_eq!(second[0].causation_id, second[1].causation_id);
+    assert_eq!(second[0].actor, None);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_second_execution_return_the_first_outcome() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(10)]).await;
+    let key = IdempotencyKey::try_new("transfer-42").expect("valid");
+    let options = ExecutionOptions::new().idempotency_key(key.clone());
+
+    let first = CommandExecutor::new(store.clone())
+        .execute_with(&transfer(&a, &b, 4), options.clone())
+        .await
+        .expect("first");
+    // A fresh executor, as after a restart.
+    let second = CommandExecutor::new(store.clone())
+        .execute_with(&transfer(&a, &b, 4), options)
+        .await
+        .expect("second");
+
+    assert!(!first.deduplicated);
+    assert!(second.deduplicated);
+    assert_eq!(second.events_written, first.events_written);
+    assert_eq!(balance(&store, &b).await, 4, "charged once");
+    assert_eq!(store.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_executions_with_one_key_write_once() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(100)]).await;
+    let executor = CommandExecutor::new(store.clone()).with_retry_policy(fast_retries(50));
+    let key = IdempotencyKey::try_new("one-charge").expect("valid");
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (executor, key, barrier) = (executor.clone(), key.clone(), barrier.clone());
+            let command = transfer(&a, &b, 3);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                executor
+                    .execute_with(&command, ExecutionOptions::new().idempotency_key(key))
+                    .await
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task").expect("execution"))
+        .collect();
+
+    assert_eq!(results.iter().filter(|r| !r.deduplicated).count(), 1);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.events_written == results[0].events_written)
+    );
+    assert_eq!(balance(&store, &b).await, 3);
+}
+
+#[tokio::test]
+async fn an_undecodable_stored_event_fails_the_command_with_a_typed_error() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    let odd = EventData::new(
+        EventType::try_new("Credited").expect("valid"),
+        EventPayload::from_json(r#"{"Credited":{"amount":"lots"}}"#).expect("json"),
+        EventMetadata::default(),
+    );
+    seed(&store, &a, vec![credit(5), odd]).await;
+
+    let error = CommandExecutor::new(store.clone())
+        .execute(&transfer(&a, &b, 1))
+        .await
+        .expect_err("cannot decode");
+
+    match error {
+        Error::Deserialization {
+            stream,
+            version,
+            event_type,
+            ..
+        } => {
+            assert_eq!(stream, a);
+            assert_eq!(version.value(), 2);
+            assert_eq!(event_type, "Credited");
+        }
+        other => panic!("expected Deserialization, got {other:?}"),
+    }
+    assert_eq!(store.len(), 2, "nothing written, nothing dropped");
+}
+
+/// Decides to write nothing.
+#[derive(Command)]
+struct Noop {
+    #[stream]
+    stream: StreamId,
+}
+
+impl CommandLogic for Noop {
+    type State = ();
+    type Event = Ledger;
+
+    fn apply(&self, _: &mut (), _: &StoredEvent<Ledger>) {}
+
+    fn handle(
+        &self,
+        _: ReadStreams<Self::StreamSet>,
+        _: (),
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn a_command_that_writes_nothing_does_not_append() {
+    let store = Arc::new(Meddler::default());
+    let executor = CommandExecutor::from_shared(store.clone());
+    let result = executor
+        .execute(&Noop { stream: id("s") })
+        .await
+        .expect("ok");
+    assert!(result.events_written.is_empty());
+    assert_eq!(store.appends.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn executor_works_behind_a_shared_trait_object() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let executor = CommandExecutor::from_shared(store.clone());
+    fn assert_send<T: Send>(_: &T) {}
+    let command = Noop { stream: id("s") };
+    let future = executor.execute(&command);
+    assert_send(&future);
+    future.await.expect("ok");
+    // Commands are usable through the blanket `Command` bound.
+    fn takes_command<C: Command>(_: &C) {}
+    takes_command(&command);
+}

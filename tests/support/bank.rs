@@ -1,0 +1,250 @@
+//! A bank: accounts are streams, transfers are two-stream commands. Used by the
+//! invariant tests on every backend.
+
+use std::collections::{HashMap, HashSet};
+
+use eventcore::{
+    Command, CommandLogic, CommandResult, EventStore, LogQuery, ReadStreams, RecordedEvent,
+    StoredEvent, StreamId, StreamResolver, StreamWrite, require,
+};
+use serde::{Deserialize, Serialize};
+
+/// Events of an account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BankEvent {
+    /// The account was opened with an initial balance.
+    Opened {
+        /// Initial balance.
+        initial: i64,
+    },
+    /// Money arrived.
+    Deposited {
+        /// Amount.
+        amount: i64,
+    },
+    /// Money left.
+    Withdrawn {
+        /// Amount.
+        amount: i64,
+    },
+}
+
+impl eventcore::Event for BankEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            BankEvent::Opened { .. } => "Opened",
+            BankEvent::Deposited { .. } => "Deposited",
+            BankEvent::Withdrawn { .. } => "Withdrawn",
+        }
+    }
+}
+
+impl BankEvent {
+    /// The event's effect on the balance.
+    pub fn delta(&self) -> i64 {
+        match self {
+            BankEvent::Opened { initial } => *initial,
+            BankEvent::Deposited { amount } => *amount,
+            BankEvent::Withdrawn { amount } => -amount,
+        }
+    }
+}
+
+/// The stream of account `n`.
+pub fn account(n: usize) -> StreamId {
+    StreamId::try_new(format!("account-{n}")).expect("valid stream id")
+}
+
+/// Opens an account.
+#[derive(Command)]
+pub struct Open {
+    /// The account.
+    #[stream]
+    pub account: StreamId,
+    /// Initial balance.
+    pub initial: i64,
+}
+
+impl CommandLogic for Open {
+    type State = bool;
+    type Event = BankEvent;
+
+    fn apply(&self, open: &mut bool, _event: &StoredEvent<BankEvent>) {
+        *open = true;
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        open: bool,
+        _resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, BankEvent>>> {
+        require!(!open, "account {} is already open", self.account);
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            self.account.clone(),
+            BankEvent::Opened {
+                initial: self.initial,
+            },
+        )?])
+    }
+}
+
+/// Moves money between two accounts.
+#[derive(Command)]
+pub struct Transfer {
+    /// Source.
+    #[stream]
+    pub from: StreamId,
+    /// Destination.
+    #[stream]
+    pub to: StreamId,
+    /// Amount.
+    pub amount: i64,
+}
+
+/// Balances of a transfer's two accounts.
+#[derive(Default)]
+pub struct TransferState {
+    from: i64,
+    to_open: bool,
+    from_open: bool,
+}
+
+impl CommandLogic for Transfer {
+    type State = TransferState;
+    type Event = BankEvent;
+
+    fn apply(&self, state: &mut TransferState, event: &StoredEvent<BankEvent>) {
+        if event.stream_id == self.from {
+            state.from_open = true;
+            state.from += event.payload.delta();
+        } else {
+            state.to_open = true;
+        }
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        state: TransferState,
+        _resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, BankEvent>>> {
+        require!(self.from != self.to, "same account");
+        require!(self.amount > 0, "amount must be positive");
+        require!(
+            state.from_open && state.to_open,
+            "both accounts must be open"
+        );
+        require!(state.from >= self.amount, "insufficient funds");
+        Ok(vec![
+            StreamWrite::new(
+                &read_streams,
+                self.from.clone(),
+                BankEvent::Withdrawn {
+                    amount: self.amount,
+                },
+            )?,
+            StreamWrite::new(
+                &read_streams,
+                self.to.clone(),
+                BankEvent::Deposited {
+                    amount: self.amount,
+                },
+            )?,
+        ])
+    }
+}
+
+/// The whole global log, read in batches.
+pub async fn read_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let batch = store
+            .read_all(&LogQuery::after_opt(after).limit(2_000))
+            .await
+            .expect("read_all");
+        let Some(last) = batch.last() else {
+            return all;
+        };
+        after = Some(last.global_position);
+        all.extend(batch);
+    }
+}
+
+/// What the invariant check found.
+#[derive(Debug)]
+pub struct Audit {
+    /// The sum of all balances.
+    pub total: i64,
+    /// The number of events in the log.
+    pub events: usize,
+}
+
+/// Checks, for `accounts` accounts: every stream's versions are contiguous from 1; the
+/// log holds every event exactly once in strictly increasing positions; the balances
+/// folded from the streams equal those folded from the log. Returns the total balance.
+///
+/// # Panics
+///
+/// When an invariant is broken.
+pub async fn audit(store: &dyn EventStore, accounts: usize) -> Audit {
+    let mut total = 0;
+    let mut from_streams = HashMap::new();
+    let mut stream_events = 0;
+    for n in 0..accounts {
+        let id = account(n);
+        let snapshot = store
+            .read_streams(std::slice::from_ref(&id))
+            .await
+            .expect("read");
+        for (i, event) in snapshot.events.iter().enumerate() {
+            assert_eq!(
+                event.stream_version.value(),
+                i as u64 + 1,
+                "versions of {id} are not contiguous"
+            );
+        }
+        assert_eq!(
+            snapshot.version_of(&id).value(),
+            snapshot.events.len() as u64
+        );
+        let balance: i64 = snapshot
+            .events
+            .iter()
+            .map(|e| e.decode::<BankEvent>().expect("decode").payload.delta())
+            .sum();
+        assert!(balance >= 0, "{id} is overdrawn: {balance}");
+        total += balance;
+        stream_events += snapshot.events.len();
+        from_streams.insert(id, balance);
+    }
+
+    let log = read_log(store).await;
+    let ids: HashSet<_> = log.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), log.len(), "an event appears twice in the log");
+    assert!(
+        log.windows(2)
+            .all(|w| w[0].global_position < w[1].global_position),
+        "log positions are not strictly increasing"
+    );
+    assert_eq!(
+        log.len(),
+        stream_events,
+        "log and streams disagree on count"
+    );
+    let mut from_log: HashMap<StreamId, i64> = HashMap::new();
+    for event in &log {
+        *from_log.entry(event.stream_id.clone()).or_default() +=
+            event.decode::<BankEvent>().expect("decode").payload.delta();
+    }
+    assert_eq!(
+        from_log, from_streams,
+        "log and streams disagree on balances"
+    );
+    Audit {
+        total,
+        events: log.len(),
+    }
+}
