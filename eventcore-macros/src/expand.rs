@@ -1,6 +1,6 @@
 //! Writes the generated code.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Ident};
@@ -28,6 +28,20 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     }
 }
 
+/// The impl's where clause: the struct's own predicates, plus `Self: Send + Sync`.
+/// Commands must be shareable across tasks; stating it here lets generic commands derive
+/// without repeating `T: Send + Sync` on the struct.
+pub(crate) fn impl_predicates(ident: &Ident, generics: &syn::Generics) -> Vec<syn::WherePredicate> {
+    let (_, ty_generics, where_clause) = generics.split_for_impl();
+    let mut predicates = where_clause
+        .map(|w| w.predicates.iter().cloned().collect::<Vec<_>>())
+        .unwrap_or_default();
+    predicates.push(syn::parse_quote!(
+        #ident #ty_generics: ::core::marker::Send + ::core::marker::Sync
+    ));
+    predicates
+}
+
 /// `Transfer` → `TransferStreamSet`.
 pub(crate) fn stream_set_ident(ident: &Ident) -> Ident {
     format_ident!("{}StreamSet", ident)
@@ -37,21 +51,17 @@ fn expand(command: &Command<'_>) -> TokenStream {
     let ident = command.ident;
     let vis = command.vis;
     let set = stream_set_ident(ident);
-    let (impl_generics, ty_generics, where_clause) = command.generics.split_for_impl();
-    let mut predicates = where_clause
-        .map(|w| w.predicates.iter().cloned().collect::<Vec<_>>())
-        .unwrap_or_default();
-    // Commands must be shareable across tasks; stating it here lets generic commands
-    // derive without repeating `T: Send + Sync` on the struct.
-    predicates.push(syn::parse_quote!(
-        #ident #ty_generics: ::core::marker::Send + ::core::marker::Sync
-    ));
+    let (impl_generics, ty_generics, _) = command.generics.split_for_impl();
+    let predicates = impl_predicates(command.ident, command.generics);
 
     // Each field's type is checked by the compiler against `StreamField`, spanned on the
     // field's type, so a wrong type is reported where it was written.
     let collects = command.stream_fields().map(|field| {
         let name = field.ident;
-        quote_spanned! {field.ty.span()=>
+        // Call-site hygiene (so `self` and `streams` resolve even when the struct comes
+        // from a `macro_rules!`), located at the field's type for the error message.
+        let span = Span::call_site().located_at(field.ty.span());
+        quote_spanned! {span=>
             ::eventcore::__private::StreamField::collect_streams(&self.#name, &mut streams);
         }
     });

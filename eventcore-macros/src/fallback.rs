@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::DeriveInput;
 
-use crate::expand::stream_set_ident;
+use crate::expand::{impl_predicates, stream_set_ident};
 
 /// The compile errors, plus — for a struct — a stub impl and marker type, so code that
 /// uses the command (its `CommandLogic` impl, `Self::StreamSet`) does not add a cascade of
@@ -17,12 +17,16 @@ pub(crate) fn expand(input: &DeriveInput, errors: syn::Error) -> TokenStream {
     let ident = &input.ident;
     let vis = &input.vis;
     let set = stream_set_ident(ident);
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let (impl_generics, ty_generics, _) = input.generics.split_for_impl();
+    let predicates = impl_predicates(ident, &input.generics);
     quote! {
         #errors
         #vis struct #set;
         #[automatically_derived]
-        impl #impl_generics ::eventcore::CommandStreams for #ident #ty_generics #where_clause {
+        impl #impl_generics ::eventcore::CommandStreams for #ident #ty_generics
+        where
+            #(#predicates,)*
+        {
             type StreamSet = #set;
             fn read_streams(&self) -> ::std::vec::Vec<::eventcore::StreamId> {
                 ::core::unreachable!()

@@ -158,8 +158,8 @@ impl ExecutionOptions {
 pub struct ExecutionResult {
     /// The events written, with their stream versions and global positions.
     pub events_written: Vec<AppendedEvent>,
-    /// Attempts made (1 when there was no conflict; 0 when the idempotency key was found
-    /// before anything ran).
+    /// Attempts made: 1 when the first attempt succeeded (or found its idempotency key
+    /// already used), more after conflicts or retryable backend failures.
     pub attempts: u32,
     /// `true` when the idempotency key had been used before: nothing was written now and
     /// `events_written` are the first execution's.
@@ -231,6 +231,11 @@ impl CommandExecutor {
     /// event does not decode into the command's event type; [`Error::UndeclaredStream`],
     /// [`Error::TooManyStreamResolutions`]; a non-retryable [`Error::Backend`].
     /// Whatever the error, nothing of this execution was written.
+    ///
+    /// # Panics
+    ///
+    /// When a retry must wait and the Tokio runtime has no timer (built without
+    /// `enable_time`); `#[tokio::main]` and `#[tokio::test]` runtimes have one.
     pub async fn execute<C: Command>(&self, command: &C) -> Result<ExecutionResult> {
         self.execute_with(command, ExecutionOptions::default())
             .await
@@ -239,6 +244,10 @@ impl CommandExecutor {
     /// Executes `command` with an idempotency key and/or metadata.
     ///
     /// # Errors
+    ///
+    /// As [`CommandExecutor::execute`].
+    ///
+    /// # Panics
     ///
     /// As [`CommandExecutor::execute`].
     pub async fn execute_with<C: Command>(
@@ -263,29 +272,14 @@ impl CommandExecutor {
         options: ExecutionOptions,
     ) -> Result<ExecutionResult> {
         let span = tracing::Span::current();
-        if let Some(key) = &options.idempotency_key
-            && let Some(outcome) = self.store.idempotent_outcome(key).await?
-        {
-            span.record("deduplicated", true);
-            span.record("events_written", outcome.events.len());
-            return Ok(ExecutionResult {
-                events_written: outcome.events,
-                attempts: 0,
-                deduplicated: true,
-            });
-        }
-
         let metadata = EventMetadata {
             correlation_id: options.correlation_id.unwrap_or_default(),
             causation_id: Some(options.causation_id.unwrap_or_default()),
             actor: options.actor.clone(),
             custom: options.custom.clone(),
         };
-        let mut streams = command.read_streams();
-        dedup_in_order(&mut streams);
-        if !span.is_disabled() {
-            span.record("streams", field::debug(&streams));
-        }
+        let mut declared = command.read_streams();
+        dedup_in_order(&mut declared);
 
         let mut attempt = 0;
         loop {
@@ -294,7 +288,7 @@ impl CommandExecutor {
             let result = self
                 .attempt(
                     command,
-                    &mut streams,
+                    &declared,
                     &metadata,
                     options.idempotency_key.as_ref(),
                 )
@@ -328,22 +322,33 @@ impl CommandExecutor {
         }
     }
 
+    /// One read–fold–decide–append cycle. Every attempt starts from the declared
+    /// streams: streams resolved from a state that turned out stale are not carried over.
     async fn attempt<C: Command>(
         &self,
         command: &C,
-        streams: &mut Vec<StreamId>,
+        declared: &[StreamId],
         metadata: &EventMetadata,
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<AppendOutcome> {
+        // Checked on every attempt, not just the first: if an earlier attempt's append
+        // committed but its answer was lost (a dropped connection), this attempt must
+        // return that outcome instead of deciding again on state that includes it.
+        if let Some(key) = idempotency_key
+            && let Some(outcome) = self.store.idempotent_outcome(key).await?
+        {
+            return Ok(outcome);
+        }
+        let mut streams = declared.to_vec();
         let mut rounds = 0;
         let (writes, snapshot) = loop {
-            let snapshot = self.store.read_streams(streams).await?;
+            let snapshot = self.store.read_streams(&streams).await?;
             let events = snapshot
                 .events
                 .iter()
                 .map(|event| event.decode::<C::Event>())
                 .collect::<Result<Vec<_>>>()?;
-            let decision = decide(command, streams, &events)?;
+            let decision = decide(command, &streams, &events)?;
             if decision.more_streams.is_empty() {
                 break (decision.writes, snapshot);
             }
@@ -355,11 +360,17 @@ impl CommandExecutor {
             }
             streams.extend(decision.more_streams);
         };
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("streams", field::debug(&streams));
+        }
 
-        if writes.is_empty() && idempotency_key.is_none() {
+        // Nothing to write and nothing to remember: no append. A key with no streams at
+        // all has nothing to guard either.
+        if writes.is_empty() && (idempotency_key.is_none() || streams.is_empty()) {
             return Ok(AppendOutcome::written(Vec::new()));
         }
-        let mut request = build_request(streams, &snapshot, writes, metadata)?;
+        let mut request = build_request(&streams, &snapshot, writes, metadata)?;
         request.idempotency_key = idempotency_key.cloned();
         self.store.append(request).await
     }

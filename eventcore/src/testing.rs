@@ -48,6 +48,22 @@ pub fn run<F: Future>(future: F) -> F::Output {
     runtime.block_on(future)
 }
 
+/// How long a single check may take before it is declared hung. A correct store finishes
+/// each check in well under a second; a deadlocked or lost-wakeup store must fail the test
+/// instead of hanging CI. It bounds a wait; it never orders anything.
+pub const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `check`, panicking with its name if it takes longer than [`HANG_GUARD`].
+///
+/// # Panics
+///
+/// When the check hangs, or when it panics itself.
+pub async fn within_hang_guard<F: Future<Output = ()>>(name: &str, check: F) {
+    if tokio::time::timeout(HANG_GUARD, check).await.is_err() {
+        panic!("conformance check `{name}` did not finish within {HANG_GUARD:?}: the store hangs");
+    }
+}
+
 /// Instantiates every conformance check of [`conformance`] as a `#[test]` for a store
 /// factory: an expression callable as `factory()` that returns a future of a fresh store.
 ///
@@ -82,6 +98,7 @@ macro_rules! event_store_conformance_tests {
             append_of_ten_thousand_events_in_one_call,
             undecodable_payload_is_a_typed_error_and_never_dropped,
             idempotency_key_returns_the_first_outcome_and_writes_nothing,
+            a_failed_append_does_not_consume_its_idempotency_key,
             racing_appends_with_one_idempotency_key_write_once,
             invalid_append_requests_are_refused,
             invalid_stream_ids_are_rejected_at_construction,
@@ -101,10 +118,13 @@ macro_rules! __event_store_conformance_tests {
         $(
             #[test]
             fn $test() {
-                $crate::testing::run(async {
-                    let store = ($factory)().await;
-                    $crate::testing::conformance::$test(store).await;
-                });
+                $crate::testing::run($crate::testing::within_hang_guard(
+                    ::core::stringify!($test),
+                    async {
+                        let store = ($factory)().await;
+                        $crate::testing::conformance::$test(store).await;
+                    },
+                ));
             }
         )*
     };

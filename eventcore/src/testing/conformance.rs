@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -41,10 +40,12 @@ impl Event for ConformanceEvent {
     }
 }
 
-/// A hang guard for checks that wait on other tasks: a correct store finishes in well
-/// under a second, a broken one must fail the test instead of hanging CI. It bounds a
-/// wait; it never orders anything.
-const HANG_GUARD: Duration = Duration::from_secs(120);
+use super::HANG_GUARD;
+
+/// How long a wait that must not complete is watched before concluding it is pending.
+/// A correct store never completes it, whatever the time; a store that wrongly returns at
+/// once fails well within it.
+const PENDING_WINDOW: Duration = Duration::from_millis(200);
 
 fn stream(name: &str) -> StreamId {
     StreamId::try_new(name).expect("test stream ids are valid")
@@ -774,6 +775,60 @@ pub async fn idempotency_key_returns_the_first_outcome_and_writes_nothing(store:
     assert_eq!(values(&read(&store, &s).await.0), vec![1, 2, 5]);
 }
 
+/// An append that fails (a version conflict) records nothing, not even its key: the
+/// same key then writes. A check-only append with a key records the key.
+pub async fn a_failed_append_does_not_consume_its_idempotency_key(store: impl EventStore) {
+    let s = stream("idem-fail");
+    append_to(&store, &s, ExpectedVersion::NoStream, vec![added(1)])
+        .await
+        .expect("setup");
+    let key = IdempotencyKey::try_new("retry-me").expect("valid");
+    let stale = store
+        .append(
+            AppendRequest::single(s.clone(), ExpectedVersion::NoStream, vec![added(2)])
+                .with_idempotency_key(key.clone()),
+        )
+        .await;
+    assert_conflict(stale, &[(s.clone(), ExpectedVersion::NoStream, 1)]);
+    assert_eq!(store.idempotent_outcome(&key).await.expect("lookup"), None);
+    let retried = store
+        .append(
+            AppendRequest::single(
+                s.clone(),
+                ExpectedVersion::Exact(version(1)),
+                vec![added(3)],
+            )
+            .with_idempotency_key(key.clone()),
+        )
+        .await
+        .expect("the key is still free");
+    assert!(!retried.deduplicated);
+    assert_eq!(values(&read(&store, &s).await.0), vec![1, 3]);
+
+    let check_key = IdempotencyKey::try_new("check-only").expect("valid");
+    let checked = store
+        .append(
+            AppendRequest::new()
+                .with_stream(StreamAppend::check_only(
+                    s.clone(),
+                    ExpectedVersion::Exact(version(2)),
+                ))
+                .with_idempotency_key(check_key.clone()),
+        )
+        .await
+        .expect("check-only append");
+    assert!(checked.events.is_empty() && !checked.deduplicated);
+    let again = store
+        .append(
+            AppendRequest::single(s.clone(), ExpectedVersion::Any, vec![added(4)])
+                .with_idempotency_key(check_key),
+        )
+        .await
+        .expect("replay");
+    assert!(again.deduplicated && again.events.is_empty());
+    assert_eq!(read(&store, &s).await.1, version(2));
+}
+
 /// Sixteen tasks append with the same key at once: one writes, all get its outcome.
 pub async fn racing_appends_with_one_idempotency_key_write_once(store: impl EventStore) {
     let store = Arc::new(store);
@@ -903,14 +958,18 @@ pub async fn waiting_reader_wakes_when_an_event_is_appended(store: impl EventSto
         .await
         .expect("an event exists: must return at once")
         .expect("wait");
-    assert!(
-        store.wait_for_events(Some(first)).now_or_never().is_none(),
-        "nothing after the head: the wait must be pending"
-    );
+
     let waiter = {
         let store = store.clone();
         tokio::spawn(async move { store.wait_for_events(Some(first)).await })
     };
+    let mut waiter = std::pin::pin!(waiter);
+    assert!(
+        tokio::time::timeout(PENDING_WINDOW, &mut waiter)
+            .await
+            .is_err(),
+        "nothing after the head: the wait must stay pending"
+    );
     append_to(&*store, &s, ExpectedVersion::Any, vec![added(2)])
         .await
         .expect("b");
@@ -1000,18 +1059,30 @@ pub async fn concurrent_multi_stream_appends_reach_a_live_reader_once_and_in_ord
     const TOTAL: usize = WRITERS * APPENDS * 2;
     let store = Arc::new(store);
 
+    // The reader stops when it has seen everything, or when the writers are done and it
+    // has caught up with the head: a skipped event then shows as a precise difference
+    // below instead of a reader waiting forever.
+    let writers_done = Arc::new(tokio::sync::Notify::new());
     let reader = {
-        let store = store.clone();
+        let (store, writers_done) = (store.clone(), writers_done.clone());
         tokio::spawn(async move {
             let mut seen: Vec<RecordedEvent> = Vec::with_capacity(TOTAL);
             let mut after = None;
+            let mut done = std::pin::pin!(writers_done.notified());
+            let mut writers_finished = false;
             while seen.len() < TOTAL {
                 let batch = store
                     .read_all(&LogQuery::after_opt(after).limit(37))
                     .await
                     .expect("read_all");
                 if batch.is_empty() {
-                    store.wait_for_events(after).await.expect("wait");
+                    if writers_finished {
+                        break;
+                    }
+                    tokio::select! {
+                        waited = store.wait_for_events(after) => waited.expect("wait"),
+                        () = &mut done => writers_finished = true,
+                    }
                     continue;
                 }
                 for event in batch {
@@ -1062,13 +1133,20 @@ pub async fn concurrent_multi_stream_appends_reach_a_live_reader_once_and_in_ord
             assert!(written.insert(id));
         }
     }
+    writers_done.notify_one();
     let seen = tokio::time::timeout(HANG_GUARD, reader)
         .await
         .expect("the reader must see every event")
         .expect("reader");
-    assert_eq!(seen.len(), TOTAL);
     let seen_ids: HashSet<EventId> = seen.iter().map(|e| e.event_id).collect();
-    assert_eq!(seen_ids.len(), TOTAL, "an event was delivered twice");
+    assert_eq!(seen_ids.len(), seen.len(), "an event was delivered twice");
+    let missed: Vec<_> = written.difference(&seen_ids).collect();
+    assert!(
+        missed.is_empty(),
+        "the live reader skipped {} events: {missed:?}",
+        missed.len()
+    );
+    assert_eq!(seen.len(), TOTAL);
     assert_eq!(
         seen_ids, written,
         "the reader must see exactly the written events"
