@@ -44,9 +44,22 @@ pub enum Error {
         problem: NameProblem,
     },
 
-    /// A payload handed to the store as raw JSON text was not valid JSON.
-    #[error("event payload is not valid JSON: {0}")]
-    InvalidPayload(serde_json::Error),
+    /// An event payload cannot be stored: it is not valid JSON, or it contains a NUL
+    /// character (`\u0000`), which PostgreSQL's `jsonb` refuses and so every backend
+    /// refuses. Nothing was written.
+    #[error("invalid event payload: {reason}")]
+    InvalidPayload {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Event metadata cannot be stored: the actor or a custom field contains a NUL
+    /// character. Nothing was written.
+    #[error("invalid event metadata: {reason}")]
+    InvalidMetadata {
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// An append request was malformed (no streams, the same stream twice, ...).
     /// Nothing was written. This is a programming error on the caller's side.

@@ -52,25 +52,29 @@ impl EventPayload {
     /// # Errors
     ///
     /// [`Error::Serialization`] if serde refuses the value (for example a map whose keys
-    /// are not strings).
+    /// are not strings); [`Error::InvalidPayload`] if the JSON contains a NUL character.
     pub fn serialize<T: Serialize + ?Sized>(value: &T, event_type: &str) -> Result<Self> {
-        serde_json::to_string(value)
-            .map(|json| EventPayload(json.into()))
-            .map_err(|source| Error::Serialization {
-                event_type: event_type.to_owned(),
-                source,
-            })
+        let json = serde_json::to_string(value).map_err(|source| Error::Serialization {
+            event_type: event_type.to_owned(),
+            source,
+        })?;
+        check_no_nul(&json)?;
+        Ok(EventPayload(json.into()))
     }
 
     /// Takes JSON text as it is, after checking that it parses.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidPayload`] if `json` is not valid JSON.
+    /// [`Error::InvalidPayload`] if `json` is not valid JSON or contains a NUL character.
     pub fn from_json(json: impl Into<Arc<str>>) -> Result<Self> {
         let json = json.into();
-        serde_json::from_str::<&serde_json::value::RawValue>(&json)
-            .map_err(Error::InvalidPayload)?;
+        serde_json::from_str::<&serde_json::value::RawValue>(&json).map_err(|error| {
+            Error::InvalidPayload {
+                reason: error.to_string(),
+            }
+        })?;
+        check_no_nul(&json)?;
         Ok(EventPayload(json))
     }
 
@@ -84,6 +88,26 @@ impl fmt::Debug for EventPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "EventPayload({})", &*self.0)
     }
+}
+
+/// Refuses JSON text holding a NUL character, that is a `\u0000` escape (a backslash
+/// that is not itself escaped, then `u0000`); valid JSON cannot hold a raw NUL byte.
+fn check_no_nul(json: &str) -> Result<()> {
+    let bytes = json.as_bytes();
+    let mut backslashes = 0usize;
+    for (i, &byte) in bytes.iter().enumerate() {
+        if byte == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if backslashes % 2 == 1 && bytes[i..].starts_with(b"u0000") {
+            return Err(Error::InvalidPayload {
+                reason: format!("it contains a NUL character (\\u0000) at byte {}", i - 1),
+            });
+        }
+        backslashes = 0;
+    }
+    Ok(())
 }
 
 /// A validated event type name (same rules as a [`StreamId`]).

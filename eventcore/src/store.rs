@@ -207,7 +207,7 @@ impl AppendRequest {
     }
 
     /// Checks the rules every backend enforces before touching storage: at least one
-    /// stream, no stream twice, no event id twice.
+    /// stream, no stream twice, no event id twice, no NUL character in metadata.
     ///
     /// # Errors
     ///
@@ -233,9 +233,40 @@ impl AppendRequest {
                     reason: format!("event id {} appears more than once", event.event_id),
                 });
             }
+            check_metadata(&event.metadata)?;
         }
         Ok(())
     }
+}
+
+/// Refuses metadata a database cannot store: NUL characters in the actor or in any
+/// custom field (key or string value, at any depth).
+fn check_metadata(metadata: &crate::EventMetadata) -> Result<()> {
+    fn has_nul(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(map) => {
+                map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            }
+            _ => false,
+        }
+    }
+    if metadata.actor.as_deref().is_some_and(|a| a.contains('\0')) {
+        return Err(Error::InvalidMetadata {
+            reason: "the actor contains a NUL character".to_owned(),
+        });
+    }
+    if metadata
+        .custom
+        .iter()
+        .any(|(k, v)| k.contains('\0') || has_nul(v))
+    {
+        return Err(Error::InvalidMetadata {
+            reason: "a custom field contains a NUL character".to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Where one appended event landed.

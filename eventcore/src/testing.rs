@@ -102,6 +102,7 @@ macro_rules! event_store_conformance_tests {
             racing_appends_with_one_idempotency_key_write_once,
             invalid_append_requests_are_refused,
             invalid_stream_ids_are_rejected_at_construction,
+            nul_characters_are_refused_before_anything_is_written,
             head_position_tracks_the_last_event,
             waiting_reader_wakes_when_an_event_is_appended,
             sixteen_writers_racing_on_one_stream_get_one_winner_per_version,

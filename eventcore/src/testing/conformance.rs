@@ -704,7 +704,7 @@ pub async fn undecodable_payload_is_a_typed_error_and_never_dropped(store: impl 
     assert_eq!(read_everything(&store).await.len(), 3);
     assert!(matches!(
         EventPayload::from_json("{not json"),
-        Err(Error::InvalidPayload(_))
+        Err(Error::InvalidPayload { .. })
     ));
 }
 
@@ -893,6 +893,63 @@ pub async fn invalid_append_requests_are_refused(store: impl EventStore) {
         Err(Error::InvalidAppend { .. })
     ));
     assert!(read_everything(&store).await.is_empty());
+}
+
+/// A NUL character in a payload or in metadata is refused with a typed error before
+/// anything is written (PostgreSQL cannot store it, so no backend may accept it); an
+/// escaped backslash followed by `u0000` is ordinary text and is stored.
+pub async fn nul_characters_are_refused_before_anything_is_written(store: impl EventStore) {
+    let s = stream("nul");
+    assert!(matches!(
+        EventPayload::from_json(r#"{"text":"a\u0000b"}"#),
+        Err(Error::InvalidPayload { .. })
+    ));
+    let nul_text = ConformanceEvent::Noted {
+        text: "a\0b".to_owned(),
+    };
+    assert!(matches!(
+        EventData::from_event(&nul_text, EventMetadata::default()),
+        Err(Error::InvalidPayload { .. })
+    ));
+    let bad_actor = EventData::from_event(
+        &ConformanceEvent::Added { value: 1 },
+        EventMetadata::default().with_actor("ro\0ot"),
+    )
+    .expect("the payload is fine");
+    let refused = append_to(&store, &s, ExpectedVersion::Any, vec![added(1), bad_actor]).await;
+    assert!(
+        matches!(refused, Err(Error::InvalidMetadata { .. })),
+        "{refused:?}"
+    );
+    let bad_custom = EventData::from_event(
+        &ConformanceEvent::Added { value: 1 },
+        EventMetadata::default().with_custom("deep", serde_json::json!({"list": ["x\0"]})),
+    )
+    .expect("the payload is fine");
+    let refused = append_to(&store, &s, ExpectedVersion::Any, vec![bad_custom]).await;
+    assert!(
+        matches!(refused, Err(Error::InvalidMetadata { .. })),
+        "{refused:?}"
+    );
+    assert!(read_everything(&store).await.is_empty());
+
+    let harmless = EventPayload::from_json(r#"{"Noted":{"text":"\\u0000"}}"#).expect("no NUL");
+    let data = EventData::new(
+        EventType::try_new("Noted").expect("valid"),
+        harmless,
+        EventMetadata::default(),
+    );
+    append_to(&store, &s, ExpectedVersion::Any, vec![data])
+        .await
+        .expect("stored");
+    let (events, _) = read(&store, &s).await;
+    let decoded = events[0].decode::<ConformanceEvent>().expect("decodes");
+    assert_eq!(
+        decoded.payload,
+        ConformanceEvent::Noted {
+            text: "\\u0000".to_owned()
+        }
+    );
 }
 
 /// Bad stream ids never reach a store: construction refuses them with a typed error.
