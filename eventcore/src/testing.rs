@@ -67,6 +67,10 @@ pub async fn within_hang_guard<F: Future<Output = ()>>(name: &str, check: F) {
 /// Instantiates every conformance check of [`conformance`] as a `#[test]` for a store
 /// factory: an expression callable as `factory()` that returns a future of a fresh store.
 ///
+/// Attributes written after the factory are put on every generated test, for example
+/// `event_store_conformance_tests!(factory, #[cfg_attr(not(have_db), ignore = "no database")])`
+/// to skip the suite visibly where the backend is not available.
+///
 /// ```
 /// mod conformance {
 ///     eventcore::event_store_conformance_tests!(|| async {
@@ -77,9 +81,9 @@ pub async fn within_hang_guard<F: Future<Output = ()>>(name: &str, check: F) {
 /// ```
 #[macro_export]
 macro_rules! event_store_conformance_tests {
-    ($factory:expr) => {
+    ($factory:expr $(, #[$attr:meta])* $(,)?) => {
         $crate::__event_store_conformance_tests! {
-            $factory;
+            [$(#[$attr])*] $factory;
             append_then_read_round_trips_payload_and_metadata,
             missing_stream_reads_empty_at_version_zero,
             stale_expected_version_conflicts,
@@ -115,18 +119,25 @@ macro_rules! event_store_conformance_tests {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __event_store_conformance_tests {
-    ($factory:expr; $($test:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $test() {
-                $crate::testing::run($crate::testing::within_hang_guard(
-                    ::core::stringify!($test),
-                    async {
-                        let store = ($factory)().await;
-                        $crate::testing::conformance::$test(store).await;
-                    },
-                ));
-            }
-        )*
+    ($attrs:tt $factory:expr; $($test:ident),* $(,)?) => {
+        $( $crate::__event_store_conformance_test! { $attrs $factory; $test } )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __event_store_conformance_test {
+    ([$($attr:tt)*] $factory:expr; $test:ident) => {
+        #[test]
+        $($attr)*
+        fn $test() {
+            $crate::testing::run($crate::testing::within_hang_guard(
+                ::core::stringify!($test),
+                async {
+                    let store = ($factory)().await;
+                    $crate::testing::conformance::$test(store).await;
+                },
+            ));
+        }
     };
 }

@@ -2,3 +2,4 @@
 //! invariants every backend must keep under concurrency.
 
 pub mod bank;
+pub mod postgres;

@@ -1,0 +1,204 @@
+//! Connection and schema settings.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use crate::error::Error;
+
+/// A PostgreSQL schema name the store lives in: 1 to 63 bytes of lowercase ASCII letters,
+/// digits and underscores, not starting with a digit and not `pg_`-prefixed.
+///
+/// The rule is narrower than what PostgreSQL accepts on purpose: such a name never
+/// needs case folding rules, and quoting it can never change its meaning.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SchemaName(String);
+
+impl SchemaName {
+    /// Validates `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSchemaName`] when `name` breaks the rule above.
+    pub fn try_new(name: impl Into<String>) -> Result<Self, Error> {
+        let name = name.into();
+        let valid_chars = name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let starts_well = name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+        if !valid_chars || !starts_well || name.len() > 63 || name.starts_with("pg_") {
+            return Err(Error::InvalidSchemaName { name });
+        }
+        Ok(SchemaName(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name quoted as an SQL identifier.
+    pub(crate) fn quoted(&self) -> String {
+        format!("\"{}\"", self.0)
+    }
+}
+
+impl Default for SchemaName {
+    /// `public`.
+    fn default() -> Self {
+        SchemaName("public".to_owned())
+    }
+}
+
+impl fmt::Display for SchemaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for SchemaName {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::try_new(s)
+    }
+}
+
+/// How to connect and where the store's tables live.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use eventcore_postgres::{PostgresConfig, SchemaName};
+///
+/// let config = PostgresConfig::from_url("postgres://app@127.0.0.1/app")?
+///     .schema(SchemaName::try_new("billing")?)
+///     .max_connections(20)
+///     .acquire_timeout(Duration::from_secs(5))
+///     .statement_timeout(Duration::from_secs(10));
+/// # Ok::<(), eventcore_postgres::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub(crate) connect: PgConnectOptions,
+    pub(crate) schema: SchemaName,
+    pub(crate) max_connections: u32,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) fallback_poll_interval: Duration,
+}
+
+impl PostgresConfig {
+    /// Parses a `postgres://` URL. TLS is negotiated as the URL's `sslmode` says
+    /// (`prefer` by default; `require`, `verify-ca`, `verify-full` for production).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidUrl`] when the URL cannot be parsed.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let connect = url
+            .parse::<PgConnectOptions>()
+            .map_err(|source| Error::InvalidUrl { source })?;
+        Ok(Self::from_options(connect))
+    }
+
+    /// Uses connect options built with sqlx directly (TLS roots, certificates, ...).
+    pub fn from_options(connect: PgConnectOptions) -> Self {
+        PostgresConfig {
+            connect,
+            schema: SchemaName::default(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+            fallback_poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// The schema the store's tables live in (created by [`crate::migrate`] if missing).
+    /// Stores in different schemas of one database do not see each other.
+    pub fn schema(mut self, schema: SchemaName) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// The most connections the pool opens (default 10).
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long to wait for a free connection before failing with a retryable error
+    /// (default 10 s).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// A server-side limit on every statement (default: none). A statement that hits it
+    /// is rolled back and reported as a retryable error.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// How often a waiting reader checks for new events when no notification arrives:
+    /// the safety net behind LISTEN/NOTIFY (default 1 s).
+    pub fn fallback_poll_interval(mut self, interval: Duration) -> Self {
+        self.fallback_poll_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The configured schema.
+    pub fn schema_name(&self) -> &SchemaName {
+        &self.schema
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_validated() {
+        for good in ["public", "billing", "_x", "a1_b2", &"s".repeat(63)] {
+            assert!(SchemaName::try_new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Billing",
+            "1abc",
+            "a-b",
+            "a b",
+            "pg_catalog",
+            "x\"y",
+            &"s".repeat(64),
+        ] {
+            assert!(
+                matches!(
+                    SchemaName::try_new(bad),
+                    Err(Error::InvalidSchemaName { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_urls_are_typed_errors() {
+        assert!(matches!(
+            PostgresConfig::from_url("not a url"),
+            Err(Error::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            PostgresConfig::from_url("mysql://localhost/db"),
+            Err(Error::InvalidUrl { .. })
+        ));
+        assert!(PostgresConfig::from_url("postgres://u@127.0.0.1:5432/db?sslmode=require").is_ok());
+    }
+}

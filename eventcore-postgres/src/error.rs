@@ -1,0 +1,197 @@
+//! The crate's own errors (setting up a store) and the one place where database errors
+//! become [`eventcore::Error`]s.
+
+use eventcore::{AppendRequest, StreamConflict, StreamVersion};
+
+/// What can go wrong while configuring, connecting or migrating a store. Errors of store
+/// operations are [`eventcore::Error`]s.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The connection URL could not be parsed. Fix the URL.
+    #[error("invalid PostgreSQL URL")]
+    InvalidUrl {
+        /// What sqlx reported.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The schema name breaks the rules of [`crate::SchemaName`].
+    #[error(
+        "invalid schema name {name:?}: use 1 to 63 lowercase ASCII letters, digits or underscores, not starting with a digit or `pg_`"
+    )]
+    InvalidSchemaName {
+        /// The rejected name.
+        name: String,
+    },
+
+    /// The server could not be reached or refused the connection. Usually retryable
+    /// once the server is up.
+    #[error("cannot connect to PostgreSQL")]
+    Connect {
+        /// What sqlx reported.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// Creating the schema or applying the migrations failed; nothing half-applied stays
+    /// (each migration runs in a transaction).
+    #[error("migrating schema `{schema}` failed")]
+    Migrate {
+        /// The schema being migrated.
+        schema: String,
+        /// What failed.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// The store's schema is not migrated to the version this crate needs. Run
+    /// [`crate::migrate`] (or [`crate::PostgresEventStore::migrate`]) first.
+    #[error("schema `{schema}` is not migrated: run migrate() first")]
+    NotMigrated {
+        /// The schema.
+        schema: String,
+    },
+}
+
+/// SQLSTATE codes this crate relies on, by name. Our own codes are raised by the
+/// functions in `migrations/`.
+pub(crate) mod sqlstate {
+    pub(crate) const VERSION_CONFLICT: &str = "ECV01";
+    pub(crate) const IMMUTABLE_EVENTS: &str = "ECI01";
+    pub(crate) const UNIQUE_VIOLATION: &str = "23505";
+    pub(crate) const SERIALIZATION_FAILURE: &str = "40001";
+    pub(crate) const DEADLOCK_DETECTED: &str = "40P01";
+    pub(crate) const QUERY_CANCELED: &str = "57014";
+    pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
+    pub(crate) const CRASH_SHUTDOWN: &str = "57P02";
+    pub(crate) const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub(crate) const UNDEFINED_TABLE: &str = "42P01";
+    pub(crate) const UNDEFINED_FUNCTION: &str = "42883";
+    /// Class 08: connection exceptions.
+    pub(crate) const CONNECTION_EXCEPTION_CLASS: &str = "08";
+}
+
+#[derive(serde::Deserialize)]
+struct ConflictDetail {
+    index: usize,
+    actual: u64,
+}
+
+/// Whether the error means the connection (not the statement) failed, so the outcome
+/// of a statement in flight is unknown.
+pub(crate) fn is_connection_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
+                || code == sqlstate::ADMIN_SHUTDOWN
+                || code == sqlstate::CRASH_SHUTDOWN
+        }),
+        _ => false,
+    }
+}
+
+/// Turns a database error into an EventCore error: by SQLSTATE, constraint name and
+/// sqlx error kind, never by the message text. `append` gives the request, so that a
+/// version conflict can name its streams and expectations.
+pub(crate) fn map_sqlx_error(
+    error: sqlx::Error,
+    operation: &'static str,
+    append: Option<&AppendRequest>,
+) -> eventcore::Error {
+    if let sqlx::Error::Database(db) = &error {
+        let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+        match code.as_str() {
+            sqlstate::VERSION_CONFLICT => {
+                if let Some(request) = append
+                    && let Some(conflicts) = conflicts_from_detail(db.as_ref(), request)
+                {
+                    return eventcore::Error::VersionConflict { conflicts };
+                }
+            }
+            sqlstate::UNIQUE_VIOLATION => match db.constraint() {
+                Some("events_event_id_key") => {
+                    return eventcore::Error::InvalidAppend {
+                        reason: "an event with one of these event ids is already stored".to_owned(),
+                    };
+                }
+                // The function locks streams before inserting, so this is a backstop:
+                // a concurrent writer took the version. Re-reading resolves it.
+                Some("events_stream_version_key") => {
+                    return eventcore::Error::backend(
+                        "a concurrent append took the same stream version",
+                        true,
+                        Some(Box::new(error) as eventcore::BoxError),
+                    );
+                }
+                _ => {}
+            },
+            sqlstate::IMMUTABLE_EVENTS => {
+                return eventcore::Error::backend(
+                    "stored events are immutable",
+                    false,
+                    Some(Box::new(error) as eventcore::BoxError),
+                );
+            }
+            sqlstate::UNDEFINED_TABLE | sqlstate::UNDEFINED_FUNCTION => {
+                return eventcore::Error::backend(
+                    format!("{operation}: the schema is not migrated (run migrate())"),
+                    false,
+                    Some(Box::new(error) as eventcore::BoxError),
+                );
+            }
+            _ => {}
+        }
+        let retryable = matches!(
+            code.as_str(),
+            sqlstate::SERIALIZATION_FAILURE
+                | sqlstate::DEADLOCK_DETECTED
+                | sqlstate::QUERY_CANCELED
+                | sqlstate::ADMIN_SHUTDOWN
+                | sqlstate::CRASH_SHUTDOWN
+                | sqlstate::CANNOT_CONNECT_NOW
+                | sqlstate::TOO_MANY_CONNECTIONS
+        ) || code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS);
+        return eventcore::Error::backend(
+            format!("{operation} failed (SQLSTATE {code})"),
+            retryable,
+            Some(Box::new(error) as eventcore::BoxError),
+        );
+    }
+    let retryable = matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::WorkerCrashed
+    );
+    eventcore::Error::backend(
+        format!("{operation} failed"),
+        retryable,
+        Some(Box::new(error) as eventcore::BoxError),
+    )
+}
+
+fn conflicts_from_detail(
+    db: &dyn sqlx::error::DatabaseError,
+    request: &AppendRequest,
+) -> Option<Vec<StreamConflict>> {
+    let detail = db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?
+        .detail()?;
+    let entries: Vec<ConflictDetail> = serde_json::from_str(detail).ok()?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            let stream = request.streams.get(entry.index.checked_sub(1)?)?;
+            Some(StreamConflict {
+                stream: stream.stream_id.clone(),
+                expected: stream.expected_version,
+                actual: StreamVersion::new(entry.actual),
+            })
+        })
+        .collect()
+}

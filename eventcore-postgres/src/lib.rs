@@ -1,0 +1,56 @@
+//! The PostgreSQL event store for EventCore.
+//!
+//! [`PostgresEventStore`] implements [`eventcore::EventStore`] over sqlx and passes the
+//! whole conformance suite. What it guarantees:
+//!
+//! - **Atomic multi-stream appends** in one transaction, with the expected version of
+//!   every participating stream checked under row locks — read-only participants
+//!   included — and conflicts reported as [`eventcore::Error::VersionConflict`].
+//! - **The prefix property** of the global log under concurrent commits from any number
+//!   of connections and processes: readers only see events of transactions older than
+//!   every transaction still running, and positions follow transaction ids. Nothing is
+//!   skipped, nothing arrives out of order, and a rolled-back append stalls nobody
+//!   (`docs/adr/0003-postgres-global-order.md`).
+//! - **One round trip per operation**: an append is a single call of a PL/pgSQL
+//!   function, so a command costs two round trips (read, append).
+//! - **Immutability enforced by the database**: UPDATE, DELETE and TRUNCATE of events
+//!   are refused by triggers.
+//! - **Idempotency keys** stored with the events and enforced by a unique key.
+//! - **Live readers without polling**: LISTEN/NOTIFY, with polling only as the fallback.
+//! - **Schemas**: every store lives in a configurable schema; two stores in two schemas
+//!   of one database do not see each other.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use eventcore::{CommandExecutor, EventStore};
+//! use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = PostgresConfig::from_url(&std::env::var("DATABASE_URL")?)?
+//!     .schema(SchemaName::try_new("bank")?)
+//!     .max_connections(16);
+//! let store = PostgresEventStore::connect_with(config).await?;
+//! store.migrate().await?; // idempotent; safe from several processes at once
+//! let executor = CommandExecutor::new(store);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! TLS is available (rustls): use `sslmode=require` (or `verify-full`) in the URL, or
+//! build [`sqlx::postgres::PgConnectOptions`] yourself and pass them to
+//! [`PostgresConfig::from_options`].
+
+mod config;
+mod error;
+mod migrate;
+mod notify;
+mod store;
+
+pub use crate::config::{PostgresConfig, SchemaName};
+pub use crate::error::Error;
+pub use crate::migrate::{MIGRATOR, migrate};
+pub use crate::store::PostgresEventStore;
+
+/// The sqlx crate this store is built on, for building connect options and pools.
+pub use sqlx;

@@ -1,0 +1,104 @@
+//! LISTEN/NOTIFY: how live readers learn about new events without polling.
+//!
+//! Appends do not NOTIFY inside their own transaction: PostgreSQL serializes the commits
+//! of notifying transactions on a global lock held until the commit is durable, which
+//! would stop concurrent appends from sharing a WAL flush. Instead a notifier task sends
+//! one NOTIFY after commit for the newest position this process appended, coalescing
+//! bursts. A listener task turns notifications into a wake-up counter. A lost
+//! notification (the process died between commit and NOTIFY, the listening connection
+//! dropped) only delays readers until their fallback poll.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The background tasks of one store; aborted when the store is dropped.
+pub(crate) struct Tasks {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Tasks {
+    pub(crate) fn start(
+        runtime: &Handle,
+        pool: PgPool,
+        channel: String,
+        appended: watch::Receiver<u64>,
+        wake: watch::Sender<u64>,
+    ) -> Self {
+        let listener = runtime.spawn(listen(pool.clone(), channel.clone(), wake));
+        let notifier = runtime.spawn(notify(pool, channel, appended));
+        Tasks {
+            handles: vec![listener, notifier],
+        }
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for handle in &self.handles {
+            handle.abort();
+        }
+    }
+}
+
+const RECONNECT_DELAY: Duration = Duration::from_millis(500);
+
+async fn listen(pool: PgPool, channel: String, wake: watch::Sender<u64>) {
+    let bump = || wake.send_modify(|n| *n = n.wrapping_add(1));
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "eventcore: cannot open the LISTEN connection; readers poll meanwhile");
+                tokio::time::sleep(RECONNECT_DELAY).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(&channel).await {
+            tracing::warn!(%error, "eventcore: LISTEN failed; readers poll meanwhile");
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        }
+        // Whatever was notified while we were not listening is unknown: wake everyone to
+        // look.
+        bump();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => bump(),
+                // The connection was lost; the next call reconnects and listens again.
+                Ok(None) => bump(),
+                Err(error) => {
+                    tracing::warn!(%error, "eventcore: the LISTEN connection failed; reconnecting");
+                    bump();
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(RECONNECT_DELAY).await;
+    }
+}
+
+async fn notify(pool: PgPool, channel: String, mut appended: watch::Receiver<u64>) {
+    let mut sent = 0;
+    while appended.changed().await.is_ok() {
+        let position = *appended.borrow_and_update();
+        if position <= sent {
+            continue;
+        }
+        match sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&channel)
+            .bind(position.to_string())
+            .execute(&pool)
+            .await
+        {
+            Ok(_) => sent = position,
+            Err(error) => {
+                tracing::debug!(%error, "eventcore: NOTIFY failed; readers will poll");
+            }
+        }
+    }
+}

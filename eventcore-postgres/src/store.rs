@@ -1,0 +1,552 @@
+//! The PostgreSQL [`EventStore`].
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use eventcore::{
+    AppendOutcome, AppendRequest, AppendedEvent, EventId, EventMetadata, EventPayload, EventStore,
+    EventType, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery, RecordedEvent, StreamId,
+    StreamVersion, StreamsSnapshot,
+};
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use tokio::sync::watch;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::config::{PostgresConfig, SchemaName};
+use crate::error::{Error, is_connection_failure, map_sqlx_error};
+use crate::notify;
+
+/// The SQL of every operation, with the schema filled in once at construction.
+struct Sql {
+    read_streams: String,
+    read_all: String,
+    heads: String,
+    append: String,
+    idempotent_outcome: String,
+    events_by_id: String,
+}
+
+impl Sql {
+    fn for_schema(schema: &SchemaName) -> Self {
+        let fill = |template: &str| template.replace("{schema}", &schema.quoted());
+        Sql {
+            read_streams: fill(include_str!("sql/read_streams.sql")),
+            read_all: fill(include_str!("sql/read_all.sql")),
+            heads: fill(include_str!("sql/heads.sql")),
+            append: fill(include_str!("sql/append.sql")),
+            idempotent_outcome: fill(include_str!("sql/idempotent_outcome.sql")),
+            events_by_id: fill(include_str!("sql/events_by_id.sql")),
+        }
+    }
+}
+
+/// An event store on PostgreSQL. Cheap to clone; clones share the pool.
+///
+/// Every operation is one SQL statement, so one round trip: a command executed through
+/// the [`eventcore::CommandExecutor`] costs two (read its streams, append), plus one if
+/// it carries an idempotency key. See `docs/adr/0003-postgres-global-order.md` for how
+/// the global log keeps the prefix property under concurrent commits.
+///
+/// # Examples
+///
+/// ```no_run
+/// use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
+///
+/// # async fn run() -> Result<(), eventcore_postgres::Error> {
+/// let config = PostgresConfig::from_url("postgres://app@127.0.0.1/app")?
+///     .schema(SchemaName::try_new("orders")?);
+/// let store = PostgresEventStore::connect_with(config).await?;
+/// store.migrate().await?;
+/// let executor = eventcore::CommandExecutor::new(store);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    schema: SchemaName,
+    sql: Sql,
+    channel: String,
+    fallback_poll_interval: Duration,
+    /// The last position this process appended, for the notifier task.
+    appended: watch::Sender<u64>,
+    /// Bumped by the listener task on every notification (and reconnection).
+    wake: watch::Sender<u64>,
+    background: OnceLock<notify::Tasks>,
+}
+
+impl PostgresEventStore {
+    /// Connects to `url` with the default settings (schema `public`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidUrl`], or [`Error::Connect`] when the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(PostgresConfig::from_url(url)?).await
+    }
+
+    /// Connects with `config`. Opens one connection to fail early when the server cannot
+    /// be reached; does not migrate (see [`PostgresEventStore::migrate`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`] when the server cannot be reached or refuses the connection.
+    pub async fn connect_with(config: PostgresConfig) -> Result<Self, Error> {
+        let mut connect = config.connect.clone();
+        if let Some(timeout) = config.statement_timeout {
+            connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|source| Error::Connect { source })?;
+        Ok(Self::new(
+            pool,
+            config.schema,
+            config.fallback_poll_interval,
+        ))
+    }
+
+    /// A store over an existing pool, in `schema`. The pool's settings (size, timeouts,
+    /// TLS) are used as they are.
+    pub fn from_pool(pool: PgPool, schema: SchemaName) -> Self {
+        Self::new(pool, schema, Duration::from_secs(1))
+    }
+
+    fn new(pool: PgPool, schema: SchemaName, fallback_poll_interval: Duration) -> Self {
+        let channel = format!("eventcore_{}", schema.as_str());
+        PostgresEventStore {
+            inner: Arc::new(Inner {
+                sql: Sql::for_schema(&schema),
+                pool,
+                schema,
+                channel,
+                fallback_poll_interval,
+                appended: watch::Sender::new(0),
+                wake: watch::Sender::new(0),
+                background: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Creates the schema if missing and applies pending migrations; see
+    /// [`crate::migrate`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::migrate`].
+    pub async fn migrate(&self) -> Result<(), Error> {
+        crate::migrate(&self.inner.pool, &self.inner.schema).await
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The schema the store's tables live in.
+    pub fn schema(&self) -> &SchemaName {
+        &self.inner.schema
+    }
+
+    /// Starts the LISTEN and NOTIFY tasks on first use. They need a Tokio runtime; without
+    /// one, live readers fall back to polling instead of failing.
+    fn ensure_background(&self) -> bool {
+        if self.inner.background.get().is_some() {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let _ = self.inner.background.get_or_init(|| {
+            notify::Tasks::start(
+                &runtime,
+                self.inner.pool.clone(),
+                self.inner.channel.clone(),
+                self.inner.appended.subscribe(),
+                self.inner.wake.clone(),
+            )
+        });
+        true
+    }
+
+    async fn heads(&self) -> eventcore::Result<(Option<u64>, Option<u64>)> {
+        let row = sqlx::query(&self.inner.sql.heads)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "reading the head", None))?;
+        let visible: Option<i64> = row.try_get("visible").map_err(decode_error)?;
+        let committed: Option<i64> = row.try_get("committed").map_err(decode_error)?;
+        Ok((
+            visible.map(|p| p.max(0) as u64),
+            committed.map(|p| p.max(0) as u64),
+        ))
+    }
+
+    /// After a connection failure during an append, finds out whether it committed.
+    async fn committed_outcome(
+        &self,
+        request: &AppendRequest,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        let ids: Vec<Uuid> = request
+            .streams
+            .iter()
+            .flat_map(|s| &s.events)
+            .map(|e| e.event_id.as_uuid())
+            .collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let rows = sqlx::query(&self.inner.sql.events_by_id)
+            .bind(&ids)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "checking an interrupted append", None))?;
+        if rows.len() != ids.len() {
+            return Ok(None);
+        }
+        let events = rows
+            .iter()
+            .map(appended_from_row)
+            .collect::<eventcore::Result<Vec<_>>>()?;
+        Ok(Some(AppendOutcome::written(events)))
+    }
+}
+
+impl std::fmt::Debug for PostgresEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresEventStore")
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode_error(error: sqlx::Error) -> eventcore::Error {
+    eventcore::Error::backend(
+        "unexpected row shape from PostgreSQL",
+        false,
+        Some(Box::new(error) as eventcore::BoxError),
+    )
+}
+
+fn corrupt(what: String) -> eventcore::Error {
+    eventcore::Error::backend(what, false, None)
+}
+
+fn position_from(value: i64) -> eventcore::Result<GlobalPosition> {
+    u64::try_from(value)
+        .map(GlobalPosition::new)
+        .map_err(|_| corrupt(format!("stored global position {value} is negative")))
+}
+
+fn version_from(value: i64) -> eventcore::Result<StreamVersion> {
+    u64::try_from(value)
+        .map(StreamVersion::new)
+        .map_err(|_| corrupt(format!("stored stream version {value} is negative")))
+}
+
+fn stream_from(value: String) -> eventcore::Result<StreamId> {
+    StreamId::try_new(value).map_err(|e| corrupt(format!("stored stream id is invalid: {e}")))
+}
+
+fn recorded_from_row(row: &PgRow) -> eventcore::Result<RecordedEvent> {
+    let stream_id = stream_from(row.try_get("stream_id").map_err(decode_error)?)?;
+    let stream_version = version_from(row.try_get("stream_version").map_err(decode_error)?)?;
+    let event_type: String = row.try_get("event_type").map_err(decode_error)?;
+    let event_type = EventType::try_new(event_type).map_err(|e| {
+        corrupt(format!(
+            "stored event type at {stream_id}@{stream_version}: {e}"
+        ))
+    })?;
+    let payload: String = row.try_get("payload").map_err(decode_error)?;
+    let payload = EventPayload::from_json(payload).map_err(|e| {
+        corrupt(format!(
+            "stored payload at {stream_id}@{stream_version}: {e}"
+        ))
+    })?;
+    let metadata: String = row.try_get("metadata").map_err(decode_error)?;
+    let metadata: EventMetadata = serde_json::from_str(&metadata).map_err(|e| {
+        corrupt(format!(
+            "stored metadata at {stream_id}@{stream_version} is not EventMetadata: {e}"
+        ))
+    })?;
+    let recorded_at: DateTime<Utc> = row.try_get("recorded_at").map_err(decode_error)?;
+    Ok(RecordedEvent::new(
+        EventId::from_uuid(row.try_get("event_id").map_err(decode_error)?),
+        stream_id,
+        stream_version,
+        position_from(row.try_get("global_position").map_err(decode_error)?)?,
+        event_type,
+        payload,
+        Arc::new(metadata),
+        recorded_at,
+    ))
+}
+
+fn appended_from_row(row: &PgRow) -> eventcore::Result<AppendedEvent> {
+    Ok(AppendedEvent::new(
+        EventId::from_uuid(row.try_get("event_id").map_err(decode_error)?),
+        stream_from(row.try_get("stream_id").map_err(decode_error)?)?,
+        version_from(row.try_get("stream_version").map_err(decode_error)?)?,
+        position_from(row.try_get("global_position").map_err(decode_error)?)?,
+    ))
+}
+
+fn expected_code(expected: ExpectedVersion) -> eventcore::Result<i64> {
+    match expected {
+        ExpectedVersion::Any => Ok(-1),
+        ExpectedVersion::NoStream => Ok(-2),
+        ExpectedVersion::Exact(version) => {
+            i64::try_from(version.value()).map_err(|_| eventcore::Error::InvalidAppend {
+                reason: format!("expected version {version} is out of range"),
+            })
+        }
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresEventStore {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        let mut ids: Vec<&str> = streams.iter().map(StreamId::as_str).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rows = sqlx::query(&self.inner.sql.read_streams)
+            .bind(&ids)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "reading streams", None))?;
+        let events = rows
+            .iter()
+            .map(recorded_from_row)
+            .collect::<eventcore::Result<Vec<_>>>()?;
+        let mut versions: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(streams.len());
+        for stream in streams {
+            if versions.iter().any(|(id, _)| id == stream) {
+                continue;
+            }
+            // Versions are contiguous, so the last event's version is the stream's.
+            let version = events
+                .iter()
+                .filter(|e| &e.stream_id == stream)
+                .map(|e| e.stream_version)
+                .max()
+                .unwrap_or(StreamVersion::INITIAL);
+            versions.push((stream.clone(), version));
+        }
+        Ok(StreamsSnapshot { events, versions })
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        let span = tracing::debug_span!(
+            "eventcore.postgres.append",
+            streams = request.streams.len(),
+            events = request.event_count(),
+        );
+        self.append_traced(request).instrument(span).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.read_all_impl(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        Ok(self.heads().await?.0.map(GlobalPosition::new))
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.wait_for_events_impl(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        self.idempotent_outcome_impl(key).await
+    }
+}
+
+impl PostgresEventStore {
+    async fn append_traced(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        request.validate()?;
+        let n = request.event_count();
+        let mut streams = Vec::with_capacity(request.streams.len());
+        let mut expected = Vec::with_capacity(request.streams.len());
+        let mut event_streams: Vec<i32> = Vec::with_capacity(n);
+        let mut event_ids = Vec::with_capacity(n);
+        let mut event_types = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        for (index, stream) in request.streams.iter().enumerate() {
+            streams.push(stream.stream_id.as_str());
+            expected.push(expected_code(stream.expected_version)?);
+            let index = i32::try_from(index + 1).map_err(|_| eventcore::Error::InvalidAppend {
+                reason: "too many streams in one append".to_owned(),
+            })?;
+            for event in &stream.events {
+                event_streams.push(index);
+                event_ids.push(event.event_id.as_uuid());
+                event_types.push(event.event_type.as_str());
+                payloads.push(event.payload.as_str());
+                metadata.push(serde_json::to_string(&event.metadata).map_err(|source| {
+                    eventcore::Error::Serialization {
+                        event_type: "EventMetadata".to_owned(),
+                        source,
+                    }
+                })?);
+            }
+        }
+        let key = request.idempotency_key.as_ref().map(IdempotencyKey::as_str);
+
+        let result = sqlx::query(&self.inner.sql.append)
+            .bind(&streams)
+            .bind(&expected)
+            .bind(key)
+            .bind(&event_streams)
+            .bind(&event_ids)
+            .bind(&event_types)
+            .bind(&payloads)
+            .bind(&metadata)
+            .fetch_one(&self.inner.pool)
+            .await;
+        let row = match result {
+            Ok(row) => row,
+            Err(error) if is_connection_failure(&error) => {
+                // The answer was lost; the append may or may not have committed. Events
+                // carry their ids, so look: found means it committed.
+                tracing::warn!(%error, "connection failed during an append; checking whether it committed");
+                if let Ok(Some(outcome)) = self.committed_outcome(&request).await {
+                    return Ok(outcome);
+                }
+                return Err(map_sqlx_error(error, "appending", Some(&request)));
+            }
+            Err(error) => return Err(map_sqlx_error(error, "appending", Some(&request))),
+        };
+
+        let deduplicated: bool = row.try_get("deduplicated").map_err(decode_error)?;
+        let ids: Vec<Uuid> = row.try_get("event_ids").map_err(decode_error)?;
+        let stream_ids: Vec<String> = row.try_get("stream_ids").map_err(decode_error)?;
+        let versions: Vec<i64> = row.try_get("versions").map_err(decode_error)?;
+        let positions: Vec<i64> = row.try_get("positions").map_err(decode_error)?;
+        if ids.len() != stream_ids.len()
+            || ids.len() != versions.len()
+            || ids.len() != positions.len()
+        {
+            return Err(corrupt(
+                "eventcore_append returned arrays of different lengths".to_owned(),
+            ));
+        }
+        let events = ids
+            .into_iter()
+            .zip(stream_ids)
+            .zip(versions.into_iter().zip(positions))
+            .map(|((id, stream), (version, position))| {
+                Ok(AppendedEvent::new(
+                    EventId::from_uuid(id),
+                    stream_from(stream)?,
+                    version_from(version)?,
+                    position_from(position)?,
+                ))
+            })
+            .collect::<eventcore::Result<Vec<_>>>()?;
+        let outcome = AppendOutcome::written(events);
+        if deduplicated {
+            return Ok(outcome.into_deduplicated());
+        }
+        if let Some(last) = outcome.events.last() {
+            let position = last.global_position.value();
+            if self.ensure_background() {
+                self.inner.appended.send_if_modified(|current| {
+                    let moved = position > *current;
+                    if moved {
+                        *current = position;
+                    }
+                    moved
+                });
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn read_all_impl(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        if query.limit_value() == 0 {
+            return Ok(Vec::new());
+        }
+        let after = query
+            .after_position()
+            .map_or(0, |p| i64::try_from(p.value()).unwrap_or(i64::MAX));
+        let limit = i64::try_from(query.limit_value()).unwrap_or(i64::MAX);
+        let types: Option<Vec<&str>> = query
+            .event_types_value()
+            .map(|types| types.iter().map(EventType::as_str).collect());
+        let rows = sqlx::query(&self.inner.sql.read_all)
+            .bind(after)
+            .bind(query.stream_prefix_value())
+            .bind(types)
+            .bind(limit)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "reading the global log", None))?;
+        rows.iter().map(recorded_from_row).collect()
+    }
+
+    async fn wait_for_events_impl(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        let after = after.map_or(0, GlobalPosition::value);
+        let listening = self.ensure_background();
+        let mut wake = self.inner.wake.subscribe();
+        let fallback = self.inner.fallback_poll_interval;
+        let mut held_back_poll = Duration::from_millis(2);
+        loop {
+            // Marked seen before looking, so a notification arriving during the query
+            // is not lost.
+            wake.borrow_and_update();
+            let (visible, committed) = self.heads().await?;
+            if visible.is_some_and(|v| v > after) {
+                return Ok(());
+            }
+            if committed.is_some_and(|c| c > after) {
+                // Committed events are held back by an older transaction still running.
+                // When it ends, no notification says so: poll, backing off.
+                tokio::time::sleep(held_back_poll).await;
+                held_back_poll = (held_back_poll * 2).min(fallback);
+                continue;
+            }
+            if listening {
+                let _ = tokio::time::timeout(fallback, wake.changed()).await;
+            } else {
+                tokio::time::sleep(fallback).await;
+            }
+        }
+    }
+
+    async fn idempotent_outcome_impl(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        let rows = sqlx::query(&self.inner.sql.idempotent_outcome)
+            .bind(key.as_str())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "looking up an idempotency key", None))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: Option<Uuid> = row.try_get("event_id").map_err(decode_error)?;
+            if id.is_some() {
+                events.push(appended_from_row(row)?);
+            }
+        }
+        Ok(Some(AppendOutcome::written(events).into_deduplicated()))
+    }
+}
