@@ -7,7 +7,9 @@
 //! cargo run --example banking
 //! ```
 //!
-//! It uses the in-memory store, so it needs no services.
+//! It uses the in-memory store, so it needs no services. With `DATABASE_URL` set it runs
+//! on PostgreSQL instead, in a new schema named `banking_<random>` so that every run starts
+//! empty (the schema name is printed; drop it when done).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use eventcore::{
     AppendOutcome, AppendRequest, Command, CommandExecutor, CommandLogic, CommandResult,
-    CorrelationId, EventData, EventMetadata, EventStore, ExecutionOptions, ExpectedVersion,
-    GlobalPosition, IdempotencyKey, LogQuery, ReadStreams, RecordedEvent, StoredEvent, StreamId,
-    StreamResolver, StreamWrite, StreamsSnapshot, require,
+    CorrelationId, EventData, EventId, EventMetadata, EventStore, ExecutionOptions,
+    ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery, ReadStreams, RecordedEvent,
+    StoredEvent, StreamId, StreamResolver, StreamWrite, StreamsSnapshot, require,
 };
 use eventcore_memory::InMemoryEventStore;
+use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
 use serde::{Deserialize, Serialize};
 
 /// Everything that happens to an account.
@@ -218,6 +221,22 @@ impl<S: EventStore> EventStore for InterferingTeller<S> {
     }
 }
 
+/// The in-memory store, or PostgreSQL when `DATABASE_URL` is set.
+async fn open_store() -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        println!("Store: in memory (set DATABASE_URL to use PostgreSQL)\n");
+        return Ok(Arc::new(InMemoryEventStore::new()));
+    };
+    let suffix = EventId::new().as_uuid().simple().to_string();
+    let schema = SchemaName::try_new(format!("banking_{}", &suffix[suffix.len() - 12..]))?;
+    let store =
+        PostgresEventStore::connect_with(PostgresConfig::from_url(&url)?.schema(schema.clone()))
+            .await?;
+    store.migrate().await?;
+    println!("Store: PostgreSQL, schema {schema}\n");
+    Ok(Arc::new(store))
+}
+
 async fn balance(store: &dyn EventStore, account: &StreamId) -> eventcore::Result<u64> {
     let snapshot = store.read_streams(std::slice::from_ref(account)).await?;
     let mut state = Account::default();
@@ -231,11 +250,7 @@ fn account(name: &str) -> eventcore::Result<StreamId> {
     Ok(StreamId::try_new(format!("account-{name}"))?)
 }
 
-async fn execute_and_report<C: Command>(
-    executor: &CommandExecutor,
-    label: &str,
-    command: &C,
-) -> eventcore::Result<()> {
+async fn execute_and_report<C: Command>(executor: &CommandExecutor, label: &str, command: &C) {
     match executor.execute(command).await {
         Ok(result) => println!(
             "  {label}: ok, {} event(s) written in {} attempt(s)",
@@ -244,20 +259,19 @@ async fn execute_and_report<C: Command>(
         ),
         Err(error) => println!("  {label}: refused: {error}"),
     }
-    Ok(())
 }
 
 #[tokio::main]
-async fn main() -> eventcore::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
 
-    let memory = InMemoryEventStore::new();
+    let backend = open_store().await?;
     let alice = account("alice")?;
     let bob = account("bob")?;
     let store = Arc::new(InterferingTeller {
-        inner: memory.clone(),
+        inner: backend.clone(),
         account: bob.clone(),
         armed: AtomicBool::new(false),
     });
@@ -270,14 +284,14 @@ async fn main() -> eventcore::Result<()> {
             owner: owner.to_owned(),
             initial,
         };
-        execute_and_report(&executor, &format!("open {id} with {initial}"), &command).await?;
+        execute_and_report(&executor, &format!("open {id} with {initial}"), &command).await;
     }
     let again = OpenAccount {
         account: alice.clone(),
         owner: "Mallory".to_owned(),
         initial: 1_000,
     };
-    execute_and_report(&executor, "open account-alice again", &again).await?;
+    execute_and_report(&executor, "open account-alice again", &again).await;
 
     println!("\nTransfers");
     store.armed.store(true, Ordering::SeqCst);
@@ -286,14 +300,14 @@ async fn main() -> eventcore::Result<()> {
         to: bob.clone(),
         amount: 30,
     };
-    execute_and_report(&executor, "alice -> bob 30", &transfer).await?;
+    execute_and_report(&executor, "alice -> bob 30", &transfer).await;
 
     let overdraft = Transfer {
         from: bob.clone(),
         to: alice.clone(),
         amount: 500,
     };
-    execute_and_report(&executor, "bob -> alice 500 (overdraft)", &overdraft).await?;
+    execute_and_report(&executor, "bob -> alice 500 (overdraft)", &overdraft).await;
 
     let correlation = CorrelationId::new();
     let options = ExecutionOptions::new()
@@ -317,7 +331,7 @@ async fn main() -> eventcore::Result<()> {
     println!("\nBalances");
     let mut total = 0;
     for id in [&alice, &bob] {
-        let amount = balance(&memory, id).await?;
+        let amount = balance(&*backend, id).await?;
         total += amount;
         println!("  {id}: {amount}");
     }
@@ -325,7 +339,7 @@ async fn main() -> eventcore::Result<()> {
     assert_eq!(total, 125, "money must be conserved");
 
     println!("\nThe global log");
-    for event in memory.read_all(&LogQuery::from_start()).await? {
+    for event in backend.read_all(&LogQuery::from_start()).await? {
         let metadata = &event.metadata;
         println!(
             "  #{:<2} {:<14} v{:<2} {:<15} actor={}",

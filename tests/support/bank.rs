@@ -4,9 +4,11 @@
 use std::collections::{HashMap, HashSet};
 
 use eventcore::{
-    Command, CommandLogic, CommandResult, EventStore, LogQuery, ReadStreams, RecordedEvent,
-    StoredEvent, StreamId, StreamResolver, StreamWrite, require,
+    Command, CommandExecutor, CommandLogic, CommandResult, Error, EventStore, LogQuery,
+    ReadStreams, RecordedEvent, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Events of an account.
@@ -247,4 +249,86 @@ pub async fn audit(store: &dyn EventStore, accounts: usize) -> Audit {
         total,
         events: log.len(),
     }
+}
+
+/// What a run of random transfers did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TransferRun {
+    /// Transfers written.
+    pub done: usize,
+    /// Transfers refused for insufficient funds.
+    pub refused: usize,
+    /// Retries the executor made (attempts beyond the first).
+    pub retries: u64,
+}
+
+/// Opens `accounts` accounts with `initial` each through `executor`.
+///
+/// # Panics
+///
+/// When an account cannot be opened.
+pub async fn open_accounts(executor: &CommandExecutor, accounts: usize, initial: i64) {
+    for n in 0..accounts {
+        executor
+            .execute(&Open {
+                account: account(n),
+                initial,
+            })
+            .await
+            .expect("open");
+    }
+}
+
+/// Runs `tasks_per_executor` tasks on each executor, each doing `transfers` random
+/// transfers among `accounts` accounts (seeded: the same seeds give the same requests).
+///
+/// # Panics
+///
+/// On any error other than a refusal for insufficient funds.
+pub async fn random_transfers(
+    executors: &[CommandExecutor],
+    tasks_per_executor: usize,
+    transfers: usize,
+    accounts: usize,
+) -> TransferRun {
+    let mut handles = Vec::new();
+    for (e, executor) in executors.iter().enumerate() {
+        for t in 0..tasks_per_executor {
+            let executor = executor.clone();
+            let seed = (e * 1_000 + t) as u64;
+            handles.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let mut run = TransferRun::default();
+                for _ in 0..transfers {
+                    let from = rng.random_range(0..accounts);
+                    let to = (from + rng.random_range(1..accounts)) % accounts;
+                    let command = Transfer {
+                        from: account(from),
+                        to: account(to),
+                        amount: rng.random_range(1..=300),
+                    };
+                    match executor.execute(&command).await {
+                        Ok(result) => {
+                            run.done += 1;
+                            run.retries += u64::from(result.attempts - 1);
+                        }
+                        Err(Error::BusinessRuleViolation(reason)) => {
+                            assert_eq!(reason, "insufficient funds");
+                            run.refused += 1;
+                        }
+                        Err(other) => panic!("unexpected error: {other}"),
+                    }
+                }
+                run
+            }));
+        }
+    }
+    let mut total = TransferRun::default();
+    for handle in handles {
+        let run = handle.await.expect("transfer task");
+        total.done += run.done;
+        total.refused += run.refused;
+        total.retries += run.retries;
+    }
+    total
 }
