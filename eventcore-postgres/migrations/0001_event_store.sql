@@ -4,8 +4,8 @@
 -- Names are unqualified on purpose: the migrator runs with search_path set to the
 -- store's schema only, so two stores in two schemas of one database never meet.
 -- Functions pin that search_path (SET search_path FROM CURRENT) for the same reason.
--- Why positions are reserved under a short lock and readers stop below the oldest
--- reservation still in flight: docs/adr/0003-postgres-global-order.md.
+-- Why appends mark the positions they are about to take and readers stop below the
+-- oldest mark still held: docs/adr/0003-postgres-global-order.md.
 
 CREATE SEQUENCE global_position_seq AS bigint MINVALUE 1;
 
@@ -49,51 +49,40 @@ CREATE TRIGGER events_are_not_truncated
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION eventcore_refuse_change();
 
--- The first position no reader may pass yet: the first position of the oldest
--- reservation whose transaction is still running, or the next position to be reserved.
--- Every position below it belongs to a transaction that has ended (committed and
--- visible to any later snapshot, or rolled back), so reading below it in a later
--- statement returns a prefix of the final order.
+-- The first position no reader may pass yet. Every position below it belongs to a
+-- transaction that has ended (committed and visible to any later snapshot, or rolled
+-- back), so reading below it in a later statement returns a prefix of the final order.
 --
--- A reservation is (sequence range, shared advisory lock keyed by its first position),
--- made atomically under the positions lock; holding that lock in shared mode here gives
--- a consistent view of "reserved so far" and "still in flight". PostgreSQL releases a
--- transaction's locks only after its commit is visible.
+-- Before taking positions, an appender reads the sequence's last value t and takes a
+-- transaction-scoped shared advisory lock keyed by t + 1: a marker at or below every
+-- position it will take, visible in pg_locks until its commit is visible (PostgreSQL
+-- releases a transaction's locks only after that). Here the sequence is read first and
+-- the markers second, so every position taken by the time of the first read is either
+-- covered by a marker still held, or belongs to a transaction that has ended.
 CREATE FUNCTION eventcore_horizon() RETURNS bigint
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    positions_lock integer := hashtext('eventcore.positions.' || current_schema());
-    reserved_class bigint := (hashtext('eventcore.reserved.' || current_schema())::bigint
-                              + 4294967296) % 4294967296;
-    last_reserved  bigint;
-    called         boolean;
-    oldest         bigint;
+    marker_class bigint := (hashtext('eventcore.reserved.' || current_schema())::bigint
+                            + 4294967296) % 4294967296;
+    next_position bigint;
+    oldest        bigint;
 BEGIN
-    PERFORM pg_advisory_lock_shared(17731, positions_lock);
-    BEGIN
-        SELECT s.last_value, s.is_called INTO last_reserved, called FROM global_position_seq s;
-        IF NOT called THEN
-            last_reserved := 0;
-        END IF;
-        -- Lock keys hold the first position modulo 2^32; reservations in flight are
-        -- always within 2^32 of the last one, which recovers the full position.
-        SELECT min(last_reserved
-                   - (((last_reserved - l.objid::bigint) % 4294967296) + 4294967296) % 4294967296)
-          INTO oldest
-          FROM pg_locks l
-         WHERE l.locktype = 'advisory'
-           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-           AND l.classid::bigint = reserved_class
-           AND l.objsubid = 2
-           AND l.granted;
-    EXCEPTION WHEN query_canceled OR others THEN
-        PERFORM pg_advisory_unlock_shared(17731, positions_lock);
-        RAISE;
-    END;
-    PERFORM pg_advisory_unlock_shared(17731, positions_lock);
-    RETURN coalesce(oldest, last_reserved + 1);
+    SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END
+      INTO next_position FROM global_position_seq s;
+    -- Marker keys hold positions modulo 2^32; markers in flight are at most
+    -- next_position and within 2^32 below it, which recovers the full position.
+    SELECT min(next_position
+               - (((next_position - l.objid::bigint) % 4294967296) + 4294967296) % 4294967296)
+      INTO oldest
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory'
+       AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+       AND l.classid::bigint = marker_class
+       AND l.objsubid = 2
+       AND l.granted;
+    RETURN coalesce(oldest, next_position);
 END;
 $$;
 
@@ -162,7 +151,8 @@ $$;
 -- p_streams:       the participating streams, each once, in request order
 -- p_expected:      per stream: -1 any version, -2 no stream, n >= 0 exactly version n
 -- p_event_streams: per event, the 1-based index of its stream in p_streams; events come
---                  grouped by stream, in request order, and get positions in that order
+--                  grouped by stream, in request order, and get increasing positions in
+--                  that order
 --
 -- Returns one row. On a version conflict it raises SQLSTATE ECV01 with a JSON array
 -- [{"index": i, "actual": v}, ...] as DETAIL; nothing has been written by then.
@@ -189,15 +179,16 @@ DECLARE
     n_events       integer := coalesce(cardinality(p_event_ids), 0);
     counts         integer[] := array_fill(0, ARRAY[n_streams]);
     actual         bigint[];
-    first_position bigint;
+    next_position  bigint;
     slot           bigint;
+    assigned       bigint[];
     conflicts      jsonb := '[]'::jsonb;
-    positions_lock integer := hashtext('eventcore.positions.' || current_schema());
-    reserved_class integer := hashtext('eventcore.reserved.' || current_schema());
+    marker_class   integer := hashtext('eventcore.reserved.' || current_schema());
     stream_lock    bigint;
     exclusive      boolean;
     idx            integer;
     expected       bigint;
+    at_version     bigint;
 BEGIN
     -- The key is checked before any version: a retried request whose first try
     -- committed must get that outcome back, not a conflict with itself.
@@ -241,14 +232,16 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT array_agg(coalesce((SELECT max(e.stream_version) FROM events e
-                                WHERE e.stream_id = o.s), 0) ORDER BY o.i)
-      INTO actual
-      FROM unnest(p_streams) WITH ORDINALITY AS o(s, i);
+    -- One indexed lookup per stream (a plain loop plans and runs several times faster
+    -- here than one query over the array).
+    actual := array_fill(0::bigint, ARRAY[n_streams]);
     FOR idx IN 1 .. n_streams LOOP
+        SELECT coalesce(max(e.stream_version), 0) INTO at_version FROM events e
+         WHERE e.stream_id = p_streams[idx];
+        actual[idx] := at_version;
         expected := p_expected[idx];
-        IF (expected = -2 AND actual[idx] <> 0) OR (expected >= 0 AND actual[idx] <> expected) THEN
-            conflicts := conflicts || jsonb_build_object('index', idx, 'actual', actual[idx]);
+        IF (expected = -2 AND at_version <> 0) OR (expected >= 0 AND at_version <> expected) THEN
+            conflicts := conflicts || jsonb_build_object('index', idx, 'actual', at_version);
         END IF;
     END LOOP;
     IF conflicts <> '[]'::jsonb THEN
@@ -277,26 +270,22 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Reserve the positions: take the range and mark it in flight, atomically with
-    -- respect to eventcore_horizon(). The lock is session-level so it can be released
-    -- right away (commits still share WAL flushes); the handler releases it on any
-    -- error, a cancelled statement included.
-    PERFORM pg_advisory_lock(17731, positions_lock);
-    BEGIN
-        first_position := nextval('global_position_seq');
-        IF n_events > 1 THEN
-            PERFORM setval('global_position_seq', first_position + n_events - 1);
-        END IF;
-        slot := first_position % 4294967296;
-        IF slot >= 2147483648 THEN
-            slot := slot - 4294967296;
-        END IF;
-        PERFORM pg_advisory_xact_lock_shared(reserved_class, slot::integer);
-    EXCEPTION WHEN query_canceled OR others THEN
-        PERFORM pg_advisory_unlock(17731, positions_lock);
-        RAISE;
-    END;
-    PERFORM pg_advisory_unlock(17731, positions_lock);
+    -- Mark the positions about to be taken as in flight (see eventcore_horizon), then
+    -- take them. Nothing is serialized here: concurrent appends take interleaved
+    -- positions, each append's in request order, and their commits share WAL flushes.
+    SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END
+      INTO next_position FROM global_position_seq s;
+    slot := next_position % 4294967296;
+    IF slot >= 2147483648 THEN
+        slot := slot - 4294967296;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(marker_class, slot::integer);
+    IF n_events = 1 THEN
+        assigned := ARRAY[nextval('global_position_seq')];
+    ELSE
+        SELECT array_agg(p ORDER BY p) INTO assigned
+          FROM (SELECT nextval('global_position_seq') AS p FROM generate_series(1, n_events)) g;
+    END IF;
 
     WITH input AS (
         SELECT u.ord, u.sidx, u.eid, u.etype, u.payload, u.meta,
@@ -306,7 +295,7 @@ BEGIN
     ), inserted AS (
         INSERT INTO events (global_position, event_id, stream_id, stream_version,
                             event_type, payload, metadata, idempotency_key)
-        SELECT first_position + i.ord - 1, i.eid, p_streams[i.sidx], i.version,
+        SELECT assigned[i.ord], i.eid, p_streams[i.sidx], i.version,
                i.etype, i.payload, i.meta, p_idempotency_key
           FROM input i
         RETURNING events.global_position, events.event_id, events.stream_id, events.stream_version

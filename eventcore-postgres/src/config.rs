@@ -102,9 +102,19 @@ impl PostgresConfig {
     ///
     /// [`Error::InvalidUrl`] when the URL cannot be parsed.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        let scheme = url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
+            return Err(Error::InvalidUrl {
+                reason: "it must start with postgres:// or postgresql://".to_owned(),
+            });
+        }
         let connect = url
             .parse::<PgConnectOptions>()
-            .map_err(|source| Error::InvalidUrl { source })?;
+            .map_err(|error| Error::InvalidUrl {
+                reason: error.to_string(),
+            })?;
         Ok(Self::from_options(connect))
     }
 

@@ -8,12 +8,11 @@ use eventcore::{AppendRequest, StreamConflict, StreamVersion};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The connection URL could not be parsed. Fix the URL.
-    #[error("invalid PostgreSQL URL")]
+    /// The connection URL is not a PostgreSQL URL or could not be parsed. Fix the URL.
+    #[error("invalid PostgreSQL URL: {reason}")]
     InvalidUrl {
-        /// What sqlx reported.
-        #[source]
-        source: sqlx::Error,
+        /// What is wrong with it (never the URL itself, which may hold a password).
+        reason: String,
     },
 
     /// The schema name breaks the rules of [`crate::SchemaName`].

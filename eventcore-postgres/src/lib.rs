@@ -7,10 +7,10 @@
 //!   every participating stream checked under row locks — read-only participants
 //!   included — and conflicts reported as [`eventcore::Error::VersionConflict`].
 //! - **The prefix property** of the global log under concurrent commits from any number
-//!   of connections and processes: readers only see events of transactions older than
-//!   every transaction still running, and positions follow transaction ids. Nothing is
-//!   skipped, nothing arrives out of order, and a rolled-back append stalls nobody
-//!   (`docs/adr/0003-postgres-global-order.md`).
+//!   of connections and processes, without serializing commits: an append marks the
+//!   positions it is about to take while its transaction runs, and readers stop below the
+//!   oldest mark still held. Nothing is skipped, nothing arrives out of order, and a
+//!   rolled-back append stalls nobody (`docs/adr/0003-postgres-global-order.md`).
 //! - **One round trip per operation**: an append is a single call of a PL/pgSQL
 //!   function, so a command costs two round trips (read, append).
 //! - **Immutability enforced by the database**: UPDATE, DELETE and TRUNCATE of events
@@ -54,3 +54,8 @@ pub use crate::store::PostgresEventStore;
 
 /// The sqlx crate this store is built on, for building connect options and pools.
 pub use sqlx;
+
+/// The manual's PostgreSQL chapter, compiled as doc tests so it cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/postgres.md")]
+struct ManualPostgres;

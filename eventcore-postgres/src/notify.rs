@@ -4,14 +4,14 @@
 //! of notifying transactions on a global lock held until the commit is durable, which
 //! would stop concurrent appends from sharing a WAL flush. Instead a notifier task sends
 //! one NOTIFY after commit for the newest position this process appended, coalescing
-//! bursts. A listener task turns notifications into a wake-up counter. A lost
+//! bursts, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
 //! notification (the process died between commit and NOTIFY, the listening connection
 //! dropped) only delays readers until their fallback poll.
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,21 +84,50 @@ async fn listen(pool: PgPool, channel: String, wake: watch::Sender<u64>) {
 
 async fn notify(pool: PgPool, channel: String, mut appended: watch::Receiver<u64>) {
     let mut sent = 0;
+    let mut connection: Option<PgConnection> = None;
     while appended.changed().await.is_ok() {
         let position = *appended.borrow_and_update();
         if position <= sent {
             continue;
         }
+        if connection.is_none() {
+            connection = notifier_connection(&pool).await;
+        }
+        let Some(conn) = connection.as_mut() else {
+            continue;
+        };
         match sqlx::query("SELECT pg_notify($1, $2)")
             .bind(&channel)
             .bind(position.to_string())
-            .execute(&pool)
+            .execute(&mut *conn)
             .await
         {
             Ok(_) => sent = position,
             Err(error) => {
                 tracing::debug!(%error, "eventcore: NOTIFY failed; readers will poll");
+                connection = None;
             }
+        }
+    }
+}
+
+/// A connection of the notifier's own. A transaction that notifies gets a transaction id
+/// and so a commit record; nothing it writes needs to be durable, so it commits without
+/// waiting for a WAL flush (`synchronous_commit = off`, on this connection only). The
+/// events themselves were committed durably before.
+async fn notifier_connection(pool: &PgPool) -> Option<PgConnection> {
+    let connect = async {
+        let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+        sqlx::query("SET synchronous_commit TO off")
+            .execute(&mut conn)
+            .await?;
+        Ok::<_, sqlx::Error>(conn)
+    };
+    match connect.await {
+        Ok(conn) => Some(conn),
+        Err(error) => {
+            tracing::debug!(%error, "eventcore: no NOTIFY connection; readers will poll");
+            None
         }
     }
 }

@@ -1,0 +1,168 @@
+//! The workloads' domain: accounts as streams `account-{n}`, events `Opened`,
+//! `Deposited`, `Withdrawn`, commands `Open`, `Deposit` (one stream) and `Transfer` (two).
+
+use eventcore::{
+    Command, CommandLogic, CommandResult, EventStore, ReadStreams, StoredEvent, StreamId,
+    StreamResolver, StreamWrite, require,
+};
+use serde::{Deserialize, Serialize};
+
+/// What happens to an account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum AccountEvent {
+    Opened { owner: String, initial: i64 },
+    Deposited { amount: i64 },
+    Withdrawn { amount: i64 },
+}
+
+impl eventcore::Event for AccountEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            AccountEvent::Opened { .. } => "Opened",
+            AccountEvent::Deposited { .. } => "Deposited",
+            AccountEvent::Withdrawn { .. } => "Withdrawn",
+        }
+    }
+}
+
+impl AccountEvent {
+    fn delta(&self) -> i64 {
+        match self {
+            AccountEvent::Opened { initial, .. } => *initial,
+            AccountEvent::Deposited { amount } => *amount,
+            AccountEvent::Withdrawn { amount } => -amount,
+        }
+    }
+}
+
+/// The stream of account `n`.
+pub(crate) fn account(n: usize) -> StreamId {
+    StreamId::try_new(format!("account-{n}")).expect("valid stream id")
+}
+
+/// The balance of one account, read back from the store.
+pub(crate) async fn balance(store: &dyn EventStore, account: &StreamId) -> Result<i64, String> {
+    let snapshot = store
+        .read_streams(std::slice::from_ref(account))
+        .await
+        .map_err(|e| e.to_string())?;
+    snapshot.events.iter().try_fold(0, |sum, event| {
+        event
+            .decode::<AccountEvent>()
+            .map(|e| sum + e.payload.delta())
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[derive(Command)]
+pub(crate) struct Open {
+    #[stream]
+    pub(crate) account: StreamId,
+    pub(crate) owner: String,
+    pub(crate) initial: i64,
+}
+
+impl CommandLogic for Open {
+    type State = bool;
+    type Event = AccountEvent;
+
+    fn apply(&self, open: &mut bool, _event: &StoredEvent<AccountEvent>) {
+        *open = true;
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        open: bool,
+        _resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, AccountEvent>>> {
+        require!(!open, "account {} is already open", self.account);
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            self.account.clone(),
+            AccountEvent::Opened {
+                owner: self.owner.clone(),
+                initial: self.initial,
+            },
+        )?])
+    }
+}
+
+/// W1: one stream read, folded, one event appended.
+#[derive(Command)]
+pub(crate) struct Deposit {
+    #[stream]
+    pub(crate) account: StreamId,
+    pub(crate) amount: i64,
+}
+
+impl CommandLogic for Deposit {
+    type State = i64;
+    type Event = AccountEvent;
+
+    fn apply(&self, balance: &mut i64, event: &StoredEvent<AccountEvent>) {
+        *balance += event.payload.delta();
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        _balance: i64,
+        _resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, AccountEvent>>> {
+        require!(self.amount > 0, "a deposit must be positive");
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            self.account.clone(),
+            AccountEvent::Deposited {
+                amount: self.amount,
+            },
+        )?])
+    }
+}
+
+/// W2/W3: two streams read, the balance checked, one event appended to each.
+#[derive(Command)]
+pub(crate) struct Transfer {
+    #[stream]
+    pub(crate) from: StreamId,
+    #[stream]
+    pub(crate) to: StreamId,
+    pub(crate) amount: i64,
+}
+
+impl CommandLogic for Transfer {
+    type State = i64;
+    type Event = AccountEvent;
+
+    fn apply(&self, from_balance: &mut i64, event: &StoredEvent<AccountEvent>) {
+        if event.stream_id == self.from {
+            *from_balance += event.payload.delta();
+        }
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        from_balance: i64,
+        _resolver: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, AccountEvent>>> {
+        require!(from_balance >= self.amount, "insufficient funds");
+        Ok(vec![
+            StreamWrite::new(
+                &read_streams,
+                self.from.clone(),
+                AccountEvent::Withdrawn {
+                    amount: self.amount,
+                },
+            )?,
+            StreamWrite::new(
+                &read_streams,
+                self.to.clone(),
+                AccountEvent::Deposited {
+                    amount: self.amount,
+                },
+            )?,
+        ])
+    }
+}

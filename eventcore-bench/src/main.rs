@@ -1,0 +1,394 @@
+//! Runs the workloads of `shared/bench/WORKLOADS.md` against EventCore's backends.
+//!
+//! ```text
+//! cargo run --release -p eventcore-bench -- --backend memory --workload w2 --concurrency 8
+//! cargo run --release -p eventcore-bench -- --backend postgres --workload w1 --database-url postgres://...
+//! cargo run --release -p eventcore-bench -- --all --duration 10
+//! ```
+//!
+//! Each run prints one JSON line (`backend, workload, concurrency, duration_s, ops_per_s,
+//! events_per_s, p50_ms, p99_ms, max_ms, retries_per_op, failed, invariant_ok`) and, at
+//! the end, a table. A broken invariant makes the process exit non-zero. PostgreSQL runs
+//! use a fresh schema each, with the server's default durability settings.
+
+mod bank;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use eventcore::{
+    AppendRequest, CommandExecutor, EventData, EventMetadata, EventStore, ExpectedVersion,
+    RetryPolicy, StreamId,
+};
+use eventcore_memory::InMemoryEventStore;
+use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde::Serialize;
+
+use crate::bank::{AccountEvent, Deposit, Open, Transfer, account, balance};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Backend {
+    Memory,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Workload {
+    W1,
+    W2,
+    W3,
+    W4,
+    W5,
+}
+
+/// Benchmarks EventCore on the standard workloads.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The event store to measure.
+    #[arg(long, value_enum, required_unless_present = "all")]
+    backend: Option<Backend>,
+    /// The workload (see shared/bench/WORKLOADS.md).
+    #[arg(long, value_enum, required_unless_present = "all")]
+    workload: Option<Workload>,
+    /// Concurrent tasks issuing commands back to back.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Measured seconds, after the warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Accounts (default: 1,000; 10 for W3).
+    #[arg(long)]
+    accounts: Option<usize>,
+    /// Events to load for W4.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// PostgreSQL URL (default: the DATABASE_URL environment variable).
+    #[arg(long)]
+    database_url: Option<String>,
+    /// The whole matrix: W1, W2, W5 at C=1 and 8, W3 at C=8, W4; both backends
+    /// (PostgreSQL when a URL is known).
+    #[arg(long)]
+    all: bool,
+}
+
+/// One JSON line per run, with exactly these keys.
+#[derive(Debug, Serialize)]
+struct Report {
+    backend: Backend,
+    workload: Workload,
+    concurrency: usize,
+    duration_s: f64,
+    ops_per_s: Option<f64>,
+    events_per_s: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    max_ms: Option<f64>,
+    retries_per_op: Option<f64>,
+    failed: Option<u64>,
+    invariant_ok: Option<bool>,
+}
+
+struct Run {
+    backend: Backend,
+    workload: Workload,
+    concurrency: usize,
+    accounts: usize,
+    duration: Duration,
+    warmup: Duration,
+}
+
+/// A large initial balance, so that no transfer fails for lack of funds.
+const INITIAL: i64 = 1_000_000_000;
+
+async fn open_store(backend: Backend, url: Option<&str>) -> Result<Arc<dyn EventStore>, String> {
+    match backend {
+        Backend::Memory => Ok(Arc::new(InMemoryEventStore::new())),
+        Backend::Postgres => {
+            let url = url.ok_or("postgres needs --database-url or DATABASE_URL")?;
+            let schema = SchemaName::try_new(format!("bench_{}", uuid::Uuid::new_v4().simple()))
+                .map_err(|e| e.to_string())?;
+            let config = PostgresConfig::from_url(url)
+                .map_err(|e| e.to_string())?
+                .schema(schema)
+                .max_connections(32);
+            let store = PostgresEventStore::connect_with(config)
+                .await
+                .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+            store.migrate().await.map_err(|e| e.to_string())?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+struct TaskResult {
+    histogram: Histogram<u64>,
+    ops: u64,
+    retries: u64,
+    failed: u64,
+    events: u64,
+}
+
+async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, String> {
+    let executor = CommandExecutor::from_shared(store.clone())
+        .with_retry_policy(RetryPolicy::new().with_max_attempts(50));
+    if run.workload != Workload::W5 {
+        for n in 0..run.accounts {
+            executor
+                .execute(&Open {
+                    account: account(n),
+                    owner: format!("owner-{n}"),
+                    initial: INITIAL,
+                })
+                .await
+                .map_err(|e| format!("opening accounts: {e}"))?;
+        }
+    }
+
+    let start = Instant::now();
+    let measure_from = start + run.warmup;
+    let end = measure_from + run.duration;
+    let mut handles = Vec::new();
+    for task in 0..run.concurrency {
+        let executor = executor.clone();
+        let store = store.clone();
+        let (workload, accounts) = (run.workload, run.accounts);
+        handles.push(tokio::spawn(async move {
+            let mut result = TaskResult {
+                histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+                ops: 0,
+                retries: 0,
+                failed: 0,
+                events: 0,
+            };
+            let mut n: u64 = 0;
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let (ok, attempts, events) = match workload {
+                    Workload::W1 => {
+                        let command = Deposit {
+                            account: account(rand::rng().random_range(0..accounts)),
+                            amount: 10,
+                        };
+                        match executor.execute(&command).await {
+                            Ok(r) => (true, r.attempts, r.events_written.len()),
+                            Err(_) => (false, 0, 0),
+                        }
+                    }
+                    Workload::W2 | Workload::W3 => {
+                        let (from, to) = {
+                            let mut rng = rand::rng();
+                            let from = rng.random_range(0..accounts);
+                            (from, (from + rng.random_range(1..accounts)) % accounts)
+                        };
+                        let command = Transfer {
+                            from: account(from),
+                            to: account(to),
+                            amount: 1,
+                        };
+                        match executor.execute(&command).await {
+                            Ok(r) => (true, r.attempts, r.events_written.len()),
+                            Err(_) => (false, 0, 0),
+                        }
+                    }
+                    Workload::W5 => {
+                        n += 1;
+                        let stream = StreamId::try_new(format!("raw-{task}-{n}")).expect("valid");
+                        let event = EventData::from_event(
+                            &AccountEvent::Deposited { amount: 1 },
+                            EventMetadata::default(),
+                        )
+                        .expect("serializes");
+                        let request =
+                            AppendRequest::single(stream, ExpectedVersion::NoStream, vec![event]);
+                        match store.append(request).await {
+                            Ok(o) => (true, 1, o.events.len()),
+                            Err(_) => (false, 0, 0),
+                        }
+                    }
+                    Workload::W4 => unreachable!("W4 is not a command workload"),
+                };
+                let finished = Instant::now();
+                if finished < measure_from || finished > end {
+                    continue;
+                }
+                if ok {
+                    result.ops += 1;
+                    result.retries += u64::from(attempts.saturating_sub(1));
+                    result.events += events as u64;
+                    let micros = u64::try_from((finished - began).as_micros()).unwrap_or(u64::MAX);
+                    result.histogram.saturating_record(micros.max(1));
+                } else {
+                    result.failed += 1;
+                }
+            }
+            result
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let (mut ops, mut retries, mut failed, mut events) = (0, 0, 0, 0);
+    for handle in handles {
+        let task = handle.await.map_err(|e| format!("task panicked: {e}"))?;
+        histogram.add(&task.histogram).map_err(|e| e.to_string())?;
+        ops += task.ops;
+        retries += task.retries;
+        failed += task.failed;
+        events += task.events;
+    }
+
+    let invariant_ok = if run.workload == Workload::W3 {
+        let mut total = 0;
+        for n in 0..run.accounts {
+            total += balance(&*store, &account(n)).await?;
+        }
+        Some(total == INITIAL * run.accounts as i64)
+    } else {
+        None
+    };
+    let seconds = run.duration.as_secs_f64();
+    let ms = |micros: u64| micros as f64 / 1_000.0;
+    Ok(Report {
+        backend: run.backend,
+        workload: run.workload,
+        concurrency: run.concurrency,
+        duration_s: seconds,
+        ops_per_s: Some(ops as f64 / seconds),
+        events_per_s: Some(events as f64 / seconds),
+        p50_ms: (ops > 0).then(|| ms(histogram.value_at_quantile(0.50))),
+        p99_ms: (ops > 0).then(|| ms(histogram.value_at_quantile(0.99))),
+        max_ms: (ops > 0).then(|| ms(histogram.max())),
+        retries_per_op: (ops > 0).then(|| retries as f64 / ops as f64),
+        failed: Some(failed),
+        invariant_ok,
+    })
+}
+
+fn matrix(postgres: bool) -> Vec<(Backend, Workload, usize)> {
+    let mut runs = Vec::new();
+    let backends: &[Backend] = if postgres {
+        &[Backend::Memory, Backend::Postgres]
+    } else {
+        &[Backend::Memory]
+    };
+    for &backend in backends {
+        for workload in [Workload::W1, Workload::W2, Workload::W5] {
+            runs.push((backend, workload, 1));
+            runs.push((backend, workload, 8));
+        }
+        runs.push((backend, Workload::W3, 8));
+        runs.push((backend, Workload::W4, 1));
+    }
+    runs
+}
+
+fn print_table(reports: &[Report]) {
+    let cell =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    println!();
+    println!(
+        "{:<9} {:<4} {:>3} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
+        "backend",
+        "work",
+        "C",
+        "ops/s",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "retry/op",
+        "failed",
+        "invariant"
+    );
+    for r in reports {
+        println!(
+            "{:<9} {:<4} {:>3} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
+            format!("{:?}", r.backend).to_lowercase(),
+            format!("{:?}", r.workload).to_lowercase(),
+            r.concurrency,
+            cell(r.ops_per_s, 0),
+            cell(r.events_per_s, 0),
+            cell(r.p50_ms, 3),
+            cell(r.p99_ms, 3),
+            cell(r.max_ms, 3),
+            cell(r.retries_per_op, 3),
+            r.failed.map_or("-".to_owned(), |f| f.to_string()),
+            r.invariant_ok.map_or("-".to_owned(), |ok| ok.to_string()),
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let url = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok());
+    let runs = if args.all {
+        matrix(url.is_some())
+    } else {
+        match (args.backend, args.workload) {
+            (Some(backend), Some(workload)) => vec![(backend, workload, args.concurrency)],
+            _ => unreachable!("clap requires --backend and --workload without --all"),
+        }
+    };
+
+    let mut reports = Vec::new();
+    let mut broken = false;
+    for (backend, workload, concurrency) in runs {
+        if workload == Workload::W4 {
+            eprintln!(
+                "eventcore-bench: w4 ({} events) needs the projection runner, which is not built yet; skipped",
+                args.events
+            );
+            continue;
+        }
+        let run = Run {
+            backend,
+            workload,
+            concurrency: concurrency.max(1),
+            accounts: args
+                .accounts
+                .unwrap_or(if workload == Workload::W3 { 10 } else { 1_000 })
+                .max(2),
+            duration: Duration::from_secs_f64(args.duration.max(0.1)),
+            warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+        };
+        let store = match open_store(backend, url.as_deref()).await {
+            Ok(store) => store,
+            Err(error) => {
+                eprintln!("eventcore-bench: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        match run_workload(&run, store).await {
+            Ok(report) => {
+                println!("{}", serde_json::to_string(&report).expect("serializable"));
+                broken |= report.invariant_ok == Some(false);
+                reports.push(report);
+            }
+            Err(error) => {
+                eprintln!("eventcore-bench: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    print_table(&reports);
+    if broken {
+        eprintln!("eventcore-bench: an invariant was broken");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
