@@ -432,6 +432,12 @@ async fn a_connection_lost_mid_append_is_a_retryable_error_and_writes_nothing() 
         .execute(&mut blocker)
         .await
         .expect("terminate");
+    // The store now looks whether the append committed, queueing behind whoever holds
+    // the stream (this blocker): let go.
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut blocker)
+        .await
+        .expect("unlock");
     let result = tokio::time::timeout(HANG_GUARD, append)
         .await
         .expect("the append returns")
@@ -440,10 +446,6 @@ async fn a_connection_lost_mid_append_is_a_retryable_error_and_writes_nothing() 
         Err(error @ Error::Backend { .. }) => assert!(error.is_retryable(), "{error}"),
         other => panic!("expected a retryable backend error, got {other:?}"),
     }
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut blocker)
-        .await
-        .expect("unlock");
     assert!(read_log(&store).await.is_empty(), "nothing half-written");
     assert_eq!(store.head_position().await.expect("head"), None);
     // The pool recovers: the next append works.
@@ -559,4 +561,83 @@ async fn racing_executions_with_one_key_on_two_pools_charge_once() {
     let audit = audit(&one, 2).await;
     assert_eq!(audit.total, 200);
     assert_eq!(audit.events, 4, "two opens and one transfer");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn a_mark_taken_after_the_reader_looked_does_not_hide_the_log() {
+    // A reader reads the sequence, then the marks. A mark above what it read (an append
+    // that took its mark in between) must not hide anything the reader may see.
+    let schema = fresh_schema();
+    let store = store_in(&schema).await;
+    let s = stream("visible");
+    let written = append_any(&store, &s, vec![deposit(1), deposit(2)]).await;
+    let mut conn = raw_connection().await;
+    sqlx::query("BEGIN")
+        .execute(&mut conn)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext('eventcore.reserved.' || $1), $2)")
+        .bind(schema.as_str())
+        .bind(i32::try_from(written[1].value() + 5).expect("small"))
+        .execute(&mut conn)
+        .await
+        .expect("mark");
+    let seen = store.read_all(&LogQuery::from_start()).await.expect("read");
+    assert_eq!(
+        positions(&seen),
+        written.iter().map(|p| p.value()).collect::<Vec<_>>()
+    );
+    assert_eq!(store.head_position().await.expect("head"), Some(written[1]));
+    sqlx::query("ROLLBACK")
+        .execute(&mut conn)
+        .await
+        .expect("rollback");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn a_session_that_is_not_read_committed_is_refused() {
+    let schema = fresh_schema();
+    let store = store_in(&schema).await;
+    append_any(&store, &stream("s"), vec![deposit(1)]).await;
+    // A pool the user built, whose sessions default to REPEATABLE READ: readers could
+    // skip events, so the store refuses to read or append through it.
+    let options = PostgresConfig::from_url(&database_url())
+        .expect("url")
+        .schema(schema.clone());
+    let connect: sqlx::postgres::PgConnectOptions = database_url()
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .expect("url")
+        .options([("default_transaction_isolation", "repeatable\\ read")]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(connect)
+        .await
+        .expect("connect");
+    let strict = PostgresEventStore::from_pool(pool, options.schema_name().clone());
+    for error in [
+        strict
+            .read_all(&LogQuery::from_start())
+            .await
+            .expect_err("refused"),
+        strict
+            .append(AppendRequest::single(
+                stream("s"),
+                ExpectedVersion::Any,
+                vec![deposit(2)],
+            ))
+            .await
+            .expect_err("refused"),
+    ] {
+        assert!(!error.is_retryable());
+        assert!(error.to_string().contains("READ COMMITTED"), "{error}");
+    }
+    assert_eq!(read_log(&store).await.len(), 1);
 }

@@ -47,8 +47,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 use dashmap::DashMap;
 use eventcore::{
-    AppendOutcome, AppendRequest, AppendedEvent, Error, EventStore, GlobalPosition, IdempotencyKey,
-    LogQuery, RecordedEvent, Result, StreamConflict, StreamId, StreamVersion, StreamsSnapshot,
+    AppendOutcome, AppendRequest, AppendedEvent, Error, EventId, EventStore, GlobalPosition,
+    IdempotencyKey, LogQuery, RecordedEvent, Result, StreamConflict, StreamId, StreamVersion,
+    StreamsSnapshot,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -71,6 +72,8 @@ struct Log {
     /// Event at position `p` is at index `p - 1`: positions are contiguous here.
     events: Vec<RecordedEvent>,
     idempotency: HashMap<IdempotencyKey, AppendOutcome>,
+    /// Where each stored event id is in `events`: ids are unique across the store.
+    ids: HashMap<EventId, usize>,
 }
 
 impl InMemoryEventStore {
@@ -225,6 +228,36 @@ impl EventStore for InMemoryEventStore {
             return Err(Error::VersionConflict { conflicts });
         }
 
+        // Event ids are unique. A request whose events are all stored already repeats an
+        // append that committed: its outcome is the answer, nothing is written again.
+        let stored: Vec<usize> = request
+            .streams
+            .iter()
+            .flat_map(|s| &s.events)
+            .filter_map(|e| log.ids.get(&e.event_id).copied())
+            .collect();
+        if !stored.is_empty() {
+            if stored.len() != request.event_count() {
+                return Err(Error::InvalidAppend {
+                    reason: "some of these event ids are already stored".to_owned(),
+                });
+            }
+            let mut events: Vec<AppendedEvent> = stored
+                .iter()
+                .map(|&index| {
+                    let e = &log.events[index];
+                    AppendedEvent::new(
+                        e.event_id,
+                        e.stream_id.clone(),
+                        e.stream_version,
+                        e.global_position,
+                    )
+                })
+                .collect();
+            events.sort_by_key(|e| e.global_position);
+            return Ok(AppendOutcome::written(events).into_deduplicated());
+        }
+
         let recorded_at = Utc::now();
         let mut appended = Vec::with_capacity(request.event_count());
         let AppendRequest {
@@ -253,6 +286,8 @@ impl EventStore for InMemoryEventStore {
                     position,
                 ));
                 events.push(recorded.clone());
+                let index = log.events.len();
+                log.ids.insert(data.event_id, index);
                 log.events.push(recorded);
             }
         }

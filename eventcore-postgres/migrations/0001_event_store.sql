@@ -49,6 +49,25 @@ CREATE TRIGGER events_are_not_truncated
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION eventcore_refuse_change();
 
+-- The ordering argument holds for READ COMMITTED sessions on the primary only: each
+-- statement must see every transaction that ended before it started, and the marks
+-- must be this server's locks. Refuse anything else loudly rather than skip events.
+CREATE FUNCTION eventcore_check_session(p_reading boolean) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'eventcore needs READ COMMITTED; this transaction runs %',
+            upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'ECS01';
+    END IF;
+    IF p_reading AND pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'eventcore reads the global log on the primary only, not on a standby'
+            USING ERRCODE = 'ECS02';
+    END IF;
+END;
+$$;
+
 -- The first position no reader may pass yet. Every position below it belongs to a
 -- transaction that has ended (committed and visible to any later snapshot, or rolled
 -- back), so reading below it in a later statement returns a prefix of the final order.
@@ -69,12 +88,17 @@ DECLARE
     next_position bigint;
     oldest        bigint;
 BEGIN
+    PERFORM eventcore_check_session(true);
     SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END
       INTO next_position FROM global_position_seq s;
-    -- Marker keys hold positions modulo 2^32; markers in flight are at most
-    -- next_position and within 2^32 below it, which recovers the full position.
+    -- Mark keys hold positions modulo 2^32. A mark in flight lies within 2^31 of
+    -- next_position, below it or (taken after the sequence was read) above it: the
+    -- signed distance recovers the full position. Marks above next_position do not
+    -- matter, so the horizon is at most next_position.
     SELECT min(next_position
-               - (((next_position - l.objid::bigint) % 4294967296) + 4294967296) % 4294967296)
+               + ((((l.objid::bigint - next_position + 2147483648) % 4294967296) + 4294967296)
+                  % 4294967296)
+               - 2147483648)
       INTO oldest
       FROM pg_locks l
      WHERE l.locktype = 'advisory'
@@ -82,7 +106,7 @@ BEGIN
        AND l.classid::bigint = marker_class
        AND l.objsubid = 2
        AND l.granted;
-    RETURN coalesce(oldest, next_position);
+    RETURN least(coalesce(oldest, next_position), next_position);
 END;
 $$;
 
@@ -146,6 +170,31 @@ AS $$
      WHERE e.idempotency_key = p_idempotency_key;
 $$;
 
+-- Where events with these ids landed, after waiting (shared) for the streams' locks:
+-- an append whose client connection died may still be running, and queues ahead of us.
+CREATE FUNCTION eventcore_find_events(p_streams text[], p_event_ids uuid[])
+RETURNS TABLE (event_id uuid, stream_id text, stream_version bigint, global_position bigint)
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    stream_lock bigint;
+BEGIN
+    FOR stream_lock IN
+        SELECT DISTINCT hashtextextended('eventcore.stream.' || current_schema() || '/' || s, 0)
+          FROM unnest(p_streams) AS s
+         ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock_shared(stream_lock);
+    END LOOP;
+    RETURN QUERY
+        SELECT e.event_id, e.stream_id, e.stream_version, e.global_position
+          FROM events e
+         WHERE e.event_id = ANY (p_event_ids)
+         ORDER BY e.global_position;
+END;
+$$;
+
 -- Appends events to several streams in one transaction (the caller's statement).
 --
 -- p_streams:       the participating streams, each once, in request order
@@ -190,6 +239,7 @@ DECLARE
     expected       bigint;
     at_version     bigint;
 BEGIN
+    PERFORM eventcore_check_session(false);
     -- The key is checked before any version: a retried request whose first try
     -- committed must get that outcome back, not a conflict with itself.
     IF p_idempotency_key IS NOT NULL

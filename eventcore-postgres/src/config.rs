@@ -49,9 +49,10 @@ impl SchemaName {
 }
 
 impl Default for SchemaName {
-    /// `public`.
+    /// `eventcore`. Not `public`: the schema also holds the migration history
+    /// (`_sqlx_migrations`), which must not be shared with the application's own.
     fn default() -> Self {
-        SchemaName("public".to_owned())
+        SchemaName("eventcore".to_owned())
     }
 }
 
@@ -130,8 +131,10 @@ impl PostgresConfig {
         }
     }
 
-    /// The schema the store's tables live in (created by [`crate::migrate`] if missing).
-    /// Stores in different schemas of one database do not see each other.
+    /// The schema the store's tables live in (default `eventcore`; created by
+    /// [`crate::migrate`] if missing). Stores in different schemas of one database do not
+    /// see each other. Give the store a schema of its own: it keeps its migration history
+    /// (`_sqlx_migrations`) there.
     pub fn schema(mut self, schema: SchemaName) -> Self {
         self.schema = schema;
         self

@@ -57,6 +57,13 @@ pub enum Error {
 /// functions in `migrations/`.
 pub(crate) mod sqlstate {
     pub(crate) const VERSION_CONFLICT: &str = "ECV01";
+    pub(crate) const NOT_READ_COMMITTED: &str = "ECS01";
+    pub(crate) const ON_STANDBY: &str = "ECS02";
+    pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
+    pub(crate) const READ_ONLY_TRANSACTION: &str = "25006";
+    pub(crate) const STATEMENT_COMPLETION_UNKNOWN: &str = "40003";
+    /// Class 53: insufficient resources (out of connections, memory, disk).
+    pub(crate) const INSUFFICIENT_RESOURCES_CLASS: &str = "53";
     pub(crate) const IMMUTABLE_EVENTS: &str = "ECI01";
     pub(crate) const UNIQUE_VIOLATION: &str = "23505";
     pub(crate) const SERIALIZATION_FAILURE: &str = "40001";
@@ -65,7 +72,6 @@ pub(crate) mod sqlstate {
     pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
     pub(crate) const CRASH_SHUTDOWN: &str = "57P02";
     pub(crate) const CANNOT_CONNECT_NOW: &str = "57P03";
-    pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
     pub(crate) const UNDEFINED_TABLE: &str = "42P01";
     pub(crate) const UNDEFINED_FUNCTION: &str = "42883";
     /// Class 08: connection exceptions.
@@ -90,6 +96,14 @@ pub(crate) fn is_connection_failure(error: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Whether an append failed because one of its event ids is already stored.
+pub(crate) fn is_duplicate_event_id(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|db| {
+        db.code().as_deref() == Some(sqlstate::UNIQUE_VIOLATION)
+            && db.constraint() == Some("events_event_id_key")
+    })
 }
 
 /// Turns a database error into an EventCore error: by SQLSTATE, constraint name and
@@ -127,6 +141,15 @@ pub(crate) fn map_sqlx_error(
                 }
                 _ => {}
             },
+            sqlstate::NOT_READ_COMMITTED | sqlstate::ON_STANDBY => {
+                return eventcore::Error::backend(
+                    format!(
+                        "{operation}: the session cannot keep the global order (READ COMMITTED on the primary is required)"
+                    ),
+                    false,
+                    Some(Box::new(error) as eventcore::BoxError),
+                );
+            }
             sqlstate::IMMUTABLE_EVENTS => {
                 return eventcore::Error::backend(
                     "stored events are immutable",
@@ -147,12 +170,15 @@ pub(crate) fn map_sqlx_error(
             code.as_str(),
             sqlstate::SERIALIZATION_FAILURE
                 | sqlstate::DEADLOCK_DETECTED
+                | sqlstate::STATEMENT_COMPLETION_UNKNOWN
                 | sqlstate::QUERY_CANCELED
+                | sqlstate::LOCK_NOT_AVAILABLE
+                | sqlstate::READ_ONLY_TRANSACTION
                 | sqlstate::ADMIN_SHUTDOWN
                 | sqlstate::CRASH_SHUTDOWN
                 | sqlstate::CANNOT_CONNECT_NOW
-                | sqlstate::TOO_MANY_CONNECTIONS
-        ) || code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS);
+        ) || code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
+            || code.starts_with(sqlstate::INSUFFICIENT_RESOURCES_CLASS);
         return eventcore::Error::backend(
             format!("{operation} failed (SQLSTATE {code})"),
             retryable,

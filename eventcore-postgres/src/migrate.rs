@@ -46,6 +46,11 @@ async fn migrate_on(conn: &mut PgConnection, schema: &SchemaName) -> Result<(), 
         schema: schema.to_string(),
         source: sqlx::migrate::MigrateError::Execute(source),
     };
+    // The pool's statement_timeout must not cut the wait for a concurrent migrator.
+    sqlx::query("SET statement_timeout TO 0")
+        .execute(&mut *conn)
+        .await
+        .map_err(failed)?;
     let lock_key = format!("eventcore.migrate.{schema}");
     sqlx::query("SELECT pg_advisory_lock(17731, hashtext($1))")
         .bind(&lock_key)

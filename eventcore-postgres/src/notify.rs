@@ -7,10 +7,13 @@
 //! bursts, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
 //! notification (the process died between commit and NOTIFY, the listening connection
 //! dropped) only delays readers until their fallback poll.
+//!
+//! Each task uses one connection of its own, outside the store's pool: a store opens at
+//! most `max_connections + 2` connections.
 
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -49,8 +52,13 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
 async fn listen(pool: PgPool, channel: String, wake: watch::Sender<u64>) {
     let bump = || wake.send_modify(|n| *n = n.wrapping_add(1));
+    // The listener keeps its connection for good: it gets a pool of one of its own so
+    // that it never takes a connection from the store's pool.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*pool.connect_options()).clone());
     loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
+        let mut listener = match PgListener::connect_with(&own).await {
             Ok(listener) => listener,
             Err(error) => {
                 tracing::warn!(%error, "eventcore: cannot open the LISTEN connection; readers poll meanwhile");

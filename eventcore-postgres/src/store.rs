@@ -17,7 +17,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::{PostgresConfig, SchemaName};
-use crate::error::{Error, is_connection_failure, map_sqlx_error};
+use crate::error::{Error, is_connection_failure, is_duplicate_event_id, map_sqlx_error};
 use crate::notify;
 
 /// The SQL of every operation, with the schema filled in once at construction.
@@ -84,7 +84,7 @@ struct Inner {
 }
 
 impl PostgresEventStore {
-    /// Connects to `url` with the default settings (schema `public`).
+    /// Connects to `url` with the default settings (schema `eventcore`).
     ///
     /// # Errors
     ///
@@ -100,7 +100,13 @@ impl PostgresEventStore {
     ///
     /// [`Error::Connect`] when the server cannot be reached or refuses the connection.
     pub async fn connect_with(config: PostgresConfig) -> Result<Self, Error> {
-        let mut connect = config.connect.clone();
+        // The global order needs READ COMMITTED (ADR 0003); the functions refuse other
+        // levels, and these pools never start in one whatever the server's default.
+        let mut connect = config
+            .connect
+            .clone()
+            // The startup `options` are space-separated: the space is escaped.
+            .options([("default_transaction_isolation", "read\\ committed")]);
         if let Some(timeout) = config.statement_timeout {
             connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
         }
@@ -124,7 +130,10 @@ impl PostgresEventStore {
     }
 
     fn new(pool: PgPool, schema: SchemaName, fallback_poll_interval: Duration) -> Self {
-        let channel = format!("eventcore_{}", schema.as_str());
+        // NOTIFY refuses channel names of 64 bytes or more. Two schemas sharing the
+        // first 53 bytes share a channel: their readers get extra wake-ups, nothing else.
+        let mut channel = format!("eventcore_{}", schema.as_str());
+        channel.truncate(63);
         PostgresEventStore {
             inner: Arc::new(Inner {
                 sql: Sql::for_schema(&schema),
@@ -207,7 +216,14 @@ impl PostgresEventStore {
         if ids.is_empty() {
             return Ok(None);
         }
+        let streams: Vec<&str> = request
+            .streams
+            .iter()
+            .filter(|s| !s.events.is_empty())
+            .map(|s| s.stream_id.as_str())
+            .collect();
         let rows = sqlx::query(&self.inner.sql.events_by_id)
+            .bind(&streams)
             .bind(&ids)
             .fetch_all(&self.inner.pool)
             .await
@@ -426,6 +442,14 @@ impl PostgresEventStore {
                 tracing::warn!(%error, "connection failed during an append; checking whether it committed");
                 if let Ok(Some(outcome)) = self.committed_outcome(&request).await {
                     return Ok(outcome);
+                }
+                return Err(map_sqlx_error(error, "appending", Some(&request)));
+            }
+            Err(error) if is_duplicate_event_id(&error) => {
+                // The same events were appended before: this is a repeat of a request
+                // that committed (its answer was lost). Its outcome is the answer.
+                if let Some(outcome) = self.committed_outcome(&request).await? {
+                    return Ok(outcome.into_deduplicated());
                 }
                 return Err(map_sqlx_error(error, "appending", Some(&request)));
             }

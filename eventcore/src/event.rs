@@ -62,14 +62,19 @@ impl EventPayload {
         Ok(EventPayload(json.into()))
     }
 
-    /// Takes JSON text as it is, after checking that it parses.
+    /// Takes JSON text as it is, after checking that every backend can store it.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidPayload`] if `json` is not valid JSON or contains a NUL character.
+    /// [`Error::InvalidPayload`] if `json` is not valid JSON, contains a NUL character,
+    /// a lone surrogate (`"\ud800"`), or a number out of the range of an `f64`
+    /// (PostgreSQL's `jsonb` refuses the first two; the last cannot be read back into
+    /// Rust types).
     pub fn from_json(json: impl Into<Arc<str>>) -> Result<Self> {
         let json = json.into();
-        serde_json::from_str::<&serde_json::value::RawValue>(&json).map_err(|error| {
+        // A full parse, not a syntax check: only decoding strings and numbers finds lone
+        // surrogates and out-of-range numbers.
+        serde_json::from_str::<serde_json::Value>(&json).map_err(|error| {
             Error::InvalidPayload {
                 reason: error.to_string(),
             }

@@ -104,6 +104,7 @@ macro_rules! event_store_conformance_tests {
             idempotency_key_returns_the_first_outcome_and_writes_nothing,
             a_failed_append_does_not_consume_its_idempotency_key,
             racing_appends_with_one_idempotency_key_write_once,
+            repeating_an_append_with_the_same_event_ids_writes_nothing,
             invalid_append_requests_are_refused,
             invalid_stream_ids_are_rejected_at_construction,
             nul_characters_are_refused_before_anything_is_written,

@@ -702,10 +702,15 @@ pub async fn undecodable_payload_is_a_typed_error_and_never_dropped(store: impl 
         other => panic!("expected a Deserialization error, got {other:?}"),
     }
     assert_eq!(read_everything(&store).await.len(), 3);
-    assert!(matches!(
-        EventPayload::from_json("{not json"),
-        Err(Error::InvalidPayload { .. })
-    ));
+    for refused in ["{not json", r#"{"text":"\ud800"}"#, r#"{"huge":1e999999}"#] {
+        assert!(
+            matches!(
+                EventPayload::from_json(refused),
+                Err(Error::InvalidPayload { .. })
+            ),
+            "{refused} must be refused by every backend"
+        );
+    }
 }
 
 /// An append with a key already stored writes nothing and returns the first outcome,
@@ -827,6 +832,49 @@ pub async fn a_failed_append_does_not_consume_its_idempotency_key(store: impl Ev
         .expect("replay");
     assert!(again.deduplicated && again.events.is_empty());
     assert_eq!(read(&store, &s).await.1, version(2));
+}
+
+/// Event ids are unique across the store. Repeating an append whose events are all
+/// stored (its answer was lost) writes nothing and returns where they are; mixing stored
+/// and new ids is refused. Expectations are still checked first.
+pub async fn repeating_an_append_with_the_same_event_ids_writes_nothing(store: impl EventStore) {
+    let (s, t) = (stream("repeat-a"), stream("repeat-b"));
+    let events = vec![added(1), added(2)];
+    let request = AppendRequest::new()
+        .with_stream(StreamAppend::new(
+            s.clone(),
+            ExpectedVersion::Any,
+            events.clone(),
+        ))
+        .with_stream(StreamAppend::new(
+            t.clone(),
+            ExpectedVersion::Any,
+            vec![added(3)],
+        ));
+    let first = store.append(request.clone()).await.expect("first");
+    let again = store
+        .append(request)
+        .await
+        .expect("a repeat is not an error");
+    assert!(again.deduplicated);
+    assert_eq!(again.events, first.events);
+    assert_eq!(read_everything(&store).await.len(), 3);
+
+    let mixed = AppendRequest::single(
+        s.clone(),
+        ExpectedVersion::Any,
+        vec![events[0].clone(), added(4)],
+    );
+    assert!(matches!(
+        store.append(mixed).await,
+        Err(Error::InvalidAppend { .. })
+    ));
+    let stale = AppendRequest::single(s.clone(), ExpectedVersion::NoStream, events);
+    assert_conflict(
+        store.append(stale).await,
+        &[(s.clone(), ExpectedVersion::NoStream, 2)],
+    );
+    assert_eq!(read_everything(&store).await.len(), 3);
 }
 
 /// Sixteen tasks append with the same key at once: one writes, all get its outcome.
