@@ -240,16 +240,6 @@ DECLARE
     at_version     bigint;
 BEGIN
     PERFORM eventcore_check_session(false);
-    -- The key is checked before any version: a retried request whose first try
-    -- committed must get that outcome back, not a conflict with itself.
-    IF p_idempotency_key IS NOT NULL
-       AND EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.idempotency_key = p_idempotency_key)
-    THEN
-        SELECT * INTO deduplicated, event_ids, stream_ids, versions, positions
-          FROM eventcore_outcome(p_idempotency_key);
-        RETURN;
-    END IF;
-
     FOREACH idx IN ARRAY coalesce(p_event_streams, '{}') LOOP
         counts[idx] := counts[idx] + 1;
     END LOOP;
@@ -272,8 +262,10 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- A concurrent append with the same key over one of our streams may have committed
-    -- while we waited for its lock; its outcome is ours.
+    -- The key is checked before any version: a retried request whose first try
+    -- committed must get that outcome back, not a conflict with itself. (Checked after
+    -- the locks: a concurrent append with the same key over one of our streams may have
+    -- committed while we waited.)
     IF p_idempotency_key IS NOT NULL
        AND EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.idempotency_key = p_idempotency_key)
     THEN

@@ -83,6 +83,17 @@ impl EventPayload {
         Ok(EventPayload(json))
     }
 
+    /// Takes JSON text a backend read back from its storage, without checking it again.
+    ///
+    /// For backends only: the text was checked by [`EventPayload::from_json`] or
+    /// produced by [`EventPayload::serialize`] when it was appended, and the storage
+    /// kept it valid (PostgreSQL's `jsonb` does). Anything else goes through
+    /// [`EventPayload::from_json`]. If the text were not valid JSON after all, decoding
+    /// it would still fail with a typed [`Error::Deserialization`], never a panic.
+    pub fn from_stored_json(json: impl Into<Arc<str>>) -> Self {
+        EventPayload(json.into())
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         &self.0
