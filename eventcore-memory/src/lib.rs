@@ -47,9 +47,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 use dashmap::DashMap;
 use eventcore::{
-    AppendOutcome, AppendRequest, AppendedEvent, Error, EventId, EventStore, GlobalPosition,
-    IdempotencyKey, LogQuery, RecordedEvent, Result, StreamConflict, StreamId, StreamVersion,
-    StreamsSnapshot,
+    AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventId, EventStore,
+    GlobalPosition, IdempotencyKey, LogQuery, ParkedEvent, RecordedEvent, Result, StreamConflict,
+    StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -65,6 +65,13 @@ struct Inner {
     log: RwLock<Log>,
     /// The head position, published after every append so waiting readers wake up.
     head: watch::Sender<u64>,
+    checkpoints: parking_lot::Mutex<Checkpoints>,
+}
+
+#[derive(Default)]
+struct Checkpoints {
+    positions: HashMap<String, GlobalPosition>,
+    parked: Vec<ParkedEvent>,
 }
 
 #[derive(Default)]
@@ -84,6 +91,7 @@ impl InMemoryEventStore {
                 streams: DashMap::new(),
                 log: RwLock::new(Log::default()),
                 head: watch::Sender::new(0),
+                checkpoints: parking_lot::Mutex::new(Checkpoints::default()),
             }),
         }
     }
@@ -344,5 +352,68 @@ impl EventStore for InMemoryEventStore {
             .idempotency
             .get(key)
             .map(|outcome| outcome.clone().into_deduplicated()))
+    }
+}
+
+/// The in-memory store keeps projection checkpoints too, with the same rules as every
+/// backend: a checkpoint never moves backwards, names are validated.
+#[async_trait]
+impl CheckpointStore for InMemoryEventStore {
+    async fn load_checkpoint(&self, projection: &str) -> Result<Option<GlobalPosition>> {
+        check_projection_name(projection)?;
+        Ok(self
+            .inner
+            .checkpoints
+            .lock()
+            .positions
+            .get(projection)
+            .copied())
+    }
+
+    async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()> {
+        check_projection_name(projection)?;
+        let mut checkpoints = self.inner.checkpoints.lock();
+        let entry = checkpoints
+            .positions
+            .entry(projection.to_owned())
+            .or_insert(position);
+        *entry = (*entry).max(position);
+        Ok(())
+    }
+
+    async fn reset_checkpoint(&self, projection: &str) -> Result<()> {
+        check_projection_name(projection)?;
+        let mut checkpoints = self.inner.checkpoints.lock();
+        checkpoints.positions.remove(projection);
+        checkpoints.parked.retain(|p| p.projection != projection);
+        Ok(())
+    }
+
+    async fn park(&self, parked: ParkedEvent) -> Result<()> {
+        check_projection_name(&parked.projection)?;
+        let mut checkpoints = self.inner.checkpoints.lock();
+        let duplicate = checkpoints
+            .parked
+            .iter()
+            .any(|p| p.projection == parked.projection && p.event_id == parked.event_id);
+        if !duplicate {
+            checkpoints.parked.push(parked);
+        }
+        Ok(())
+    }
+
+    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>> {
+        check_projection_name(projection)?;
+        let mut parked: Vec<ParkedEvent> = self
+            .inner
+            .checkpoints
+            .lock()
+            .parked
+            .iter()
+            .filter(|p| p.projection == projection)
+            .cloned()
+            .collect();
+        parked.sort_by_key(|p| p.global_position);
+        Ok(parked)
     }
 }

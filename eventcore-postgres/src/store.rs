@@ -6,9 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use eventcore::{
-    AppendOutcome, AppendRequest, AppendedEvent, EventId, EventMetadata, EventPayload, EventStore,
-    EventType, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery, RecordedEvent, StreamId,
-    StreamVersion, StreamsSnapshot,
+    AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, EventId, EventMetadata,
+    EventPayload, EventStore, EventType, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery,
+    ParkedEvent, RecordedEvent, StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -28,6 +28,11 @@ struct Sql {
     append: String,
     idempotent_outcome: String,
     events_by_id: String,
+    load_checkpoint: String,
+    save_checkpoint: String,
+    reset_checkpoint: String,
+    park: String,
+    parked: String,
 }
 
 impl Sql {
@@ -40,6 +45,11 @@ impl Sql {
             append: fill(include_str!("sql/append.sql")),
             idempotent_outcome: fill(include_str!("sql/idempotent_outcome.sql")),
             events_by_id: fill(include_str!("sql/events_by_id.sql")),
+            load_checkpoint: fill(include_str!("sql/load_checkpoint.sql")),
+            save_checkpoint: fill(include_str!("sql/save_checkpoint.sql")),
+            reset_checkpoint: fill(include_str!("sql/reset_checkpoint.sql")),
+            park: fill(include_str!("sql/park.sql")),
+            parked: fill(include_str!("sql/parked.sql")),
         }
     }
 }
@@ -569,5 +579,93 @@ impl PostgresEventStore {
             }
         }
         Ok(Some(AppendOutcome::written(events).into_deduplicated()))
+    }
+}
+
+fn position_param(position: GlobalPosition) -> eventcore::Result<i64> {
+    i64::try_from(position.value()).map_err(|_| {
+        eventcore::Error::backend(format!("position {position} is out of range"), false, None)
+    })
+}
+
+/// Checkpoints and parked events live in the store's schema (migration 0002), so a
+/// read model in the same database can commit with its checkpoint.
+#[async_trait]
+impl CheckpointStore for PostgresEventStore {
+    async fn load_checkpoint(&self, projection: &str) -> eventcore::Result<Option<GlobalPosition>> {
+        check_projection_name(projection)?;
+        let row: Option<(i64,)> = sqlx::query_as(&self.inner.sql.load_checkpoint)
+            .bind(projection)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "loading a checkpoint", None))?;
+        row.map(|(position,)| position_from(position)).transpose()
+    }
+
+    async fn save_checkpoint(
+        &self,
+        projection: &str,
+        position: GlobalPosition,
+    ) -> eventcore::Result<()> {
+        check_projection_name(projection)?;
+        sqlx::query(&self.inner.sql.save_checkpoint)
+            .bind(projection)
+            .bind(position_param(position)?)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "saving a checkpoint", None))?;
+        Ok(())
+    }
+
+    async fn reset_checkpoint(&self, projection: &str) -> eventcore::Result<()> {
+        check_projection_name(projection)?;
+        sqlx::query(&self.inner.sql.reset_checkpoint)
+            .bind(projection)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "resetting a checkpoint", None))?;
+        Ok(())
+    }
+
+    async fn park(&self, parked: ParkedEvent) -> eventcore::Result<()> {
+        check_projection_name(&parked.projection)?;
+        let version = i64::try_from(parked.stream_version.value())
+            .map_err(|_| eventcore::Error::backend("stream version out of range", false, None))?;
+        sqlx::query(&self.inner.sql.park)
+            .bind(&parked.projection)
+            .bind(parked.event_id.as_uuid())
+            .bind(position_param(parked.global_position)?)
+            .bind(parked.stream_id.as_str())
+            .bind(version)
+            .bind(&parked.event_type)
+            .bind(&parked.error)
+            .bind(parked.parked_at)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "parking an event", None))?;
+        Ok(())
+    }
+
+    async fn parked(&self, projection: &str) -> eventcore::Result<Vec<ParkedEvent>> {
+        check_projection_name(projection)?;
+        let rows = sqlx::query(&self.inner.sql.parked)
+            .bind(projection)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "reading parked events", None))?;
+        rows.iter()
+            .map(|row| {
+                Ok(ParkedEvent::from_parts(
+                    row.try_get("projection").map_err(decode_error)?,
+                    EventId::from_uuid(row.try_get("event_id").map_err(decode_error)?),
+                    stream_from(row.try_get("stream_id").map_err(decode_error)?)?,
+                    version_from(row.try_get("stream_version").map_err(decode_error)?)?,
+                    position_from(row.try_get("global_position").map_err(decode_error)?)?,
+                    row.try_get("event_type").map_err(decode_error)?,
+                    row.try_get("error").map_err(decode_error)?,
+                    row.try_get("parked_at").map_err(decode_error)?,
+                ))
+            })
+            .collect()
     }
 }

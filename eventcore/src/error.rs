@@ -142,6 +142,33 @@ pub enum Error {
         last: Box<Error>,
     },
 
+    /// A projection could not process an event (its `apply` kept failing, or the event
+    /// does not decode into the projection's type) and its error policy says stop. The
+    /// checkpoint stays just before this event, so nothing is skipped: fix the cause and
+    /// run again, or park such events (see `ProjectionErrorPolicy`).
+    #[error("projection `{projection}` failed at event {position} ({stream}@{version}): {message}")]
+    ProjectionFailed {
+        /// The projection's name.
+        projection: String,
+        /// The event's stream.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: StreamVersion,
+        /// The event's global position.
+        position: crate::GlobalPosition,
+        /// The last failure, for humans.
+        message: String,
+    },
+
+    /// A projection name was empty, too long or contained control characters.
+    #[error("invalid projection name {name:?}: {problem}")]
+    InvalidProjectionName {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        problem: NameProblem,
+    },
+
     /// The storage backend failed. `retryable` says whether the same request may succeed
     /// later (a lost connection, a serialization failure) or not (a permission error).
     /// A failed append never leaves anything half-written.

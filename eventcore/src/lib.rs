@@ -15,6 +15,9 @@
 //!   every write atomically with an expected version for *every* stream read, so no
 //!   decision is ever committed on a stale read. Conflicts are retried under a
 //!   [`RetryPolicy`]; business errors ([`require!`]) are not.
+//! - A [`Projection`] builds a read model from the global log; the [`ProjectionRunner`]
+//!   catches it up from its durable checkpoint ([`CheckpointStore`]) in batches, then
+//!   follows the log live, with an explicit policy for events it cannot process.
 //! - An [`EventStore`] is the storage contract (object safe: `Arc<dyn EventStore>`).
 //!   `eventcore-memory` provides the in-memory store for tests and examples; the
 //!   conformance suite in `testing` keeps every backend equally strict.
@@ -105,6 +108,7 @@ mod error;
 mod event;
 mod executor;
 mod metadata;
+mod projection;
 mod store;
 mod types;
 
@@ -127,6 +131,10 @@ pub use crate::error::{
 pub use crate::event::{Event, EventData, EventPayload, EventType, RecordedEvent, StoredEvent};
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
 pub use crate::metadata::EventMetadata;
+pub use crate::projection::{
+    CheckpointStore, OnFailure, ParkedEvent, Projection, ProjectionErrorPolicy, ProjectionFilter,
+    ProjectionMetrics, ProjectionRunner, RunSummary, check_projection_name,
+};
 pub use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, StreamAppend,
     StreamsSnapshot,

@@ -29,6 +29,7 @@
 use std::future::Future;
 
 pub mod conformance;
+pub mod projection_conformance;
 mod scenario;
 
 pub use scenario::{CommandScenario, ScenarioOutcome};
@@ -137,6 +138,65 @@ macro_rules! __event_store_conformance_test {
                 async {
                     let store = ($factory)().await;
                     $crate::testing::conformance::$test(store).await;
+                },
+            ));
+        }
+    };
+}
+
+/// Instantiates every check of [`projection_conformance`] (checkpoints and the projection
+/// runner) as a `#[test]` for a factory of fresh stores that are both the
+/// [`crate::EventStore`] and the [`crate::CheckpointStore`]; attributes after the
+/// factory go on every test, as with [`crate::event_store_conformance_tests!`].
+///
+/// ```
+/// mod projections {
+///     eventcore::projection_conformance_tests!(|| async {
+///         eventcore_memory::InMemoryEventStore::new()
+///     });
+/// }
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! projection_conformance_tests {
+    ($factory:expr $(, #[$attr:meta])* $(,)?) => {
+        $crate::__projection_conformance_tests! {
+            [$(#[$attr])*] $factory;
+            a_missing_checkpoint_loads_as_none,
+            checkpoints_load_back_per_projection,
+            a_checkpoint_never_moves_backwards_until_reset,
+            parked_events_are_kept_once_in_position_order,
+            invalid_projection_names_are_refused,
+            the_runner_catches_up_and_resumes_from_its_checkpoint,
+            the_filter_skips_other_events_before_decoding,
+            a_failing_event_stops_the_runner_with_the_checkpoint_before_it,
+            failing_and_undecodable_events_are_parked_when_the_policy_says_so,
+            a_rebuild_replays_from_the_start,
+            a_live_runner_sees_every_event_once_in_order,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __projection_conformance_tests {
+    ($attrs:tt $factory:expr; $($test:ident),* $(,)?) => {
+        $( $crate::__projection_conformance_test! { $attrs $factory; $test } )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __projection_conformance_test {
+    ([$($attr:tt)*] $factory:expr; $test:ident) => {
+        #[test]
+        $($attr)*
+        fn $test() {
+            $crate::testing::run($crate::testing::within_hang_guard(
+                ::core::stringify!($test),
+                async {
+                    let store = ($factory)().await;
+                    $crate::testing::projection_conformance::$test(store).await;
                 },
             ));
         }

@@ -1,0 +1,712 @@
+//! Projections: named consumers of the global log with durable checkpoints.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use crate::error::{Error, Result, check_name, truncate_for_error};
+use crate::event::{EventType, RecordedEvent, StoredEvent};
+use crate::store::{EventStore, LogQuery};
+use crate::types::{EventId, GlobalPosition, StreamId, StreamVersion};
+
+/// Which events of the global log a projection wants. Filtering happens in the store,
+/// before decoding: events of other types are never handed to the projection, and never
+/// fail to decode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectionFilter {
+    stream_prefix: Option<String>,
+    event_types: Option<Vec<EventType>>,
+}
+
+impl ProjectionFilter {
+    /// Every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only events of streams whose id starts with `prefix`.
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Only events of these types.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEventType`] if a name is not a valid event type name.
+    pub fn event_types<I>(mut self, types: I) -> Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.event_types = Some(
+            types
+                .into_iter()
+                .map(|t| EventType::try_new(t.as_ref()))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        Ok(self)
+    }
+
+    fn query(&self, after: Option<GlobalPosition>, limit: usize) -> LogQuery {
+        let mut query = LogQuery::after_opt(after).limit(limit);
+        if let Some(prefix) = &self.stream_prefix {
+            query = query.stream_prefix(prefix.clone());
+        }
+        if let Some(types) = &self.event_types {
+            // The names were validated when the filter was built.
+            if let Ok(with_types) = query
+                .clone()
+                .event_types(types.iter().map(EventType::as_str))
+            {
+                query = with_types;
+            }
+        }
+        query
+    }
+}
+
+/// A read model built from the global log.
+///
+/// The runner hands `apply` every event that passes [`Projection::filter`], in global
+/// order, each once per successful run; delivery is at-least-once across crashes (an
+/// event after the last saved checkpoint is applied again), so `apply` should be
+/// idempotent or the read model should live with its checkpoint (see the PostgreSQL
+/// runner for exactly-once).
+///
+/// # Examples
+///
+/// ```
+/// use eventcore::{Projection, ProjectionFilter, StoredEvent};
+/// # #[derive(serde::Deserialize)] enum AccountEvent { Deposited { amount: u64 } }
+///
+/// #[derive(Default)]
+/// struct TotalDeposits(u64);
+///
+/// impl Projection for TotalDeposits {
+///     type Event = AccountEvent;
+///     type Error = std::convert::Infallible;
+///
+///     fn name(&self) -> &str {
+///         "total-deposits"
+///     }
+///
+///     fn filter(&self) -> ProjectionFilter {
+///         ProjectionFilter::all().stream_prefix("account-")
+///     }
+///
+///     async fn apply(&mut self, event: &StoredEvent<AccountEvent>) -> Result<(), Self::Error> {
+///         let AccountEvent::Deposited { amount } = event.payload;
+///         self.0 += amount;
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Projection: Send + 'static {
+    /// What the events decode into (usually an enum over the types the filter selects).
+    type Event: DeserializeOwned + Send + Sync + 'static;
+    /// What `apply` can fail with.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The projection's name: its checkpoint, dead letters and leadership are kept under
+    /// it. Same rules as a stream id.
+    fn name(&self) -> &str;
+
+    /// Which events to receive; every event by default.
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all()
+    }
+
+    /// Folds one event into the read model.
+    fn apply(
+        &mut self,
+        event: &StoredEvent<Self::Event>,
+    ) -> impl Future<Output = std::result::Result<(), Self::Error>> + Send;
+
+    /// Forgets everything, before a rebuild from the start of the log.
+    fn reset(&mut self) -> impl Future<Output = std::result::Result<(), Self::Error>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// An event a projection could not process and parked instead of stopping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedEvent {
+    /// The projection that parked it.
+    pub projection: String,
+    /// The event's id.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream_id: StreamId,
+    /// Its version in the stream.
+    pub stream_version: StreamVersion,
+    /// Its global position.
+    pub global_position: GlobalPosition,
+    /// Its stored type name.
+    pub event_type: String,
+    /// Why it could not be processed.
+    pub error: String,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
+}
+
+impl ParkedEvent {
+    /// A parked record of `event` for `projection`, failed with `error` (NUL characters,
+    /// which databases cannot store as text, are replaced).
+    pub fn new(projection: &str, event: &RecordedEvent, error: impl Into<String>) -> Self {
+        ParkedEvent {
+            projection: projection.to_owned(),
+            event_id: event.event_id,
+            stream_id: event.stream_id.clone(),
+            stream_version: event.stream_version,
+            global_position: event.global_position,
+            event_type: event.event_type.as_str().to_owned(),
+            error: error.into().replace('\0', "\u{fffd}"),
+            parked_at: Utc::now(),
+        }
+    }
+
+    /// Assembles a parked event read back from storage (for backends).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        projection: String,
+        event_id: EventId,
+        stream_id: StreamId,
+        stream_version: StreamVersion,
+        global_position: GlobalPosition,
+        event_type: String,
+        error: String,
+        parked_at: DateTime<Utc>,
+    ) -> Self {
+        ParkedEvent {
+            projection,
+            event_id,
+            stream_id,
+            stream_version,
+            global_position,
+            event_type,
+            error,
+            parked_at,
+        }
+    }
+}
+
+/// Durable projection checkpoints and parked events. Implemented by every backend;
+/// checked by `eventcore::testing::checkpoint_conformance`.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The last position the projection processed, `None` if it never saved one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn load_checkpoint(&self, projection: &str) -> Result<Option<GlobalPosition>>;
+
+    /// Records that the projection processed everything up to `position`. A checkpoint
+    /// never moves backwards: a lower position than the stored one is ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`]; [`Error::Backend`] when the backend fails.
+    async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()>;
+
+    /// Forgets the checkpoint (and the parked events), for a rebuild from the start.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn reset_checkpoint(&self, projection: &str) -> Result<()>;
+
+    /// Keeps an event the projection could not process.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn park(&self, parked: ParkedEvent) -> Result<()>;
+
+    /// The events the projection parked, in position order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>>;
+}
+
+#[async_trait]
+impl<C: CheckpointStore + ?Sized> CheckpointStore for Arc<C> {
+    async fn load_checkpoint(&self, projection: &str) -> Result<Option<GlobalPosition>> {
+        (**self).load_checkpoint(projection).await
+    }
+
+    async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()> {
+        (**self).save_checkpoint(projection, position).await
+    }
+
+    async fn reset_checkpoint(&self, projection: &str) -> Result<()> {
+        (**self).reset_checkpoint(projection).await
+    }
+
+    async fn park(&self, parked: ParkedEvent) -> Result<()> {
+        (**self).park(parked).await
+    }
+
+    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>> {
+        (**self).parked(projection).await
+    }
+}
+
+/// Checks a projection name: same rules as a stream id.
+///
+/// # Errors
+///
+/// [`Error::InvalidProjectionName`].
+pub fn check_projection_name(name: &str) -> Result<()> {
+    check_name(name).map_err(|problem| Error::InvalidProjectionName {
+        name: truncate_for_error(name),
+        problem,
+    })
+}
+
+/// What the runner does when an event cannot be processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Stop with [`Error::ProjectionFailed`]; the checkpoint stays before the event.
+    Stop,
+    /// Park the event with the [`CheckpointStore`] and go on.
+    Park,
+}
+
+/// How often `apply` is retried, and what happens when it keeps failing. An event that
+/// does not decode goes through the same policy (it is not retried: decoding is
+/// deterministic). Nothing is ever skipped silently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionErrorPolicy {
+    max_attempts: u32,
+    initial_delay: Duration,
+    max_delay: Duration,
+    on_failure: OnFailure,
+}
+
+impl ProjectionErrorPolicy {
+    /// 5 attempts, backoff from 10 ms to 1 s, then stop.
+    pub const fn new() -> Self {
+        ProjectionErrorPolicy {
+            max_attempts: 5,
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_secs(1),
+            on_failure: OnFailure::Stop,
+        }
+    }
+
+    /// Sets the attempts per event, the first included (at least 1).
+    pub const fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = if attempts == 0 { 1 } else { attempts };
+        self
+    }
+
+    /// Sets the delay before the first retry; it doubles up to the maximum.
+    pub const fn with_initial_delay(mut self, delay: Duration) -> Self {
+        self.initial_delay = delay;
+        self
+    }
+
+    /// Sets the longest delay between retries.
+    pub const fn with_max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// Sets what happens after the last attempt.
+    pub const fn on_failure(mut self, on_failure: OnFailure) -> Self {
+        self.on_failure = on_failure;
+        self
+    }
+
+    fn delay(&self, retry: u32) -> Duration {
+        let factor = 1u32 << retry.saturating_sub(1).min(20);
+        self.initial_delay
+            .saturating_mul(factor)
+            .min(self.max_delay)
+    }
+}
+
+impl Default for ProjectionErrorPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Live figures of a running projection; cheap to clone and read from anywhere.
+#[derive(Debug, Clone, Default)]
+pub struct ProjectionMetrics {
+    inner: Arc<MetricsInner>,
+}
+
+#[derive(Debug, Default)]
+struct MetricsInner {
+    checkpoint: AtomicU64,
+    head: AtomicU64,
+    processed: AtomicU64,
+    parked: AtomicU64,
+    rate_milli: AtomicU64,
+}
+
+impl ProjectionMetrics {
+    /// The last saved checkpoint (0 before the first).
+    pub fn checkpoint(&self) -> u64 {
+        self.inner.checkpoint.load(Ordering::Relaxed)
+    }
+
+    /// How far the checkpoint is behind the head of the log, as last observed.
+    pub fn lag(&self) -> u64 {
+        self.inner
+            .head
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.checkpoint())
+    }
+
+    /// Events applied since the runner started.
+    pub fn processed(&self) -> u64 {
+        self.inner.processed.load(Ordering::Relaxed)
+    }
+
+    /// Events parked since the runner started.
+    pub fn parked(&self) -> u64 {
+        self.inner.parked.load(Ordering::Relaxed)
+    }
+
+    /// Events per second over the runner's last batch.
+    pub fn events_per_second(&self) -> f64 {
+        self.inner.rate_milli.load(Ordering::Relaxed) as f64 / 1_000.0
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RunSummary {
+    /// Events applied.
+    pub applied: u64,
+    /// Events parked.
+    pub parked: u64,
+    /// The checkpoint at the end.
+    pub checkpoint: Option<GlobalPosition>,
+}
+
+/// Runs a [`Projection`]: catches up from its checkpoint in batches, then follows the log
+/// live without polling, saving the checkpoint after every batch and never ahead of what
+/// was applied.
+///
+/// # Examples
+///
+/// ```
+/// # use eventcore::{Projection, StoredEvent};
+/// # #[derive(Default)] struct Counter(u64);
+/// # impl Projection for Counter {
+/// #     type Event = serde_json::Value;
+/// #     type Error = std::convert::Infallible;
+/// #     fn name(&self) -> &str { "counter" }
+/// #     async fn apply(&mut self, _: &StoredEvent<serde_json::Value>) -> Result<(), Self::Error> { self.0 += 1; Ok(()) }
+/// # }
+/// use std::sync::Arc;
+/// use eventcore::ProjectionRunner;
+/// use eventcore_memory::InMemoryEventStore;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> eventcore::Result<()> {
+/// let store = InMemoryEventStore::new();
+/// let mut runner = ProjectionRunner::new(Counter::default(), Arc::new(store.clone()), Arc::new(store));
+/// runner.catch_up().await?;
+/// // Or follow live until shutdown: runner.run(shutdown_signal).await?
+/// # Ok(())
+/// # }
+/// ```
+pub struct ProjectionRunner<P: Projection> {
+    projection: P,
+    name: String,
+    events: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    batch_size: usize,
+    policy: ProjectionErrorPolicy,
+    metrics: ProjectionMetrics,
+    position: Option<GlobalPosition>,
+    loaded: bool,
+}
+
+impl<P: Projection> ProjectionRunner<P> {
+    /// The default number of events read per batch (and per checkpoint).
+    pub const DEFAULT_BATCH_SIZE: usize = 1_000;
+
+    /// A runner for `projection`, reading `events` and keeping its checkpoint in
+    /// `checkpoints`.
+    pub fn new(
+        projection: P,
+        events: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> Self {
+        let name = projection.name().to_owned();
+        ProjectionRunner {
+            projection,
+            name,
+            events,
+            checkpoints,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            policy: ProjectionErrorPolicy::default(),
+            metrics: ProjectionMetrics::default(),
+            position: None,
+            loaded: false,
+        }
+    }
+
+    /// Events per batch; the checkpoint is saved after each (at least 1).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// What to do with events that cannot be processed.
+    pub fn with_error_policy(mut self, policy: ProjectionErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Live figures: checkpoint, lag, events processed, events per second.
+    pub fn metrics(&self) -> ProjectionMetrics {
+        self.metrics.clone()
+    }
+
+    /// The projection, as folded so far.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// Gives the projection back.
+    pub fn into_projection(self) -> P {
+        self.projection
+    }
+
+    /// Processes batches until the log is exhausted (as seen by the last read), then
+    /// returns. The checkpoint is saved after every batch.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`]; [`Error::ProjectionFailed`] when an event
+    /// cannot be processed and the policy says stop; store errors.
+    pub async fn catch_up(&mut self) -> Result<RunSummary> {
+        let mut summary = RunSummary::default();
+        self.load().await?;
+        while self.step(&mut summary).await? {}
+        summary.checkpoint = self.position;
+        Ok(summary)
+    }
+
+    /// Catches up, then follows the log live until `shutdown` completes; the checkpoint
+    /// of everything applied is saved before returning.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProjectionRunner::catch_up`].
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<RunSummary> {
+        let mut summary = RunSummary::default();
+        self.load().await?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            // Drain what is there; a shutdown request is honoured between batches.
+            loop {
+                if futures_poll_ready(&mut shutdown).await {
+                    summary.checkpoint = self.position;
+                    return Ok(summary);
+                }
+                if !self.step(&mut summary).await? {
+                    break;
+                }
+            }
+            tokio::select! {
+                waited = self.events.wait_for_events(self.position) => waited?,
+                () = &mut shutdown => {
+                    summary.checkpoint = self.position;
+                    return Ok(summary);
+                }
+            }
+        }
+    }
+
+    /// Forgets the checkpoint and the read model, then replays the whole log.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProjectionRunner::catch_up`], and the projection's own `reset` error as
+    /// [`Error::Rejected`].
+    pub async fn rebuild(&mut self) -> Result<RunSummary> {
+        check_projection_name(&self.name)?;
+        self.checkpoints.reset_checkpoint(&self.name).await?;
+        self.projection.reset().await.map_err(Error::rejected)?;
+        self.position = None;
+        self.metrics.inner.checkpoint.store(0, Ordering::Relaxed);
+        self.loaded = true;
+        self.catch_up().await
+    }
+
+    async fn load(&mut self) -> Result<()> {
+        if self.loaded {
+            return Ok(());
+        }
+        check_projection_name(&self.name)?;
+        self.position = self.checkpoints.load_checkpoint(&self.name).await?;
+        self.metrics.inner.checkpoint.store(
+            self.position.map_or(0, GlobalPosition::value),
+            Ordering::Relaxed,
+        );
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// One batch. Returns whether it found events.
+    async fn step(&mut self, summary: &mut RunSummary) -> Result<bool> {
+        let span = tracing::info_span!(
+            "eventcore.projection.batch",
+            projection = %self.name,
+            after = self.position.map_or(0, GlobalPosition::value),
+            events = tracing::field::Empty,
+        );
+        self.batch(summary).instrument(span).await
+    }
+
+    async fn batch(&mut self, summary: &mut RunSummary) -> Result<bool> {
+        let started = Instant::now();
+        let filter = self.projection.filter();
+        let batch = self
+            .events
+            .read_all(&filter.query(self.position, self.batch_size))
+            .await?;
+        tracing::Span::current().record("events", batch.len());
+        if batch.is_empty() {
+            if let Some(head) = self.events.head_position().await? {
+                self.metrics
+                    .inner
+                    .head
+                    .store(head.value(), Ordering::Relaxed);
+            }
+            return Ok(false);
+        }
+        let mut processed = None;
+        let mut failure = None;
+        for event in &batch {
+            match self.process(event).await {
+                Ok(Outcome::Applied) => summary.applied += 1,
+                Ok(Outcome::Parked) => summary.parked += 1,
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+            processed = Some(event.global_position);
+        }
+        // Never ahead of what was applied: up to the last processed event.
+        if let Some(position) = processed {
+            self.checkpoints
+                .save_checkpoint(&self.name, position)
+                .await?;
+            self.position = Some(position);
+            let count = batch.len() as u64;
+            self.metrics
+                .inner
+                .checkpoint
+                .store(position.value(), Ordering::Relaxed);
+            self.metrics
+                .inner
+                .processed
+                .fetch_add(count, Ordering::Relaxed);
+            let head = batch
+                .last()
+                .map_or(position.value(), |e| e.global_position.value());
+            self.metrics.inner.head.fetch_max(head, Ordering::Relaxed);
+            let seconds = started.elapsed().as_secs_f64().max(1e-9);
+            self.metrics
+                .inner
+                .rate_milli
+                .store((count as f64 / seconds * 1_000.0) as u64, Ordering::Relaxed);
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(true),
+        }
+    }
+
+    async fn process(&mut self, event: &RecordedEvent) -> Result<Outcome> {
+        let decoded = match event.decode::<P::Event>() {
+            Ok(decoded) => decoded,
+            Err(error) => return self.give_up(event, error.to_string()).await,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.projection.apply(&decoded).await {
+                Ok(()) => return Ok(Outcome::Applied),
+                Err(error) if attempt >= self.policy.max_attempts => {
+                    return self.give_up(event, error.to_string()).await;
+                }
+                Err(error) => {
+                    let delay = self.policy.delay(attempt);
+                    tracing::warn!(projection = %self.name, position = %event.global_position, attempt, %error, ?delay, "apply failed; retrying");
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn give_up(&mut self, event: &RecordedEvent, message: String) -> Result<Outcome> {
+        match self.policy.on_failure {
+            OnFailure::Stop => Err(Error::ProjectionFailed {
+                projection: self.name.clone(),
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                position: event.global_position,
+                message,
+            }),
+            OnFailure::Park => {
+                tracing::error!(projection = %self.name, position = %event.global_position, %message, "parking an event");
+                self.checkpoints
+                    .park(ParkedEvent::new(&self.name, event, message))
+                    .await?;
+                self.metrics.inner.parked.fetch_add(1, Ordering::Relaxed);
+                Ok(Outcome::Parked)
+            }
+        }
+    }
+}
+
+impl<P: Projection> fmt::Debug for ProjectionRunner<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("name", &self.name)
+            .field("position", &self.position)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Outcome {
+    Applied,
+    Parked,
+}
+
+/// Whether `future` is already complete, without waiting for it.
+async fn futures_poll_ready<F: Future<Output = ()> + Unpin>(future: &mut F) -> bool {
+    tokio::select! {
+        biased;
+        () = future => true,
+        () = std::future::ready(()) => false,
+    }
+}
