@@ -40,6 +40,8 @@
 //! an append entirely or not at all. Reading streams never touches the log lock. No lock
 //! is ever held across an `.await`.
 
+mod election;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -53,6 +55,8 @@ use eventcore::{
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
+
+pub use crate::election::InMemoryLeaderElection;
 
 /// An event store that keeps everything in memory. Cheap to clone; clones share events.
 #[derive(Clone)]

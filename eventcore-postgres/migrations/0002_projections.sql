@@ -3,7 +3,8 @@
 
 CREATE TABLE projection_checkpoints (
     projection text        PRIMARY KEY,
-    position   bigint      NOT NULL CHECK (position > 0),
+    -- 0: claimed by a transactional runner that has not processed anything yet.
+    position   bigint      NOT NULL CHECK (position >= 0),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 

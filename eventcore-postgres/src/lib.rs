@@ -42,15 +42,19 @@
 //! [`PostgresConfig::from_options`].
 
 mod config;
+mod election;
 mod error;
 mod migrate;
 mod notify;
 mod store;
+mod transactional;
 
 pub use crate::config::{PostgresConfig, SchemaName};
+pub use crate::election::PostgresLeaderElection;
 pub use crate::error::Error;
 pub use crate::migrate::{MIGRATOR, migrate};
 pub use crate::store::PostgresEventStore;
+pub use crate::transactional::{TransactionalProjection, TransactionalProjectionRunner};
 
 /// The sqlx crate this store is built on, for building connect options and pools.
 pub use sqlx;

@@ -21,18 +21,21 @@ use crate::error::{Error, is_connection_failure, is_duplicate_event_id, map_sqlx
 use crate::notify;
 
 /// The SQL of every operation, with the schema filled in once at construction.
-struct Sql {
-    read_streams: String,
-    read_all: String,
-    heads: String,
-    append: String,
-    idempotent_outcome: String,
-    events_by_id: String,
-    load_checkpoint: String,
-    save_checkpoint: String,
-    reset_checkpoint: String,
-    park: String,
-    parked: String,
+pub(crate) struct Sql {
+    pub(crate) read_streams: String,
+    pub(crate) read_all: String,
+    pub(crate) heads: String,
+    pub(crate) append: String,
+    pub(crate) idempotent_outcome: String,
+    pub(crate) events_by_id: String,
+    pub(crate) load_checkpoint: String,
+    pub(crate) save_checkpoint: String,
+    pub(crate) reset_checkpoint: String,
+    pub(crate) park: String,
+    pub(crate) parked: String,
+    pub(crate) claim_checkpoint: String,
+    pub(crate) lock_checkpoint: String,
+    pub(crate) advance_checkpoint: String,
 }
 
 impl Sql {
@@ -50,6 +53,9 @@ impl Sql {
             reset_checkpoint: fill(include_str!("sql/reset_checkpoint.sql")),
             park: fill(include_str!("sql/park.sql")),
             parked: fill(include_str!("sql/parked.sql")),
+            claim_checkpoint: fill(include_str!("sql/claim_checkpoint.sql")),
+            lock_checkpoint: fill(include_str!("sql/lock_checkpoint.sql")),
+            advance_checkpoint: fill(include_str!("sql/advance_checkpoint.sql")),
         }
     }
 }
@@ -178,6 +184,23 @@ impl PostgresEventStore {
         &self.inner.schema
     }
 
+    pub(crate) fn sql(&self) -> &Sql {
+        &self.inner.sql
+    }
+
+    /// Parks an event on `conn` (inside the caller's transaction).
+    pub(crate) async fn park_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        parked: ParkedEvent,
+    ) -> eventcore::Result<()> {
+        park_query(&self.inner.sql.park, &parked)?
+            .execute(conn)
+            .await
+            .map_err(|e| map_sqlx_error(e, "parking an event", None))?;
+        Ok(())
+    }
+
     /// Starts the LISTEN and NOTIFY tasks on first use. They need a Tokio runtime; without
     /// one, live readers fall back to polling instead of failing.
     fn ensure_background(&self) -> bool {
@@ -285,7 +308,7 @@ fn stream_from(value: String) -> eventcore::Result<StreamId> {
     StreamId::try_new(value).map_err(|e| corrupt(format!("stored stream id is invalid: {e}")))
 }
 
-fn recorded_from_row(row: &PgRow) -> eventcore::Result<RecordedEvent> {
+pub(crate) fn recorded_from_row(row: &PgRow) -> eventcore::Result<RecordedEvent> {
     let stream_id = stream_from(row.try_get("stream_id").map_err(decode_error)?)?;
     let stream_version = version_from(row.try_get("stream_version").map_err(decode_error)?)?;
     let event_type: String = row.try_get("event_type").map_err(decode_error)?;
@@ -582,6 +605,23 @@ impl PostgresEventStore {
     }
 }
 
+fn park_query<'q>(
+    sql: &'q str,
+    parked: &'q ParkedEvent,
+) -> eventcore::Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
+    let version = i64::try_from(parked.stream_version.value())
+        .map_err(|_| eventcore::Error::backend("stream version out of range", false, None))?;
+    Ok(sqlx::query(sql)
+        .bind(&parked.projection)
+        .bind(parked.event_id.as_uuid())
+        .bind(position_param(parked.global_position)?)
+        .bind(parked.stream_id.as_str())
+        .bind(version)
+        .bind(&parked.event_type)
+        .bind(&parked.error)
+        .bind(parked.parked_at))
+}
+
 fn position_param(position: GlobalPosition) -> eventcore::Result<i64> {
     i64::try_from(position.value()).map_err(|_| {
         eventcore::Error::backend(format!("position {position} is out of range"), false, None)
@@ -629,17 +669,7 @@ impl CheckpointStore for PostgresEventStore {
 
     async fn park(&self, parked: ParkedEvent) -> eventcore::Result<()> {
         check_projection_name(&parked.projection)?;
-        let version = i64::try_from(parked.stream_version.value())
-            .map_err(|_| eventcore::Error::backend("stream version out of range", false, None))?;
-        sqlx::query(&self.inner.sql.park)
-            .bind(&parked.projection)
-            .bind(parked.event_id.as_uuid())
-            .bind(position_param(parked.global_position)?)
-            .bind(parked.stream_id.as_str())
-            .bind(version)
-            .bind(&parked.event_type)
-            .bind(&parked.error)
-            .bind(parked.parked_at)
+        park_query(&self.inner.sql.park, &parked)?
             .execute(&self.inner.pool)
             .await
             .map_err(|e| map_sqlx_error(e, "parking an event", None))?;

@@ -107,6 +107,7 @@ mod command;
 mod error;
 mod event;
 mod executor;
+mod leadership;
 mod metadata;
 mod projection;
 mod store;
@@ -130,6 +131,7 @@ pub use crate::error::{
 };
 pub use crate::event::{Event, EventData, EventPayload, EventType, RecordedEvent, StoredEvent};
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
+pub use crate::leadership::{LeaderElection, Leadership};
 pub use crate::metadata::EventMetadata;
 pub use crate::projection::{
     CheckpointStore, OnFailure, ParkedEvent, Projection, ProjectionErrorPolicy, ProjectionFilter,

@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result, check_name, truncate_for_error};
 use crate::event::{EventType, RecordedEvent, StoredEvent};
+use crate::leadership::LeaderElection;
 use crate::store::{EventStore, LogQuery};
 use crate::types::{EventId, GlobalPosition, StreamId, StreamVersion};
 
@@ -56,7 +57,9 @@ impl ProjectionFilter {
         Ok(self)
     }
 
-    fn query(&self, after: Option<GlobalPosition>, limit: usize) -> LogQuery {
+    /// The log query for the next batch: after `after`, at most `limit` events, with
+    /// these filters.
+    pub fn query(&self, after: Option<GlobalPosition>, limit: usize) -> LogQuery {
         let mut query = LogQuery::after_opt(after).limit(limit);
         if let Some(prefix) = &self.stream_prefix {
             query = query.stream_prefix(prefix.clone());
@@ -331,7 +334,18 @@ impl ProjectionErrorPolicy {
         self
     }
 
-    fn delay(&self, retry: u32) -> Duration {
+    /// The attempts per event, the first included.
+    pub const fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// What happens after the last attempt.
+    pub const fn failure_action(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    /// The delay before retry number `retry` (1 for the first retry).
+    pub fn delay_before_retry(&self, retry: u32) -> Duration {
         let factor = 1u32 << retry.saturating_sub(1).min(20);
         self.initial_delay
             .saturating_mul(factor)
@@ -358,6 +372,7 @@ struct MetricsInner {
     processed: AtomicU64,
     parked: AtomicU64,
     rate_milli: AtomicU64,
+    leading: std::sync::atomic::AtomicBool,
 }
 
 impl ProjectionMetrics {
@@ -382,6 +397,12 @@ impl ProjectionMetrics {
     /// Events parked since the runner started.
     pub fn parked(&self) -> u64 {
         self.inner.parked.load(Ordering::Relaxed)
+    }
+
+    /// Whether the runner currently holds leadership (see
+    /// [`ProjectionRunner::run_as_leader`]); `false` for runners that do not elect.
+    pub fn is_leader(&self) -> bool {
+        self.inner.leading.load(Ordering::SeqCst)
     }
 
     /// Events per second over the runner's last batch.
@@ -517,25 +538,78 @@ impl<P: Projection> ProjectionRunner<P> {
     /// As [`ProjectionRunner::catch_up`].
     pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<RunSummary> {
         let mut summary = RunSummary::default();
-        self.load().await?;
+        self.run_until(shutdown, &mut summary).await?;
+        summary.checkpoint = self.position;
+        Ok(summary)
+    }
+
+    /// Like [`ProjectionRunner::run`], but only while this runner holds leadership over
+    /// the projection's name: it waits to be elected, catches up from the checkpoint
+    /// (which another leader may have moved), follows live, and when the leadership is
+    /// lost it stops applying and waits to be elected again. Returns at `shutdown`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProjectionRunner::catch_up`], and the election's errors.
+    pub async fn run_as_leader(
+        &mut self,
+        election: &dyn LeaderElection,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<RunSummary> {
+        check_projection_name(&self.name)?;
+        let mut summary = RunSummary::default();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            // Drain what is there; a shutdown request is honoured between batches.
+            let mut leadership = tokio::select! {
+                held = election.acquire(&self.name) => held?,
+                () = &mut shutdown => break,
+            };
+            tracing::info!(projection = %self.name, "elected");
+            self.metrics.inner.leading.store(true, Ordering::SeqCst);
+            // Another leader may have moved the checkpoint meanwhile.
+            self.loaded = false;
+            let stopped = {
+                let lost = leadership.lost();
+                let either = async {
+                    tokio::select! {
+                        () = &mut shutdown => true,
+                        () = lost => false,
+                    }
+                };
+                let result = self.run_until(either, &mut summary).await;
+                self.metrics.inner.leading.store(false, Ordering::SeqCst);
+                result?
+            };
+            if stopped {
+                break;
+            }
+            tracing::warn!(projection = %self.name, "leadership lost; waiting to be elected again");
+        }
+        summary.checkpoint = self.position;
+        Ok(summary)
+    }
+
+    /// Runs until `stop` completes; returns its output.
+    async fn run_until<T>(
+        &mut self,
+        stop: impl Future<Output = T> + Send,
+        summary: &mut RunSummary,
+    ) -> Result<T> {
+        self.load().await?;
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            // Drain what is there; a stop request is honoured between batches.
             loop {
-                if futures_poll_ready(&mut shutdown).await {
-                    summary.checkpoint = self.position;
-                    return Ok(summary);
+                if let Some(value) = poll_now(&mut stop).await {
+                    return Ok(value);
                 }
-                if !self.step(&mut summary).await? {
+                if !self.step(summary).await? {
                     break;
                 }
             }
             tokio::select! {
                 waited = self.events.wait_for_events(self.position) => waited?,
-                () = &mut shutdown => {
-                    summary.checkpoint = self.position;
-                    return Ok(summary);
-                }
+                value = &mut stop => return Ok(value),
             }
         }
     }
@@ -656,7 +730,7 @@ impl<P: Projection> ProjectionRunner<P> {
                     return self.give_up(event, error.to_string()).await;
                 }
                 Err(error) => {
-                    let delay = self.policy.delay(attempt);
+                    let delay = self.policy.delay_before_retry(attempt);
                     tracing::warn!(projection = %self.name, position = %event.global_position, attempt, %error, ?delay, "apply failed; retrying");
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
@@ -702,11 +776,11 @@ enum Outcome {
     Parked,
 }
 
-/// Whether `future` is already complete, without waiting for it.
-async fn futures_poll_ready<F: Future<Output = ()> + Unpin>(future: &mut F) -> bool {
+/// The output of `future` if it is already complete, without waiting for it.
+async fn poll_now<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
     tokio::select! {
         biased;
-        () = future => true,
-        () = std::future::ready(()) => false,
+        value = future => Some(value),
+        () = std::future::ready(()) => None,
     }
 }

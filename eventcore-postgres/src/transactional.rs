@@ -1,0 +1,287 @@
+//! Exactly-once projections into PostgreSQL: the read model and the checkpoint change
+//! in one transaction.
+
+use std::future::Future;
+use std::time::Duration;
+
+use eventcore::{
+    GlobalPosition, OnFailure, ParkedEvent, ProjectionErrorPolicy, ProjectionFilter, RecordedEvent,
+    RunSummary, StoredEvent, check_projection_name,
+};
+use serde::de::DeserializeOwned;
+use sqlx::{Connection, PgConnection};
+use tracing::Instrument;
+
+use crate::error::map_sqlx_error;
+use crate::store::{PostgresEventStore, recorded_from_row};
+
+/// A projection whose read model lives in the store's database. `apply` gets the open
+/// transaction of the batch; the runner saves the checkpoint in the same transaction, so
+/// each event changes the read model exactly once, whatever crashes.
+pub trait TransactionalProjection: Send + 'static {
+    /// What the events decode into.
+    type Event: DeserializeOwned + Send + Sync + 'static;
+    /// What `apply` can fail with.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The projection's name (its checkpoint is kept under it).
+    fn name(&self) -> &str;
+
+    /// Which events to receive; every event by default.
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all()
+    }
+
+    /// Applies one event inside the batch's transaction. Do not commit or roll back.
+    fn apply(
+        &mut self,
+        tx: &mut PgConnection,
+        event: &StoredEvent<Self::Event>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Runs a [`TransactionalProjection`]: each batch reads the checkpoint under a row lock,
+/// applies the events and moves the checkpoint in one transaction. Two runners of the
+/// same projection never apply the same event twice: the second waits for the first's
+/// batch, then continues after it.
+pub struct TransactionalProjectionRunner<P: TransactionalProjection> {
+    store: PostgresEventStore,
+    projection: P,
+    name: String,
+    batch_size: usize,
+    policy: ProjectionErrorPolicy,
+}
+
+impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
+    /// A runner for `projection` over `store`.
+    pub fn new(store: PostgresEventStore, projection: P) -> Self {
+        let name = projection.name().to_owned();
+        TransactionalProjectionRunner {
+            store,
+            projection,
+            name,
+            batch_size: 500,
+            policy: ProjectionErrorPolicy::default(),
+        }
+    }
+
+    /// Events per transaction (at least 1).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// What to do with events that cannot be processed.
+    pub fn with_error_policy(mut self, policy: ProjectionErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// Processes batches until the log is exhausted.
+    ///
+    /// # Errors
+    ///
+    /// [`eventcore::Error::ProjectionFailed`] when an event cannot be processed and the
+    /// policy says stop (everything before it is committed); database errors.
+    pub async fn catch_up(&mut self) -> eventcore::Result<RunSummary> {
+        check_projection_name(&self.name)?;
+        let mut summary = RunSummary::default();
+        loop {
+            let span =
+                tracing::info_span!("eventcore.postgres.projection.batch", projection = %self.name);
+            if !self.batch(&mut summary).instrument(span).await? {
+                return Ok(summary);
+            }
+        }
+    }
+
+    /// Catches up, then follows the log live until `shutdown` completes (between
+    /// batches: a batch in flight commits or rolls back whole).
+    ///
+    /// # Errors
+    ///
+    /// As [`TransactionalProjectionRunner::catch_up`].
+    pub async fn run(
+        &mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> eventcore::Result<RunSummary> {
+        use eventcore::EventStore;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut total = RunSummary::default();
+        loop {
+            let summary = self.catch_up().await?;
+            total.applied += summary.applied;
+            total.parked += summary.parked;
+            let after =
+                eventcore::CheckpointStore::load_checkpoint(&self.store, &self.name).await?;
+            tokio::select! {
+                waited = self.store.wait_for_events(after) => waited?,
+                () = &mut shutdown => return Ok(total),
+            }
+        }
+    }
+
+    /// One transaction. Returns whether it found events.
+    async fn batch(&mut self, summary: &mut RunSummary) -> eventcore::Result<bool> {
+        // A clone shares the pool and the SQL; it frees `self` for the projection below.
+        let store = self.store.clone();
+        let sql = store.sql();
+        let mut conn = store
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| map_sqlx_error(e, "starting a projection batch", None))?;
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(|e| map_sqlx_error(e, "starting a projection batch", None))?;
+        sqlx::query(&sql.claim_checkpoint)
+            .bind(&self.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx_error(e, "claiming the checkpoint", None))?;
+        let (position,): (i64,) = sqlx::query_as(&sql.lock_checkpoint)
+            .bind(&self.name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx_error(e, "locking the checkpoint", None))?;
+        let query = self.projection.filter().query(
+            (position > 0).then(|| GlobalPosition::new(position as u64)),
+            self.batch_size,
+        );
+        let types: Option<Vec<&str>> = query
+            .event_types_value()
+            .map(|types| types.iter().map(|t| t.as_str()).collect());
+        let rows = sqlx::query(&sql.read_all)
+            .bind(position)
+            .bind(query.stream_prefix_value())
+            .bind(types)
+            .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx_error(e, "reading the global log", None))?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let events = rows
+            .iter()
+            .map(recorded_from_row)
+            .collect::<eventcore::Result<Vec<_>>>()?;
+        let mut processed: Option<GlobalPosition> = None;
+        let mut failure = None;
+        for event in &events {
+            match self.process(&mut tx, event).await? {
+                Ok(applied) => {
+                    if applied {
+                        summary.applied += 1;
+                    } else {
+                        summary.parked += 1;
+                    }
+                    processed = Some(event.global_position);
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        if let Some(position) = processed {
+            sqlx::query(&sql.advance_checkpoint)
+                .bind(&self.name)
+                .bind(i64::try_from(position.value()).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| map_sqlx_error(e, "saving the checkpoint", None))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| map_sqlx_error(e, "committing a projection batch", None))?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(true),
+        }
+    }
+
+    /// Applies one event under a savepoint, retrying per the policy. `Ok(Ok(true))`
+    /// applied, `Ok(Ok(false))` parked, `Ok(Err(_))` stop here.
+    async fn process(
+        &mut self,
+        tx: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> eventcore::Result<Result<bool, eventcore::Error>> {
+        let decoded = match event.decode::<P::Event>() {
+            Ok(decoded) => decoded,
+            Err(error) => return self.give_up(tx, event, error.to_string()).await,
+        };
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let mut savepoint = tx
+                .begin()
+                .await
+                .map_err(|e| map_sqlx_error(e, "opening a savepoint", None))?;
+            match self.projection.apply(&mut savepoint, &decoded).await {
+                Ok(()) => {
+                    savepoint
+                        .commit()
+                        .await
+                        .map_err(|e| map_sqlx_error(e, "releasing a savepoint", None))?;
+                    return Ok(Ok(true));
+                }
+                Err(error) => {
+                    savepoint
+                        .rollback()
+                        .await
+                        .map_err(|e| map_sqlx_error(e, "rolling back a savepoint", None))?;
+                    if attempt >= self.policy_attempts() {
+                        return self.give_up(tx, event, error.to_string()).await;
+                    }
+                    let delay = self.policy_delay(attempt);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn give_up(
+        &mut self,
+        tx: &mut PgConnection,
+        event: &RecordedEvent,
+        message: String,
+    ) -> eventcore::Result<Result<bool, eventcore::Error>> {
+        match self.policy_on_failure() {
+            OnFailure::Stop => Ok(Err(eventcore::Error::ProjectionFailed {
+                projection: self.name.clone(),
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                position: event.global_position,
+                message,
+            })),
+            OnFailure::Park => {
+                self.store
+                    .park_on(tx, ParkedEvent::new(&self.name, event, message))
+                    .await?;
+                Ok(Ok(false))
+            }
+        }
+    }
+
+    fn policy_attempts(&self) -> u32 {
+        self.policy.max_attempts()
+    }
+
+    fn policy_delay(&self, attempt: u32) -> Duration {
+        self.policy.delay_before_retry(attempt)
+    }
+
+    fn policy_on_failure(&self) -> OnFailure {
+        self.policy.failure_action()
+    }
+}
