@@ -1,9 +1,11 @@
 //! The workloads' domain: accounts as streams `account-{n}`, events `Opened`,
 //! `Deposited`, `Withdrawn`, commands `Open`, `Deposit` (one stream) and `Transfer` (two).
 
+use std::collections::HashMap;
+
 use eventcore::{
-    Command, CommandLogic, CommandResult, EventStore, ReadStreams, StoredEvent, StreamId,
-    StreamResolver, StreamWrite, require,
+    Command, CommandLogic, CommandResult, EventStore, Projection, ProjectionFilter, ReadStreams,
+    StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
 use serde::{Deserialize, Serialize};
 
@@ -164,5 +166,37 @@ impl CommandLogic for Transfer {
                 },
             )?,
         ])
+    }
+}
+
+/// W4's projection: events and amounts per account.
+#[derive(Default)]
+pub(crate) struct Totals {
+    per_account: HashMap<StreamId, (u64, i64)>,
+}
+
+impl Totals {
+    pub(crate) fn count(&self) -> u64 {
+        self.per_account.values().map(|(n, _)| n).sum()
+    }
+}
+
+impl Projection for Totals {
+    type Event = AccountEvent;
+    type Error = std::convert::Infallible;
+
+    fn name(&self) -> &str {
+        "w4-totals"
+    }
+
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all().stream_prefix("account-")
+    }
+
+    async fn apply(&mut self, event: &StoredEvent<AccountEvent>) -> Result<(), Self::Error> {
+        let entry = self.per_account.entry(event.stream_id.clone()).or_default();
+        entry.0 += 1;
+        entry.1 += event.payload.delta();
+        Ok(())
     }
 }
