@@ -63,3 +63,8 @@ pub use sqlx;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/postgres.md")]
 struct ManualPostgres;
+
+/// The manual's projections chapter (it uses both stores), compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/projections.md")]
+struct ManualProjections;
