@@ -30,6 +30,8 @@ struct Balances {
     table: String,
     applied: usize,
     progress: watch::Sender<usize>,
+    /// Values whose `apply` fails every time.
+    refuse: Option<i64>,
 }
 
 impl Balances {
@@ -39,6 +41,7 @@ impl Balances {
             table: format!("\"{}\".balances", store.schema()),
             applied: 0,
             progress,
+            refuse: None,
         };
         (projection, watch)
     }
@@ -60,6 +63,7 @@ impl TransactionalProjection for Balances {
         let ConformanceEvent::Added { value } = event.payload else {
             return Ok(());
         };
+        // The write happens before the failure: the savepoint must undo it.
         sqlx::query(&format!(
             "INSERT INTO {} AS b (stream_id, total, events) VALUES ($1, $2, 1)
              ON CONFLICT (stream_id) DO UPDATE SET total = b.total + EXCLUDED.total, events = b.events + 1",
@@ -67,10 +71,20 @@ impl TransactionalProjection for Balances {
         ))
         .bind(event.stream_id.as_str())
         .bind(value)
-        .execute(tx)
+        .execute(&mut *tx)
         .await?;
+        if self.refuse == Some(value) {
+            return Err(sqlx::Error::Protocol(format!("refusing {value}")));
+        }
         self.applied += 1;
         self.progress.send_replace(self.applied);
+        Ok(())
+    }
+
+    async fn reset(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!("DELETE FROM {}", self.table))
+            .execute(tx)
+            .await?;
         Ok(())
     }
 }
@@ -230,5 +244,99 @@ async fn two_transactional_runners_at_once_apply_each_event_once() {
         applied, EVENTS as u64,
         "together they applied each event once"
     );
+    assert_eq!(read_model(&store).await, expected(&store).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn a_failing_event_stops_or_is_parked_without_leaving_a_trace_in_the_read_model() {
+    use eventcore::{CheckpointStore, Error, OnFailure, ProjectionErrorPolicy};
+    let store = setup().await;
+    let log = store
+        .read_all(&LogQuery::from_start().limit(1_000_000))
+        .await
+        .expect("read");
+    // Every event with the value 97 fails; `index` is the first of them.
+    let (index, refused) = log
+        .iter()
+        .enumerate()
+        .find_map(
+            |(i, e)| match e.decode::<ConformanceEvent>().expect("decode").payload {
+                ConformanceEvent::Added { value } if value == 97 => Some((i, value)),
+                _ => None,
+            },
+        )
+        .expect("some event has the value 97");
+    let policy = |on_failure| {
+        ProjectionErrorPolicy::new()
+            .with_max_attempts(2)
+            .with_initial_delay(Duration::ZERO)
+            .on_failure(on_failure)
+    };
+
+    let (mut projection, _) = Balances::new(&store);
+    projection.refuse = Some(refused);
+    let error = TransactionalProjectionRunner::new(store.clone(), projection)
+        .with_batch_size(BATCH)
+        .with_error_policy(policy(OnFailure::Stop))
+        .catch_up()
+        .await
+        .expect_err("stops");
+    assert!(
+        matches!(error, Error::ProjectionFailed { position, .. } if position == log[index].global_position),
+        "{error:?}"
+    );
+    let checkpoint = store.load_checkpoint("balances").await.expect("load");
+    assert_eq!(
+        checkpoint,
+        index.checked_sub(1).map(|i| log[i].global_position)
+    );
+    let applied: i64 = read_model(&store).await.values().map(|(_, n)| n).sum();
+    assert_eq!(
+        applied, index as i64,
+        "everything before the failed event, nothing of it"
+    );
+
+    let (mut projection, _) = Balances::new(&store);
+    projection.refuse = Some(refused);
+    let summary = TransactionalProjectionRunner::new(store.clone(), projection)
+        .with_batch_size(BATCH)
+        .with_error_policy(policy(OnFailure::Park))
+        .catch_up()
+        .await
+        .expect("parks and goes on");
+    let parked = store.parked("balances").await.expect("parked");
+    assert!(
+        parked
+            .iter()
+            .any(|p| p.global_position == log[index].global_position)
+    );
+    assert_eq!(summary.parked as usize, parked.len());
+    let refused_count = log
+        .iter()
+        .filter(|e| {
+            matches!(e.decode::<ConformanceEvent>().expect("decode").payload,
+                ConformanceEvent::Added { value } if value == refused)
+        })
+        .count();
+    let applied: i64 = read_model(&store).await.values().map(|(_, n)| n).sum();
+    assert_eq!(
+        applied as usize,
+        EVENTS - refused_count,
+        "parked events left no trace"
+    );
+
+    // A rebuild empties the read model and replays everything (now without refusals).
+    let (projection, _) = Balances::new(&store);
+    let summary = TransactionalProjectionRunner::new(store.clone(), projection)
+        .with_batch_size(BATCH)
+        .rebuild()
+        .await
+        .expect("rebuild");
+    assert_eq!(summary.applied as usize, EVENTS);
+    assert!(store.parked("balances").await.expect("parked").is_empty());
     assert_eq!(read_model(&store).await, expected(&store).await);
 }

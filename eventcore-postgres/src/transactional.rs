@@ -38,6 +38,16 @@ pub trait TransactionalProjection: Send + 'static {
         tx: &mut PgConnection,
         event: &StoredEvent<Self::Event>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Empties the read model, inside the rebuild's transaction (which also resets the
+    /// checkpoint). Nothing by default.
+    fn reset(
+        &mut self,
+        tx: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = tx;
+        async { Ok(()) }
+    }
 }
 
 /// Runs a [`TransactionalProjection`]: each batch reads the checkpoint under a row lock,
@@ -98,6 +108,36 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
                 return Ok(summary);
             }
         }
+    }
+
+    /// Empties the read model and resets the checkpoint and parked events in one
+    /// transaction, then replays the log from position 0.
+    ///
+    /// # Errors
+    ///
+    /// The projection's `reset` error as [`eventcore::Error::Rejected`]; as
+    /// [`TransactionalProjectionRunner::catch_up`].
+    pub async fn rebuild(&mut self) -> eventcore::Result<RunSummary> {
+        check_projection_name(&self.name)?;
+        let store = self.store.clone();
+        let mut tx = store
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| map_sqlx_error(e, "starting a rebuild", None))?;
+        self.projection
+            .reset(&mut tx)
+            .await
+            .map_err(eventcore::Error::rejected)?;
+        sqlx::query(&store.sql().reset_checkpoint)
+            .bind(&self.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx_error(e, "resetting the checkpoint", None))?;
+        tx.commit()
+            .await
+            .map_err(|e| map_sqlx_error(e, "committing a rebuild", None))?;
+        self.catch_up().await
     }
 
     /// Catches up, then follows the log live until `shutdown` completes (between
