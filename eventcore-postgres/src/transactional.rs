@@ -154,13 +154,17 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut total = RunSummary::default();
         loop {
+            // Read before catching up: if the log ends in events the filter does not
+            // want, the checkpoint stays behind them and waiting after it would return
+            // at once, forever. Wait after what was scanned instead.
+            let head = self.store.head_position().await?;
             let summary = self.catch_up().await?;
             total.applied += summary.applied;
             total.parked += summary.parked;
-            let after =
+            let checkpoint =
                 eventcore::CheckpointStore::load_checkpoint(&self.store, &self.name).await?;
             tokio::select! {
-                waited = self.store.wait_for_events(after) => waited?,
+                waited = self.store.wait_for_events(checkpoint.max(head)) => waited?,
                 () = &mut shutdown => return Ok(total),
             }
         }

@@ -460,6 +460,8 @@ pub struct ProjectionRunner<P: Projection> {
     policy: ProjectionErrorPolicy,
     metrics: ProjectionMetrics,
     position: Option<GlobalPosition>,
+    /// The head seen before the last empty batch: nothing wanted exists up to it.
+    scanned: Option<GlobalPosition>,
     loaded: bool,
 }
 
@@ -484,6 +486,7 @@ impl<P: Projection> ProjectionRunner<P> {
             policy: ProjectionErrorPolicy::default(),
             metrics: ProjectionMetrics::default(),
             position: None,
+            scanned: None,
             loaded: false,
         }
     }
@@ -607,8 +610,12 @@ impl<P: Projection> ProjectionRunner<P> {
                     break;
                 }
             }
+            // Wait for events after what was scanned, not just after what was applied:
+            // with a filter, the log may end in events this projection does not want,
+            // and waiting after the checkpoint would return at once, forever.
+            let scanned = self.position.max(self.scanned);
             tokio::select! {
-                waited = self.events.wait_for_events(self.position) => waited?,
+                waited = self.events.wait_for_events(scanned) => waited?,
                 value = &mut stop => return Ok(value),
             }
         }
@@ -625,6 +632,7 @@ impl<P: Projection> ProjectionRunner<P> {
         self.checkpoints.reset_checkpoint(&self.name).await?;
         self.projection.reset().await.map_err(Error::rejected)?;
         self.position = None;
+        self.scanned = None;
         self.metrics.inner.checkpoint.store(0, Ordering::Relaxed);
         self.loaded = true;
         self.catch_up().await
@@ -658,18 +666,22 @@ impl<P: Projection> ProjectionRunner<P> {
     async fn batch(&mut self, summary: &mut RunSummary) -> Result<bool> {
         let started = Instant::now();
         let filter = self.projection.filter();
+        // Read before the batch: if the batch is empty, nothing this projection wants
+        // exists up to this head, and anything wanted that comes later lies beyond it.
+        let head = self.events.head_position().await?;
         let batch = self
             .events
             .read_all(&filter.query(self.position, self.batch_size))
             .await?;
         tracing::Span::current().record("events", batch.len());
+        if let Some(head) = head {
+            self.metrics
+                .inner
+                .head
+                .fetch_max(head.value(), Ordering::Relaxed);
+        }
         if batch.is_empty() {
-            if let Some(head) = self.events.head_position().await? {
-                self.metrics
-                    .inner
-                    .head
-                    .store(head.value(), Ordering::Relaxed);
-            }
+            self.scanned = head;
             return Ok(false);
         }
         let mut processed = None;

@@ -173,6 +173,7 @@ macro_rules! projection_conformance_tests {
             failing_and_undecodable_events_are_parked_when_the_policy_says_so,
             a_rebuild_replays_from_the_start,
             a_live_runner_sees_every_event_once_in_order,
+            a_live_runner_waits_when_the_log_ends_in_unwanted_events,
         }
     };
 }

@@ -45,7 +45,7 @@ use super::HANG_GUARD;
 /// How long a wait that must not complete is watched before concluding it is pending.
 /// A correct store never completes it, whatever the time; a store that wrongly returns at
 /// once fails well within it.
-const PENDING_WINDOW: Duration = Duration::from_millis(200);
+pub(crate) const PENDING_WINDOW: Duration = Duration::from_millis(200);
 
 fn stream(name: &str) -> StreamId {
     StreamId::try_new(name).expect("test stream ids are valid")

@@ -573,3 +573,86 @@ pub async fn a_live_runner_sees_every_event_once_in_order<
     assert_eq!(store.load_checkpoint("live").await.expect("load"), last);
     assert_eq!(metrics.processed(), total as u64);
 }
+
+/// Counts the log reads of a store.
+struct CountingReads<S> {
+    inner: S,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl<S: EventStore> EventStore for CountingReads<S> {
+    async fn read_streams(&self, streams: &[StreamId]) -> crate::Result<crate::StreamsSnapshot> {
+        self.inner.read_streams(streams).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> crate::Result<crate::AppendOutcome> {
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> crate::Result<Vec<RecordedEvent>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> crate::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> crate::Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &crate::IdempotencyKey,
+    ) -> crate::Result<Option<crate::AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
+/// A live runner whose filter does not want the newest events waits for more instead
+/// of reading the log again and again.
+pub async fn a_live_runner_waits_when_the_log_ends_in_unwanted_events<
+    S: EventStore + CheckpointStore + Clone,
+>(
+    store: S,
+) {
+    append(&store, &stream("acc-w"), (1..=3).map(added).collect()).await;
+    append(&store, &stream("other-w"), (1..=5).map(added).collect()).await;
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = CountingReads {
+        inner: store.clone(),
+        reads: reads.clone(),
+    };
+    let projection = SummingProjection::new("waiting", "acc-");
+    let mut progress = projection.progress();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut runner = ProjectionRunner::new(projection, Arc::new(counting), Arc::new(store.clone()));
+    let live = tokio::spawn(async move {
+        runner
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tokio::time::timeout(HANG_GUARD, progress.wait_for(|n| *n >= 3))
+        .await
+        .expect("applies what it wants")
+        .expect("progress");
+    let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(super::conformance::PENDING_WINDOW).await;
+    let during = reads.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        during <= 2,
+        "the runner read the log {during} times while nothing new came"
+    );
+    // It still wakes for what it wants.
+    append(&store, &stream("acc-w"), vec![added(10)]).await;
+    tokio::time::timeout(HANG_GUARD, progress.wait_for(|n| *n >= 4))
+        .await
+        .expect("wakes for a wanted event")
+        .expect("progress");
+    let _ = stop.send(());
+    live.await.expect("task").expect("run");
+}
