@@ -81,6 +81,7 @@ async fn fail_over(
     store: Arc<dyn EventStore>,
     first: Candidate,
     second: Candidate,
+    second_waiting: impl std::future::Future<Output = ()>,
     kill: impl std::future::Future<Output = ()>,
 ) {
     let (mut first, mut second) = (first, second);
@@ -100,6 +101,11 @@ async fn fail_over(
     .await
     .expect("checkpoint saved within the hang guard");
 
+    // The second candidate must be queued for the leadership before the leader dies,
+    // or the old leader could re-acquire first.
+    tokio::time::timeout(HANG_GUARD, second_waiting)
+        .await
+        .expect("the second candidate queues within the hang guard");
     kill.await;
     // Observed, not timed: the old leader has noticed its loss (it stops applying) and
     // the new one is elected.
@@ -154,13 +160,21 @@ async fn an_in_memory_leader_that_is_revoked_hands_over_to_the_next_runner() {
     let mut first_progress = first.progress.clone();
     wait_until(&mut first_progress, 10).await;
     let second = candidate(events.clone(), checkpoints, Arc::new(election.clone()));
+    let waiting = {
+        let election = election.clone();
+        async move {
+            while election.candidates("leader-view") == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
     let kill = {
         let election = election.clone();
         async move {
             assert!(election.revoke("leader-view"));
         }
     };
-    fail_over(events, first, second, kill).await;
+    fail_over(events, first, second, waiting, kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -180,17 +194,37 @@ async fn a_postgres_leader_whose_connection_dies_hands_over_to_a_runner_on_anoth
     let mut first_progress = first.progress.clone();
     wait_until(&mut first_progress, 10).await;
     let second = candidate(Arc::new(two.clone()), Arc::new(two.clone()), election(&two));
+    // The election lock's key: (hash of the schema, hash of the name), as oids.
+    const LOCK: &str = "locktype = 'advisory' AND objsubid = 2
+        AND classid::bigint = (hashtext('eventcore.leader.' || $1)::bigint + 4294967296) % 4294967296
+        AND objid::bigint = (hashtext('leader-view')::bigint + 4294967296) % 4294967296";
+    let waiting = {
+        let pool = one.pool().clone();
+        let schema_name = schema.to_string();
+        async move {
+            loop {
+                let (queued,): (i64,) = sqlx::query_as(&format!(
+                    "SELECT count(*) FROM pg_locks WHERE {LOCK} AND NOT granted"
+                ))
+                .bind(&schema_name)
+                .fetch_one(&pool)
+                .await
+                .expect("pg_locks");
+                if queued > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
     let kill = {
         let pool = one.pool().clone();
         let schema_name = schema.to_string();
         async move {
             // The leader is the session holding the granted election lock.
-            let terminated: Vec<(bool,)> = sqlx::query_as(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks
-                  WHERE locktype = 'advisory' AND classid = 17733 AND granted
-                    AND objid::bigint = (hashtext('eventcore.leader.' || $1 || '/leader-view')::bigint
-                                         + 4294967296) % 4294967296",
-            )
+            let terminated: Vec<(bool,)> = sqlx::query_as(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK} AND granted"
+            ))
             .bind(schema_name)
             .fetch_all(&pool)
             .await
@@ -198,5 +232,5 @@ async fn a_postgres_leader_whose_connection_dies_hands_over_to_a_runner_on_anoth
             assert_eq!(terminated.len(), 1, "exactly one leader");
         }
     };
-    fail_over(Arc::new(one), first, second, kill).await;
+    fail_over(Arc::new(one), first, second, waiting, kill).await;
 }

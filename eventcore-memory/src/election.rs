@@ -83,6 +83,11 @@ impl InMemoryLeaderElection {
         had
     }
 
+    /// How many candidates wait for `name` (not counting the holder).
+    pub fn candidates(&self, name: &str) -> usize {
+        self.inner.queues.lock().get(name).map_or(0, VecDeque::len)
+    }
+
     /// Whether somebody holds `name`.
     pub fn is_held(&self, name: &str) -> bool {
         self.inner.holders.lock().contains_key(name)

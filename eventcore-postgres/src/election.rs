@@ -64,24 +64,31 @@ impl LeaderElection for PostgresLeaderElection {
             .await
             .map_err(|e| map_sqlx_error(e, "opening the election connection", None))?;
         // Waiting for the lock may take as long as the current leader lives.
-        sqlx::query("SET statement_timeout TO 0")
+        for setting in ["SET statement_timeout TO 0", "SET lock_timeout TO 0"] {
+            sqlx::query(setting)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| map_sqlx_error(e, "preparing the election connection", None))?;
+        }
+        // Two 32-bit hashes, of the schema and of the name: a 64-bit key.
+        sqlx::query("SELECT pg_advisory_lock(hashtext('eventcore.leader.' || $1), hashtext($2))")
+            .bind(&self.schema)
+            .bind(name)
             .execute(&mut conn)
             .await
-            .map_err(|e| map_sqlx_error(e, "preparing the election connection", None))?;
-        sqlx::query(
-            "SELECT pg_advisory_lock(17733, hashtext('eventcore.leader.' || $1 || '/' || $2))",
-        )
-        .bind(&self.schema)
-        .bind(name)
-        .execute(&mut conn)
-        .await
-        .map_err(|e| map_sqlx_error(e, "waiting for leadership", None))?;
+            .map_err(|e| map_sqlx_error(e, "waiting for leadership", None))?;
         let (lost, watch) = watch::channel(false);
         let interval = self.check_interval;
         let monitor = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                if conn.ping().await.is_err() {
+                // A partitioned network can leave a ping hanging for minutes while the
+                // server has already given the lock away: no answer in time is a loss.
+                let alive = matches!(
+                    tokio::time::timeout(interval, conn.ping()).await,
+                    Ok(Ok(()))
+                );
+                if !alive {
                     lost.send_replace(true);
                     return;
                 }

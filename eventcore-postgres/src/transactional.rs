@@ -151,6 +151,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> eventcore::Result<RunSummary> {
         use eventcore::EventStore;
+        check_projection_name(&self.name)?;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut total = RunSummary::default();
         loop {
@@ -158,9 +159,17 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             // want, the checkpoint stays behind them and waiting after it would return
             // at once, forever. Wait after what was scanned instead.
             let head = self.store.head_position().await?;
-            let summary = self.catch_up().await?;
-            total.applied += summary.applied;
-            total.parked += summary.parked;
+            loop {
+                // A shutdown request is honoured between batches, also under a
+                // sustained stream of writes.
+                if stopped(&mut shutdown).await {
+                    return Ok(total);
+                }
+                let span = tracing::info_span!("eventcore.postgres.projection.batch", projection = %self.name);
+                if !self.batch(&mut total).instrument(span).await? {
+                    break;
+                }
+            }
             let checkpoint =
                 eventcore::CheckpointStore::load_checkpoint(&self.store, &self.name).await?;
             tokio::select! {
@@ -327,5 +336,14 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
 
     fn policy_on_failure(&self) -> OnFailure {
         self.policy.failure_action()
+    }
+}
+
+/// Whether `shutdown` has completed, without waiting for it.
+async fn stopped<F: Future<Output = ()> + Unpin>(shutdown: &mut F) -> bool {
+    tokio::select! {
+        biased;
+        () = shutdown => true,
+        () = std::future::ready(()) => false,
     }
 }

@@ -563,9 +563,22 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut summary = RunSummary::default();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let mut leadership = tokio::select! {
-                held = election.acquire(&self.name) => held?,
+            let acquired = tokio::select! {
+                held = election.acquire(&self.name) => held,
                 () = &mut shutdown => break,
+            };
+            let mut leadership = match acquired {
+                Ok(leadership) => leadership,
+                // A standby must survive what a leader survives: a dropped connection
+                // while waiting is retried, not fatal.
+                Err(error) if error.is_retryable() => {
+                    tracing::warn!(projection = %self.name, %error, "election failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(self.policy.delay_before_retry(3)) => continue,
+                        () = &mut shutdown => break,
+                    }
+                }
+                Err(error) => return Err(error),
             };
             tracing::info!(projection = %self.name, "elected");
             self.metrics.inner.leading.store(true, Ordering::SeqCst);
@@ -699,10 +712,12 @@ impl<P: Projection> ProjectionRunner<P> {
         }
         // Never ahead of what was applied: up to the last processed event.
         if let Some(position) = processed {
+            // Applied is applied: even if saving fails, this runner must not apply these
+            // events again (the next successful save covers them).
+            self.position = Some(position);
             self.checkpoints
                 .save_checkpoint(&self.name, position)
                 .await?;
-            self.position = Some(position);
             let count = batch.len() as u64;
             self.metrics
                 .inner
