@@ -122,14 +122,16 @@ macro_rules! event_store_conformance_tests {
 #[macro_export]
 macro_rules! __event_store_conformance_tests {
     ($attrs:tt $factory:expr; $($test:ident),* $(,)?) => {
-        $( $crate::__event_store_conformance_test! { $attrs $factory; $test } )*
+        $( $crate::__conformance_test! { $attrs $factory; conformance; $test } )*
     };
 }
 
+/// One generated conformance test: `$module::$test` of `eventcore::testing` on a fresh
+/// store from `$factory`, under the hang guard.
 #[doc(hidden)]
 #[macro_export]
-macro_rules! __event_store_conformance_test {
-    ([$($attr:tt)*] $factory:expr; $test:ident) => {
+macro_rules! __conformance_test {
+    ([$($attr:tt)*] $factory:expr; $module:ident; $test:ident) => {
         #[test]
         $($attr)*
         fn $test() {
@@ -137,7 +139,7 @@ macro_rules! __event_store_conformance_test {
                 ::core::stringify!($test),
                 async {
                     let store = ($factory)().await;
-                    $crate::testing::conformance::$test(store).await;
+                    $crate::testing::$module::$test(store).await;
                 },
             ));
         }
@@ -182,24 +184,6 @@ macro_rules! projection_conformance_tests {
 #[macro_export]
 macro_rules! __projection_conformance_tests {
     ($attrs:tt $factory:expr; $($test:ident),* $(,)?) => {
-        $( $crate::__projection_conformance_test! { $attrs $factory; $test } )*
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __projection_conformance_test {
-    ([$($attr:tt)*] $factory:expr; $test:ident) => {
-        #[test]
-        $($attr)*
-        fn $test() {
-            $crate::testing::run($crate::testing::within_hang_guard(
-                ::core::stringify!($test),
-                async {
-                    let store = ($factory)().await;
-                    $crate::testing::projection_conformance::$test(store).await;
-                },
-            ));
-        }
+        $( $crate::__conformance_test! { $attrs $factory; projection_conformance; $test } )*
     };
 }
