@@ -439,6 +439,8 @@ async fn main() -> ExitCode {
         };
         match result {
             Ok(report) => {
+                // A report is numbers, booleans and two enum names: it always serializes
+                // (serde_json writes non-finite floats as null).
                 println!("{}", serde_json::to_string(&report).expect("serializable"));
                 broken |= report.invariant_ok == Some(false);
                 reports.push(report);

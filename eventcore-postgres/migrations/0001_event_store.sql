@@ -136,7 +136,7 @@ END;
 $$;
 
 -- The last position readers may see, and the last committed one (higher while an
--- older reservation is still in flight).
+-- older mark is still held).
 CREATE FUNCTION eventcore_heads(OUT visible bigint, OUT committed bigint)
 LANGUAGE plpgsql
 SET search_path FROM CURRENT

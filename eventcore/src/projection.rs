@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::error::{Error, Result, check_name, truncate_for_error};
-use crate::event::{EventType, RecordedEvent, StoredEvent};
+use crate::event::{RecordedEvent, StoredEvent};
+use crate::executor::RetryPolicy;
 use crate::leadership::LeaderElection;
 use crate::store::{EventStore, LogQuery};
 use crate::types::{EventId, GlobalPosition, StreamId, StreamVersion};
@@ -22,8 +23,8 @@ use crate::types::{EventId, GlobalPosition, StreamId, StreamVersion};
 /// fail to decode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProjectionFilter {
-    stream_prefix: Option<String>,
-    event_types: Option<Vec<EventType>>,
+    /// The filters, as the log query every batch starts from.
+    template: LogQuery,
 }
 
 impl ProjectionFilter {
@@ -34,7 +35,7 @@ impl ProjectionFilter {
 
     /// Only events of streams whose id starts with `prefix`.
     pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.stream_prefix = Some(prefix.into());
+        self.template = self.template.stream_prefix(prefix);
         self
     }
 
@@ -48,32 +49,14 @@ impl ProjectionFilter {
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        self.event_types = Some(
-            types
-                .into_iter()
-                .map(|t| EventType::try_new(t.as_ref()))
-                .collect::<Result<Vec<_>>>()?,
-        );
+        self.template = self.template.event_types(types)?;
         Ok(self)
     }
 
     /// The log query for the next batch: after `after`, at most `limit` events, with
     /// these filters.
     pub fn query(&self, after: Option<GlobalPosition>, limit: usize) -> LogQuery {
-        let mut query = LogQuery::after_opt(after).limit(limit);
-        if let Some(prefix) = &self.stream_prefix {
-            query = query.stream_prefix(prefix.clone());
-        }
-        if let Some(types) = &self.event_types {
-            // The names were validated when the filter was built.
-            if let Ok(with_types) = query
-                .clone()
-                .event_types(types.iter().map(EventType::as_str))
-            {
-                query = with_types;
-            }
-        }
-        query
+        self.template.clone().starting_after(after).limit(limit)
     }
 }
 
@@ -293,38 +276,38 @@ pub enum OnFailure {
 /// deterministic). Nothing is ever skipped silently.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionErrorPolicy {
-    max_attempts: u32,
-    initial_delay: Duration,
-    max_delay: Duration,
+    /// Attempts and backoff, as for commands.
+    retry: RetryPolicy,
     on_failure: OnFailure,
 }
 
 impl ProjectionErrorPolicy {
-    /// 5 attempts, backoff from 10 ms to 1 s, then stop.
+    /// 5 attempts, backoff from 10 ms to 1 s (with jitter), then stop.
     pub const fn new() -> Self {
         ProjectionErrorPolicy {
-            max_attempts: 5,
-            initial_delay: Duration::from_millis(10),
-            max_delay: Duration::from_secs(1),
+            retry: RetryPolicy::new()
+                .with_max_attempts(5)
+                .with_initial_delay(Duration::from_millis(10))
+                .with_max_delay(Duration::from_secs(1)),
             on_failure: OnFailure::Stop,
         }
     }
 
     /// Sets the attempts per event, the first included (at least 1).
     pub const fn with_max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = if attempts == 0 { 1 } else { attempts };
+        self.retry = self.retry.with_max_attempts(attempts);
         self
     }
 
     /// Sets the delay before the first retry; it doubles up to the maximum.
     pub const fn with_initial_delay(mut self, delay: Duration) -> Self {
-        self.initial_delay = delay;
+        self.retry = self.retry.with_initial_delay(delay);
         self
     }
 
     /// Sets the longest delay between retries.
     pub const fn with_max_delay(mut self, delay: Duration) -> Self {
-        self.max_delay = delay;
+        self.retry = self.retry.with_max_delay(delay);
         self
     }
 
@@ -336,7 +319,7 @@ impl ProjectionErrorPolicy {
 
     /// The attempts per event, the first included.
     pub const fn max_attempts(&self) -> u32 {
-        self.max_attempts
+        self.retry.max_attempts()
     }
 
     /// What happens after the last attempt.
@@ -344,12 +327,10 @@ impl ProjectionErrorPolicy {
         self.on_failure
     }
 
-    /// The delay before retry number `retry` (1 for the first retry).
+    /// The delay before retry number `retry` (1 for the first retry); see
+    /// [`RetryPolicy::delay_before_retry`].
     pub fn delay_before_retry(&self, retry: u32) -> Duration {
-        let factor = 1u32 << retry.saturating_sub(1).min(20);
-        self.initial_delay
-            .saturating_mul(factor)
-            .min(self.max_delay)
+        self.retry.delay_before_retry(retry)
     }
 }
 
@@ -753,7 +734,7 @@ impl<P: Projection> ProjectionRunner<P> {
             attempt += 1;
             match self.projection.apply(&decoded).await {
                 Ok(()) => return Ok(Outcome::Applied),
-                Err(error) if attempt >= self.policy.max_attempts => {
+                Err(error) if attempt >= self.policy.max_attempts() => {
                     return self.give_up(event, error.to_string()).await;
                 }
                 Err(error) => {

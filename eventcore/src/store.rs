@@ -376,6 +376,12 @@ impl LogQuery {
         }
     }
 
+    /// The same query, starting after `position` (from the start when `None`).
+    pub fn starting_after(mut self, position: Option<GlobalPosition>) -> Self {
+        self.after = position;
+        self
+    }
+
     /// At most `limit` events (the first ones after the start).
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = limit;
