@@ -169,6 +169,16 @@ pub enum Error {
         problem: NameProblem,
     },
 
+    /// A saga definition or a stored saga cannot be used: a plan with an empty or
+    /// repeated step name, or an input that does not decode into the saga's input type.
+    #[error("invalid saga `{saga}`: {reason}")]
+    InvalidSaga {
+        /// The saga (or instance) concerned.
+        saga: String,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// The storage backend failed. `retryable` says whether the same request may succeed
     /// later (a lost connection, a serialization failure) or not (a permission error).
     /// A failed append never leaves anything half-written.

@@ -109,7 +109,9 @@ mod event;
 mod executor;
 mod leadership;
 mod metadata;
+mod process;
 mod projection;
+pub mod saga;
 mod store;
 mod types;
 
@@ -133,6 +135,9 @@ pub use crate::event::{Event, EventData, EventPayload, EventType, RecordedEvent,
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
 pub use crate::leadership::{LeaderElection, Leadership};
 pub use crate::metadata::EventMetadata;
+pub use crate::process::{
+    Dispatcher, MAX_PROCESS_MANAGER_NAME_LEN, ProcessManager, ProcessManagerRunner,
+};
 pub use crate::projection::{
     CheckpointStore, OnFailure, ParkedEvent, Projection, ProjectionErrorPolicy, ProjectionFilter,
     ProjectionMetrics, ProjectionRunner, RunSummary, check_projection_name,

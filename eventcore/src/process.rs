@@ -1,0 +1,393 @@
+//! Process managers: consumers of the global log that react to events by dispatching
+//! commands, with a durable checkpoint, one active instance, and side effects that are
+//! never repeated when an event is delivered again.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::command::Command;
+use crate::error::{Error, NameProblem, Result};
+use crate::event::StoredEvent;
+use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
+use crate::leadership::LeaderElection;
+use crate::projection::{
+    CheckpointStore, Projection, ProjectionErrorPolicy, ProjectionFilter, ProjectionMetrics,
+    ProjectionRunner, RunSummary, check_projection_name,
+};
+use crate::types::{CausationId, CorrelationId, EventId, IdempotencyKey};
+
+/// The longest process manager name: its idempotency keys append the causing event's id
+/// to it and must stay within [`crate::MAX_NAME_LEN`].
+pub const MAX_PROCESS_MANAGER_NAME_LEN: usize = 200;
+
+/// Reacts to events of the global log by dispatching commands.
+///
+/// A process manager is run by a [`ProcessManagerRunner`], which is a
+/// [`ProjectionRunner`] underneath: it has a durable checkpoint, runs as one active
+/// instance under [`ProcessManagerRunner::run_as_leader`], and follows the same error
+/// policy. Delivery is at-least-once (events after the last checkpoint are handed over
+/// again after a crash), and that is safe because every command goes through the
+/// [`Dispatcher`], which gives it an idempotency key derived from the manager's name,
+/// the causing event's id and the command's position among the event's dispatches: a
+/// redelivered event dispatches the same keys, and the store answers with the first
+/// outcome instead of executing again.
+///
+/// For that, `handle` must dispatch the same commands in the same order when it is
+/// handed the same event again. Read what it decides from from the event and from the
+/// store (whose answers only move forward); do not draw random numbers or read a clock
+/// to pick commands.
+///
+/// # Examples
+///
+/// ```
+/// use eventcore::{Dispatcher, ProcessManager, ProjectionFilter, StoredEvent};
+/// # use eventcore::{CommandLogic, ReadStreams, StreamResolver, StreamWrite, CommandResult, StreamId};
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// # enum ShopEvent { OrderPlaced { order: String }, WelcomeMailQueued }
+/// # impl eventcore::Event for ShopEvent {
+/// #     fn event_type(&self) -> &'static str {
+/// #         match self { Self::OrderPlaced { .. } => "OrderPlaced", Self::WelcomeMailQueued => "WelcomeMailQueued" }
+/// #     }
+/// # }
+/// # #[derive(eventcore::Command)]
+/// # struct QueueMail { #[stream] outbox: StreamId }
+/// # impl CommandLogic for QueueMail {
+/// #     type State = ();
+/// #     type Event = ShopEvent;
+/// #     fn apply(&self, _: &mut (), _: &StoredEvent<ShopEvent>) {}
+/// #     fn handle(&self, streams: ReadStreams<Self::StreamSet>, _: (), _: &mut StreamResolver)
+/// #         -> CommandResult<Vec<StreamWrite<Self::StreamSet, ShopEvent>>> {
+/// #         Ok(vec![StreamWrite::new(&streams, self.outbox.clone(), ShopEvent::WelcomeMailQueued)?])
+/// #     }
+/// # }
+///
+/// /// Queues a mail for every order placed.
+/// struct Mailer;
+///
+/// impl ProcessManager for Mailer {
+///     type Event = ShopEvent;
+///
+///     fn name(&self) -> &str {
+///         "mailer"
+///     }
+///
+///     fn filter(&self) -> ProjectionFilter {
+///         ProjectionFilter::all().event_types(["OrderPlaced"]).expect("a valid type name")
+///     }
+///
+///     async fn handle(
+///         &mut self,
+///         event: &StoredEvent<ShopEvent>,
+///         dispatcher: &mut Dispatcher<'_>,
+///     ) -> eventcore::Result<()> {
+///         if let ShopEvent::OrderPlaced { order } = &event.payload {
+///             let outbox = StreamId::try_new(format!("mail-{order}"))?;
+///             dispatcher.dispatch(&QueueMail { outbox }).await?;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait ProcessManager: Send + 'static {
+    /// What the events it receives decode into.
+    type Event: DeserializeOwned + Send + Sync + 'static;
+
+    /// Its name: checkpoint, dead letters, leadership and idempotency keys are kept
+    /// under it. Same rules as a stream id, at most [`MAX_PROCESS_MANAGER_NAME_LEN`]
+    /// bytes.
+    fn name(&self) -> &str;
+
+    /// Which events to receive; every event by default.
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all()
+    }
+
+    /// Reacts to one event, dispatching commands through `dispatcher`.
+    ///
+    /// An error is handled by the runner's [`ProjectionErrorPolicy`]: retried with
+    /// backoff (the retry dispatches the same keys, so commands that already ran are not
+    /// run again), then the runner stops or parks the event. A business refusal of a
+    /// dispatched command that the process expects belongs in the process's logic, not
+    /// in the error path: match on it.
+    fn handle(
+        &mut self,
+        event: &StoredEvent<Self::Event>,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Dispatches the commands a process manager decides on in reaction to one event.
+///
+/// Every command gets:
+/// - the causing event's id as its causation id and the causing event's correlation id,
+///   so the whole chain can be followed in the metadata;
+/// - an idempotency key `"<manager>/<causing event id>/<n>"`, where `n` counts the
+///   dispatches made for this event, so delivering the event again finds the first
+///   outcome instead of executing again.
+pub struct Dispatcher<'a> {
+    executor: &'a CommandExecutor,
+    manager: &'a str,
+    cause: EventId,
+    correlation_id: CorrelationId,
+    dispatched: u32,
+}
+
+impl<'a> Dispatcher<'a> {
+    /// A dispatcher for commands caused by the event `cause` (whose correlation id is
+    /// `correlation_id`), on behalf of `manager`.
+    ///
+    /// The runners create dispatchers; create one yourself to dispatch from a component
+    /// of your own with the same guarantees.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`] when `manager` is not a valid process manager
+    /// name.
+    pub fn new(
+        executor: &'a CommandExecutor,
+        manager: &'a str,
+        cause: EventId,
+        correlation_id: CorrelationId,
+    ) -> Result<Self> {
+        check_manager_name(manager)?;
+        Ok(Dispatcher {
+            executor,
+            manager,
+            cause,
+            correlation_id,
+            dispatched: 0,
+        })
+    }
+
+    /// Executes `command` as caused by this dispatcher's event.
+    ///
+    /// `ExecutionResult::deduplicated` is `true` when the command had already run for
+    /// this event (a redelivery): nothing was executed now.
+    ///
+    /// # Errors
+    ///
+    /// As [`CommandExecutor::execute`]. A refused command (a business error) consumes no
+    /// key: delivering the event again executes it again.
+    pub async fn dispatch<C: Command>(&mut self, command: &C) -> Result<ExecutionResult> {
+        let options = self.next_options()?;
+        self.executor.execute_with(command, options).await
+    }
+
+    /// The executor commands are dispatched through (for reading the store).
+    pub fn executor(&self) -> &CommandExecutor {
+        self.executor
+    }
+
+    /// The id of the event being handled.
+    pub fn cause(&self) -> EventId {
+        self.cause
+    }
+
+    /// The correlation id every dispatched command carries.
+    pub fn correlation_id(&self) -> CorrelationId {
+        self.correlation_id
+    }
+
+    /// How many commands were dispatched for this event so far.
+    pub fn dispatched(&self) -> u32 {
+        self.dispatched
+    }
+
+    fn next_options(&mut self) -> Result<ExecutionOptions> {
+        let key = IdempotencyKey::try_new(format!(
+            "{}/{}/{}",
+            self.manager, self.cause, self.dispatched
+        ))?;
+        self.dispatched += 1;
+        Ok(ExecutionOptions::new()
+            .idempotency_key(key)
+            .correlation_id(self.correlation_id)
+            .causation_id(CausationId::from(self.cause))
+            .actor(self.manager.to_owned()))
+    }
+}
+
+impl fmt::Debug for Dispatcher<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("manager", &self.manager)
+            .field("cause", &self.cause)
+            .field("correlation_id", &self.correlation_id)
+            .field("dispatched", &self.dispatched)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a process manager name: a valid projection name of at most
+/// [`MAX_PROCESS_MANAGER_NAME_LEN`] bytes.
+pub(crate) fn check_manager_name(name: &str) -> Result<()> {
+    check_projection_name(name)?;
+    if name.len() > MAX_PROCESS_MANAGER_NAME_LEN {
+        return Err(Error::InvalidProjectionName {
+            name: name.to_owned(),
+            problem: NameProblem::TooLong {
+                len: name.len(),
+                max: MAX_PROCESS_MANAGER_NAME_LEN,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// A [`ProcessManager`] seen as a [`Projection`]: applying an event is handling it.
+struct Managed<M> {
+    manager: M,
+    name: String,
+    executor: CommandExecutor,
+}
+
+impl<M: ProcessManager> Projection for Managed<M> {
+    type Event = M::Event;
+    type Error = Error;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn filter(&self) -> ProjectionFilter {
+        self.manager.filter()
+    }
+
+    async fn apply(&mut self, event: &StoredEvent<M::Event>) -> Result<()> {
+        let mut dispatcher = Dispatcher::new(
+            &self.executor,
+            &self.name,
+            event.event_id,
+            event.metadata.correlation_id,
+        )?;
+        self.manager.handle(event, &mut dispatcher).await
+    }
+}
+
+/// Runs a [`ProcessManager`]: a [`ProjectionRunner`] whose projection dispatches
+/// commands. Catch up, follow live, run as the single leader, rewind: all as for
+/// projections.
+///
+/// # Examples
+///
+/// ```
+/// # use eventcore::{Dispatcher, ProcessManager, StoredEvent};
+/// # struct Mailer;
+/// # impl ProcessManager for Mailer {
+/// #     type Event = serde_json::Value;
+/// #     fn name(&self) -> &str { "mailer" }
+/// #     async fn handle(&mut self, _: &StoredEvent<serde_json::Value>, _: &mut Dispatcher<'_>) -> eventcore::Result<()> { Ok(()) }
+/// # }
+/// use std::sync::Arc;
+/// use eventcore::{CommandExecutor, ProcessManagerRunner};
+/// use eventcore_memory::InMemoryEventStore;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> eventcore::Result<()> {
+/// let store = InMemoryEventStore::new();
+/// let executor = CommandExecutor::new(store.clone());
+/// let mut runner = ProcessManagerRunner::new(Mailer, executor, Arc::new(store));
+/// runner.catch_up().await?;
+/// // In a service: runner.run_as_leader(&election, shutdown_signal).await?
+/// # Ok(())
+/// # }
+/// ```
+pub struct ProcessManagerRunner<M: ProcessManager> {
+    runner: ProjectionRunner<Managed<M>>,
+}
+
+impl<M: ProcessManager> ProcessManagerRunner<M> {
+    /// The default number of events per batch (and per checkpoint): at most this many
+    /// events are handed over again after a crash.
+    pub const DEFAULT_BATCH_SIZE: usize = 100;
+
+    /// A runner for `manager`, reading the executor's store, dispatching through
+    /// `executor` and keeping its checkpoint in `checkpoints`.
+    pub fn new(
+        manager: M,
+        executor: CommandExecutor,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> Self {
+        let name = manager.name().to_owned();
+        let events = Arc::clone(executor.store());
+        let managed = Managed {
+            manager,
+            name,
+            executor,
+        };
+        ProcessManagerRunner {
+            runner: ProjectionRunner::new(managed, events, checkpoints)
+                .with_batch_size(Self::DEFAULT_BATCH_SIZE),
+        }
+    }
+
+    /// Events per batch; the checkpoint is saved after each (at least 1).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.runner = self.runner.with_batch_size(batch_size);
+        self
+    }
+
+    /// What to do with events whose handling keeps failing.
+    pub fn with_error_policy(mut self, policy: ProjectionErrorPolicy) -> Self {
+        self.runner = self.runner.with_error_policy(policy);
+        self
+    }
+
+    /// Live figures: checkpoint, lag, events handled, leadership.
+    pub fn metrics(&self) -> ProjectionMetrics {
+        self.runner.metrics()
+    }
+
+    /// The process manager.
+    pub fn manager(&self) -> &M {
+        &self.runner.projection().manager
+    }
+
+    /// Handles every event up to the end of the log as last read, then returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`] for a name that is not valid;
+    /// [`Error::ProjectionFailed`] when an event's handling keeps failing and the policy
+    /// says stop; store errors.
+    pub async fn catch_up(&mut self) -> Result<RunSummary> {
+        check_manager_name(self.manager().name())?;
+        self.runner.catch_up().await
+    }
+
+    /// Catches up, then follows the log live until `shutdown` completes.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProcessManagerRunner::catch_up`].
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<RunSummary> {
+        check_manager_name(self.manager().name())?;
+        self.runner.run(shutdown).await
+    }
+
+    /// Like [`ProcessManagerRunner::run`], but only while this instance holds the
+    /// leadership over the manager's name (see [`ProjectionRunner::run_as_leader`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`ProcessManagerRunner::catch_up`], and the election's errors.
+    pub async fn run_as_leader(
+        &mut self,
+        election: &dyn LeaderElection,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<RunSummary> {
+        check_manager_name(self.manager().name())?;
+        self.runner.run_as_leader(election, shutdown).await
+    }
+}
+
+impl<M: ProcessManager> fmt::Debug for ProcessManagerRunner<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessManagerRunner")
+            .field("runner", &self.runner)
+            .finish()
+    }
+}

@@ -1,0 +1,394 @@
+//! The Payment service: owns `payment-<order id>`. Asks the card gateway for payments,
+//! records its answers, refunds.
+//!
+//! The gateway is outside the event store: it answers later (or never). Its adapter is a
+//! process manager that reacts to `PaymentRequested`, calls the gateway with the event id
+//! as the gateway's own idempotency key, and records the answer with a command.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use eventcore::{
+    Command, CommandLogic, CommandResult, Dispatcher, ProcessManager, ProjectionFilter,
+    ReadStreams, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
+};
+use serde::{Deserialize, Serialize};
+
+use super::contracts::{Cents, PaymentEvent, payment_stream};
+
+/// A payment, as folded from its stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PaymentStatus {
+    /// Never requested.
+    #[default]
+    None,
+    /// Asked of the gateway, no answer yet.
+    Requested {
+        /// How much.
+        amount: Cents,
+    },
+    /// Charged.
+    Captured {
+        /// How much.
+        amount: Cents,
+    },
+    /// Refused by the gateway.
+    Declined,
+    /// Withdrawn before the gateway answered.
+    Voided {
+        /// How much was asked.
+        amount: Cents,
+    },
+    /// Charged, then paid back.
+    Refunded,
+}
+
+impl PaymentStatus {
+    /// Folds one payment event.
+    pub fn apply(&mut self, event: &PaymentEvent) {
+        *self = match (*self, event) {
+            (_, PaymentEvent::PaymentRequested { amount, .. }) => {
+                PaymentStatus::Requested { amount: *amount }
+            }
+            (_, PaymentEvent::PaymentCaptured { amount, .. }) => {
+                PaymentStatus::Captured { amount: *amount }
+            }
+            (_, PaymentEvent::PaymentDeclined { .. }) => PaymentStatus::Declined,
+            (PaymentStatus::Requested { amount }, PaymentEvent::PaymentVoided { .. }) => {
+                PaymentStatus::Voided { amount }
+            }
+            (_, PaymentEvent::PaymentVoided { .. }) => PaymentStatus::Voided { amount: 0 },
+            (_, PaymentEvent::PaymentRefunded { .. }) => PaymentStatus::Refunded,
+        };
+    }
+}
+
+/// Asks for an order's payment; asking again changes nothing.
+#[derive(Debug, Clone, Command)]
+pub struct ProcessPayment {
+    /// `payment-<order id>`.
+    #[stream]
+    pub payment: StreamId,
+    /// The order.
+    pub order_id: String,
+    /// How much.
+    pub amount: Cents,
+    /// The card token.
+    pub card: String,
+}
+
+impl ProcessPayment {
+    /// The payment of `amount` for `order_id` with `card`.
+    pub fn new(order_id: &str, amount: Cents, card: &str) -> eventcore::Result<Self> {
+        Ok(ProcessPayment {
+            payment: payment_stream(order_id)?,
+            order_id: order_id.to_owned(),
+            amount,
+            card: card.to_owned(),
+        })
+    }
+}
+
+impl CommandLogic for ProcessPayment {
+    type State = PaymentStatus;
+    type Event = PaymentEvent;
+
+    fn apply(&self, state: &mut PaymentStatus, event: &StoredEvent<PaymentEvent>) {
+        state.apply(&event.payload);
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        state: PaymentStatus,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, PaymentEvent>>> {
+        require!(
+            self.amount > 0,
+            "a payment of 0 for order {}",
+            self.order_id
+        );
+        if state != PaymentStatus::None {
+            return Ok(Vec::new());
+        }
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            self.payment.clone(),
+            PaymentEvent::PaymentRequested {
+                order_id: self.order_id.clone(),
+                amount: self.amount,
+                card: self.card.clone(),
+            },
+        )?])
+    }
+}
+
+/// What the gateway said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GatewayAnswer {
+    /// Charged, under this reference.
+    Approved {
+        /// The gateway's reference.
+        reference: String,
+    },
+    /// Refused.
+    Declined {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Records the gateway's answer. A repeated answer changes nothing; an approval that
+/// arrives after the payment was voided is recorded and paid back at once, so no money
+/// is kept for a cancelled order.
+#[derive(Debug, Clone, Command)]
+pub struct RecordGatewayAnswer {
+    /// `payment-<order id>`.
+    #[stream]
+    pub payment: StreamId,
+    /// The order.
+    pub order_id: String,
+    /// The answer.
+    pub answer: GatewayAnswer,
+}
+
+impl CommandLogic for RecordGatewayAnswer {
+    type State = PaymentStatus;
+    type Event = PaymentEvent;
+
+    fn apply(&self, state: &mut PaymentStatus, event: &StoredEvent<PaymentEvent>) {
+        state.apply(&event.payload);
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        state: PaymentStatus,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, PaymentEvent>>> {
+        let order_id = self.order_id.clone();
+        let events = match (state, &self.answer) {
+            (PaymentStatus::Requested { amount }, GatewayAnswer::Approved { reference }) => {
+                vec![PaymentEvent::PaymentCaptured {
+                    order_id,
+                    amount,
+                    reference: reference.clone(),
+                }]
+            }
+            (PaymentStatus::Requested { .. }, GatewayAnswer::Declined { reason }) => {
+                vec![PaymentEvent::PaymentDeclined {
+                    order_id,
+                    reason: reason.clone(),
+                }]
+            }
+            (PaymentStatus::Voided { amount }, GatewayAnswer::Approved { reference }) => vec![
+                PaymentEvent::PaymentCaptured {
+                    order_id: order_id.clone(),
+                    amount,
+                    reference: reference.clone(),
+                },
+                PaymentEvent::PaymentRefunded { order_id, amount },
+            ],
+            (PaymentStatus::None, _) => {
+                return Err(eventcore::Error::BusinessRuleViolation(format!(
+                    "no payment was requested for order {}",
+                    self.order_id
+                )));
+            }
+            // Answered already, or a refusal after a void: nothing happened.
+            _ => Vec::new(),
+        };
+        events
+            .into_iter()
+            .map(|event| StreamWrite::new(&read_streams, self.payment.clone(), event))
+            .collect()
+    }
+}
+
+/// Pays back a captured payment, or voids one still waiting for the gateway; nothing to
+/// do for a payment never requested, declined or already undone.
+#[derive(Debug, Clone, Command)]
+pub struct RefundPayment {
+    /// `payment-<order id>`.
+    #[stream]
+    pub payment: StreamId,
+    /// The order.
+    pub order_id: String,
+}
+
+impl RefundPayment {
+    /// The refund of `order_id`'s payment.
+    pub fn new(order_id: &str) -> eventcore::Result<Self> {
+        Ok(RefundPayment {
+            payment: payment_stream(order_id)?,
+            order_id: order_id.to_owned(),
+        })
+    }
+}
+
+impl CommandLogic for RefundPayment {
+    type State = PaymentStatus;
+    type Event = PaymentEvent;
+
+    fn apply(&self, state: &mut PaymentStatus, event: &StoredEvent<PaymentEvent>) {
+        state.apply(&event.payload);
+    }
+
+    fn handle(
+        &self,
+        read_streams: ReadStreams<Self::StreamSet>,
+        state: PaymentStatus,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, PaymentEvent>>> {
+        let order_id = self.order_id.clone();
+        let event = match state {
+            PaymentStatus::Captured { amount } => {
+                PaymentEvent::PaymentRefunded { order_id, amount }
+            }
+            PaymentStatus::Requested { .. } => PaymentEvent::PaymentVoided { order_id },
+            _ => return Ok(Vec::new()),
+        };
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            self.payment.clone(),
+            event,
+        )?])
+    }
+}
+
+/// How the simulated gateway treats a card token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardBehaviour {
+    /// Charges it.
+    Approve,
+    /// Refuses it.
+    Decline,
+    /// Never answers (a lost callback, a gateway outage).
+    NeverAnswer,
+}
+
+/// A card gateway simulation: charges at most once per idempotency key, as real gateways
+/// do, and counts what it did. Tokens ending in `-decline` are refused, tokens ending in
+/// `-hang` are never answered, the rest are charged.
+#[derive(Debug, Default)]
+pub struct FakeGateway {
+    /// Charges by idempotency key: (reference, description, amount).
+    charges: Mutex<HashMap<String, (String, String, Cents)>>,
+    calls: Mutex<u64>,
+}
+
+impl FakeGateway {
+    /// How a card token behaves.
+    pub fn behaviour(card: &str) -> CardBehaviour {
+        if card.ends_with("-decline") {
+            CardBehaviour::Decline
+        } else if card.ends_with("-hang") {
+            CardBehaviour::NeverAnswer
+        } else {
+            CardBehaviour::Approve
+        }
+    }
+
+    /// Charges `amount` to `card` once per `key`, with `description` on the statement;
+    /// `None` when it never answers.
+    pub fn charge(
+        &self,
+        key: &str,
+        description: &str,
+        card: &str,
+        amount: Cents,
+    ) -> Option<GatewayAnswer> {
+        *self.calls.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        match Self::behaviour(card) {
+            CardBehaviour::Decline => Some(GatewayAnswer::Declined {
+                reason: format!("card {card} declined"),
+            }),
+            CardBehaviour::NeverAnswer => None,
+            CardBehaviour::Approve => Some(self.capture(key, description, amount)),
+        }
+    }
+
+    /// A charge the gateway makes after all, long after it was asked (a hung request
+    /// that went through in the end): charged once per `key`, like any other.
+    pub fn capture(&self, key: &str, description: &str, amount: Cents) -> GatewayAnswer {
+        let mut charges = self.charges.lock().unwrap_or_else(|e| e.into_inner());
+        let next = charges.len() + 1;
+        let (reference, _, _) = charges
+            .entry(key.to_owned())
+            .or_insert_with(|| (format!("ch_{next:04}"), description.to_owned(), amount));
+        GatewayAnswer::Approved {
+            reference: reference.clone(),
+        }
+    }
+
+    /// How many distinct charges carry `description`.
+    pub fn charges_for(&self, description: &str) -> usize {
+        self.charges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|(_, d, _)| d == description)
+            .count()
+    }
+
+    /// Calls received, repeats included.
+    pub fn calls(&self) -> u64 {
+        *self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The gateway adapter: for every `PaymentRequested`, charges the card through the
+/// gateway (keyed by the event id, so a redelivered request is not charged again) and
+/// records the answer.
+pub struct PaymentGatewayAdapter {
+    gateway: std::sync::Arc<FakeGateway>,
+    filter: ProjectionFilter,
+}
+
+impl PaymentGatewayAdapter {
+    /// An adapter over `gateway`.
+    pub fn new(gateway: std::sync::Arc<FakeGateway>) -> eventcore::Result<Self> {
+        let filter = ProjectionFilter::all()
+            .stream_prefix("payment-")
+            .event_types(["PaymentRequested"])?;
+        Ok(PaymentGatewayAdapter { gateway, filter })
+    }
+}
+
+impl ProcessManager for PaymentGatewayAdapter {
+    type Event = PaymentEvent;
+
+    fn name(&self) -> &str {
+        "payment-gateway"
+    }
+
+    fn filter(&self) -> ProjectionFilter {
+        self.filter.clone()
+    }
+
+    async fn handle(
+        &mut self,
+        event: &StoredEvent<PaymentEvent>,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        let PaymentEvent::PaymentRequested {
+            order_id,
+            amount,
+            card,
+        } = &event.payload
+        else {
+            return Ok(());
+        };
+        let key = event.event_id.to_string();
+        if let Some(answer) = self.gateway.charge(&key, order_id, card, *amount) {
+            dispatcher
+                .dispatch(&RecordGatewayAnswer {
+                    payment: event.stream_id.clone(),
+                    order_id: order_id.clone(),
+                    answer,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
