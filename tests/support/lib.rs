@@ -2,4 +2,5 @@
 //! invariants every backend must keep under concurrency.
 
 pub mod bank;
+pub mod ecommerce;
 pub mod postgres;
