@@ -18,6 +18,10 @@
 //! - A [`Projection`] builds a read model from the global log; the [`ProjectionRunner`]
 //!   catches it up from its durable checkpoint ([`CheckpointStore`]) in batches, then
 //!   follows the log live, with an explicit policy for events it cannot process.
+//! - A [`ProcessManager`] reacts to events by dispatching commands through a
+//!   [`Dispatcher`] (causation = the event, an idempotency key derived from it, so a
+//!   redelivered event never repeats a side effect); [`saga`] builds sagas on it: progress
+//!   in the saga's own stream, compensation in reverse order, durable timeouts.
 //! - An [`EventStore`] is the storage contract (object safe: `Arc<dyn EventStore>`).
 //!   `eventcore-memory` provides the in-memory store for tests and examples; the
 //!   conformance suite in `testing` keeps every backend equally strict.
@@ -167,4 +171,7 @@ mod manual {
 
     #[doc = include_str!("../../docs/schema-evolution.md")]
     struct SchemaEvolution;
+
+    #[doc = include_str!("../../docs/sagas.md")]
+    struct Sagas;
 }
