@@ -1,6 +1,6 @@
 //! Process managers: consumers of the global log that react to events by dispatching
-//! commands, with a durable checkpoint, one active instance, and side effects that are
-//! never repeated when an event is delivered again.
+//! commands, with a durable checkpoint, one leader at a time, and dispatched commands
+//! that are not executed twice when an event is delivered again.
 
 use std::fmt;
 use std::future::Future;
@@ -36,9 +36,19 @@ pub const MAX_PROCESS_MANAGER_NAME_LEN: usize = 200;
 /// outcome instead of executing again.
 ///
 /// For that, `handle` must dispatch the same commands in the same order when it is
-/// handed the same event again. Read what it decides from from the event and from the
-/// store (whose answers only move forward); do not draw random numbers or read a clock
-/// to pick commands.
+/// handed the same event again: keys go by position. Read what it decides from from the
+/// event and from the store (whose answers only move forward); do not draw random
+/// numbers or read a clock to pick commands. Two things are not covered by keys: a
+/// command refused for a business reason stores no key and runs again on redelivery
+/// (so do not branch into *different* commands on a refusal that may not repeat), and
+/// calls outside the store (a card gateway, a mail server) repeat unless they take a key
+/// of their own — the causing event's id is a good one.
+///
+/// Leadership is checked between batches: a leader that loses its lease finishes the
+/// batch it is in. Commands whose effect must not happen after a competing decision
+/// should read the stream that decision is written to (optimistic concurrency then
+/// refuses the stale one), or be made harmless by the compensations (see
+/// [`crate::saga::Saga`]).
 ///
 /// # Examples
 ///

@@ -7,8 +7,10 @@
 //!   step, what each step and compensation dispatches).
 //! - The saga stream `saga/<name>/<instance>` holds [`SagaEvent`]s, written only by the
 //!   saga's own commands. Every transition is decided by a command from the folded
-//!   stream ([`SagaState`]) under optimistic concurrency, so duplicates and late answers
-//!   are recognised from what is stored and change nothing.
+//!   stream ([`SagaState`]) under optimistic concurrency, so duplicate answers, answers
+//!   after the deadline, and timeouts after the answer are recognised from what is
+//!   stored and change nothing. (An answer for a step that has not started is dropped
+//!   too: it cannot happen when the step's own command is what asks for the answer.)
 //! - [`SagaManager`]: the [`ProcessManager`] that performs the steps and compensations
 //!   the stream asks for and records the answers. Run it with a
 //!   [`crate::ProcessManagerRunner`] (durable checkpoint, one leader, idempotent
@@ -175,12 +177,13 @@ impl SagaStep {
 
     fn deadline(&self, started: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let timeout = self.timeout_ms?;
-        let timeout = chrono::Duration::try_milliseconds(i64::try_from(timeout).ok()?)?;
-        Some(
-            started
-                .checked_add_signed(timeout)
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
-        )
+        // A timeout beyond what a date can hold is a deadline at the end of time, not
+        // no deadline.
+        let deadline = i64::try_from(timeout)
+            .ok()
+            .and_then(chrono::Duration::try_milliseconds)
+            .and_then(|timeout| started.checked_add_signed(timeout));
+        Some(deadline.unwrap_or(DateTime::<Utc>::MAX_UTC))
     }
 }
 
@@ -262,8 +265,19 @@ pub struct SagaContext<'a, I> {
 /// through the [`Dispatcher`] they are given (idempotent, causation = the saga event).
 /// When a step fails, the steps that succeeded before it are compensated in reverse
 /// order; a step that timed out is compensated too (its outcome is unknown), first.
+///
 /// Compensations must therefore accept "nothing to undo" and "the step's late answer
-/// comes after the undo" (a refund of a payment not yet captured voids it, say).
+/// comes after the undo" (a refund of a payment not yet captured voids it, say). They
+/// must also leave a mark when there was nothing to undo, because the step's forward
+/// action can still arrive after them: the manager checks that a step runs before
+/// performing it, but a manager that stalled between that check and its dispatch (or a
+/// leader that lost its lease mid-batch) performs it after the timer compensated it. A
+/// refund of a payment never requested records a void that refuses the later request;
+/// a release of stock never reserved closes the order's reservation.
+///
+/// `perform` and `compensate` are looked up by step name in the code that runs: the
+/// names and order of the steps are recorded when an instance starts, the code behind
+/// each name is today's.
 pub trait Saga: Send + Sync + 'static {
     /// What an instance works on; stored in its first event.
     type Input: Serialize + DeserializeOwned + Send + Sync + 'static;
@@ -271,11 +285,11 @@ pub trait Saga: Send + Sync + 'static {
     type Event: DeserializeOwned + Send + Sync + 'static;
 
     /// The saga's name: its streams are `saga/<name>/<instance>`, its manager and timer
-    /// run under it. At most 190 bytes.
+    /// run under it. At most 190 bytes, no `/`.
     fn name(&self) -> &str;
 
-    /// The steps, in forward order. Recorded when an instance starts: an instance runs
-    /// the plan it started with.
+    /// The steps, in forward order. Recorded when an instance starts: an instance keeps
+    /// the step names, order and timeouts it started with.
     fn steps(&self) -> Vec<SagaStep>;
 
     /// The event types that start instances or answer steps.
@@ -323,6 +337,14 @@ fn check_saga_name(name: &str) -> Result<()> {
                 len: name.len(),
                 max: MAX_SAGA_NAME_LEN,
             },
+        });
+    }
+    // `saga/<name>/<instance>` must name one saga only: with a `/` in names, saga `a`
+    // instance `b/1` and saga `a/b` instance `1` would share a stream.
+    if name.contains('/') {
+        return Err(Error::InvalidSaga {
+            saga: name.to_owned(),
+            reason: "a saga name cannot contain `/`".to_owned(),
         });
     }
     Ok(())
@@ -498,6 +520,7 @@ pub enum StepStatus {
 /// An instance folded from its saga stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaState {
+    saga: String,
     instance: String,
     input: Value,
     steps: Vec<SagaStep>,
@@ -509,6 +532,7 @@ pub struct SagaState {
 impl Default for SagaState {
     fn default() -> Self {
         SagaState {
+            saga: String::new(),
             instance: String::new(),
             input: Value::Null,
             steps: Vec::new(),
@@ -542,11 +566,12 @@ impl SagaState {
     pub fn apply(&mut self, event: &SagaEvent) {
         match event {
             SagaEvent::Started {
+                saga,
                 instance,
                 input,
                 steps,
-                ..
             } => {
+                self.saga.clone_from(saga);
                 self.instance.clone_from(instance);
                 self.input = input.clone();
                 self.steps = steps.clone();
@@ -595,6 +620,11 @@ impl SagaState {
         self.phase
     }
 
+    /// The saga's name (empty before it started).
+    pub fn saga(&self) -> &str {
+        &self.saga
+    }
+
     /// The instance's name (empty before it started).
     pub fn instance(&self) -> &str {
         &self.instance
@@ -628,8 +658,11 @@ impl SagaState {
     /// [`Error::InvalidSaga`] when the stored input does not decode into `I`.
     pub fn input<I: DeserializeOwned>(&self) -> Result<I> {
         serde_json::from_value(self.input.clone()).map_err(|error| Error::InvalidSaga {
-            saga: self.instance.clone(),
-            reason: format!("the stored input does not decode: {error}"),
+            saga: self.saga.clone(),
+            reason: format!(
+                "the stored input of instance `{}` does not decode: {error}",
+                self.instance
+            ),
         })
     }
 
@@ -1099,10 +1132,15 @@ impl<S: Saga> ProcessManager for SagaManager<S> {
         event: &StoredEvent<Value>,
         dispatcher: &mut Dispatcher<'_>,
     ) -> Result<()> {
-        if event.stream_id.as_str().starts_with(&self.prefix) {
+        let stream = event.stream_id.as_str();
+        let step_event = matches!(
+            event.event_type.as_str(),
+            event_types::STEP_STARTED | event_types::COMPENSATION_STARTED
+        );
+        if stream.starts_with(&self.prefix) {
             self.on_saga_event(event, dispatcher).await
-        } else if event.stream_id.as_str().starts_with("saga/") {
-            // Another saga's step events: not for this one.
+        } else if step_event && stream.starts_with("saga/") {
+            // Another saga's steps (this filter asks for every saga's): not for this one.
             Ok(())
         } else {
             self.on_other_event(event, dispatcher).await
@@ -1274,6 +1312,9 @@ impl SagaTimer {
             .map(|(key, d)| (key.clone(), d.clone()))
             .collect();
         let mut fired = 0;
+        let mut first_error = None;
+        // One failed timeout must not hold back the others: all are tried, the first
+        // error is returned after, and the failed ones stay pending for the next call.
         for ((stream, step), deadline) in due {
             let mut dispatcher = Dispatcher::new(
                 &self.executor,
@@ -1286,25 +1327,56 @@ impl SagaTimer {
                 step,
                 now,
             };
-            dispatcher.dispatch(&command).await?;
-            tracing::info!(%stream, step, deadline = %deadline.deadline, "saga step deadline passed");
-            self.pending.remove(&(stream, step));
-            fired += 1;
+            match dispatcher.dispatch(&command).await {
+                Ok(_) => {
+                    tracing::info!(%stream, step, deadline = %deadline.deadline, "saga step deadline passed");
+                    self.pending.remove(&(stream, step));
+                    fired += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(%stream, step, %error, "timing a saga step out failed");
+                    first_error.get_or_insert(error);
+                }
+            }
         }
-        Ok(fired)
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(fired),
+        }
     }
 
     /// Catches up and fires what is due, then waits for new saga events or the next
-    /// deadline, until `shutdown` completes.
+    /// deadline, until `shutdown` completes. Retryable failures (a lost connection, a
+    /// conflict that outlasted the executor's retries) are retried with backoff.
     ///
     /// # Errors
     ///
-    /// As [`SagaTimer::catch_up`] and [`SagaTimer::fire_due`].
+    /// A failure that is not retryable, from [`SagaTimer::catch_up`] or
+    /// [`SagaTimer::fire_due`].
     pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let backoff = crate::RetryPolicy::new()
+            .with_initial_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5));
+        let mut failures = 0;
         loop {
-            self.catch_up().await?;
-            self.fire_due().await?;
+            let step = async {
+                self.catch_up().await?;
+                self.fire_due().await
+            };
+            match step.await {
+                Ok(_) => failures = 0,
+                Err(error) if error.is_retryable() || is_exhausted(&error) => {
+                    failures += 1;
+                    let delay = backoff.delay_before_retry(failures);
+                    tracing::warn!(%error, ?delay, "saga timer failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
             let next = self.next_deadline();
             let clock = Arc::clone(&self.clock);
             let deadline = async move {
@@ -1316,12 +1388,24 @@ impl SagaTimer {
             let store = Arc::clone(self.executor.store());
             let after = self.scanned.max(self.position);
             tokio::select! {
-                waited = store.wait_for_events(after) => waited?,
+                waited = store.wait_for_events(after) => match waited {
+                    Ok(()) => {}
+                    // The next round's catch-up meets the failure again and backs off.
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(%error, "waiting for saga events failed");
+                    }
+                    Err(error) => return Err(error),
+                },
                 () = deadline => {}
                 () = &mut shutdown => return Ok(()),
             }
         }
     }
+}
+
+/// Retries that ran out on a retryable failure: worth trying again later.
+fn is_exhausted(error: &Error) -> bool {
+    matches!(error, Error::RetriesExhausted { last, .. } if last.is_retryable())
 }
 
 impl fmt::Debug for SagaTimer {

@@ -631,8 +631,13 @@ async fn invalid_saga_definitions_are_typed_errors() {
         Err(Error::InvalidProjectionName { .. })
     ));
     assert!(matches!(
-        SagaTimer::new("bad\nname", executor, clock),
+        SagaTimer::new("bad\nname", executor.clone(), Arc::clone(&clock)),
         Err(Error::InvalidProjectionName { .. })
+    ));
+    // `saga/a/b/1` must belong to one saga only.
+    assert!(matches!(
+        SagaTimer::new("a/b", executor, clock),
+        Err(Error::InvalidSaga { .. })
     ));
 }
 

@@ -1,6 +1,8 @@
 //! The published language between the services: their events, the stream naming, and the
 //! values they exchange. Each service owns the streams named here for it and is the only
-//! one to write them; the others learn about them from events.
+//! one to write them (the saga asks a service to write through that service's commands);
+//! the others learn about them from events, from the log or by reading a stream in a
+//! command (as `ReserveStock` reads the order's).
 
 use eventcore::{Event, StreamId};
 use serde::{Deserialize, Serialize};

@@ -17,6 +17,8 @@ pub struct ProductStock {
     pub available: i64,
     /// Units reserved for the order in question.
     pub reserved_for_order: i64,
+    /// Whether the order's reservation was released (closed) in this stream.
+    pub released_for_order: bool,
 }
 
 impl ProductStock {
@@ -38,6 +40,7 @@ impl ProductStock {
                 self.available += i64::from(*quantity);
                 if order_id == order {
                     self.reserved_for_order -= i64::from(*quantity);
+                    self.released_for_order = true;
                 }
             }
         }
@@ -175,6 +178,14 @@ impl CommandLogic for ReserveStock {
         for (sku, quantity) in wanted(&self.lines) {
             let stream = product_stream(&sku)?;
             let stock = state.products.get(&stream).copied().unwrap_or_default();
+            // A release closes the order's reservation for good: a reservation that
+            // arrives after it (from a saga instance that stalled) must not hold stock
+            // for an order on its way to cancellation.
+            require!(
+                !stock.released_for_order,
+                "the reservation of order {} was released",
+                self.order_id
+            );
             // Already reserved for this order (a repeated request): nothing more.
             let missing = quantity - stock.reserved_for_order;
             if missing <= 0 {
@@ -202,13 +213,16 @@ impl CommandLogic for ReserveStock {
     }
 }
 
-/// Gives back whatever is reserved for an order, product by product; releasing again
-/// changes nothing.
+/// Gives back whatever is reserved for an order, product by product, and closes the
+/// order's reservation: a release is recorded even where nothing was held, so that a
+/// reservation arriving after it is refused. Releasing again changes nothing.
 #[derive(Debug, Clone, Command)]
 pub struct ReleaseStock {
     /// `product-<sku>` for every product of the order.
     #[stream]
     pub products: Vec<StreamId>,
+    /// The skus, in the order of `products`.
+    pub skus: Vec<String>,
     /// The order id.
     pub order_id: String,
 }
@@ -216,31 +230,28 @@ pub struct ReleaseStock {
 impl ReleaseStock {
     /// The release of what `order_id` holds of the products in `lines`.
     pub fn new(order_id: &str, lines: &[OrderLine]) -> eventcore::Result<Self> {
-        let products = wanted(lines)
-            .keys()
+        let skus: Vec<String> = wanted(lines).into_keys().collect();
+        let products = skus
+            .iter()
             .map(|sku| product_stream(sku))
             .collect::<eventcore::Result<_>>()?;
         Ok(ReleaseStock {
             products,
+            skus,
             order_id: order_id.to_owned(),
         })
     }
 }
 
 impl CommandLogic for ReleaseStock {
-    type State = BTreeMap<StreamId, (String, ProductStock)>;
+    type State = HashMap<StreamId, ProductStock>;
     type Event = InventoryEvent;
 
     fn apply(&self, state: &mut Self::State, event: &StoredEvent<InventoryEvent>) {
-        let sku = match &event.payload {
-            InventoryEvent::StockAdded { sku, .. }
-            | InventoryEvent::StockReserved { sku, .. }
-            | InventoryEvent::StockReleased { sku, .. } => sku,
-        };
-        let entry = state
+        state
             .entry(event.stream_id.clone())
-            .or_insert_with(|| (sku.clone(), ProductStock::default()));
-        entry.1.apply(&event.payload, &self.order_id);
+            .or_default()
+            .apply(&event.payload, &self.order_id);
     }
 
     fn handle(
@@ -249,19 +260,24 @@ impl CommandLogic for ReleaseStock {
         state: Self::State,
         _: &mut StreamResolver,
     ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, InventoryEvent>>> {
+        require!(
+            self.products.len() == self.skus.len(),
+            "{} product streams for {} skus",
+            self.products.len(),
+            self.skus.len()
+        );
         let mut writes = Vec::new();
-        for (stream, (sku, stock)) in state {
-            let Ok(quantity) = u32::try_from(stock.reserved_for_order) else {
-                continue;
-            };
-            if quantity == 0 {
+        for (stream, sku) in self.products.iter().zip(&self.skus) {
+            let stock = state.get(stream).copied().unwrap_or_default();
+            let quantity = u32::try_from(stock.reserved_for_order.max(0)).unwrap_or(u32::MAX);
+            if stock.released_for_order && quantity == 0 {
                 continue;
             }
             writes.push(StreamWrite::new(
                 &read_streams,
-                stream,
+                stream.clone(),
                 InventoryEvent::StockReleased {
-                    sku,
+                    sku: sku.clone(),
                     order_id: self.order_id.clone(),
                     quantity,
                 },

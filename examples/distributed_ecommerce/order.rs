@@ -32,11 +32,30 @@ impl OrderStatus {
     }
 }
 
+/// The longest order id or sku: every stream named after them (including the saga's)
+/// stays a valid stream id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Checks an order id or sku: 1 to [`MAX_ID_LEN`] ASCII letters, digits, `-` or `_`.
+pub fn check_id(what: &str, id: &str) -> eventcore::Result<()> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    require!(
+        valid,
+        "{what} {id:?} must be 1 to {MAX_ID_LEN} letters, digits, `-` or `_`"
+    );
+    Ok(())
+}
+
 /// The sum of the lines, refusing overflow and empty or zero lines.
 pub fn order_total(lines: &[OrderLine]) -> eventcore::Result<Cents> {
     require!(!lines.is_empty(), "an order needs at least one line");
     let mut total: Cents = 0;
     for line in lines {
+        check_id("sku", &line.sku)?;
         require!(line.quantity > 0, "line `{}` has quantity 0", line.sku);
         let amount = line
             .unit_price
@@ -84,11 +103,17 @@ impl CommandLogic for CreateOrder {
         state: OrderStatus,
         _: &mut StreamResolver,
     ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, OrderEvent>>> {
+        check_id("order id", &self.order_id)?;
         require!(
             state == OrderStatus::Missing,
             "order {} already exists",
             self.order_id
         );
+        require!(
+            !self.customer.trim().is_empty(),
+            "an order needs a customer"
+        );
+        require!(!self.card.trim().is_empty(), "an order needs a card token");
         let total = order_total(&self.lines)?;
         Ok(vec![StreamWrite::new(
             &read_streams,

@@ -33,7 +33,10 @@ pub enum PaymentStatus {
         amount: Cents,
     },
     /// Refused by the gateway.
-    Declined,
+    Declined {
+        /// How much was asked.
+        amount: Cents,
+    },
     /// Withdrawn before the gateway answered.
     Voided {
         /// How much was asked.
@@ -53,7 +56,10 @@ impl PaymentStatus {
             (_, PaymentEvent::PaymentCaptured { amount, .. }) => {
                 PaymentStatus::Captured { amount: *amount }
             }
-            (_, PaymentEvent::PaymentDeclined { .. }) => PaymentStatus::Declined,
+            (PaymentStatus::Requested { amount }, PaymentEvent::PaymentDeclined { .. }) => {
+                PaymentStatus::Declined { amount }
+            }
+            (_, PaymentEvent::PaymentDeclined { .. }) => PaymentStatus::Declined { amount: 0 },
             (PaymentStatus::Requested { amount }, PaymentEvent::PaymentVoided { .. }) => {
                 PaymentStatus::Voided { amount }
             }
@@ -63,7 +69,8 @@ impl PaymentStatus {
     }
 }
 
-/// Asks for an order's payment; asking again changes nothing.
+/// Asks for an order's payment; asking again, or after the payment was voided, changes
+/// nothing.
 #[derive(Debug, Clone, Command)]
 pub struct ProcessPayment {
     /// `payment-<order id>`.
@@ -139,8 +146,8 @@ pub enum GatewayAnswer {
 }
 
 /// Records the gateway's answer. A repeated answer changes nothing; an approval that
-/// arrives after the payment was voided is recorded and paid back at once, so no money
-/// is kept for a cancelled order.
+/// arrives after the payment was voided (or declined) is recorded and paid back at once,
+/// so no money is kept for a cancelled order.
 #[derive(Debug, Clone, Command)]
 pub struct RecordGatewayAnswer {
     /// `payment-<order id>`.
@@ -181,7 +188,12 @@ impl CommandLogic for RecordGatewayAnswer {
                     reason: reason.clone(),
                 }]
             }
-            (PaymentStatus::Voided { amount }, GatewayAnswer::Approved { reference }) => vec![
+            // Money taken for a payment that was withdrawn or refused: recorded, and paid
+            // back at once.
+            (
+                PaymentStatus::Voided { amount } | PaymentStatus::Declined { amount },
+                GatewayAnswer::Approved { reference },
+            ) => vec![
                 PaymentEvent::PaymentCaptured {
                     order_id: order_id.clone(),
                     amount,
@@ -205,8 +217,10 @@ impl CommandLogic for RecordGatewayAnswer {
     }
 }
 
-/// Pays back a captured payment, or voids one still waiting for the gateway; nothing to
-/// do for a payment never requested, declined or already undone.
+/// Pays back a captured payment, or voids one still waiting for the gateway. A payment
+/// never requested is voided too, so that a request arriving after it (from a saga
+/// instance that stalled) is refused; nothing to do for a payment declined or already
+/// undone.
 #[derive(Debug, Clone, Command)]
 pub struct RefundPayment {
     /// `payment-<order id>`.
@@ -245,7 +259,9 @@ impl CommandLogic for RefundPayment {
             PaymentStatus::Captured { amount } => {
                 PaymentEvent::PaymentRefunded { order_id, amount }
             }
-            PaymentStatus::Requested { .. } => PaymentEvent::PaymentVoided { order_id },
+            PaymentStatus::Requested { .. } | PaymentStatus::None => {
+                PaymentEvent::PaymentVoided { order_id }
+            }
             _ => return Ok(Vec::new()),
         };
         Ok(vec![StreamWrite::new(

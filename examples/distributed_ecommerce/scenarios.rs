@@ -311,7 +311,7 @@ pub async fn c_payment_declined(shop: &mut Shop, out: &mut Narrative) -> Result<
     let payment = shop.payment_status("C-1").await?;
     ensure!(
         S,
-        payment == PaymentStatus::Declined,
+        matches!(payment, PaymentStatus::Declined { .. }),
         "payment is {payment:?}"
     );
     let lamp = shop.stock("lamp-c").await?;

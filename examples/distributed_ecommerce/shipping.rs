@@ -96,7 +96,8 @@ impl CommandLogic for CreateShipment {
     }
 }
 
-/// Stops a shipment; nothing to do if there is none or it was stopped already.
+/// Stops a shipment. With no shipment yet it records the stop anyway, so a shipment
+/// requested after it is refused; stopping again changes nothing.
 #[derive(Debug, Clone, Command)]
 pub struct CancelShipment {
     /// `shipment-<order id>`.
@@ -130,7 +131,7 @@ impl CommandLogic for CancelShipment {
         state: ShipmentStatus,
         _: &mut StreamResolver,
     ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, ShippingEvent>>> {
-        if state != ShipmentStatus::Created {
+        if state == ShipmentStatus::Cancelled {
             return Ok(Vec::new());
         }
         Ok(vec![StreamWrite::new(

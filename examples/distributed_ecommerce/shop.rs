@@ -101,12 +101,16 @@ impl Shop {
         )
     }
 
-    /// The same services over another store (a wrapper of this one, say), keeping the
-    /// checkpoints, clock and gateway.
-    pub fn with_store(&self, events: Arc<dyn EventStore>) -> eventcore::Result<Shop> {
+    /// The same services over other stores (wrappers of these, say), keeping the clock
+    /// and gateway.
+    pub fn with_stores(
+        &self,
+        events: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> eventcore::Result<Shop> {
         Shop::new(
             events,
-            Arc::clone(&self.checkpoints),
+            checkpoints,
             self.clock.clone(),
             Arc::clone(&self.gateway),
             self.policy.clone(),
