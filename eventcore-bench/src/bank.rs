@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use eventcore::{
     Command, CommandLogic, CommandResult, EventStore, Projection, ProjectionFilter, ReadStreams,
-    StoredEvent, StreamId, StreamResolver, StreamWrite, require,
+    StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
 use serde::{Deserialize, Serialize};
 
@@ -106,6 +106,11 @@ impl CommandLogic for Deposit {
         *balance += event.payload.delta();
     }
 
+    // The state depends on the events and the streams only: it may be cached.
+    fn state_cache(&self) -> StateCache<i64> {
+        StateCache::for_command::<Self>()
+    }
+
     fn handle(
         &self,
         read_streams: ReadStreams<Self::StreamSet>,
@@ -141,6 +146,12 @@ impl CommandLogic for Transfer {
         if event.stream_id == self.from {
             *from_balance += event.payload.delta();
         }
+    }
+
+    // The state is the balance of `from`, folded from `from` alone: one cached state
+    // serves every transfer from that account, whatever its destination.
+    fn state_cache(&self) -> StateCache<i64> {
+        StateCache::for_command::<Self>().folded_from([self.from.clone()])
     }
 
     fn handle(

@@ -120,26 +120,10 @@ impl InMemoryEventStore {
             .value()
             .clone()
     }
-}
 
-impl Default for InMemoryEventStore {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Debug for InMemoryEventStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InMemoryEventStore")
-            .field("events", &self.len())
-            .field("streams", &self.inner.streams.len())
-            .finish()
-    }
-}
-
-#[async_trait]
-impl EventStore for InMemoryEventStore {
-    async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot> {
+    /// One consistent snapshot of `streams`, each from the event after index
+    /// `skip(stream)` (its version read before), with their current versions.
+    fn read(&self, streams: &[StreamId], skip: impl Fn(&StreamId) -> usize) -> StreamsSnapshot {
         let mut ids: Vec<&StreamId> = streams.iter().collect();
         ids.sort();
         ids.dedup();
@@ -169,7 +153,9 @@ impl EventStore for InMemoryEventStore {
                 snapshot
                     .versions
                     .push(((*id).clone(), StreamVersion::new(events.len() as u64)));
-                snapshot.events.extend_from_slice(events);
+                snapshot
+                    .events
+                    .extend_from_slice(events.get(skip(id)..).unwrap_or(&[]));
             }
             drop(guards);
             if ids.len() > 1 {
@@ -183,8 +169,45 @@ impl EventStore for InMemoryEventStore {
                 }
             }
             snapshot.versions = versions;
-            return Ok(snapshot);
+            return snapshot;
         }
+    }
+}
+
+impl Default for InMemoryEventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for InMemoryEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryEventStore")
+            .field("events", &self.len())
+            .field("streams", &self.inner.streams.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot> {
+        Ok(self.read(streams, |_| 0))
+    }
+
+    async fn read_streams_after(
+        &self,
+        streams: &[(StreamId, StreamVersion)],
+    ) -> Result<StreamsSnapshot> {
+        let ids: Vec<StreamId> = streams.iter().map(|(id, _)| id.clone()).collect();
+        Ok(self.read(&ids, |id| {
+            streams
+                .iter()
+                .find(|(stream, _)| stream == id)
+                .map_or(0, |(_, after)| {
+                    usize::try_from(after.value()).unwrap_or(usize::MAX)
+                })
+        }))
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {

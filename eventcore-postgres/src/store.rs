@@ -23,6 +23,7 @@ use crate::notify;
 /// The SQL of every operation, with the schema filled in once at construction.
 pub(crate) struct Sql {
     pub(crate) read_streams: String,
+    pub(crate) read_streams_after: String,
     pub(crate) read_all: String,
     pub(crate) heads: String,
     pub(crate) append: String,
@@ -43,6 +44,7 @@ impl Sql {
         let fill = |template: &str| template.replace("{schema}", &schema.quoted());
         Sql {
             read_streams: fill(include_str!("sql/read_streams.sql")),
+            read_streams_after: fill(include_str!("sql/read_streams_after.sql")),
             read_all: fill(include_str!("sql/read_all.sql")),
             heads: fill(include_str!("sql/heads.sql")),
             append: fill(include_str!("sql/append.sql")),
@@ -387,6 +389,60 @@ impl EventStore for PostgresEventStore {
                 .map(|e| e.stream_version)
                 .max()
                 .unwrap_or(StreamVersion::INITIAL);
+            versions.push((stream.clone(), version));
+        }
+        Ok(StreamsSnapshot { events, versions })
+    }
+
+    async fn read_streams_after(
+        &self,
+        streams: &[(StreamId, StreamVersion)],
+    ) -> eventcore::Result<StreamsSnapshot> {
+        let mut wanted: Vec<(&str, i64)> = Vec::with_capacity(streams.len());
+        for (stream, after) in streams {
+            if wanted.iter().any(|(id, _)| *id == stream.as_str()) {
+                continue;
+            }
+            // No stream reaches past i64::MAX: nothing comes after such a version.
+            wanted.push((
+                stream.as_str(),
+                i64::try_from(after.value()).unwrap_or(i64::MAX),
+            ));
+        }
+        let ids: Vec<&str> = wanted.iter().map(|(id, _)| *id).collect();
+        let afters: Vec<i64> = wanted.iter().map(|(_, after)| *after).collect();
+        let rows = sqlx::query(&self.inner.sql.read_streams_after)
+            .bind(&ids)
+            .bind(&afters)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "reading streams", None))?;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut current: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(wanted.len());
+        for row in &rows {
+            let position: Option<i64> = row.try_get("global_position").map_err(decode_error)?;
+            if position.is_some() {
+                events.push(recorded_from_row(row)?);
+                continue;
+            }
+            // A version row: the stream's current version (NULL: no events).
+            let stream = stream_from(row.try_get("stream_id").map_err(decode_error)?)?;
+            let version: Option<i64> = row.try_get("stream_version").map_err(decode_error)?;
+            let version = match version {
+                Some(version) => version_from(version)?,
+                None => StreamVersion::INITIAL,
+            };
+            current.push((stream, version));
+        }
+        let mut versions: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(streams.len());
+        for (stream, _) in streams {
+            if versions.iter().any(|(id, _)| id == stream) {
+                continue;
+            }
+            let version = current
+                .iter()
+                .find(|(id, _)| id == stream)
+                .map_or(StreamVersion::INITIAL, |(_, version)| *version);
             versions.push((stream.clone(), version));
         }
         Ok(StreamsSnapshot { events, versions })

@@ -1,5 +1,6 @@
 //! Commands: the streams they declare, the state they fold, the events they decide.
 
+use std::any::{Any, TypeId};
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -112,6 +113,125 @@ pub trait CommandLogic: CommandStreams {
     /// The command's name in traces and errors; the Rust type name by default.
     fn command_name(&self) -> &'static str {
         std::any::type_name::<Self>()
+    }
+
+    /// Whether the executor may keep this command's folded state between executions;
+    /// not by default.
+    ///
+    /// With [`StateCache::for_command`], the executor keeps the state folded for a set
+    /// of streams, and the next execution of this command type over the same streams
+    /// reads only the events appended since ([`crate::EventStore::read_streams_after`])
+    /// and folds them into a copy, instead of reading and folding whole streams. The
+    /// decision is the same: the state is the fold of the same events in the same
+    /// order (when events arrive out of global order, the cache is dropped and the
+    /// streams are read whole), and the append still checks every stream's version.
+    ///
+    /// Opt in only when `apply` depends on nothing but the events and the command's
+    /// streams (a field that is a `#[stream]`, like a transfer's `from`, is fine; an
+    /// order id or an amount is not): one cached state serves every command of this
+    /// type reading the same streams in the same order.
+    ///
+    /// ```
+    /// # use eventcore::{Command, CommandLogic, CommandResult, ReadStreams, StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite};
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    /// # enum AccountEvent { Deposited { amount: u64 } }
+    /// # impl eventcore::Event for AccountEvent { fn event_type(&self) -> &'static str { "Deposited" } }
+    /// #[derive(Command)]
+    /// struct Deposit {
+    ///     #[stream]
+    ///     account: StreamId,
+    ///     amount: u64,
+    /// }
+    ///
+    /// impl CommandLogic for Deposit {
+    ///     type State = u64;
+    ///     type Event = AccountEvent;
+    ///
+    ///     fn apply(&self, balance: &mut u64, event: &StoredEvent<AccountEvent>) {
+    ///         // Uses the event only: the state can be cached.
+    ///         let AccountEvent::Deposited { amount } = event.payload;
+    ///         *balance += amount;
+    ///     }
+    ///
+    ///     fn state_cache(&self) -> StateCache<u64> {
+    ///         StateCache::for_command::<Self>()
+    ///     }
+    /// #   fn handle(&self, read: ReadStreams<Self::StreamSet>, _: u64, _: &mut StreamResolver)
+    /// #       -> CommandResult<Vec<StreamWrite<Self::StreamSet, AccountEvent>>> {
+    /// #       Ok(vec![StreamWrite::new(&read, self.account.clone(), AccountEvent::Deposited { amount: self.amount })?])
+    /// #   }
+    /// }
+    /// ```
+    fn state_cache(&self) -> StateCache<Self::State> {
+        StateCache::disabled()
+    }
+}
+
+/// Whether, and how, the executor may keep a command's folded state between executions
+/// (see [`CommandLogic::state_cache`]).
+pub struct StateCache<S> {
+    pub(crate) ops: Option<StateCacheOps<S>>,
+}
+
+/// How a cached state is stored and taken back, for one command type.
+pub(crate) struct StateCacheOps<S> {
+    /// The command type the state belongs to.
+    pub(crate) command: TypeId,
+    /// A copy of the state, type-erased.
+    pub(crate) keep: fn(&S) -> Box<dyn Any + Send>,
+    /// The state back, if it is one.
+    pub(crate) take: fn(Box<dyn Any + Send>) -> Option<S>,
+    /// The streams the state is folded from, when not all of the command's.
+    pub(crate) only: Option<Vec<StreamId>>,
+}
+
+impl<S> StateCache<S> {
+    /// No caching: every execution reads and folds its streams whole.
+    pub const fn disabled() -> Self {
+        StateCache { ops: None }
+    }
+
+    /// Whether caching is on.
+    pub const fn is_enabled(&self) -> bool {
+        self.ops.is_some()
+    }
+}
+
+impl<S: Clone + Send + 'static> StateCache<S> {
+    /// Caching for the command type `C` (usually `Self`): states are kept per `C` and
+    /// set of streams.
+    pub fn for_command<C: 'static>() -> Self {
+        StateCache {
+            ops: Some(StateCacheOps {
+                command: TypeId::of::<C>(),
+                keep: |state| Box::new(state.clone()),
+                take: |kept| kept.downcast::<S>().ok().map(|state| *state),
+                only: None,
+            }),
+        }
+    }
+}
+
+impl<S> StateCache<S> {
+    /// The state is folded from these of the command's streams only: `apply` does
+    /// nothing with the events of the others. States are then kept per these streams
+    /// (a transfer's state folded from `from` serves every transfer from that account,
+    /// whatever its destination), and the other streams are read for their versions
+    /// only. Streams the command does not declare turn the cache off for the execution.
+    #[must_use]
+    pub fn folded_from(mut self, streams: impl IntoIterator<Item = StreamId>) -> Self {
+        if let Some(ops) = &mut self.ops {
+            ops.only = Some(streams.into_iter().collect());
+        }
+        self
+    }
+}
+
+impl<S> fmt::Debug for StateCache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateCache")
+            .field("enabled", &self.is_enabled())
+            .finish()
     }
 }
 

@@ -1,18 +1,27 @@
 //! Command execution: read, fold, decide, append atomically, retry on conflict.
 
-use std::sync::Arc;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use serde_json::{Map, Value};
 use tracing::{Instrument, field};
 
-use crate::command::{Command, CommandLogic, ReadStreams, StreamResolver, StreamWrite};
+use crate::command::{
+    Command, CommandLogic, ReadStreams, StateCacheOps, StreamResolver, StreamWrite,
+};
 use crate::error::{Error, Result};
 use crate::event::{EventData, StoredEvent};
 use crate::metadata::EventMetadata;
-use crate::store::{AppendOutcome, AppendRequest, AppendedEvent, EventStore, StreamAppend};
-use crate::types::{CausationId, CorrelationId, ExpectedVersion, IdempotencyKey, StreamId};
+use crate::store::{
+    AppendOutcome, AppendRequest, AppendedEvent, EventStore, StreamAppend, StreamsSnapshot,
+};
+use crate::types::{
+    CausationId, CorrelationId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId,
+    StreamVersion,
+};
 
 /// When and how often the executor repeats a command after a retryable failure
 /// ([`Error::VersionConflict`], or a backend error marked retryable).
@@ -180,11 +189,16 @@ pub struct CommandExecutor {
     store: Arc<dyn EventStore>,
     retry_policy: RetryPolicy,
     max_stream_resolutions: u32,
+    states: Arc<StateCacheMap>,
 }
 
 impl CommandExecutor {
     /// The default bound on [`StreamResolver`] rounds per attempt.
     pub const DEFAULT_MAX_STREAM_RESOLUTIONS: u32 = 8;
+
+    /// The default number of folded states kept for commands that allow it
+    /// ([`CommandLogic::state_cache`]).
+    pub const DEFAULT_STATE_CACHE_CAPACITY: usize = 10_000;
 
     /// An executor over `store` with the default retry policy.
     pub fn new(store: impl EventStore) -> Self {
@@ -197,7 +211,16 @@ impl CommandExecutor {
             store,
             retry_policy: RetryPolicy::default(),
             max_stream_resolutions: Self::DEFAULT_MAX_STREAM_RESOLUTIONS,
+            states: Arc::new(StateCacheMap::new(Self::DEFAULT_STATE_CACHE_CAPACITY)),
         }
+    }
+
+    /// Keeps at most `capacity` folded states for commands that allow it
+    /// ([`CommandLogic::state_cache`]); 0 turns the cache off. The cache is shared by
+    /// this executor's clones; this gives the executor a new, empty one.
+    pub fn with_state_cache_capacity(mut self, capacity: usize) -> Self {
+        self.states = Arc::new(StateCacheMap::new(capacity));
+        self
     }
 
     /// Replaces the retry policy.
@@ -339,6 +362,15 @@ impl CommandExecutor {
         {
             return Ok(outcome);
         }
+        if let Some(ops) = command.state_cache().ops
+            && self.states.capacity > 0
+            && let Some(decided) = self.decide_cached(command, declared, &ops).await?
+        {
+            let (writes, snapshot) = decided;
+            return self
+                .append_decision(declared, &snapshot, writes, metadata, idempotency_key)
+                .await;
+        }
         let mut streams = declared.to_vec();
         let mut rounds = 0;
         let (writes, snapshot) = loop {
@@ -365,14 +397,159 @@ impl CommandExecutor {
             span.record("streams", field::debug(&streams));
         }
 
+        self.append_decision(&streams, &snapshot, writes, metadata, idempotency_key)
+            .await
+    }
+
+    /// Appends what `handle` decided, checking every stream read at its version.
+    async fn append_decision<S, E: crate::Event>(
+        &self,
+        streams: &[StreamId],
+        snapshot: &StreamsSnapshot,
+        writes: Vec<StreamWrite<S, E>>,
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
         // Nothing to write and nothing to remember: no append. A key with no streams at
         // all has nothing to guard either.
         if writes.is_empty() && (idempotency_key.is_none() || streams.is_empty()) {
             return Ok(AppendOutcome::written(Vec::new()));
         }
-        let mut request = build_request(&streams, &snapshot, writes, metadata)?;
+        let mut request = build_request(streams, snapshot, writes, metadata)?;
         request.idempotency_key = idempotency_key.cloned();
         self.store.append(request).await
+    }
+
+    /// Decides from a cached state brought up to date with the events appended since,
+    /// or from a fresh fold that is then cached. `None` when the command asked for more
+    /// streams than it declares: the uncached path handles those.
+    #[allow(clippy::type_complexity)]
+    async fn decide_cached<C: Command>(
+        &self,
+        command: &C,
+        declared: &[StreamId],
+        ops: &StateCacheOps<C::State>,
+    ) -> Result<Option<(Vec<StreamWrite<C::StreamSet, C::Event>>, StreamsSnapshot)>> {
+        let folded: &[StreamId] = ops.only.as_deref().unwrap_or(declared);
+        if !folded.iter().all(|stream| declared.contains(stream)) {
+            tracing::warn!(
+                command = command.command_name(),
+                "state cache folded from undeclared streams; not caching"
+            );
+            return Ok(None);
+        }
+        let key = (ops.command, folded.to_vec());
+        // Folded streams after the cached versions (or whole); the others for their
+        // versions only.
+        let wanted = |cached: Option<&CachedState>| -> Vec<(StreamId, StreamVersion)> {
+            declared
+                .iter()
+                .map(|stream| {
+                    let after = match folded.iter().position(|s| s == stream) {
+                        Some(index) => cached
+                            .and_then(|entry| entry.versions.get(index).copied())
+                            .unwrap_or(StreamVersion::INITIAL),
+                        None => StreamVersion::new(u64::MAX),
+                    };
+                    (stream.clone(), after)
+                })
+                .collect()
+        };
+        let mut folded_state = None;
+        if let Some(entry) = self.states.take(&key) {
+            let read = self.store.read_streams_after(&wanted(Some(&entry))).await?;
+            // Folding must follow global order: an event older than the newest one
+            // already folded (a commit that was slow to become visible) means the cached
+            // state cannot simply be extended.
+            let in_order = read.events.first().is_none_or(|first| {
+                entry
+                    .last_position
+                    .is_none_or(|last| first.global_position > last)
+            });
+            if in_order && let Some(mut state) = (ops.take)(entry.state) {
+                let mut last_position = entry.last_position;
+                for event in &read.events {
+                    command.apply(&mut state, &event.decode::<C::Event>()?);
+                    last_position = Some(event.global_position);
+                }
+                folded_state = Some((state, last_position, read));
+            }
+        }
+        let (state, last_position, snapshot) = match folded_state {
+            Some(folded_state) => folded_state,
+            None => {
+                let read = self.store.read_streams_after(&wanted(None)).await?;
+                let mut state = C::State::default();
+                for event in &read.events {
+                    command.apply(&mut state, &event.decode::<C::Event>()?);
+                }
+                let last_position = read.events.last().map(|e| e.global_position);
+                (state, last_position, read)
+            }
+        };
+        self.states.put(
+            key,
+            CachedState {
+                versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
+                last_position,
+                state: (ops.keep)(&state),
+            },
+        );
+        let decision = decide_from(command, declared, state)?;
+        if !decision.more_streams.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((decision.writes, snapshot)))
+    }
+}
+
+/// The cache key: the command type and the streams it declared, in order.
+type StateKey = (TypeId, Vec<StreamId>);
+
+/// A folded state, as of the given versions of the key's streams.
+struct CachedState {
+    versions: Vec<StreamVersion>,
+    /// The position of the newest event folded in.
+    last_position: Option<GlobalPosition>,
+    state: Box<dyn Any + Send>,
+}
+
+/// Folded states of commands that allow caching, shared by an executor's clones.
+struct StateCacheMap {
+    capacity: usize,
+    entries: Mutex<HashMap<StateKey, CachedState>>,
+}
+
+impl StateCacheMap {
+    fn new(capacity: usize) -> Self {
+        StateCacheMap {
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes the entry out: a concurrent execution over the same streams reads and folds
+    /// them itself rather than share a state being extended.
+    fn take(&self, key: &StateKey) -> Option<CachedState> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key)
+    }
+
+    fn put(&self, key: StateKey, state: CachedState) {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= self.capacity && !entries.contains_key(&key) {
+            // Full: make room by dropping an arbitrary entry (a random eviction; the
+            // dropped state is folded again when next needed).
+            if let Some(victim) = entries.keys().next().cloned() {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(key, state);
     }
 }
 
@@ -403,6 +580,15 @@ pub(crate) fn decide<C: CommandLogic>(
     for event in events {
         command.apply(&mut state, event);
     }
+    decide_from(command, streams, state)
+}
+
+/// Calls `handle` on a state already folded from `streams`.
+fn decide_from<C: CommandLogic>(
+    command: &C,
+    streams: &[StreamId],
+    state: C::State,
+) -> Result<Decision<C>> {
     let mut resolver = StreamResolver::new();
     let writes = command.handle(ReadStreams::new(streams.to_vec()), state, &mut resolver)?;
     let more_streams = resolver

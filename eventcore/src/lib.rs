@@ -129,7 +129,7 @@ pub mod __private;
 pub use eventcore_macros::Command;
 
 pub use crate::command::{
-    Command, CommandLogic, CommandStreams, ReadStreams, StreamResolver, StreamWrite,
+    Command, CommandLogic, CommandStreams, ReadStreams, StateCache, StreamResolver, StreamWrite,
 };
 pub use crate::error::{
     BoxError, CommandResult, Error, InvalidStreamId, MAX_NAME_LEN, NameProblem, Result,

@@ -36,6 +36,33 @@ pub trait EventStore: Send + Sync + 'static {
     /// [`Error::Backend`] when the backend fails.
     async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot>;
 
+    /// Like [`EventStore::read_streams`], but returns only the events of each stream
+    /// after the version given for it, with every stream's *current* version; one
+    /// consistent snapshot, events in global-position order.
+    ///
+    /// A version past the stream's end returns no events: `StreamVersion::new(u64::MAX)`
+    /// reads only the version. The executor uses this to bring a cached state up to date
+    /// without reading whole streams again. The provided implementation reads the whole
+    /// streams and drops what is not wanted; backends override it to read less.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn read_streams_after(
+        &self,
+        streams: &[(StreamId, StreamVersion)],
+    ) -> Result<StreamsSnapshot> {
+        let ids: Vec<StreamId> = streams.iter().map(|(id, _)| id.clone()).collect();
+        let mut snapshot = self.read_streams(&ids).await?;
+        snapshot.events.retain(|event| {
+            streams
+                .iter()
+                .find(|(id, _)| *id == event.stream_id)
+                .is_none_or(|(_, after)| event.stream_version > *after)
+        });
+        Ok(snapshot)
+    }
+
     /// Appends events to one or more streams atomically: either every event becomes
     /// visible, or none does.
     ///
@@ -90,6 +117,13 @@ pub trait EventStore: Send + Sync + 'static {
 impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     async fn read_streams(&self, streams: &[StreamId]) -> Result<StreamsSnapshot> {
         (**self).read_streams(streams).await
+    }
+
+    async fn read_streams_after(
+        &self,
+        streams: &[(StreamId, StreamVersion)],
+    ) -> Result<StreamsSnapshot> {
+        (**self).read_streams_after(streams).await
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome> {

@@ -87,6 +87,7 @@ macro_rules! event_store_conformance_tests {
             [$(#[$attr])*] $factory;
             append_then_read_round_trips_payload_and_metadata,
             missing_stream_reads_empty_at_version_zero,
+            read_streams_after_returns_only_later_events_with_current_versions,
             stale_expected_version_conflicts,
             no_stream_expectation_requires_an_empty_stream,
             any_expectation_appends_at_every_version,

@@ -106,7 +106,7 @@ pub struct Transfer {
 }
 
 /// Balances of a transfer's two accounts.
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub struct TransferState {
     from: i64,
     to_open: bool,
@@ -124,6 +124,12 @@ impl CommandLogic for Transfer {
         } else {
             state.to_open = true;
         }
+    }
+
+    // The state depends on the events and the streams only: the invariant tests run
+    // with it cached, under concurrency.
+    fn state_cache(&self) -> eventcore::StateCache<TransferState> {
+        eventcore::StateCache::for_command::<Self>()
     }
 
     fn handle(

@@ -192,6 +192,101 @@ pub async fn missing_stream_reads_empty_at_version_zero(store: impl EventStore) 
     assert!(read_everything(&store).await.is_empty());
 }
 
+/// `read_streams_after` returns, in global order, only the events after each stream's
+/// given version, and every stream's current version (also for streams with nothing
+/// new, and for streams that do not exist).
+pub async fn read_streams_after_returns_only_later_events_with_current_versions(
+    store: impl EventStore,
+) {
+    let (a, b, quiet, none) = (
+        stream("after-a"),
+        stream("after-b"),
+        stream("after-quiet"),
+        stream("after-none"),
+    );
+    append_to(
+        &store,
+        &a,
+        ExpectedVersion::NoStream,
+        vec![added(1), added(2)],
+    )
+    .await
+    .expect("append a");
+    append_to(&store, &quiet, ExpectedVersion::NoStream, vec![added(10)])
+        .await
+        .expect("append quiet");
+    append_to(&store, &b, ExpectedVersion::NoStream, vec![added(3)])
+        .await
+        .expect("append b");
+    append_to(
+        &store,
+        &a,
+        ExpectedVersion::Exact(version(2)),
+        vec![added(4)],
+    )
+    .await
+    .expect("append a again");
+    append_to(
+        &store,
+        &b,
+        ExpectedVersion::Exact(version(1)),
+        vec![added(5)],
+    )
+    .await
+    .expect("append b again");
+
+    let snapshot = store
+        .read_streams_after(&[
+            (a.clone(), version(1)),
+            (b.clone(), version(0)),
+            (quiet.clone(), version(1)),
+            (none.clone(), version(0)),
+        ])
+        .await
+        .expect("read_streams_after failed");
+    let got: Vec<(String, u64)> = snapshot
+        .events
+        .iter()
+        .map(|e| (e.stream_id.as_str().to_owned(), e.stream_version.value()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("after-a".to_owned(), 2),
+            ("after-b".to_owned(), 1),
+            ("after-a".to_owned(), 3),
+            ("after-b".to_owned(), 2),
+        ],
+        "only the later events, in global order"
+    );
+    let positions: Vec<_> = snapshot.events.iter().map(|e| e.global_position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(snapshot.version_of(&a), version(3));
+    assert_eq!(snapshot.version_of(&b), version(2));
+    assert_eq!(snapshot.version_of(&quiet), version(1));
+    assert_eq!(snapshot.version_of(&none), version(0));
+
+    // Past the end: nothing, and the stream's actual version.
+    let only_versions = store
+        .read_streams_after(&[
+            (a.clone(), StreamVersion::new(u64::MAX)),
+            (none.clone(), StreamVersion::new(u64::MAX)),
+        ])
+        .await
+        .expect("read_streams_after failed");
+    assert!(only_versions.events.is_empty());
+    assert_eq!(only_versions.version_of(&a), version(3));
+    assert_eq!(only_versions.version_of(&none), version(0));
+
+    // After the current version: nothing, at that version.
+    let current = store
+        .read_streams_after(&[(a.clone(), version(3))])
+        .await
+        .expect("read_streams_after failed");
+    assert!(current.events.is_empty());
+    assert_eq!(current.version_of(&a), version(3));
+}
+
 /// `Exact(n)` succeeds at version n and fails, naming the stream, expected and actual
 /// versions, at any other version.
 pub async fn stale_expected_version_conflicts(store: impl EventStore) {
