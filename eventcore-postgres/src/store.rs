@@ -1,5 +1,6 @@
 //! The PostgreSQL [`EventStore`].
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -311,34 +312,72 @@ fn stream_from(value: String) -> eventcore::Result<StreamId> {
 }
 
 pub(crate) fn recorded_from_row(row: &PgRow) -> eventcore::Result<RecordedEvent> {
-    let stream_id = stream_from(row.try_get("stream_id").map_err(decode_error)?)?;
-    let stream_version = version_from(row.try_get("stream_version").map_err(decode_error)?)?;
-    let event_type: String = row.try_get("event_type").map_err(decode_error)?;
-    let event_type = EventType::try_new(event_type).map_err(|e| {
-        corrupt(format!(
-            "stored event type at {stream_id}@{stream_version}: {e}"
+    RowDecoder::default().decode(row)
+}
+
+/// Decodes the rows of one read into events.
+pub(crate) fn recorded_from_rows(rows: &[PgRow]) -> eventcore::Result<Vec<RecordedEvent>> {
+    let mut decoder = RowDecoder::default();
+    rows.iter().map(|row| decoder.decode(row)).collect()
+}
+
+/// Turns event rows into [`RecordedEvent`]s. Every query that reads events returns the
+/// same columns in the same order: `global_position, event_id, stream_id,
+/// stream_version, event_type, payload (text), metadata (text), recorded_at`; they are
+/// read by index and borrowed, and the stream ids and type names of one read are
+/// validated and allocated once each.
+#[derive(Default)]
+struct RowDecoder {
+    streams: HashMap<String, StreamId>,
+    types: HashMap<String, EventType>,
+}
+
+impl RowDecoder {
+    fn decode(&mut self, row: &PgRow) -> eventcore::Result<RecordedEvent> {
+        let stream: &str = row.try_get(2).map_err(decode_error)?;
+        let stream_id = match self.streams.get(stream) {
+            Some(id) => id.clone(),
+            None => {
+                let id = stream_from(stream.to_owned())?;
+                self.streams.insert(stream.to_owned(), id.clone());
+                id
+            }
+        };
+        let stream_version = version_from(row.try_get(3).map_err(decode_error)?)?;
+        let type_name: &str = row.try_get(4).map_err(decode_error)?;
+        let event_type = match self.types.get(type_name) {
+            Some(event_type) => event_type.clone(),
+            None => {
+                let event_type = EventType::try_new(type_name).map_err(|e| {
+                    corrupt(format!(
+                        "stored event type at {stream_id}@{stream_version}: {e}"
+                    ))
+                })?;
+                self.types.insert(type_name.to_owned(), event_type.clone());
+                event_type
+            }
+        };
+        // jsonb keeps what it stores valid, and it was checked on the way in.
+        let payload: &str = row.try_get(5).map_err(decode_error)?;
+        let payload = EventPayload::from_stored_json(payload);
+        let metadata: &str = row.try_get(6).map_err(decode_error)?;
+        let metadata: EventMetadata = serde_json::from_str(metadata).map_err(|e| {
+            corrupt(format!(
+                "stored metadata at {stream_id}@{stream_version} is not EventMetadata: {e}"
+            ))
+        })?;
+        let recorded_at: DateTime<Utc> = row.try_get(7).map_err(decode_error)?;
+        Ok(RecordedEvent::new(
+            EventId::from_uuid(row.try_get(1).map_err(decode_error)?),
+            stream_id,
+            stream_version,
+            position_from(row.try_get(0).map_err(decode_error)?)?,
+            event_type,
+            payload,
+            Arc::new(metadata),
+            recorded_at,
         ))
-    })?;
-    // jsonb keeps what it stores valid, and it was checked on the way in.
-    let payload: String = row.try_get("payload").map_err(decode_error)?;
-    let payload = EventPayload::from_stored_json(payload);
-    let metadata: String = row.try_get("metadata").map_err(decode_error)?;
-    let metadata: EventMetadata = serde_json::from_str(&metadata).map_err(|e| {
-        corrupt(format!(
-            "stored metadata at {stream_id}@{stream_version} is not EventMetadata: {e}"
-        ))
-    })?;
-    let recorded_at: DateTime<Utc> = row.try_get("recorded_at").map_err(decode_error)?;
-    Ok(RecordedEvent::new(
-        EventId::from_uuid(row.try_get("event_id").map_err(decode_error)?),
-        stream_id,
-        stream_version,
-        position_from(row.try_get("global_position").map_err(decode_error)?)?,
-        event_type,
-        payload,
-        Arc::new(metadata),
-        recorded_at,
-    ))
+    }
 }
 
 fn appended_from_row(row: &PgRow) -> eventcore::Result<AppendedEvent> {
@@ -373,10 +412,7 @@ impl EventStore for PostgresEventStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(|e| map_sqlx_error(e, "reading streams", None))?;
-        let events = rows
-            .iter()
-            .map(recorded_from_row)
-            .collect::<eventcore::Result<Vec<_>>>()?;
+        let events = recorded_from_rows(&rows)?;
         let mut versions: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(streams.len());
         for stream in streams {
             if versions.iter().any(|(id, _)| id == stream) {
@@ -606,7 +642,7 @@ impl PostgresEventStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(|e| map_sqlx_error(e, "reading the global log", None))?;
-        rows.iter().map(recorded_from_row).collect()
+        recorded_from_rows(&rows)
     }
 
     async fn wait_for_events_impl(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {

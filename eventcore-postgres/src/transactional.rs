@@ -13,7 +13,7 @@ use sqlx::{Connection, PgConnection};
 use tracing::Instrument;
 
 use crate::error::map_sqlx_error;
-use crate::store::{PostgresEventStore, recorded_from_row};
+use crate::store::{PostgresEventStore, recorded_from_rows};
 
 /// A projection whose read model lives in the store's database. `apply` gets the open
 /// transaction of the batch; the runner saves the checkpoint in the same transaction, so
@@ -221,10 +221,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         if rows.is_empty() {
             return Ok(false);
         }
-        let events = rows
-            .iter()
-            .map(recorded_from_row)
-            .collect::<eventcore::Result<Vec<_>>>()?;
+        let events = recorded_from_rows(&rows)?;
         let mut processed: Option<GlobalPosition> = None;
         let mut failure = None;
         for event in &events {

@@ -90,7 +90,8 @@ pub trait CommandLogic: CommandStreams {
     type Event: Event;
 
     /// Folds one event into the state. Called for every event of every stream the
-    /// command read, in global order.
+    /// command read, in global order (with a [`StateCache`] folded from some of the
+    /// streams, for the events of those).
     fn apply(&self, state: &mut Self::State, event: &StoredEvent<Self::Event>);
 
     /// Decides which events to write from the folded state, or refuses with an error.
@@ -121,15 +122,20 @@ pub trait CommandLogic: CommandStreams {
     /// With [`StateCache::for_command`], the executor keeps the state folded for a set
     /// of streams, and the next execution of this command type over the same streams
     /// reads only the events appended since ([`crate::EventStore::read_streams_after`])
-    /// and folds them into a copy, instead of reading and folding whole streams. The
-    /// decision is the same: the state is the fold of the same events in the same
-    /// order (when events arrive out of global order, the cache is dropped and the
-    /// streams are read whole), and the append still checks every stream's version.
+    /// and folds them into the kept state (a copy of it stays cached), instead of
+    /// reading and folding whole streams. The decision is the same: the state is the
+    /// fold of the same events in the same order (when the store's answer does not
+    /// follow on from the cached versions, or events arrive out of global order, the
+    /// entry is dropped and the streams are read again from the start), and the append
+    /// still checks every stream's version.
     ///
-    /// Opt in only when `apply` depends on nothing but the events and the command's
-    /// streams (a field that is a `#[stream]`, like a transfer's `from`, is fine; an
-    /// order id or an amount is not): one cached state serves every command of this
-    /// type reading the same streams in the same order.
+    /// Opt in only when `apply` reads nothing of `self`: the new state may depend only
+    /// on the old state and the event (its payload, its `stream_id`, ...). One cached
+    /// state serves every command of this type over the same streams, whatever its other
+    /// fields, so a state that depends on an amount, an order id, or on which field a
+    /// stream came from would be wrong for the next command. A multi-stream state keys
+    /// its parts by `event.stream_id` (and `handle` picks them with its fields), or
+    /// folds from one stream only with [`StateCache::folded_from`].
     ///
     /// ```
     /// # use eventcore::{Command, CommandLogic, CommandResult, ReadStreams, StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite};
@@ -148,7 +154,7 @@ pub trait CommandLogic: CommandStreams {
     ///     type Event = AccountEvent;
     ///
     ///     fn apply(&self, balance: &mut u64, event: &StoredEvent<AccountEvent>) {
-    ///         // Uses the event only: the state can be cached.
+    ///         // Reads nothing of `self`: the state can be cached.
     ///         let AccountEvent::Deposited { amount } = event.payload;
     ///         *balance += amount;
     ///     }
@@ -177,6 +183,8 @@ pub struct StateCache<S> {
 pub(crate) struct StateCacheOps<S> {
     /// The command type the state belongs to.
     pub(crate) command: TypeId,
+    /// Its name, checked against the executing command's.
+    pub(crate) command_name: &'static str,
     /// A copy of the state, type-erased.
     pub(crate) keep: fn(&S) -> Box<dyn Any + Send>,
     /// The state back, if it is one.
@@ -198,12 +206,14 @@ impl<S> StateCache<S> {
 }
 
 impl<S: Clone + Send + 'static> StateCache<S> {
-    /// Caching for the command type `C` (usually `Self`): states are kept per `C` and
-    /// set of streams.
+    /// Caching for the command type `C`, which must be the command's own type (`Self`):
+    /// states are kept per `C` and set of streams. A `C` that is not the command's type
+    /// turns the cache off (it would share states between commands).
     pub fn for_command<C: 'static>() -> Self {
         StateCache {
             ops: Some(StateCacheOps {
                 command: TypeId::of::<C>(),
+                command_name: std::any::type_name::<C>(),
                 keep: |state| Box::new(state.clone()),
                 take: |kept| kept.downcast::<S>().ok().map(|state| *state),
                 only: None,
@@ -213,11 +223,13 @@ impl<S: Clone + Send + 'static> StateCache<S> {
 }
 
 impl<S> StateCache<S> {
-    /// The state is folded from these of the command's streams only: `apply` does
-    /// nothing with the events of the others. States are then kept per these streams
-    /// (a transfer's state folded from `from` serves every transfer from that account,
-    /// whatever its destination), and the other streams are read for their versions
-    /// only. Streams the command does not declare turn the cache off for the execution.
+    /// The state is folded from these of the command's streams only: the events of the
+    /// others are never handed to `apply` (with the cache on or off, so turning it off
+    /// changes no decision), and with the cache on they are not even read or decoded:
+    /// those streams are read for their versions only. States are then kept per these streams: a transfer's balance
+    /// folded from `from` serves every transfer from that account, whatever its
+    /// destination. Streams the command does not declare turn the cache off for the
+    /// execution.
     #[must_use]
     pub fn folded_from(mut self, streams: impl IntoIterator<Item = StreamId>) -> Self {
         if let Some(ops) = &mut self.ops {

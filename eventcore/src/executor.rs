@@ -178,7 +178,8 @@ pub struct ExecutionResult {
 /// Executes commands against an [`EventStore`].
 ///
 /// For each execution: read every declared stream, fold the events into the command's
-/// state, call `handle`, read any streams the command resolved and decide again, then
+/// state (or bring a cached state up to date, for commands that allow it: see
+/// [`CommandLogic::state_cache`]), call `handle`, read any streams the command resolved and decide again, then
 /// append all writes atomically, with an expected version for every stream read, the
 /// read-only ones included. A [`Error::VersionConflict`] or a retryable backend error
 /// repeats the whole cycle under the [`RetryPolicy`]; business errors never do.
@@ -430,9 +431,18 @@ impl CommandExecutor {
         declared: &[StreamId],
         ops: &StateCacheOps<C::State>,
     ) -> Result<Option<(Vec<StreamWrite<C::StreamSet, C::Event>>, StreamsSnapshot)>> {
+        // A state kept under another command's type would be shared with it.
+        if ops.command_name != std::any::type_name::<C>() {
+            tracing::debug!(
+                command = std::any::type_name::<C>(),
+                cached_as = ops.command_name,
+                "state cache keyed by another type; not caching"
+            );
+            return Ok(None);
+        }
         let folded: &[StreamId] = ops.only.as_deref().unwrap_or(declared);
         if !folded.iter().all(|stream| declared.contains(stream)) {
-            tracing::warn!(
+            tracing::debug!(
                 command = command.command_name(),
                 "state cache folded from undeclared streams; not caching"
             );
@@ -466,7 +476,22 @@ impl CommandExecutor {
                     .last_position
                     .is_none_or(|last| first.global_position > last)
             });
-            if in_order && let Some(mut state) = (ops.take)(entry.state) {
+            // The answer must follow on from the cached versions: exactly the events
+            // between the cached version and the current one, for every folded stream.
+            let follows_on = folded.iter().zip(&entry.versions).all(|(stream, cached)| {
+                let now = read.version_of(stream);
+                let new = read
+                    .events
+                    .iter()
+                    .filter(|e| &e.stream_id == stream)
+                    .count();
+                now >= *cached
+                    && u64::try_from(new).is_ok_and(|new| now.value() - cached.value() == new)
+            });
+            if in_order
+                && follows_on
+                && let Some(mut state) = (ops.take)(entry.state)
+            {
                 let mut last_position = entry.last_position;
                 for event in &read.events {
                     command.apply(&mut state, &event.decode::<C::Event>()?);
@@ -543,8 +568,8 @@ impl StateCacheMap {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() >= self.capacity && !entries.contains_key(&key) {
-            // Full: make room by dropping an arbitrary entry (a random eviction; the
-            // dropped state is folded again when next needed).
+            // Full: make room by dropping an arbitrary entry (whichever the map yields
+            // first; the dropped state is folded again when next needed).
             if let Some(victim) = entries.keys().next().cloned() {
                 entries.remove(&victim);
             }
@@ -577,8 +602,16 @@ pub(crate) fn decide<C: CommandLogic>(
     events: &[StoredEvent<C::Event>],
 ) -> Result<Decision<C>> {
     let mut state = C::State::default();
+    // A state declared as folded from some streams only sees their events, cached or
+    // not, so turning the cache off never changes a decision.
+    let only = command.state_cache().ops.and_then(|ops| ops.only);
     for event in events {
-        command.apply(&mut state, event);
+        if only
+            .as_ref()
+            .is_none_or(|only| only.contains(&event.stream_id))
+        {
+            command.apply(&mut state, event);
+        }
     }
     decide_from(command, streams, state)
 }

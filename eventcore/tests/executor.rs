@@ -758,6 +758,9 @@ struct ReadSpy {
     whole: AtomicUsize,
     after: AtomicUsize,
     slip: Mutex<Option<RecordedEvent>>,
+    /// Lose the first event of the next `read_streams_after` answer, versions kept (a
+    /// store with a gap).
+    gap_once: std::sync::atomic::AtomicBool,
 }
 
 impl ReadSpy {
@@ -767,6 +770,7 @@ impl ReadSpy {
             whole: AtomicUsize::new(0),
             after: AtomicUsize::new(0),
             slip: Mutex::new(None),
+            gap_once: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -786,6 +790,9 @@ impl EventStore for ReadSpy {
         let mut snapshot = self.inner.read_streams_after(streams).await?;
         if let Some(event) = self.slip.lock().take() {
             snapshot.events.insert(0, event);
+        }
+        if self.gap_once.swap(false, Ordering::SeqCst) && !snapshot.events.is_empty() {
+            snapshot.events.remove(0);
         }
         Ok(snapshot)
     }
@@ -1051,4 +1058,166 @@ async fn a_state_folded_from_some_streams_serves_every_destination() {
     );
     assert_eq!(balance(&memory, &a).await, 0);
     assert_eq!(spy.whole.load(Ordering::SeqCst), 0);
+}
+
+/// Appends the number of events already in its stream, plus one: 1, 2, 3, ... A state
+/// that counted an event twice would skip a number.
+#[derive(Command)]
+struct Tally {
+    #[stream]
+    counter: StreamId,
+}
+
+impl CommandLogic for Tally {
+    type State = i64;
+    type Event = Ledger;
+
+    fn apply(&self, count: &mut i64, _: &StoredEvent<Ledger>) {
+        *count += 1;
+    }
+
+    fn handle(
+        &self,
+        read: ReadStreams<Self::StreamSet>,
+        count: i64,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        Ok(vec![StreamWrite::new(
+            &read,
+            self.counter.clone(),
+            Ledger::Credited { amount: count + 1 },
+        )?])
+    }
+
+    fn state_cache(&self) -> eventcore::StateCache<i64> {
+        eventcore::StateCache::for_command::<Self>()
+    }
+}
+
+#[tokio::test]
+async fn an_answer_with_a_gap_is_not_folded_into_the_cached_state() {
+    let memory = InMemoryEventStore::new();
+    let spy = Arc::new(ReadSpy::new(memory.clone()));
+    let executor = CommandExecutor::from_shared(spy.clone()).with_retry_policy(fast_retries(5));
+    let counter = id("tally-1");
+    let other = CommandExecutor::new(memory.clone());
+    for _ in 0..2 {
+        executor
+            .execute(&Tally {
+                counter: counter.clone(),
+            })
+            .await
+            .expect("tally");
+    }
+    other
+        .execute(&Tally {
+            counter: counter.clone(),
+        })
+        .await
+        .expect("other");
+    spy.gap_once.store(true, Ordering::SeqCst);
+    executor
+        .execute(&Tally {
+            counter: counter.clone(),
+        })
+        .await
+        .expect("tally");
+    assert_eq!(
+        sequence(&memory, &counter).await,
+        [1, 2, 3, 4],
+        "nothing missed"
+    );
+}
+
+/// Keys its cache under another command's type (a copy-paste slip).
+#[derive(Command)]
+struct Borrowed {
+    #[stream]
+    counter: StreamId,
+}
+
+impl CommandLogic for Borrowed {
+    type State = i64;
+    type Event = Ledger;
+
+    fn apply(&self, count: &mut i64, _: &StoredEvent<Ledger>) {
+        *count += 100;
+    }
+
+    fn handle(
+        &self,
+        read: ReadStreams<Self::StreamSet>,
+        count: i64,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        Ok(vec![StreamWrite::new(
+            &read,
+            self.counter.clone(),
+            Ledger::Credited { amount: count },
+        )?])
+    }
+
+    fn state_cache(&self) -> eventcore::StateCache<i64> {
+        eventcore::StateCache::for_command::<Tally>()
+    }
+}
+
+#[tokio::test]
+async fn a_state_cache_keyed_by_another_command_type_is_not_used() {
+    let memory = InMemoryEventStore::new();
+    let spy = Arc::new(ReadSpy::new(memory.clone()));
+    let executor = CommandExecutor::from_shared(spy.clone());
+    let counter = id("tally-2");
+    executor
+        .execute(&Tally {
+            counter: counter.clone(),
+        })
+        .await
+        .expect("tally");
+    executor
+        .execute(&Borrowed {
+            counter: counter.clone(),
+        })
+        .await
+        .expect("borrowed");
+    executor
+        .execute(&Tally {
+            counter: counter.clone(),
+        })
+        .await
+        .expect("tally");
+    // Borrowed folded its own way (100 per event), not from Tally's cached count.
+    assert_eq!(sequence(&memory, &counter).await, [1, 100, 3]);
+    assert_eq!(
+        spy.whole.load(Ordering::SeqCst),
+        1,
+        "Borrowed read whole, uncached"
+    );
+}
+
+#[tokio::test]
+async fn a_state_folded_from_some_streams_sees_only_them_with_the_cache_off_too() {
+    let memory = InMemoryEventStore::new();
+    let executor = CommandExecutor::new(memory.clone()).with_state_cache_capacity(0);
+    let (a, b) = (id("only-a"), id("only-b"));
+    seed(&memory, &a, vec![credit(1)]).await;
+    seed(&memory, &b, vec![credit(50)]).await;
+    // PayOne's apply asserts it is only handed `from`'s events.
+    executor
+        .execute(&PayOne {
+            from: a.clone(),
+            to: b.clone(),
+        })
+        .await
+        .expect("paid");
+    let refused = executor
+        .execute(&PayOne {
+            from: a.clone(),
+            to: b.clone(),
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(Error::BusinessRuleViolation(_))),
+        "{refused:?}"
+    );
 }

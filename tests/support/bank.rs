@@ -105,29 +105,22 @@ pub struct Transfer {
     pub amount: i64,
 }
 
-/// Balances of a transfer's two accounts.
+/// Each account's balance, by stream, for the accounts opened among the streams read.
 #[derive(Debug, Clone, Default)]
 pub struct TransferState {
-    from: i64,
-    to_open: bool,
-    from_open: bool,
+    balances: std::collections::HashMap<StreamId, i64>,
 }
 
 impl CommandLogic for Transfer {
     type State = TransferState;
     type Event = BankEvent;
 
+    // Keyed by the event's stream, reading nothing of `self`: the state may be cached,
+    // and the invariant tests run with it cached, under concurrency.
     fn apply(&self, state: &mut TransferState, event: &StoredEvent<BankEvent>) {
-        if event.stream_id == self.from {
-            state.from_open = true;
-            state.from += event.payload.delta();
-        } else {
-            state.to_open = true;
-        }
+        *state.balances.entry(event.stream_id.clone()).or_default() += event.payload.delta();
     }
 
-    // The state depends on the events and the streams only: the invariant tests run
-    // with it cached, under concurrency.
     fn state_cache(&self) -> eventcore::StateCache<TransferState> {
         eventcore::StateCache::for_command::<Self>()
     }
@@ -140,11 +133,13 @@ impl CommandLogic for Transfer {
     ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, BankEvent>>> {
         require!(self.from != self.to, "same account");
         require!(self.amount > 0, "amount must be positive");
-        require!(
-            state.from_open && state.to_open,
-            "both accounts must be open"
-        );
-        require!(state.from >= self.amount, "insufficient funds");
+        let (Some(from), Some(_)) = (state.balances.get(&self.from), state.balances.get(&self.to))
+        else {
+            return Err(eventcore::Error::BusinessRuleViolation(
+                "both accounts must be open".to_owned(),
+            ));
+        };
+        require!(*from >= self.amount, "insufficient funds");
         Ok(vec![
             StreamWrite::new(
                 &read_streams,
