@@ -717,10 +717,8 @@ fn writes(
         .collect()
 }
 
-fn fold(state: &mut SagaState, event: &StoredEvent<SagaEvent>) {
-    state.apply(&event.payload);
-}
-
+/// The saga commands: each reads and writes its saga stream only, folds it into a
+/// [`SagaState`], and decides in its inherent `decide`.
 macro_rules! saga_command {
     ($name:ident) => {
         impl CommandStreams for $name {
@@ -728,6 +726,28 @@ macro_rules! saga_command {
 
             fn read_streams(&self) -> Vec<StreamId> {
                 vec![self.stream.clone()]
+            }
+        }
+
+        impl CommandLogic for $name {
+            type State = SagaState;
+            type Event = SagaEvent;
+
+            fn apply(&self, state: &mut SagaState, event: &StoredEvent<SagaEvent>) {
+                state.apply(&event.payload);
+            }
+
+            fn handle(
+                &self,
+                read: ReadStreams<SagaStreamSet>,
+                state: SagaState,
+                _: &mut StreamResolver,
+            ) -> CommandResult<SagaWrites> {
+                self.decide(&read, state)
+            }
+
+            fn command_name(&self) -> &'static str {
+                concat!("eventcore::saga::", stringify!($name))
             }
         }
     };
@@ -744,19 +764,11 @@ struct StartSaga {
 }
 saga_command!(StartSaga);
 
-impl CommandLogic for StartSaga {
-    type State = SagaState;
-    type Event = SagaEvent;
-
-    fn apply(&self, state: &mut SagaState, event: &StoredEvent<SagaEvent>) {
-        fold(state, event);
-    }
-
-    fn handle(
+impl StartSaga {
+    fn decide(
         &self,
-        read: ReadStreams<SagaStreamSet>,
+        read: &ReadStreams<SagaStreamSet>,
         state: SagaState,
-        _: &mut StreamResolver,
     ) -> CommandResult<SagaWrites> {
         if state.phase != SagaPhase::NotStarted {
             return Ok(Vec::new());
@@ -770,11 +782,7 @@ impl CommandLogic for StartSaga {
         };
         started.apply(&first);
         let next = started.start_step(0, self.now);
-        writes(&read, &self.stream, vec![first, next])
-    }
-
-    fn command_name(&self) -> &'static str {
-        "eventcore::saga::StartSaga"
+        writes(read, &self.stream, vec![first, next])
     }
 }
 
@@ -787,19 +795,11 @@ struct RecordOutcome {
 }
 saga_command!(RecordOutcome);
 
-impl CommandLogic for RecordOutcome {
-    type State = SagaState;
-    type Event = SagaEvent;
-
-    fn apply(&self, state: &mut SagaState, event: &StoredEvent<SagaEvent>) {
-        fold(state, event);
-    }
-
-    fn handle(
+impl RecordOutcome {
+    fn decide(
         &self,
-        read: ReadStreams<SagaStreamSet>,
+        read: &ReadStreams<SagaStreamSet>,
         state: SagaState,
-        _: &mut StreamResolver,
     ) -> CommandResult<SagaWrites> {
         crate::require!(
             state.phase != SagaPhase::NotStarted,
@@ -835,11 +835,7 @@ impl CommandLogic for RecordOutcome {
                 ]
             }
         };
-        writes(&read, &self.stream, events)
-    }
-
-    fn command_name(&self) -> &'static str {
-        "eventcore::saga::RecordOutcome"
+        writes(read, &self.stream, events)
     }
 }
 
@@ -851,19 +847,11 @@ struct TimeOutStep {
 }
 saga_command!(TimeOutStep);
 
-impl CommandLogic for TimeOutStep {
-    type State = SagaState;
-    type Event = SagaEvent;
-
-    fn apply(&self, state: &mut SagaState, event: &StoredEvent<SagaEvent>) {
-        fold(state, event);
-    }
-
-    fn handle(
+impl TimeOutStep {
+    fn decide(
         &self,
-        read: ReadStreams<SagaStreamSet>,
+        read: &ReadStreams<SagaStreamSet>,
         state: SagaState,
-        _: &mut StreamResolver,
     ) -> CommandResult<SagaWrites> {
         let deadline = match state.status.get(self.step) {
             Some(StepStatus::Running {
@@ -882,11 +870,7 @@ impl CommandLogic for TimeOutStep {
                 name: state.steps[self.step].name.clone(),
             },
         ];
-        writes(&read, &self.stream, events)
-    }
-
-    fn command_name(&self) -> &'static str {
-        "eventcore::saga::TimeOutStep"
+        writes(read, &self.stream, events)
     }
 }
 
@@ -897,19 +881,11 @@ struct RecordCompensated {
 }
 saga_command!(RecordCompensated);
 
-impl CommandLogic for RecordCompensated {
-    type State = SagaState;
-    type Event = SagaEvent;
-
-    fn apply(&self, state: &mut SagaState, event: &StoredEvent<SagaEvent>) {
-        fold(state, event);
-    }
-
-    fn handle(
+impl RecordCompensated {
+    fn decide(
         &self,
-        read: ReadStreams<SagaStreamSet>,
+        read: &ReadStreams<SagaStreamSet>,
         state: SagaState,
-        _: &mut StreamResolver,
     ) -> CommandResult<SagaWrites> {
         if state.status.get(self.step) != Some(&StepStatus::Compensating) {
             return Ok(Vec::new());
@@ -919,11 +895,7 @@ impl CommandLogic for RecordCompensated {
         let done = SagaEvent::StepCompensated { step: self.step };
         after.apply(&done);
         let next = after.compensate_below(self.step, &reason);
-        writes(&read, &self.stream, vec![done, next])
-    }
-
-    fn command_name(&self) -> &'static str {
-        "eventcore::saga::RecordCompensated"
+        writes(read, &self.stream, vec![done, next])
     }
 }
 
