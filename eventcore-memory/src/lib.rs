@@ -40,6 +40,7 @@
 //! an append entirely or not at all. Reading streams never touches the log lock. No lock
 //! is ever held across an `.await`.
 
+mod chunked;
 mod election;
 
 use std::collections::HashMap;
@@ -49,13 +50,14 @@ use async_trait::async_trait;
 use chrono::Utc;
 use dashmap::DashMap;
 use eventcore::{
-    AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventId, EventStore,
+    AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventStore,
     GlobalPosition, IdempotencyKey, LogQuery, ParkedEvent, RecordedEvent, Result, StreamConflict,
     StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
+use crate::chunked::{ChunkedVec, IdIndex};
 pub use crate::election::InMemoryLeaderElection;
 
 /// An event store that keeps everything in memory. Cheap to clone; clones share events.
@@ -65,7 +67,7 @@ pub struct InMemoryEventStore {
 }
 
 struct Inner {
-    streams: DashMap<StreamId, Arc<RwLock<Vec<RecordedEvent>>>>,
+    streams: DashMap<StreamId, Arc<RwLock<ChunkedVec<RecordedEvent>>>>,
     log: RwLock<Log>,
     /// The head position, published after every append so waiting readers wake up.
     head: watch::Sender<u64>,
@@ -81,10 +83,10 @@ struct Checkpoints {
 #[derive(Default)]
 struct Log {
     /// Event at position `p` is at index `p - 1`: positions are contiguous here.
-    events: Vec<RecordedEvent>,
+    events: ChunkedVec<RecordedEvent>,
     idempotency: HashMap<IdempotencyKey, AppendOutcome>,
     /// Where each stored event id is in `events`: ids are unique across the store.
-    ids: HashMap<EventId, usize>,
+    ids: IdIndex,
 }
 
 impl InMemoryEventStore {
@@ -92,7 +94,9 @@ impl InMemoryEventStore {
     pub fn new() -> Self {
         InMemoryEventStore {
             inner: Arc::new(Inner {
-                streams: DashMap::new(),
+                // Many small shards: growing one rehashes a small part of the streams,
+                // not a large one while appends to it wait.
+                streams: DashMap::with_shard_amount(256),
                 log: RwLock::new(Log::default()),
                 head: watch::Sender::new(0),
                 checkpoints: parking_lot::Mutex::new(Checkpoints::default()),
@@ -110,7 +114,7 @@ impl InMemoryEventStore {
         self.len() == 0
     }
 
-    fn stream_handle(&self, stream: &StreamId) -> Arc<RwLock<Vec<RecordedEvent>>> {
+    fn stream_handle(&self, stream: &StreamId) -> Arc<RwLock<ChunkedVec<RecordedEvent>>> {
         // The map guard is dropped at the end of this statement: it is never held while
         // a stream lock is taken, so map shards and stream locks cannot deadlock.
         self.inner
@@ -132,7 +136,7 @@ impl InMemoryEventStore {
         // one appears while we hold the others, an append may have created it after we
         // looked, so start over rather than return a torn snapshot.
         loop {
-            let handles: Vec<Option<Arc<RwLock<Vec<RecordedEvent>>>>> = ids
+            let handles: Vec<Option<Arc<RwLock<ChunkedVec<RecordedEvent>>>>> = ids
                 .iter()
                 .map(|id| self.inner.streams.get(*id).map(|h| h.value().clone()))
                 .collect();
@@ -149,13 +153,13 @@ impl InMemoryEventStore {
             }
             let mut snapshot = StreamsSnapshot::default();
             for (id, guard) in ids.iter().zip(&guards) {
-                let events: &[RecordedEvent] = guard.as_deref().map_or(&[], Vec::as_slice);
+                let len = guard.as_deref().map_or(0, ChunkedVec::len);
                 snapshot
                     .versions
-                    .push(((*id).clone(), StreamVersion::new(events.len() as u64)));
-                snapshot
-                    .events
-                    .extend_from_slice(events.get(skip(id)..).unwrap_or(&[]));
+                    .push(((*id).clone(), StreamVersion::new(len as u64)));
+                if let Some(events) = guard.as_deref() {
+                    snapshot.events.extend(events.iter_from(skip(id)).cloned());
+                }
             }
             drop(guards);
             if ids.len() > 1 {
@@ -230,7 +234,7 @@ impl EventStore for InMemoryEventStore {
                 .stream_id
                 .cmp(&request.streams[*b].stream_id)
         });
-        let mut guards: Vec<Option<parking_lot::RwLockWriteGuard<'_, Vec<RecordedEvent>>>> =
+        let mut guards: Vec<Option<parking_lot::RwLockWriteGuard<'_, ChunkedVec<RecordedEvent>>>> =
             (0..handles.len()).map(|_| None).collect();
         for index in order {
             guards[index] = Some(handles[index].write());
@@ -269,7 +273,7 @@ impl EventStore for InMemoryEventStore {
             .streams
             .iter()
             .flat_map(|s| &s.events)
-            .filter_map(|e| log.ids.get(&e.event_id).copied())
+            .filter_map(|e| log.ids.get(&e.event_id))
             .collect();
         if !stored.is_empty() {
             if stored.len() != request.event_count() {
@@ -279,8 +283,8 @@ impl EventStore for InMemoryEventStore {
             }
             let mut events: Vec<AppendedEvent> = stored
                 .iter()
-                .map(|&index| {
-                    let e = &log.events[index];
+                .filter_map(|&index| log.events.get(index))
+                .map(|e| {
                     AppendedEvent::new(
                         e.event_id,
                         e.stream_id.clone(),
@@ -299,7 +303,6 @@ impl EventStore for InMemoryEventStore {
             streams,
             idempotency_key,
         } = request;
-        log.events.reserve(appended.capacity());
         for (stream, events) in streams.into_iter().zip(guards.iter_mut()) {
             for data in stream.events {
                 let version = StreamVersion::new(events.len() as u64 + 1);
@@ -348,9 +351,9 @@ impl EventStore for InMemoryEventStore {
         let start = query
             .after_position()
             .map_or(0, |p| usize::try_from(p.value()).unwrap_or(usize::MAX));
-        let tail = log.events.get(start..).unwrap_or(&[]);
-        Ok(tail
-            .iter()
+        Ok(log
+            .events
+            .iter_from(start)
             .filter(|event| query.matches(event))
             .take(query.limit_value())
             .cloned()
