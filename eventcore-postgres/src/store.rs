@@ -311,10 +311,6 @@ fn stream_from(value: String) -> eventcore::Result<StreamId> {
     StreamId::try_new(value).map_err(|e| corrupt(format!("stored stream id is invalid: {e}")))
 }
 
-pub(crate) fn recorded_from_row(row: &PgRow) -> eventcore::Result<RecordedEvent> {
-    RowDecoder::default().decode(row)
-}
-
 /// Decodes the rows of one read into events.
 pub(crate) fn recorded_from_rows(rows: &[PgRow]) -> eventcore::Result<Vec<RecordedEvent>> {
     let mut decoder = RowDecoder::default();
@@ -453,22 +449,24 @@ impl EventStore for PostgresEventStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(|e| map_sqlx_error(e, "reading streams", None))?;
+        let mut decoder = RowDecoder::default();
         let mut events = Vec::with_capacity(rows.len());
         let mut current: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(wanted.len());
         for row in &rows {
-            let position: Option<i64> = row.try_get("global_position").map_err(decode_error)?;
-            if position.is_some() {
-                events.push(recorded_from_row(row)?);
-                continue;
-            }
-            // A version row: the stream's current version (NULL: no events).
-            let stream = stream_from(row.try_get("stream_id").map_err(decode_error)?)?;
-            let version: Option<i64> = row.try_get("stream_version").map_err(decode_error)?;
+            let stream = stream_from(row.try_get(2).map_err(decode_error)?)?;
+            // The stream's current version, on every row (NULL: no events at all).
+            let version: Option<i64> = row.try_get(8).map_err(decode_error)?;
             let version = match version {
                 Some(version) => version_from(version)?,
                 None => StreamVersion::INITIAL,
             };
-            current.push((stream, version));
+            if !current.iter().any(|(id, _)| *id == stream) {
+                current.push((stream, version));
+            }
+            let position: Option<i64> = row.try_get(0).map_err(decode_error)?;
+            if position.is_some() {
+                events.push(decoder.decode(row)?);
+            }
         }
         let mut versions: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(streams.len());
         for (stream, _) in streams {
