@@ -996,57 +996,50 @@ impl<S: Saga> SagaManager<S> {
     ) -> Result<()> {
         let decoded: StoredEvent<SagaEvent> = redecode(event)?;
         let stream = &event.stream_id;
-        match decoded.payload {
-            SagaEvent::StepStarted { step, name, .. } => {
-                let state = SagaState::load(dispatcher.executor(), stream).await?;
-                // Already answered (this is a redelivery, or the deadline passed first).
-                if !matches!(state.status(step), Some(StepStatus::Running { .. })) {
-                    return Ok(());
-                }
-                let input: S::Input = state.input()?;
-                let context = SagaContext {
-                    instance: state.instance(),
-                    stream,
-                    input: &input,
-                    failure: None,
-                };
-                let outcome = self.saga.perform(&name, context, dispatcher).await?;
-                tracing::debug!(saga = %self.name, %stream, step = %name, ?outcome, "step performed");
-                if outcome != StepOutcome::Pending {
-                    let record = RecordOutcome {
-                        stream: stream.clone(),
-                        step: name,
-                        outcome,
-                        now: self.clock.now(),
-                    };
-                    dispatcher.dispatch(&record).await?;
-                }
-                Ok(())
-            }
-            SagaEvent::CompensationStarted { step, name } => {
-                let state = SagaState::load(dispatcher.executor(), stream).await?;
-                if state.status(step) != Some(&StepStatus::Compensating) {
-                    return Ok(());
-                }
-                let input: S::Input = state.input()?;
-                let context = SagaContext {
-                    instance: state.instance(),
-                    stream,
-                    input: &input,
-                    failure: state.failure(),
-                };
-                self.saga.compensate(&name, context, dispatcher).await?;
-                tracing::debug!(saga = %self.name, %stream, step = %name, "step compensated");
-                dispatcher
-                    .dispatch(&RecordCompensated {
-                        stream: stream.clone(),
-                        step,
-                    })
-                    .await?;
-                Ok(())
-            }
-            _ => Ok(()),
+        let (step, name, compensating) = match decoded.payload {
+            SagaEvent::StepStarted { step, name, .. } => (step, name, false),
+            SagaEvent::CompensationStarted { step, name } => (step, name, true),
+            _ => return Ok(()),
+        };
+        let state = SagaState::load(dispatcher.executor(), stream).await?;
+        // Already moved on (a redelivery, or the deadline passed first): nothing to do.
+        let still_due = match state.status(step) {
+            Some(StepStatus::Running { .. }) => !compensating,
+            Some(StepStatus::Compensating) => compensating,
+            _ => false,
+        };
+        if !still_due {
+            return Ok(());
         }
+        let input: S::Input = state.input()?;
+        let context = SagaContext {
+            instance: state.instance(),
+            stream,
+            input: &input,
+            failure: if compensating { state.failure() } else { None },
+        };
+        if compensating {
+            self.saga.compensate(&name, context, dispatcher).await?;
+            tracing::debug!(saga = %self.name, %stream, step = %name, "step compensated");
+            let record = RecordCompensated {
+                stream: stream.clone(),
+                step,
+            };
+            dispatcher.dispatch(&record).await?;
+        } else {
+            let outcome = self.saga.perform(&name, context, dispatcher).await?;
+            tracing::debug!(saga = %self.name, %stream, step = %name, ?outcome, "step performed");
+            if outcome != StepOutcome::Pending {
+                let record = RecordOutcome {
+                    stream: stream.clone(),
+                    step: name,
+                    outcome,
+                    now: self.clock.now(),
+                };
+                dispatcher.dispatch(&record).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn on_other_event(
