@@ -291,6 +291,7 @@ impl EventStore for InMemoryEventStore {
                         e.stream_version,
                         e.global_position,
                     )
+                    .with_recorded_at(e.recorded_at)
                 })
                 .collect();
             events.sort_by_key(|e| e.global_position);
@@ -317,12 +318,10 @@ impl EventStore for InMemoryEventStore {
                     Arc::new(data.metadata),
                     recorded_at,
                 );
-                appended.push(AppendedEvent::new(
-                    data.event_id,
-                    stream.stream_id.clone(),
-                    version,
-                    position,
-                ));
+                appended.push(
+                    AppendedEvent::new(data.event_id, stream.stream_id.clone(), version, position)
+                        .with_recorded_at(recorded_at),
+                );
                 events.push(recorded.clone());
                 let index = log.events.len();
                 log.ids.insert(data.event_id, index);

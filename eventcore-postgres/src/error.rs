@@ -106,6 +106,14 @@ pub(crate) fn is_duplicate_event_id(error: &sqlx::Error) -> bool {
     })
 }
 
+/// Whether an append failed because a concurrent append took one of its stream versions.
+pub(crate) fn is_stream_version_taken(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|db| {
+        db.code().as_deref() == Some(sqlstate::UNIQUE_VIOLATION)
+            && db.constraint() == Some("events_stream_version_key")
+    })
+}
+
 /// Turns a database error into an EventCore error: by SQLSTATE, constraint name and
 /// sqlx error kind, never by the message text. `append` gives the request, so that a
 /// version conflict can name its streams and expectations.

@@ -4,7 +4,7 @@
 //! of notifying transactions on a global lock held until the commit is durable, which
 //! would stop concurrent appends from sharing a WAL flush. Instead a notifier task sends
 //! one NOTIFY after commit for the newest position this process appended, coalescing
-//! bursts, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
+//! bursts and at most one per `PostgresConfig::notify_interval`, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
 //! notification (the process died between commit and NOTIFY, the listening connection
 //! dropped) only delays readers until their fallback poll.
 //!
@@ -18,6 +18,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// The background tasks of one store; aborted when the store is dropped.
 pub(crate) struct Tasks {
@@ -29,11 +30,12 @@ impl Tasks {
         runtime: &Handle,
         pool: PgPool,
         channel: String,
+        interval: Duration,
         appended: watch::Receiver<u64>,
         wake: watch::Sender<u64>,
     ) -> Self {
         let listener = runtime.spawn(listen(pool.clone(), channel.clone(), wake));
-        let notifier = runtime.spawn(notify(pool, channel, appended));
+        let notifier = runtime.spawn(notify(pool, channel, interval, appended));
         Tasks {
             handles: vec![listener, notifier],
         }
@@ -90,10 +92,21 @@ async fn listen(pool: PgPool, channel: String, wake: watch::Sender<u64>) {
     }
 }
 
-async fn notify(pool: PgPool, channel: String, mut appended: watch::Receiver<u64>) {
+async fn notify(
+    pool: PgPool,
+    channel: String,
+    interval: Duration,
+    mut appended: watch::Receiver<u64>,
+) {
     let mut sent = 0;
+    let mut last_sent: Option<Instant> = None;
     let mut connection: Option<PgConnection> = None;
     while appended.changed().await.is_ok() {
+        // Rate, not synchronisation: appends arriving before the interval is over share
+        // the next notification.
+        if let Some(last) = last_sent {
+            tokio::time::sleep_until(last + interval).await;
+        }
         let position = *appended.borrow_and_update();
         if position <= sent {
             continue;
@@ -110,7 +123,10 @@ async fn notify(pool: PgPool, channel: String, mut appended: watch::Receiver<u64
             .execute(&mut *conn)
             .await
         {
-            Ok(_) => sent = position,
+            Ok(_) => {
+                sent = position;
+                last_sent = Some(Instant::now());
+            }
             Err(error) => {
                 tracing::debug!(%error, "eventcore: NOTIFY failed; readers will poll");
                 connection = None;

@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::config::{PostgresConfig, SchemaName};
-use crate::error::{Error, is_connection_failure, is_duplicate_event_id, map_sqlx_error};
+use crate::config::{DEFAULT_NOTIFY_INTERVAL, PostgresConfig, SchemaName};
+use crate::error::{
+    Error, is_connection_failure, is_duplicate_event_id, is_stream_version_taken, map_sqlx_error,
+};
 use crate::notify;
 
 /// The SQL of every operation, with the schema filled in once at construction.
@@ -28,6 +30,7 @@ pub(crate) struct Sql {
     pub(crate) read_all: String,
     pub(crate) heads: String,
     pub(crate) append: String,
+    pub(crate) append_one: String,
     pub(crate) idempotent_outcome: String,
     pub(crate) events_by_id: String,
     pub(crate) load_checkpoint: String,
@@ -42,13 +45,20 @@ pub(crate) struct Sql {
 
 impl Sql {
     fn for_schema(schema: &SchemaName) -> Self {
-        let fill = |template: &str| template.replace("{schema}", &schema.quoted());
+        let fill = |template: &str| {
+            // The schema's name inside SQL string literals (lock keys), where the
+            // functions use current_schema(). SchemaName allows no quote character.
+            template
+                .replace("{schema}", &schema.quoted())
+                .replace("{schema_name}", schema.as_str())
+        };
         Sql {
             read_streams: fill(include_str!("sql/read_streams.sql")),
             read_streams_after: fill(include_str!("sql/read_streams_after.sql")),
             read_all: fill(include_str!("sql/read_all.sql")),
             heads: fill(include_str!("sql/heads.sql")),
             append: fill(include_str!("sql/append.sql")),
+            append_one: fill(include_str!("sql/append_one.sql")),
             idempotent_outcome: fill(include_str!("sql/idempotent_outcome.sql")),
             events_by_id: fill(include_str!("sql/events_by_id.sql")),
             load_checkpoint: fill(include_str!("sql/load_checkpoint.sql")),
@@ -95,6 +105,7 @@ struct Inner {
     sql: Sql,
     channel: String,
     fallback_poll_interval: Duration,
+    notify_interval: Duration,
     /// The last position this process appended, for the notifier task.
     appended: watch::Sender<u64>,
     /// Bumped by the listener task on every notification (and reconnection).
@@ -139,16 +150,27 @@ impl PostgresEventStore {
             pool,
             config.schema,
             config.fallback_poll_interval,
+            config.notify_interval,
         ))
     }
 
     /// A store over an existing pool, in `schema`. The pool's settings (size, timeouts,
     /// TLS) are used as they are.
     pub fn from_pool(pool: PgPool, schema: SchemaName) -> Self {
-        Self::new(pool, schema, Duration::from_secs(1))
+        Self::new(
+            pool,
+            schema,
+            Duration::from_secs(1),
+            DEFAULT_NOTIFY_INTERVAL,
+        )
     }
 
-    fn new(pool: PgPool, schema: SchemaName, fallback_poll_interval: Duration) -> Self {
+    fn new(
+        pool: PgPool,
+        schema: SchemaName,
+        fallback_poll_interval: Duration,
+        notify_interval: Duration,
+    ) -> Self {
         // NOTIFY refuses channel names of 64 bytes or more. Two schemas sharing the
         // first 53 bytes share a channel: their readers get extra wake-ups, nothing else.
         let mut channel = format!("eventcore_{}", schema.as_str());
@@ -160,6 +182,7 @@ impl PostgresEventStore {
                 schema,
                 channel,
                 fallback_poll_interval,
+                notify_interval,
                 appended: watch::Sender::new(0),
                 wake: watch::Sender::new(0),
                 background: OnceLock::new(),
@@ -218,6 +241,7 @@ impl PostgresEventStore {
                 &runtime,
                 self.inner.pool.clone(),
                 self.inner.channel.clone(),
+                self.inner.notify_interval,
                 self.inner.appended.subscribe(),
                 self.inner.wake.clone(),
             )
@@ -385,6 +409,107 @@ fn appended_from_row(row: &PgRow) -> eventcore::Result<AppendedEvent> {
     ))
 }
 
+/// A request the one-statement path takes: one event to one stream at an exact version
+/// (or no stream yet), without an idempotency key.
+struct SingleAppend<'r> {
+    stream: &'r StreamId,
+    /// The exact version expected; 0 for no stream.
+    expected: i64,
+    expected_version: ExpectedVersion,
+    event: &'r eventcore::EventData,
+    metadata: String,
+}
+
+fn single_exact(request: &AppendRequest) -> eventcore::Result<Option<SingleAppend<'_>>> {
+    let [stream] = request.streams.as_slice() else {
+        return Ok(None);
+    };
+    let [event] = stream.events.as_slice() else {
+        return Ok(None);
+    };
+    if request.idempotency_key.is_some() {
+        return Ok(None);
+    }
+    let expected = match stream.expected_version {
+        ExpectedVersion::Any => return Ok(None),
+        ExpectedVersion::NoStream => 0,
+        ExpectedVersion::Exact(_) => expected_code(stream.expected_version)?,
+    };
+    Ok(Some(SingleAppend {
+        stream: &stream.stream_id,
+        expected,
+        expected_version: stream.expected_version,
+        event,
+        metadata: metadata_json(&event.metadata)?,
+    }))
+}
+
+fn metadata_json(metadata: &EventMetadata) -> eventcore::Result<String> {
+    serde_json::to_string(metadata).map_err(|source| eventcore::Error::Serialization {
+        event_type: "EventMetadata".to_owned(),
+        source,
+    })
+}
+
+/// The answer of `sql/append_one.sql`: the stream's version, and where the event landed
+/// (NULL when the version was not the one expected: nothing was written).
+fn single_outcome(row: &PgRow, single: &SingleAppend<'_>) -> eventcore::Result<AppendOutcome> {
+    let actual = version_from(row.try_get(0).map_err(decode_error)?)?;
+    let position: Option<i64> = row.try_get(1).map_err(decode_error)?;
+    let recorded_at: Option<DateTime<Utc>> = row.try_get(2).map_err(decode_error)?;
+    let (Some(position), Some(recorded_at)) = (position, recorded_at) else {
+        return Err(eventcore::Error::VersionConflict {
+            conflicts: vec![eventcore::StreamConflict {
+                stream: single.stream.clone(),
+                expected: single.expected_version,
+                actual,
+            }],
+        });
+    };
+    let event = AppendedEvent::new(
+        single.event.event_id,
+        single.stream.clone(),
+        actual.next(),
+        position_from(position)?,
+    )
+    .with_recorded_at(recorded_at);
+    Ok(AppendOutcome::written(vec![event]))
+}
+
+/// The answer of `eventcore_append`.
+fn general_outcome(row: &PgRow) -> eventcore::Result<AppendOutcome> {
+    let deduplicated: bool = row.try_get("deduplicated").map_err(decode_error)?;
+    let ids: Vec<Uuid> = row.try_get("event_ids").map_err(decode_error)?;
+    let stream_ids: Vec<String> = row.try_get("stream_ids").map_err(decode_error)?;
+    let versions: Vec<i64> = row.try_get("versions").map_err(decode_error)?;
+    let positions: Vec<i64> = row.try_get("positions").map_err(decode_error)?;
+    if ids.len() != stream_ids.len() || ids.len() != versions.len() || ids.len() != positions.len()
+    {
+        return Err(corrupt(
+            "eventcore_append returned arrays of different lengths".to_owned(),
+        ));
+    }
+    let events = ids
+        .into_iter()
+        .zip(stream_ids)
+        .zip(versions.into_iter().zip(positions))
+        .map(|((id, stream), (version, position))| {
+            Ok(AppendedEvent::new(
+                EventId::from_uuid(id),
+                stream_from(stream)?,
+                version_from(version)?,
+                position_from(position)?,
+            ))
+        })
+        .collect::<eventcore::Result<Vec<_>>>()?;
+    let outcome = AppendOutcome::written(events);
+    Ok(if deduplicated {
+        outcome.into_deduplicated()
+    } else {
+        outcome
+    })
+}
+
 fn expected_code(expected: ExpectedVersion) -> eventcore::Result<i64> {
     match expected {
         ExpectedVersion::Any => Ok(-1),
@@ -514,48 +639,20 @@ impl EventStore for PostgresEventStore {
 impl PostgresEventStore {
     async fn append_traced(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
         request.validate()?;
-        let n = request.event_count();
-        let mut streams = Vec::with_capacity(request.streams.len());
-        let mut expected = Vec::with_capacity(request.streams.len());
-        let mut event_streams: Vec<i32> = Vec::with_capacity(n);
-        let mut event_ids = Vec::with_capacity(n);
-        let mut event_types = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut metadata = Vec::with_capacity(n);
-        for (index, stream) in request.streams.iter().enumerate() {
-            streams.push(stream.stream_id.as_str());
-            expected.push(expected_code(stream.expected_version)?);
-            let index = i32::try_from(index + 1).map_err(|_| eventcore::Error::InvalidAppend {
-                reason: "too many streams in one append".to_owned(),
-            })?;
-            for event in &stream.events {
-                event_streams.push(index);
-                event_ids.push(event.event_id.as_uuid());
-                event_types.push(event.event_type.as_str());
-                payloads.push(event.payload.as_str());
-                metadata.push(serde_json::to_string(&event.metadata).map_err(|source| {
-                    eventcore::Error::Serialization {
-                        event_type: "EventMetadata".to_owned(),
-                        source,
-                    }
-                })?);
-            }
-        }
-        let key = request.idempotency_key.as_ref().map(IdempotencyKey::as_str);
-
-        let result = sqlx::query(&self.inner.sql.append)
-            .bind(&streams)
-            .bind(&expected)
-            .bind(key)
-            .bind(&event_streams)
-            .bind(&event_ids)
-            .bind(&event_types)
-            .bind(&payloads)
-            .bind(&metadata)
-            .fetch_one(&self.inner.pool)
-            .await;
-        let row = match result {
-            Ok(row) => row,
+        let result = match single_exact(&request)? {
+            Some(single) => match self.append_one(&single).await {
+                // Another append took the version after this statement's snapshot.
+                // Nothing was written: the general path reports the conflict with the
+                // stream's actual version.
+                Err(error) if is_stream_version_taken(&error) => {
+                    self.append_general(&request).await
+                }
+                result => result,
+            },
+            None => self.append_general(&request).await,
+        };
+        let outcome = match result {
+            Ok(outcome) => outcome,
             Err(error) if is_connection_failure(&error) => {
                 // The answer was lost; the append may or may not have committed. Events
                 // carry their ids, so look: found means it committed.
@@ -574,37 +671,9 @@ impl PostgresEventStore {
                 return Err(map_sqlx_error(error, "appending", Some(&request)));
             }
             Err(error) => return Err(map_sqlx_error(error, "appending", Some(&request))),
-        };
-
-        let deduplicated: bool = row.try_get("deduplicated").map_err(decode_error)?;
-        let ids: Vec<Uuid> = row.try_get("event_ids").map_err(decode_error)?;
-        let stream_ids: Vec<String> = row.try_get("stream_ids").map_err(decode_error)?;
-        let versions: Vec<i64> = row.try_get("versions").map_err(decode_error)?;
-        let positions: Vec<i64> = row.try_get("positions").map_err(decode_error)?;
-        if ids.len() != stream_ids.len()
-            || ids.len() != versions.len()
-            || ids.len() != positions.len()
-        {
-            return Err(corrupt(
-                "eventcore_append returned arrays of different lengths".to_owned(),
-            ));
-        }
-        let events = ids
-            .into_iter()
-            .zip(stream_ids)
-            .zip(versions.into_iter().zip(positions))
-            .map(|((id, stream), (version, position))| {
-                Ok(AppendedEvent::new(
-                    EventId::from_uuid(id),
-                    stream_from(stream)?,
-                    version_from(version)?,
-                    position_from(position)?,
-                ))
-            })
-            .collect::<eventcore::Result<Vec<_>>>()?;
-        let outcome = AppendOutcome::written(events);
-        if deduplicated {
-            return Ok(outcome.into_deduplicated());
+        }?;
+        if outcome.deduplicated {
+            return Ok(outcome);
         }
         if let Some(last) = outcome.events.last() {
             let position = last.global_position.value();
@@ -619,6 +688,76 @@ impl PostgresEventStore {
             }
         }
         Ok(outcome)
+    }
+
+    /// One event to one stream at an exact version, in one plain statement
+    /// (`sql/append_one.sql`). The outer error is the database's; the inner one a
+    /// version conflict or a malformed answer.
+    async fn append_one(
+        &self,
+        single: &SingleAppend<'_>,
+    ) -> Result<eventcore::Result<AppendOutcome>, sqlx::Error> {
+        let row = sqlx::query(&self.inner.sql.append_one)
+            .bind(single.stream.as_str())
+            .bind(single.expected)
+            .bind(single.event.event_id.as_uuid())
+            .bind(single.event.event_type.as_str())
+            .bind(single.event.payload.as_str())
+            .bind(single.metadata.as_str())
+            .fetch_one(&self.inner.pool)
+            .await?;
+        Ok(single_outcome(&row, single))
+    }
+
+    /// Any request, through `eventcore_append` (migrations/0001).
+    async fn append_general(
+        &self,
+        request: &AppendRequest,
+    ) -> Result<eventcore::Result<AppendOutcome>, sqlx::Error> {
+        let n = request.event_count();
+        let mut streams = Vec::with_capacity(request.streams.len());
+        let mut expected = Vec::with_capacity(request.streams.len());
+        let mut event_streams: Vec<i32> = Vec::with_capacity(n);
+        let mut event_ids = Vec::with_capacity(n);
+        let mut event_types = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        for (index, stream) in request.streams.iter().enumerate() {
+            streams.push(stream.stream_id.as_str());
+            match expected_code(stream.expected_version) {
+                Ok(code) => expected.push(code),
+                Err(error) => return Ok(Err(error)),
+            }
+            let Ok(index) = i32::try_from(index + 1) else {
+                return Ok(Err(eventcore::Error::InvalidAppend {
+                    reason: "too many streams in one append".to_owned(),
+                }));
+            };
+            for event in &stream.events {
+                event_streams.push(index);
+                event_ids.push(event.event_id.as_uuid());
+                event_types.push(event.event_type.as_str());
+                payloads.push(event.payload.as_str());
+                match metadata_json(&event.metadata) {
+                    Ok(json) => metadata.push(json),
+                    Err(error) => return Ok(Err(error)),
+                }
+            }
+        }
+        let key = request.idempotency_key.as_ref().map(IdempotencyKey::as_str);
+
+        let row = sqlx::query(&self.inner.sql.append)
+            .bind(&streams)
+            .bind(&expected)
+            .bind(key)
+            .bind(&event_streams)
+            .bind(&event_ids)
+            .bind(&event_types)
+            .bind(&payloads)
+            .bind(&metadata)
+            .fetch_one(&self.inner.pool)
+            .await?;
+        Ok(general_outcome(&row))
     }
 
     async fn read_all_impl(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
@@ -647,12 +786,16 @@ impl PostgresEventStore {
         let after = after.map_or(0, GlobalPosition::value);
         let listening = self.ensure_background();
         let mut wake = self.inner.wake.subscribe();
+        // This process's own appends wake its readers at once, without waiting for their
+        // notification (rate-limited, and meant for other processes).
+        let mut local = self.inner.appended.subscribe();
         let fallback = self.inner.fallback_poll_interval;
         let mut held_back_poll = Duration::from_millis(2);
         loop {
-            // Marked seen before looking, so a notification arriving during the query
-            // is not lost.
+            // Marked seen before looking, so a notification or an append arriving during
+            // the query is not lost.
             wake.borrow_and_update();
+            local.borrow_and_update();
             let (visible, committed) = self.heads().await?;
             if visible.is_some_and(|v| v > after) {
                 return Ok(());
@@ -665,7 +808,13 @@ impl PostgresEventStore {
                 continue;
             }
             if listening {
-                let _ = tokio::time::timeout(fallback, wake.changed()).await;
+                let woken = async {
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        _ = local.changed() => {}
+                    }
+                };
+                let _ = tokio::time::timeout(fallback, woken).await;
             } else {
                 tokio::time::sleep(fallback).await;
             }

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::event::{EventData, EventType, RecordedEvent};
@@ -315,10 +316,16 @@ pub struct AppendedEvent {
     pub stream_version: StreamVersion,
     /// Its position in the global log.
     pub global_position: GlobalPosition,
+    /// When the store recorded it, where the backend says (both stores of this
+    /// workspace do for what they write; an outcome found again through an idempotency
+    /// key or after a lost answer may not). The [`crate::CommandExecutor`] uses it to
+    /// keep a cached state up to date with its own writes
+    /// ([`crate::CommandLogic::state_cache`]); without it, the next command reads them.
+    pub recorded_at: Option<DateTime<Utc>>,
 }
 
 impl AppendedEvent {
-    /// Assembles an appended event (for backends).
+    /// Assembles an appended event (for backends), without a recording time.
     pub fn new(
         event_id: EventId,
         stream_id: StreamId,
@@ -330,7 +337,14 @@ impl AppendedEvent {
             stream_id,
             stream_version,
             global_position,
+            recorded_at: None,
         }
+    }
+
+    /// Sets when the store recorded the event: the very time a later read returns.
+    pub fn with_recorded_at(mut self, recorded_at: DateTime<Utc>) -> Self {
+        self.recorded_at = Some(recorded_at);
+        self
     }
 }
 

@@ -178,6 +178,11 @@ pub async fn append_then_read_round_trips_payload_and_metadata(store: impl Event
     assert_eq!(stored.stream_version, version(1));
     assert_eq!(stored.global_position, outcome.events[0].global_position);
     assert_eq!(stored.event_type.as_str(), "Noted");
+    // A recording time the append gives back is the one every read returns: the
+    // executor folds its own writes into cached states with it.
+    if let Some(at) = outcome.events[0].recorded_at {
+        assert_eq!(stored.recorded_at, at);
+    }
 
     let log = read_everything(&store).await;
     assert_eq!(log.len(), 1);
