@@ -129,11 +129,24 @@ pub trait CommandLogic: CommandStreams {
     /// entry is dropped and the streams are read again from the start), and the append
     /// still checks every stream's version.
     ///
-    /// Opt in only when `apply` reads nothing of `self`: the new state may depend only
-    /// on the old state and the event (its payload, its `stream_id`, ...). One cached
-    /// state serves every command of this type over the same streams, whatever its other
-    /// fields, so a state that depends on an amount, an order id, or on which field a
-    /// stream came from would be wrong for the next command. A multi-stream state keys
+    /// After a successful append the executor folds its own events into the kept state,
+    /// and into the kept states of this command type over each single stream it wrote
+    /// (a transfer's credit to `to` brings the state of transfers from `to` forward).
+    /// The next execution then decides on the kept state without reading at all, and
+    /// its append, which checks every stream at the kept versions, is the proof that
+    /// nothing was written meanwhile: when something was (another process, another
+    /// executor), the append conflicts, and the executor reads what is new and decides
+    /// again (this costs one more round trip, not a retry). A decision that writes
+    /// nothing, or refuses, is never taken on a state no append proved current: it is
+    /// taken again after reading.
+    ///
+    /// Opt in only when `apply` reads nothing of `self`, not even its stream fields:
+    /// the new state may depend only on the old state and the event (its payload, its
+    /// `stream_id`, ...). One cached state serves every command of this type over the
+    /// same streams, whatever its other fields, and is brought forward through the
+    /// `apply` of whichever command of the type wrote to its streams, so a state that
+    /// depends on an amount, an order id, or on which field a stream came from would be
+    /// wrong for the next command. A multi-stream state keys
     /// its parts by `event.stream_id` (and `handle` picks them with its fields), or
     /// folds from one stream only with [`StateCache::folded_from`].
     ///

@@ -13,7 +13,7 @@ use crate::command::{
     Command, CommandLogic, ReadStreams, StateCacheOps, StreamResolver, StreamWrite,
 };
 use crate::error::{Error, Result};
-use crate::event::{EventData, StoredEvent};
+use crate::event::{EventData, RecordedEvent, StoredEvent};
 use crate::metadata::EventMetadata;
 use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, StreamAppend, StreamsSnapshot,
@@ -365,12 +365,11 @@ impl CommandExecutor {
         }
         if let Some(ops) = command.state_cache().ops
             && self.states.capacity > 0
-            && let Some(decided) = self.decide_cached(command, declared, &ops).await?
+            && let Some(outcome) = self
+                .attempt_cached(command, declared, &ops, metadata, idempotency_key)
+                .await?
         {
-            let (writes, snapshot) = decided;
-            return self
-                .append_decision(declared, &snapshot, writes, metadata, idempotency_key)
-                .await;
+            return Ok(outcome);
         }
         let mut streams = declared.to_vec();
         let mut rounds = 0;
@@ -421,16 +420,28 @@ impl CommandExecutor {
         self.store.append(request).await
     }
 
-    /// Decides from a cached state brought up to date with the events appended since,
-    /// or from a fresh fold that is then cached. `None` when the command asked for more
-    /// streams than it declares: the uncached path handles those.
-    #[allow(clippy::type_complexity)]
-    async fn decide_cached<C: Command>(
+    /// The cached path of one attempt; `None` when it does not apply (the command asked
+    /// for more streams than it declares, or its cache settings do not fit), and the
+    /// uncached path runs instead.
+    ///
+    /// First without reading: when the cached state is not known to be behind and the
+    /// version of every other declared stream is known, `handle` decides on it and the
+    /// append checks every stream at those versions. That is the whole optimistic check:
+    /// had anything been written since, the append conflicts. Only an append can prove
+    /// the state current, so a decision that writes nothing (or a refusal) is not
+    /// trusted: it is taken again after reading, as is a decision whose append
+    /// conflicted (that conflict is not counted as an attempt).
+    ///
+    /// Otherwise the events appended since the cached versions are read and folded in,
+    /// or the streams are read whole when nothing is cached.
+    async fn attempt_cached<C: Command>(
         &self,
         command: &C,
         declared: &[StreamId],
         ops: &StateCacheOps<C::State>,
-    ) -> Result<Option<(Vec<StreamWrite<C::StreamSet, C::Event>>, StreamsSnapshot)>> {
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<Option<AppendOutcome>> {
         // A state kept under another command's type would be shared with it.
         if ops.command_name != std::any::type_name::<C>() {
             tracing::debug!(
@@ -448,7 +459,61 @@ impl CommandExecutor {
             );
             return Ok(None);
         }
-        let key = (ops.command, folded.to_vec());
+        let key: StateKey = (ops.command, folded.to_vec());
+
+        if let Some(mut entry) = self.states.take(&key) {
+            let versions = if entry.current {
+                self.states
+                    .known_versions(declared, folded, &entry.versions)
+            } else {
+                None
+            };
+            let state = match versions {
+                Some(_) => copy_state(ops, &mut entry),
+                None => None,
+            };
+            let had_versions = versions.is_some();
+            match versions.zip(state) {
+                Some((versions, state)) => match decide_from(command, declared, state) {
+                    Ok(decision)
+                        if decision.more_streams.is_empty() && !decision.writes.is_empty() =>
+                    {
+                        let snapshot = StreamsSnapshot {
+                            events: Vec::new(),
+                            versions,
+                        };
+                        match self
+                            .append_cached(
+                                command,
+                                ops,
+                                &key,
+                                entry,
+                                declared,
+                                &snapshot,
+                                decision.writes,
+                                metadata,
+                                idempotency_key,
+                            )
+                            .await
+                        {
+                            Err(Error::VersionConflict { .. }) => {
+                                tracing::debug!(
+                                    command = command.command_name(),
+                                    "cached state was behind; reading what is new"
+                                );
+                            }
+                            other => return other.map(Some),
+                        }
+                    }
+                    // Not proven by an append: decided again after reading.
+                    _ => self.states.put(key.clone(), entry),
+                },
+                // A state of another type cannot be used, or kept.
+                None if had_versions => {}
+                None => self.states.put(key.clone(), entry),
+            }
+        }
+
         // Folded streams after the cached versions (or whole); the others for their
         // versions only.
         let wanted = |cached: Option<&CachedState>| -> Vec<(StreamId, StreamVersion)> {
@@ -512,19 +577,171 @@ impl CommandExecutor {
                 (state, last_position, read)
             }
         };
-        self.states.put(
-            key,
-            CachedState {
-                versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
-                last_position,
-                state: (ops.keep)(&state),
-            },
-        );
-        let decision = decide_from(command, declared, state)?;
+        self.states.learn_versions(&snapshot.versions);
+        let entry = CachedState {
+            versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
+            last_position,
+            state: (ops.keep)(&state),
+            current: true,
+        };
+        let decision = match decide_from(command, declared, state) {
+            Ok(decision) => decision,
+            Err(error) => {
+                self.states.put(key, entry);
+                return Err(error);
+            }
+        };
         if !decision.more_streams.is_empty() {
+            self.states.put(key, entry);
             return Ok(None);
         }
-        Ok(Some((decision.writes, snapshot)))
+        // Nothing to write and nothing to remember: no append.
+        if decision.writes.is_empty() && (idempotency_key.is_none() || declared.is_empty()) {
+            self.states.put(key, entry);
+            return Ok(Some(AppendOutcome::written(Vec::new())));
+        }
+        self.append_cached(
+            command,
+            ops,
+            &key,
+            entry,
+            declared,
+            &snapshot,
+            decision.writes,
+            metadata,
+            idempotency_key,
+        )
+        .await
+        .map(Some)
+    }
+
+    /// Appends a decision taken on the cached state `entry` (as of `snapshot`'s
+    /// versions), then keeps the state with this append's events folded in. On failure
+    /// the state is kept as it was, marked as possibly behind on a conflict.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_cached<C: Command>(
+        &self,
+        command: &C,
+        ops: &StateCacheOps<C::State>,
+        key: &StateKey,
+        mut entry: CachedState,
+        declared: &[StreamId],
+        snapshot: &StreamsSnapshot,
+        writes: Vec<StreamWrite<C::StreamSet, C::Event>>,
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
+        let mut request = match build_request(declared, snapshot, writes, metadata) {
+            Ok(request) => request,
+            Err(error) => {
+                self.states.put(key.clone(), entry);
+                return Err(error);
+            }
+        };
+        request.idempotency_key = idempotency_key.cloned();
+        let written = OwnWrites::of(&request);
+        match self.store.append(request).await {
+            Ok(outcome) => {
+                self.keep_own_writes(command, ops, key, entry, &written, &outcome);
+                Ok(outcome)
+            }
+            Err(error) => {
+                if matches!(error, Error::VersionConflict { .. }) {
+                    entry.current = false;
+                }
+                self.states.put(key.clone(), entry);
+                Err(error)
+            }
+        }
+    }
+
+    /// After a successful append: the known versions of its streams, and the cached
+    /// states of this command type over the streams it wrote, brought forward with its
+    /// events when they were at the versions the append checked (otherwise marked as
+    /// behind). Needs every event's recording time from the store (the very one a read
+    /// would return); without it the states are kept as they were before the append.
+    fn keep_own_writes<C: Command>(
+        &self,
+        command: &C,
+        ops: &StateCacheOps<C::State>,
+        key: &StateKey,
+        mut entry: CachedState,
+        written: &OwnWrites,
+        outcome: &AppendOutcome,
+    ) {
+        let recorded = if outcome.deduplicated {
+            None
+        } else {
+            written.recorded(outcome)
+        };
+        let Some(recorded) = recorded else {
+            entry.current = false;
+            self.states.put(key.clone(), entry);
+            return;
+        };
+        self.states.learn_versions(&written.versions_after(outcome));
+        // This command's own state, then the single-stream states of this command type
+        // over each stream it wrote (a transfer's `to` is another transfer's `from`).
+        let mut others: Vec<StateKey> = written
+            .streams
+            .iter()
+            .filter(|(_, _, events)| *events > 0)
+            .map(|(stream, _, _)| (key.0, vec![stream.clone()]))
+            .filter(|other| other != key)
+            .collect();
+        others.dedup();
+        let mut targets = vec![(key.clone(), Some(entry))];
+        targets.extend(others.into_iter().map(|other| {
+            let entry = self.states.take(&other);
+            (other, entry)
+        }));
+        for (target, entry) in targets {
+            let Some(mut entry) = entry else { continue };
+            let at_checked_versions = target.1.iter().zip(&entry.versions).all(|(stream, v)| {
+                written
+                    .streams
+                    .iter()
+                    .any(|(s, expected, _)| s == stream && *expected == Some(*v))
+            });
+            if !at_checked_versions {
+                entry.current = false;
+                self.states.put(target, entry);
+                continue;
+            }
+            // Brought forward, or dropped: a state that cannot take the events is not
+            // kept.
+            let Some(mut state) = (ops.take)(entry.state) else {
+                continue;
+            };
+            let mut last_position = entry.last_position;
+            let mut folded_all = true;
+            for event in recorded.iter().filter(|e| target.1.contains(&e.stream_id)) {
+                let Ok(typed) = event.decode::<C::Event>() else {
+                    folded_all = false;
+                    break;
+                };
+                command.apply(&mut state, &typed);
+                last_position = Some(event.global_position);
+            }
+            if folded_all {
+                let versions = target
+                    .1
+                    .iter()
+                    .map(|stream| written.version_after(stream, outcome))
+                    .collect::<Option<Vec<_>>>();
+                if let Some(versions) = versions {
+                    self.states.put(
+                        target,
+                        CachedState {
+                            versions,
+                            last_position,
+                            state: (ops.keep)(&state),
+                            current: true,
+                        },
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -537,44 +754,200 @@ struct CachedState {
     /// The position of the newest event folded in.
     last_position: Option<GlobalPosition>,
     state: Box<dyn Any + Send>,
+    /// Read, or brought forward with this executor's own append, and not known to be
+    /// behind since: worth deciding on without reading first.
+    current: bool,
 }
 
-/// Folded states of commands that allow caching, shared by an executor's clones.
+/// A copy of the entry's state (the entry keeps the other); `None` when it is not a `S`.
+fn copy_state<S>(ops: &StateCacheOps<S>, entry: &mut CachedState) -> Option<S> {
+    let state = (ops.take)(std::mem::replace(&mut entry.state, Box::new(())))?;
+    entry.state = (ops.keep)(&state);
+    Some(state)
+}
+
+/// Folded states of commands that allow caching, and the last version seen of each
+/// stream they read, shared by an executor's clones.
 struct StateCacheMap {
     capacity: usize,
-    entries: Mutex<HashMap<StateKey, CachedState>>,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    entries: HashMap<StateKey, CachedState>,
+    /// A stream's highest version seen in a read or an append of this executor: what a
+    /// decision without reading expects of a stream it does not fold.
+    versions: HashMap<StreamId, StreamVersion>,
 }
 
 impl StateCacheMap {
     fn new(capacity: usize) -> Self {
         StateCacheMap {
             capacity,
-            entries: Mutex::new(HashMap::new()),
+            inner: Mutex::new(CacheInner::default()),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Takes the entry out: a concurrent execution over the same streams reads and folds
     /// them itself rather than share a state being extended.
     fn take(&self, key: &StateKey) -> Option<CachedState> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key)
+        self.lock().entries.remove(key)
     }
 
+    /// Keeps `state` unless a state folded further is kept already (put back meanwhile
+    /// by a concurrent execution).
     fn put(&self, key: StateKey, state: CachedState) {
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if entries.len() >= self.capacity && !entries.contains_key(&key) {
-            // Full: make room by dropping an arbitrary entry (whichever the map yields
-            // first; the dropped state is folded again when next needed).
-            if let Some(victim) = entries.keys().next().cloned() {
-                entries.remove(&victim);
+        let capacity = self.capacity;
+        let mut inner = self.lock();
+        let entries = &mut inner.entries;
+        if let Some(kept) = entries.get(&key)
+            && kept.last_position > state.last_position
+        {
+            return;
+        }
+        make_room(entries, capacity, &key);
+        entries.insert(key, state);
+    }
+
+    fn learn_versions(&self, versions: &[(StreamId, StreamVersion)]) {
+        let capacity = self.capacity;
+        let mut inner = self.lock();
+        for (stream, version) in versions {
+            match inner.versions.get_mut(stream) {
+                Some(known) => *known = (*known).max(*version),
+                None => {
+                    make_room(&mut inner.versions, capacity, stream);
+                    inner.versions.insert(stream.clone(), *version);
+                }
             }
         }
-        entries.insert(key, state);
+    }
+
+    /// Every declared stream's version: the cached state's for the streams it is folded
+    /// from, the last one seen for the others; `None` when one is unknown.
+    fn known_versions(
+        &self,
+        declared: &[StreamId],
+        folded: &[StreamId],
+        folded_versions: &[StreamVersion],
+    ) -> Option<Vec<(StreamId, StreamVersion)>> {
+        let inner = self.lock();
+        declared
+            .iter()
+            .map(|stream| {
+                let version = match folded.iter().position(|s| s == stream) {
+                    Some(index) => folded_versions.get(index).copied(),
+                    None => inner.versions.get(stream).copied(),
+                };
+                version.map(|version| (stream.clone(), version))
+            })
+            .collect()
+    }
+}
+
+/// Drops an arbitrary entry (whichever the map yields first) when the map is full and
+/// `key` is new; what is dropped is read again when next needed.
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, V>,
+    capacity: usize,
+    key: &K,
+) {
+    if map.len() >= capacity
+        && !map.contains_key(key)
+        && let Some(victim) = map.keys().next().cloned()
+    {
+        map.remove(&victim);
+    }
+}
+
+/// What an append request writes, kept to bring cached states forward once it
+/// succeeded.
+struct OwnWrites {
+    /// Per stream: the version the append expected it at (`None`: any), and how many
+    /// events it writes to it.
+    streams: Vec<(StreamId, Option<StreamVersion>, usize)>,
+    events: Vec<(StreamId, EventData)>,
+}
+
+impl OwnWrites {
+    fn of(request: &AppendRequest) -> Self {
+        let mut streams = Vec::with_capacity(request.streams.len());
+        let mut events = Vec::with_capacity(request.event_count());
+        for stream in &request.streams {
+            let expected = match stream.expected_version {
+                ExpectedVersion::Exact(version) => Some(version),
+                ExpectedVersion::NoStream => Some(StreamVersion::INITIAL),
+                ExpectedVersion::Any => None,
+            };
+            streams.push((stream.stream_id.clone(), expected, stream.events.len()));
+            for event in &stream.events {
+                events.push((stream.stream_id.clone(), event.clone()));
+            }
+        }
+        OwnWrites { streams, events }
+    }
+
+    /// The written events as any later read returns them, in global order; `None` when
+    /// the outcome lacks a recording time or does not match the request.
+    fn recorded(&self, outcome: &AppendOutcome) -> Option<Vec<RecordedEvent>> {
+        if outcome.events.len() != self.events.len() {
+            return None;
+        }
+        let mut recorded = Vec::with_capacity(outcome.events.len());
+        for appended in &outcome.events {
+            let (stream, data) = self
+                .events
+                .iter()
+                .find(|(_, data)| data.event_id == appended.event_id)?;
+            if *stream != appended.stream_id {
+                return None;
+            }
+            recorded.push(RecordedEvent::new(
+                appended.event_id,
+                appended.stream_id.clone(),
+                appended.stream_version,
+                appended.global_position,
+                data.event_type.clone(),
+                data.payload.clone(),
+                Arc::new(data.metadata.clone()),
+                appended.recorded_at?,
+            ));
+        }
+        recorded.sort_by_key(|event| event.global_position);
+        Some(recorded)
+    }
+
+    /// A stream's version after the append: its last event's, or the one checked.
+    fn version_after(&self, stream: &StreamId, outcome: &AppendOutcome) -> Option<StreamVersion> {
+        outcome
+            .events
+            .iter()
+            .filter(|e| &e.stream_id == stream)
+            .map(|e| e.stream_version)
+            .max()
+            .or_else(|| {
+                self.streams
+                    .iter()
+                    .find(|(s, _, _)| s == stream)
+                    .and_then(|(_, expected, _)| *expected)
+            })
+    }
+
+    fn versions_after(&self, outcome: &AppendOutcome) -> Vec<(StreamId, StreamVersion)> {
+        self.streams
+            .iter()
+            .filter_map(|(stream, _, _)| {
+                self.version_after(stream, outcome)
+                    .map(|version| (stream.clone(), version))
+            })
+            .collect()
     }
 }
 

@@ -757,6 +757,7 @@ struct ReadSpy {
     inner: InMemoryEventStore,
     whole: AtomicUsize,
     after: AtomicUsize,
+    appends: AtomicUsize,
     slip: Mutex<Option<RecordedEvent>>,
     /// Lose the first event of the next `read_streams_after` answer, versions kept (a
     /// store with a gap).
@@ -769,6 +770,7 @@ impl ReadSpy {
             inner,
             whole: AtomicUsize::new(0),
             after: AtomicUsize::new(0),
+            appends: AtomicUsize::new(0),
             slip: Mutex::new(None),
             gap_once: std::sync::atomic::AtomicBool::new(false),
         }
@@ -798,6 +800,7 @@ impl EventStore for ReadSpy {
     }
 
     async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
         self.inner.append(request).await
     }
 
@@ -876,10 +879,19 @@ async fn a_cached_state_is_brought_up_to_date_with_what_others_wrote() {
         0,
         "streams never read whole"
     );
+    // Round 0 reads from the start; round 1 decides on the state it kept, with its own
+    // write folded in, and its append proves it current; rounds 2 to 4 and the last
+    // execution find the stream moved by the other executor (the append conflicts) and
+    // read only what is new.
     assert_eq!(
         spy.after.load(Ordering::SeqCst),
-        6,
-        "from the start once, then what was new"
+        5,
+        "from the start once, then what was new after each conflict"
+    );
+    assert_eq!(
+        spy.appends.load(Ordering::SeqCst),
+        10,
+        "one append per execution, plus one per conflict"
     );
 }
 
@@ -901,6 +913,14 @@ async fn an_event_older_than_the_cached_state_makes_the_executor_read_whole_stre
         })
         .await
         .expect("second");
+    // Another executor moves the stream, so the third execution's decision on its
+    // cached state conflicts and it reads what is new.
+    CommandExecutor::new(memory.clone())
+        .execute(&Count {
+            counter: counter.clone(),
+        })
+        .await
+        .expect("other");
     // A stale answer: an event from before the newest one folded (as a slow commit in a
     // store without a global commit order would show). Folding it on top of the cached
     // state would make the next number 100 + 1.
@@ -933,7 +953,7 @@ async fn an_event_older_than_the_cached_state_makes_the_executor_read_whole_stre
         after_before + 2,
         "the stale answer, then the streams again from the start"
     );
-    assert_eq!(sequence(&memory, &counter).await, [1, 2, 3]);
+    assert_eq!(sequence(&memory, &counter).await, [1, 2, 3, 4]);
 }
 
 #[tokio::test]
@@ -988,8 +1008,10 @@ impl CommandLogic for PayOne {
     type State = i64;
     type Event = Ledger;
 
+    // Reads nothing of `self` (a cached state is brought forward with the events of
+    // other `PayOne`s, through their `apply`). Were the events of `to` folded in, the
+    // refusal at the end of the test would not come: destinations hold credits.
     fn apply(&self, balance: &mut i64, event: &StoredEvent<Ledger>) {
-        assert_eq!(event.stream_id, self.from, "only `from` is folded");
         match event.payload {
             Ledger::Credited { amount } => *balance += amount,
             Ledger::Debited { amount } => *balance -= amount,
@@ -1058,6 +1080,70 @@ async fn a_state_folded_from_some_streams_serves_every_destination() {
     );
     assert_eq!(balance(&memory, &a).await, 0);
     assert_eq!(spy.whole.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_refusal_on_a_cached_state_is_decided_again_after_reading() {
+    let memory = InMemoryEventStore::new();
+    let spy = Arc::new(ReadSpy::new(memory.clone()));
+    let cached = CommandExecutor::from_shared(spy.clone());
+    let (a, b) = (id("refuse-a"), id("refuse-b"));
+    seed(&memory, &a, vec![credit(1)]).await;
+    let pay = PayOne {
+        from: a.clone(),
+        to: b.clone(),
+    };
+    cached.execute(&pay).await.expect("first payment");
+    assert_eq!(balance(&memory, &a).await, 0);
+    // Someone else credits `a`: the cached balance (0) is behind, and a refusal decided
+    // on it would be wrong. No append checks a refusal, so it is not trusted.
+    seed(&memory, &a, vec![credit(5)]).await;
+    let reads_before = spy.after.load(Ordering::SeqCst);
+    let appends_before = spy.appends.load(Ordering::SeqCst);
+    let paid = cached.execute(&pay).await.expect("paid after reading");
+    assert_eq!(paid.attempts, 1);
+    assert_eq!(spy.after.load(Ordering::SeqCst), reads_before + 1);
+    assert_eq!(spy.appends.load(Ordering::SeqCst), appends_before + 1);
+    assert_eq!(balance(&memory, &a).await, 4);
+    assert_eq!(balance(&memory, &b).await, 2);
+}
+
+#[tokio::test]
+async fn own_writes_bring_other_cached_states_of_the_type_forward() {
+    let memory = InMemoryEventStore::new();
+    let spy = Arc::new(ReadSpy::new(memory.clone()));
+    let cached = CommandExecutor::from_shared(spy.clone());
+    let (a, b, c) = (id("forward-a"), id("forward-b"), id("forward-c"));
+    seed(&memory, &a, vec![credit(1)]).await;
+    seed(&memory, &b, vec![credit(1)]).await;
+    let b_to_c = PayOne {
+        from: b.clone(),
+        to: c.clone(),
+    };
+    let a_to_b = PayOne {
+        from: a.clone(),
+        to: b.clone(),
+    };
+    // Reads `b` (balance 1) and `c`, pays: b's cached balance is 0.
+    cached.execute(&b_to_c).await.expect("b pays c");
+    // Reads `a`; its credit to `b` also brings b's cached balance forward, to 1.
+    cached.execute(&a_to_b).await.expect("a pays b");
+    let reads_before = spy.after.load(Ordering::SeqCst);
+    let appends_before = spy.appends.load(Ordering::SeqCst);
+    // Decided without reading, on b's balance of 1, and proven by the append.
+    cached.execute(&b_to_c).await.expect("b pays c again");
+    assert_eq!(spy.after.load(Ordering::SeqCst), reads_before, "no read");
+    assert_eq!(spy.appends.load(Ordering::SeqCst), appends_before + 1);
+    // b is now at 0: refused, after reading to make sure.
+    let refused = cached.execute(&b_to_c).await;
+    assert!(
+        matches!(refused, Err(Error::BusinessRuleViolation(_))),
+        "{refused:?}"
+    );
+    assert_eq!(spy.after.load(Ordering::SeqCst), reads_before + 1);
+    assert_eq!(balance(&memory, &a).await, 0);
+    assert_eq!(balance(&memory, &b).await, 0);
+    assert_eq!(balance(&memory, &c).await, 2);
 }
 
 /// Appends the number of events already in its stream, plus one: 1, 2, 3, ... A state
