@@ -12,7 +12,7 @@ use eventcore::{
     ExecutionOptions, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery, RecordedEvent,
     StreamAppend, StreamId,
 };
-use eventcore_postgres::sqlx::{self, Connection, PgConnection};
+use eventcore_postgres::sqlx::{self, Connection, PgConnection, Row};
 use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
 use eventcore_tests::bank::{BankEvent, Open, Transfer, account, audit, read_log};
 use eventcore_tests::postgres::{database_url, fresh_schema, fresh_store, store_in};
@@ -85,6 +85,37 @@ async fn append_in_open_transaction(
     row.0[0]
 }
 
+/// The same, through the one statement the store sends for a single event at an exact
+/// version (`sql/append_one.sql`), to a stream that has no events yet.
+async fn append_one_in_open_transaction(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    s: &StreamId,
+    event: &EventData,
+) -> i64 {
+    sqlx::query("BEGIN")
+        .execute(&mut *conn)
+        .await
+        .expect("begin");
+    let sql = include_str!("../eventcore-postgres/src/sql/append_one.sql")
+        .replace("{schema}", &format!("\"{schema}\""))
+        .replace("{schema_name}", schema.as_str());
+    let row = sqlx::query(&sql)
+        .bind(s.as_str())
+        .bind(0_i64)
+        .bind(event.event_id.as_uuid())
+        .bind(event.event_type.as_str())
+        .bind(event.payload.as_str())
+        .bind(serde_json::to_string(&event.metadata).expect("metadata"))
+        .fetch_one(&mut *conn)
+        .await
+        .expect("append in the open transaction");
+    let actual: i64 = row.try_get(0).expect("actual");
+    assert_eq!(actual, 0, "the stream was empty");
+    let position: Option<i64> = row.try_get(1).expect("position");
+    position.expect("appended")
+}
+
 async fn raw_connection() -> PgConnection {
     PgConnection::connect(&database_url())
         .await
@@ -96,7 +127,7 @@ async fn stays_pending<F: std::future::Future>(future: F) -> bool {
     tokio::time::timeout(PENDING_WINDOW, future).await.is_err()
 }
 
-async fn held_reservation_scenario(commit: bool) {
+async fn held_reservation_scenario(commit: bool, one_statement: bool) {
     let schema = fresh_schema();
     let store = store_in(&schema).await;
     let (a, b, held_stream) = (stream("a"), stream("b"), stream("held"));
@@ -104,8 +135,11 @@ async fn held_reservation_scenario(commit: bool) {
 
     let mut conn = raw_connection().await;
     let held_event = deposit(100);
-    let held_position =
-        append_in_open_transaction(&mut conn, &schema, &held_stream, &held_event).await;
+    let held_position = if one_statement {
+        append_one_in_open_transaction(&mut conn, &schema, &held_stream, &held_event).await
+    } else {
+        append_in_open_transaction(&mut conn, &schema, &held_stream, &held_event).await
+    };
     assert!(held_position as u64 > first.value());
 
     // Later appends commit while the earlier reservation is still open.
@@ -181,7 +215,17 @@ async fn held_reservation_scenario(commit: bool) {
     ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
 )]
 async fn a_reader_stops_below_an_open_reservation_and_gets_it_in_order_after_commit() {
-    held_reservation_scenario(true).await;
+    held_reservation_scenario(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn the_one_statement_append_holds_readers_back_the_same_way() {
+    held_reservation_scenario(true, true).await;
+    held_reservation_scenario(false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -190,7 +234,7 @@ async fn a_reader_stops_below_an_open_reservation_and_gets_it_in_order_after_com
     ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
 )]
 async fn a_rolled_back_reservation_stalls_no_reader() {
-    held_reservation_scenario(false).await;
+    held_reservation_scenario(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -319,6 +363,52 @@ async fn migrating_twice_and_from_two_processes_at_once_is_safe() {
     one.migrate().await.expect("again");
     append_any(&two, &stream("s"), vec![deposit(1)]).await;
     assert_eq!(read_log(&one).await.len(), 1);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn every_append_answer_carries_the_recording_time_reads_return() {
+    let store = fresh_store().await;
+    let (a, b) = (stream("rec-a"), stream("rec-b"));
+    // One event at an exact version (the one-statement path), several streams (the
+    // function), and a repeat under the same key (deduplicated).
+    let single = store
+        .append(AppendRequest::single(
+            a.clone(),
+            ExpectedVersion::NoStream,
+            vec![deposit(1)],
+        ))
+        .await
+        .expect("single");
+    let key = IdempotencyKey::try_new("rec-key").expect("key");
+    let request = AppendRequest::new()
+        .with_stream(StreamAppend::new(
+            a.clone(),
+            ExpectedVersion::Exact(eventcore::StreamVersion::new(1)),
+            vec![deposit(2), deposit(3)],
+        ))
+        .with_stream(StreamAppend::new(
+            b.clone(),
+            ExpectedVersion::NoStream,
+            vec![deposit(4)],
+        ))
+        .with_idempotency_key(key);
+    let multi = store.append(request.clone()).await.expect("multi");
+    let repeat = store.append(request).await.expect("repeat");
+    assert!(repeat.deduplicated);
+    assert_eq!(repeat.events, multi.events);
+    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    assert_eq!(log.len(), 4);
+    for appended in single.events.iter().chain(&multi.events) {
+        let read = log
+            .iter()
+            .find(|e| e.event_id == appended.event_id)
+            .expect("stored");
+        assert_eq!(appended.recorded_at, Some(read.recorded_at));
+    }
 }
 
 #[tokio::test]

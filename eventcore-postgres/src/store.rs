@@ -406,7 +406,8 @@ fn appended_from_row(row: &PgRow) -> eventcore::Result<AppendedEvent> {
         stream_from(row.try_get("stream_id").map_err(decode_error)?)?,
         version_from(row.try_get("stream_version").map_err(decode_error)?)?,
         position_from(row.try_get("global_position").map_err(decode_error)?)?,
-    ))
+    )
+    .with_recorded_at(row.try_get("recorded_at").map_err(decode_error)?))
 }
 
 /// A request the one-statement path takes: one event to one stream at an exact version
@@ -483,7 +484,11 @@ fn general_outcome(row: &PgRow) -> eventcore::Result<AppendOutcome> {
     let stream_ids: Vec<String> = row.try_get("stream_ids").map_err(decode_error)?;
     let versions: Vec<i64> = row.try_get("versions").map_err(decode_error)?;
     let positions: Vec<i64> = row.try_get("positions").map_err(decode_error)?;
-    if ids.len() != stream_ids.len() || ids.len() != versions.len() || ids.len() != positions.len()
+    let recorded_at: Vec<DateTime<Utc>> = row.try_get("recorded_at").map_err(decode_error)?;
+    if ids.len() != stream_ids.len()
+        || ids.len() != versions.len()
+        || ids.len() != positions.len()
+        || ids.len() != recorded_at.len()
     {
         return Err(corrupt(
             "eventcore_append returned arrays of different lengths".to_owned(),
@@ -493,13 +498,15 @@ fn general_outcome(row: &PgRow) -> eventcore::Result<AppendOutcome> {
         .into_iter()
         .zip(stream_ids)
         .zip(versions.into_iter().zip(positions))
-        .map(|((id, stream), (version, position))| {
+        .zip(recorded_at)
+        .map(|(((id, stream), (version, position)), recorded_at)| {
             Ok(AppendedEvent::new(
                 EventId::from_uuid(id),
                 stream_from(stream)?,
                 version_from(version)?,
                 position_from(position)?,
-            ))
+            )
+            .with_recorded_at(recorded_at))
         })
         .collect::<eventcore::Result<Vec<_>>>()?;
     let outcome = AppendOutcome::written(events);

@@ -317,8 +317,7 @@ pub struct AppendedEvent {
     /// Its position in the global log.
     pub global_position: GlobalPosition,
     /// When the store recorded it, where the backend says (both stores of this
-    /// workspace do for what they write; an outcome found again through an idempotency
-    /// key or after a lost answer may not). The [`crate::CommandExecutor`] uses it to
+    /// workspace always do, deduplicated outcomes included). The [`crate::CommandExecutor`] uses it to
     /// keep a cached state up to date with its own writes
     /// ([`crate::CommandLogic::state_cache`]); without it, the next command reads them.
     pub recorded_at: Option<DateTime<Utc>>,

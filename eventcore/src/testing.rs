@@ -94,6 +94,7 @@ macro_rules! event_store_conformance_tests {
             conflict_leaves_every_stream_untouched,
             read_only_participant_that_moved_fails_the_append,
             read_only_participant_at_its_version_lets_the_append_succeed,
+            an_append_over_many_streams_checks_and_writes_each,
             streams_are_isolated,
             read_streams_merges_several_streams_in_global_order,
             global_positions_increase_across_streams_in_append_order,

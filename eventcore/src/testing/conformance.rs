@@ -459,6 +459,100 @@ pub async fn read_only_participant_at_its_version_lets_the_append_succeed(store:
     assert_eq!(values(&read(&store, &target).await.0), vec![9]);
 }
 
+/// An append over forty streams (twenty written with two events each, twenty only
+/// checked) writes every event at the next versions of its stream, at positions
+/// increasing in request order; one moved read-only stream among them fails it whole.
+pub async fn an_append_over_many_streams_checks_and_writes_each(store: impl EventStore) {
+    let written: Vec<StreamId> = (0..20).map(|i| stream(&format!("many-w-{i}"))).collect();
+    let checked: Vec<StreamId> = (0..20).map(|i| stream(&format!("many-r-{i}"))).collect();
+    for s in written.iter().chain(&checked) {
+        append_to(&store, s, ExpectedVersion::NoStream, vec![added(0)])
+            .await
+            .expect("seed");
+    }
+    // Written streams expected at `at`, checked ones at 1 (`moved` at 2).
+    let request = |at: u64, moved: Option<&StreamId>| {
+        let mut streams: Vec<StreamAppend> = written
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let i = i as i64;
+                StreamAppend::new(
+                    s.clone(),
+                    ExpectedVersion::Exact(version(at)),
+                    vec![added(i * 2 + 1), added(i * 2 + 2)],
+                )
+            })
+            .collect();
+        streams.extend(checked.iter().map(|s| {
+            let v = if Some(s) == moved { 2 } else { 1 };
+            StreamAppend::check_only(s.clone(), ExpectedVersion::Exact(version(v)))
+        }));
+        AppendRequest {
+            streams,
+            idempotency_key: None,
+        }
+    };
+    let outcome = store.append(request(1, None)).await.expect("append");
+    assert_eq!(outcome.events.len(), 40);
+    for (i, s) in written.iter().enumerate() {
+        let versions: Vec<StreamVersion> = outcome
+            .events
+            .iter()
+            .filter(|e| &e.stream_id == s)
+            .map(|e| e.stream_version)
+            .collect();
+        assert_eq!(versions, vec![version(2), version(3)]);
+        let (events, v) = read(&store, s).await;
+        assert_eq!(v, version(3));
+        let i = i as i64;
+        assert_eq!(values(&events), vec![0, i * 2 + 1, i * 2 + 2]);
+    }
+    assert!(
+        outcome
+            .events
+            .windows(2)
+            .all(|w| w[0].global_position < w[1].global_position),
+        "positions increase in request order"
+    );
+    for s in &checked {
+        assert_eq!(
+            read(&store, s).await.1,
+            version(1),
+            "checked streams untouched"
+        );
+    }
+
+    // One checked stream moves: the next request conflicts on it alone and writes
+    // nothing; at the moved version it goes through.
+    let moved = checked[13].clone();
+    append_to(
+        &store,
+        &moved,
+        ExpectedVersion::Exact(version(1)),
+        vec![added(9)],
+    )
+    .await
+    .expect("move");
+    let head = store.head_position().await.expect("head");
+    assert_conflict(
+        store.append(request(3, None)).await,
+        &[(moved.clone(), ExpectedVersion::Exact(version(1)), 2)],
+    );
+    assert_eq!(store.head_position().await.expect("head"), head);
+    for s in &written {
+        assert_eq!(read(&store, s).await.1, version(3));
+    }
+    let outcome = store
+        .append(request(3, Some(&moved)))
+        .await
+        .expect("append at the moved version");
+    assert_eq!(outcome.events.len(), 40);
+    for s in &written {
+        assert_eq!(read(&store, s).await.1, version(5));
+    }
+}
+
 /// Events land in their own stream only; versions count per stream.
 pub async fn streams_are_isolated(store: impl EventStore) {
     let (a, b) = (stream("iso-a"), stream("iso-b"));
