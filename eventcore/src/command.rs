@@ -202,6 +202,8 @@ pub(crate) struct StateCacheOps<S> {
     pub(crate) keep: fn(&S) -> Box<dyn Any + Send>,
     /// The state back, if it is one.
     pub(crate) take: fn(Box<dyn Any + Send>) -> Option<S>,
+    /// The state itself, type-erased.
+    pub(crate) boxed: fn(S) -> Box<dyn Any + Send>,
     /// The streams the state is folded from, when not all of the command's.
     pub(crate) only: Option<Vec<StreamId>>,
 }
@@ -229,6 +231,7 @@ impl<S: Clone + Send + 'static> StateCache<S> {
                 command_name: std::any::type_name::<C>(),
                 keep: |state| Box::new(state.clone()),
                 take: |kept| kept.downcast::<S>().ok().map(|state| *state),
+                boxed: |state| Box::new(state),
                 only: None,
             }),
         }

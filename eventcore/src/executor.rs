@@ -424,7 +424,7 @@ impl CommandExecutor {
     /// for more streams than it declares, or its cache settings do not fit), and the
     /// uncached path runs instead.
     ///
-    /// First without reading: when the cached state is not known to be behind and the
+    /// First without reading: when the kept state is not known to be behind and the
     /// version of every other declared stream is known, `handle` decides on it and the
     /// append checks every stream at those versions. That is the whole optimistic check:
     /// had anything been written since, the append conflicts. Only an append can prove
@@ -432,8 +432,10 @@ impl CommandExecutor {
     /// trusted: it is taken again after reading, as is a decision whose append
     /// conflicted (that conflict is not counted as an attempt).
     ///
-    /// Otherwise the events appended since the cached versions are read and folded in,
-    /// or the streams are read whole when nothing is cached.
+    /// Otherwise the events appended since the kept versions are read and folded into a
+    /// copy of the kept state, or the streams are read whole when nothing is kept.
+    /// Executions over the same streams each work on a copy, so none of them has to
+    /// read from the start while another one holds the state.
     async fn attempt_cached<C: Command>(
         &self,
         command: &C,
@@ -461,68 +463,49 @@ impl CommandExecutor {
         }
         let key: StateKey = (ops.command, folded.to_vec());
 
-        if let Some(mut entry) = self.states.take(&key) {
-            let versions = if entry.current {
-                self.states
-                    .known_versions(declared, folded, &entry.versions)
-            } else {
-                None
+        if let Some(kept) = self.states.checkout(&key, ops)
+            && kept.current
+            && let Some(versions) = self.states.known_versions(declared, folded, &kept.versions)
+            && let Ok(decision) = decide_from(command, declared, kept.state)
+            && decision.more_streams.is_empty()
+            && !decision.writes.is_empty()
+        {
+            let snapshot = StreamsSnapshot {
+                events: Vec::new(),
+                versions,
             };
-            let state = match versions {
-                Some(_) => copy_state(ops, &mut entry),
-                None => None,
-            };
-            let had_versions = versions.is_some();
-            match versions.zip(state) {
-                Some((versions, state)) => match decide_from(command, declared, state) {
-                    Ok(decision)
-                        if decision.more_streams.is_empty() && !decision.writes.is_empty() =>
-                    {
-                        let snapshot = StreamsSnapshot {
-                            events: Vec::new(),
-                            versions,
-                        };
-                        match self
-                            .append_cached(
-                                command,
-                                ops,
-                                &key,
-                                entry,
-                                declared,
-                                &snapshot,
-                                decision.writes,
-                                metadata,
-                                idempotency_key,
-                            )
-                            .await
-                        {
-                            Err(Error::VersionConflict { .. }) => {
-                                tracing::debug!(
-                                    command = command.command_name(),
-                                    "cached state was behind; reading what is new"
-                                );
-                            }
-                            other => return other.map(Some),
-                        }
-                    }
-                    // Not proven by an append: decided again after reading.
-                    _ => self.states.put(key.clone(), entry),
-                },
-                // A state of another type cannot be used, or kept.
-                None if had_versions => {}
-                None => self.states.put(key.clone(), entry),
+            match self
+                .append_cached(
+                    command,
+                    ops,
+                    &key,
+                    declared,
+                    &snapshot,
+                    decision.writes,
+                    metadata,
+                    idempotency_key,
+                )
+                .await
+            {
+                Err(Error::VersionConflict { .. }) => {
+                    tracing::debug!(
+                        command = command.command_name(),
+                        "kept state was behind; reading what is new"
+                    );
+                }
+                other => return other.map(Some),
             }
         }
 
-        // Folded streams after the cached versions (or whole); the others for their
+        // Folded streams after the kept versions (or whole); the others for their
         // versions only.
-        let wanted = |cached: Option<&CachedState>| -> Vec<(StreamId, StreamVersion)> {
+        let wanted = |kept: Option<&[StreamVersion]>| -> Vec<(StreamId, StreamVersion)> {
             declared
                 .iter()
                 .map(|stream| {
                     let after = match folded.iter().position(|s| s == stream) {
-                        Some(index) => cached
-                            .and_then(|entry| entry.versions.get(index).copied())
+                        Some(index) => kept
+                            .and_then(|versions| versions.get(index).copied())
                             .unwrap_or(StreamVersion::INITIAL),
                         None => StreamVersion::new(u64::MAX),
                     };
@@ -530,43 +513,45 @@ impl CommandExecutor {
                 })
                 .collect()
         };
-        let mut folded_state = None;
-        if let Some(entry) = self.states.take(&key) {
-            let read = self.store.read_streams_after(&wanted(Some(&entry))).await?;
+        let mut brought_up = None;
+        if let Some(kept) = self.states.checkout(&key, ops) {
+            let read = self
+                .store
+                .read_streams_after(&wanted(Some(&kept.versions)))
+                .await?;
             // Folding must follow global order: an event older than the newest one
-            // already folded (a commit that was slow to become visible) means the cached
+            // already folded (a commit that was slow to become visible) means the kept
             // state cannot simply be extended.
             let in_order = read.events.first().is_none_or(|first| {
-                entry
-                    .last_position
+                kept.last_position
                     .is_none_or(|last| first.global_position > last)
             });
-            // The answer must follow on from the cached versions: exactly the events
-            // between the cached version and the current one, for every folded stream.
-            let follows_on = folded.iter().zip(&entry.versions).all(|(stream, cached)| {
+            // The answer must follow on from the kept versions: exactly the events
+            // between the kept version and the current one, for every folded stream.
+            let follows_on = folded.iter().zip(&kept.versions).all(|(stream, kept)| {
                 let now = read.version_of(stream);
                 let new = read
                     .events
                     .iter()
                     .filter(|e| &e.stream_id == stream)
                     .count();
-                now >= *cached
-                    && u64::try_from(new).is_ok_and(|new| now.value() - cached.value() == new)
+                now >= *kept
+                    && u64::try_from(new).is_ok_and(|new| now.value() - kept.value() == new)
             });
-            if in_order
-                && follows_on
-                && let Some(mut state) = (ops.take)(entry.state)
-            {
-                let mut last_position = entry.last_position;
+            if in_order && follows_on {
+                let mut state = kept.state;
+                let mut last_position = kept.last_position;
                 for event in &read.events {
                     command.apply(&mut state, &event.decode::<C::Event>()?);
                     last_position = Some(event.global_position);
                 }
-                folded_state = Some((state, last_position, read));
+                brought_up = Some((state, last_position, read));
+            } else {
+                self.states.drop_entry(&key, &kept.versions);
             }
         }
-        let (state, last_position, snapshot) = match folded_state {
-            Some(folded_state) => folded_state,
+        let (state, last_position, snapshot) = match brought_up {
+            Some(brought_up) => brought_up,
             None => {
                 let read = self.store.read_streams_after(&wanted(None)).await?;
                 let mut state = C::State::default();
@@ -578,33 +563,27 @@ impl CommandExecutor {
             }
         };
         self.states.learn_versions(&snapshot.versions);
-        let entry = CachedState {
-            versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
-            last_position,
-            state: (ops.keep)(&state),
-            current: true,
-        };
-        let decision = match decide_from(command, declared, state) {
-            Ok(decision) => decision,
-            Err(error) => {
-                self.states.put(key, entry);
-                return Err(error);
-            }
-        };
+        self.states.put(
+            key.clone(),
+            CachedState {
+                versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
+                last_position,
+                state: (ops.keep)(&state),
+                current: true,
+            },
+        );
+        let decision = decide_from(command, declared, state)?;
         if !decision.more_streams.is_empty() {
-            self.states.put(key, entry);
             return Ok(None);
         }
         // Nothing to write and nothing to remember: no append.
         if decision.writes.is_empty() && (idempotency_key.is_none() || declared.is_empty()) {
-            self.states.put(key, entry);
             return Ok(Some(AppendOutcome::written(Vec::new())));
         }
         self.append_cached(
             command,
             ops,
             &key,
-            entry,
             declared,
             &snapshot,
             decision.writes,
@@ -615,105 +594,94 @@ impl CommandExecutor {
         .map(Some)
     }
 
-    /// Appends a decision taken on the cached state `entry` (as of `snapshot`'s
-    /// versions), then keeps the state with this append's events folded in. On failure
-    /// the state is kept as it was, marked as possibly behind on a conflict.
+    /// Appends a decision taken on the kept state of `key` (as of `snapshot`'s
+    /// versions), then brings the kept states its events belong to forward.
     #[allow(clippy::too_many_arguments)]
     async fn append_cached<C: Command>(
         &self,
         command: &C,
         ops: &StateCacheOps<C::State>,
         key: &StateKey,
-        mut entry: CachedState,
         declared: &[StreamId],
         snapshot: &StreamsSnapshot,
         writes: Vec<StreamWrite<C::StreamSet, C::Event>>,
         metadata: &EventMetadata,
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<AppendOutcome> {
-        let mut request = match build_request(declared, snapshot, writes, metadata) {
-            Ok(request) => request,
-            Err(error) => {
-                self.states.put(key.clone(), entry);
-                return Err(error);
-            }
-        };
+        let mut request = build_request(declared, snapshot, writes, metadata)?;
         request.idempotency_key = idempotency_key.cloned();
         let written = OwnWrites::of(&request);
         match self.store.append(request).await {
             Ok(outcome) => {
-                self.keep_own_writes(command, ops, key, entry, &written, &outcome);
+                self.keep_own_writes(command, ops, key, &written, &outcome);
                 Ok(outcome)
             }
             Err(error) => {
                 if matches!(error, Error::VersionConflict { .. }) {
-                    entry.current = false;
+                    let versions: Vec<StreamVersion> =
+                        key.1.iter().map(|s| snapshot.version_of(s)).collect();
+                    self.states.mark_behind(key, &versions);
                 }
-                self.states.put(key.clone(), entry);
                 Err(error)
             }
         }
     }
 
-    /// After a successful append: the known versions of its streams, and the cached
-    /// states of this command type over the streams it wrote, brought forward with its
-    /// events when they were at the versions the append checked (otherwise marked as
-    /// behind). Needs every event's recording time from the store (the very one a read
-    /// would return); without it the states are kept as they were before the append.
+    /// After a successful append: the known versions of its streams, and the kept
+    /// states of this command type over them (this execution's, and the single-stream
+    /// ones of each stream it wrote, as a transfer's `to` is another transfer's `from`)
+    /// brought forward with its events when they were at the versions the append
+    /// checked, or marked as behind. Needs every event's recording time from the store
+    /// (the very one a read returns); without it, the state is only marked as behind.
     fn keep_own_writes<C: Command>(
         &self,
         command: &C,
         ops: &StateCacheOps<C::State>,
         key: &StateKey,
-        mut entry: CachedState,
         written: &OwnWrites,
         outcome: &AppendOutcome,
     ) {
+        let checked_versions = |streams: &[StreamId]| -> Option<Vec<StreamVersion>> {
+            streams
+                .iter()
+                .map(|stream| {
+                    written
+                        .streams
+                        .iter()
+                        .find(|(s, _, _)| s == stream)
+                        .and_then(|(_, expected, _)| *expected)
+                })
+                .collect()
+        };
         let recorded = if outcome.deduplicated {
             None
         } else {
             written.recorded(outcome)
         };
         let Some(recorded) = recorded else {
-            entry.current = false;
-            self.states.put(key.clone(), entry);
+            if let Some(versions) = checked_versions(&key.1) {
+                self.states.mark_behind(key, &versions);
+            }
             return;
         };
         self.states.learn_versions(&written.versions_after(outcome));
-        // This command's own state, then the single-stream states of this command type
-        // over each stream it wrote (a transfer's `to` is another transfer's `from`).
-        let mut others: Vec<StateKey> = written
-            .streams
-            .iter()
-            .filter(|(_, _, events)| *events > 0)
-            .map(|(stream, _, _)| (key.0, vec![stream.clone()]))
-            .filter(|other| other != key)
-            .collect();
-        others.dedup();
-        let mut targets = vec![(key.clone(), Some(entry))];
-        targets.extend(others.into_iter().map(|other| {
-            let entry = self.states.take(&other);
-            (other, entry)
-        }));
-        for (target, entry) in targets {
-            let Some(mut entry) = entry else { continue };
-            let at_checked_versions = target.1.iter().zip(&entry.versions).all(|(stream, v)| {
-                written
-                    .streams
-                    .iter()
-                    .any(|(s, expected, _)| s == stream && *expected == Some(*v))
-            });
-            if !at_checked_versions {
-                entry.current = false;
-                self.states.put(target, entry);
-                continue;
+        let mut targets = vec![key.clone()];
+        for (stream, _, events) in &written.streams {
+            let single = (key.0, vec![stream.clone()]);
+            if *events > 0 && !targets.contains(&single) {
+                targets.push(single);
             }
-            // Brought forward, or dropped: a state that cannot take the events is not
-            // kept.
-            let Some(mut state) = (ops.take)(entry.state) else {
+        }
+        for target in targets {
+            let Some(kept) = self.states.checkout(&target, ops) else {
                 continue;
             };
-            let mut last_position = entry.last_position;
+            if checked_versions(&target.1).as_ref() != Some(&kept.versions) {
+                self.states.mark_behind(&target, &kept.versions);
+                continue;
+            }
+            let mut state = kept.state;
+            let mut last_position = kept.last_position;
             let mut folded_all = true;
             for event in recorded.iter().filter(|e| target.1.contains(&e.stream_id)) {
                 let Ok(typed) = event.decode::<C::Event>() else {
@@ -723,23 +691,22 @@ impl CommandExecutor {
                 command.apply(&mut state, &typed);
                 last_position = Some(event.global_position);
             }
-            if folded_all {
-                let versions = target
-                    .1
-                    .iter()
-                    .map(|stream| written.version_after(stream, outcome))
-                    .collect::<Option<Vec<_>>>();
-                if let Some(versions) = versions {
-                    self.states.put(
-                        target,
-                        CachedState {
-                            versions,
-                            last_position,
-                            state: (ops.keep)(&state),
-                            current: true,
-                        },
-                    );
-                }
+            let versions = target
+                .1
+                .iter()
+                .map(|stream| written.version_after(stream, outcome))
+                .collect::<Option<Vec<_>>>();
+            match versions {
+                Some(versions) if folded_all => self.states.put(
+                    target,
+                    CachedState {
+                        versions,
+                        last_position,
+                        state: (ops.boxed)(state),
+                        current: true,
+                    },
+                ),
+                _ => self.states.mark_behind(&target, &kept.versions),
             }
         }
     }
@@ -759,11 +726,12 @@ struct CachedState {
     current: bool,
 }
 
-/// A copy of the entry's state (the entry keeps the other); `None` when it is not a `S`.
-fn copy_state<S>(ops: &StateCacheOps<S>, entry: &mut CachedState) -> Option<S> {
-    let state = (ops.take)(std::mem::replace(&mut entry.state, Box::new(())))?;
-    entry.state = (ops.keep)(&state);
-    Some(state)
+/// A copy of a kept state, with what it was folded to.
+struct Checkout<S> {
+    versions: Vec<StreamVersion>,
+    last_position: Option<GlobalPosition>,
+    current: bool,
+    state: S,
 }
 
 /// Folded states of commands that allow caching, and the last version seen of each
@@ -795,14 +763,27 @@ impl StateCacheMap {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Takes the entry out: a concurrent execution over the same streams reads and folds
-    /// them itself rather than share a state being extended.
-    fn take(&self, key: &StateKey) -> Option<CachedState> {
-        self.lock().entries.remove(key)
+    /// A copy of the state kept for `key` (the cache keeps its own); `None` when there is
+    /// none, or it is not an `S` (then it is dropped).
+    fn checkout<S>(&self, key: &StateKey, ops: &StateCacheOps<S>) -> Option<Checkout<S>> {
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(key)?;
+        let kept = std::mem::replace(&mut entry.state, Box::new(()));
+        let Some(state) = (ops.take)(kept) else {
+            inner.entries.remove(key);
+            return None;
+        };
+        entry.state = (ops.keep)(&state);
+        Some(Checkout {
+            versions: entry.versions.clone(),
+            last_position: entry.last_position,
+            current: entry.current,
+            state,
+        })
     }
 
-    /// Keeps `state` unless a state folded further is kept already (put back meanwhile
-    /// by a concurrent execution).
+    /// Keeps `state` unless a state folded further is kept already (put meanwhile by a
+    /// concurrent execution).
     fn put(&self, key: StateKey, state: CachedState) {
         let capacity = self.capacity;
         let mut inner = self.lock();
@@ -814,6 +795,28 @@ impl StateCacheMap {
         }
         make_room(entries, capacity, &key);
         entries.insert(key, state);
+    }
+
+    /// The state kept for `key` at `versions` is behind the store: the next execution
+    /// reads before deciding.
+    fn mark_behind(&self, key: &StateKey, versions: &[StreamVersion]) {
+        if let Some(entry) = self.lock().entries.get_mut(key)
+            && entry.versions == versions
+        {
+            entry.current = false;
+        }
+    }
+
+    /// The state kept for `key` at `versions` cannot be brought up to date: dropped.
+    fn drop_entry(&self, key: &StateKey, versions: &[StreamVersion]) {
+        let mut inner = self.lock();
+        if inner
+            .entries
+            .get(key)
+            .is_some_and(|entry| entry.versions == versions)
+        {
+            inner.entries.remove(key);
+        }
     }
 
     fn learn_versions(&self, versions: &[(StreamId, StreamVersion)]) {
