@@ -411,6 +411,77 @@ async fn every_append_answer_carries_the_recording_time_reads_return() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn connections_the_server_ended_cost_one_failed_statement_at_most() {
+    // A pool of twelve, ten of them kept out of it between statements; this store's
+    // connections carry a name of their own, so that only they are ended.
+    let schema = fresh_schema();
+    let name = format!("kept_{}", uuid::Uuid::new_v4().simple());
+    let options = database_url()
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .expect("url")
+        .application_name(&name);
+    let store = PostgresEventStore::connect_with(
+        PostgresConfig::from_options(options)
+            .schema(schema.clone())
+            .max_connections(12),
+    )
+    .await
+    .expect("connect");
+    store.migrate().await.expect("migrate");
+    // Ten appends at once: ten connections end up kept.
+    let appends: Vec<_> = (0..10)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                append_any(&store, &stream(&format!("k-{n}")), vec![deposit(1)]).await
+            })
+        })
+        .collect();
+    for append in appends {
+        append.await.expect("task");
+    }
+    let mut admin = raw_connection().await;
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(ended.len() >= 2, "the store's connections were ended");
+    // The first statement may find its connection ended (a retryable error); every kept
+    // connection then goes back to the pool, which checks it: the next ones go through.
+    let mut failures = 0;
+    for n in 0..20 {
+        let result = store
+            .append(AppendRequest::single(
+                stream(&format!("after-{n}")),
+                ExpectedVersion::NoStream,
+                vec![deposit(1)],
+            ))
+            .await;
+        if let Err(error) = result {
+            assert!(error.is_retryable(), "{error}");
+            failures += 1;
+        }
+    }
+    assert!(failures <= 1, "{failures} statements failed");
+    // Commands retry through it.
+    let executor = CommandExecutor::new(store.clone());
+    executor
+        .execute(&Open {
+            account: account(1),
+            initial: 10,
+        })
+        .await
+        .expect("open");
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(postgres_tests),
@@ -506,9 +577,13 @@ async fn a_connection_lost_mid_append_is_a_retryable_error_and_writes_nothing() 
     };
     // Observe (not time) the append waiting for the lock, then cut its connection.
     let pid: i32 = loop {
+        // The store's statement (either append path) names the schema.
         let found: Option<(i32,)> = sqlx::query_as(
-            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%eventcore_append%'",
+            "SELECT pid FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+                AND position($1 IN query) > 0",
         )
+        .bind(schema.as_str())
         .fetch_optional(&mut blocker)
         .await
         .expect("pg_stat_activity");

@@ -11,8 +11,10 @@
 //!   positions it is about to take while its transaction runs, and readers stop below the
 //!   oldest mark still held. Nothing is skipped, nothing arrives out of order, and a
 //!   rolled-back append stalls nobody (`docs/adr/0003-postgres-global-order.md`).
-//! - **One round trip per operation**: an append is a single call of a PL/pgSQL
-//!   function, so a command costs two round trips (read, append).
+//! - **One round trip per operation**: an append is one statement (a plain one for a
+//!   single event to one stream, a PL/pgSQL function call otherwise), so a command
+//!   costs two round trips (read, append), and one once the executor keeps its state
+//!   (`CommandLogic::state_cache`).
 //! - **Immutability enforced by the database**: UPDATE, DELETE and TRUNCATE of events
 //!   are refused by triggers.
 //! - **Idempotency keys** stored with the events and enforced by a unique key.
@@ -44,6 +46,7 @@
 mod config;
 mod election;
 mod error;
+mod kept;
 mod migrate;
 mod notify;
 mod store;

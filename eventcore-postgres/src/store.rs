@@ -48,7 +48,13 @@ impl Sql {
         let fill = |template: &str| {
             // The schema's name inside SQL string literals (lock keys), where the
             // functions use current_schema(). SchemaName allows no quote character.
+            // Comment lines are for readers of the files: the server gets the statement
+            // alone (and pg_stat_activity, which keeps the first 1 kB of each, shows it).
             template
+                .lines()
+                .filter(|line| !line.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
                 .replace("{schema}", &schema.quoted())
                 .replace("{schema_name}", schema.as_str())
         };
@@ -77,7 +83,8 @@ impl Sql {
 ///
 /// Every operation is one SQL statement, so one round trip: a command executed through
 /// the [`eventcore::CommandExecutor`] costs two (read its streams, append), plus one if
-/// it carries an idempotency key. See `docs/adr/0003-postgres-global-order.md` for how
+/// it carries an idempotency key, and one (the append) when the executor decides on a
+/// state it kept ([`eventcore::CommandLogic::state_cache`]). See `docs/adr/0003-postgres-global-order.md` for how
 /// the global log keeps the prefix property under concurrent commits.
 ///
 /// # Examples
@@ -101,6 +108,8 @@ pub struct PostgresEventStore {
 
 struct Inner {
     pool: PgPool,
+    /// Connections kept out of the pool between statements (`kept.rs`).
+    kept: crate::kept::KeptConnections,
     schema: SchemaName,
     sql: Sql,
     channel: String,
@@ -146,11 +155,16 @@ impl PostgresEventStore {
             .connect_with(connect)
             .await
             .map_err(|source| Error::Connect { source })?;
+        let kept = config
+            .kept_connections
+            .unwrap_or(config.max_connections.saturating_sub(2) as usize)
+            .min(config.max_connections as usize);
         Ok(Self::new(
             pool,
             config.schema,
             config.fallback_poll_interval,
             config.notify_interval,
+            kept,
         ))
     }
 
@@ -162,6 +176,7 @@ impl PostgresEventStore {
             schema,
             Duration::from_secs(1),
             DEFAULT_NOTIFY_INTERVAL,
+            0,
         )
     }
 
@@ -170,6 +185,7 @@ impl PostgresEventStore {
         schema: SchemaName,
         fallback_poll_interval: Duration,
         notify_interval: Duration,
+        kept_connections: usize,
     ) -> Self {
         // NOTIFY refuses channel names of 64 bytes or more. Two schemas sharing the
         // first 53 bytes share a channel: their readers get extra wake-ups, nothing else.
@@ -178,6 +194,7 @@ impl PostgresEventStore {
         PostgresEventStore {
             inner: Arc::new(Inner {
                 sql: Sql::for_schema(&schema),
+                kept: crate::kept::KeptConnections::new(pool.clone(), kept_connections),
                 pool,
                 schema,
                 channel,
@@ -208,6 +225,15 @@ impl PostgresEventStore {
     /// The schema the store's tables live in.
     pub fn schema(&self) -> &SchemaName {
         &self.inner.schema
+    }
+
+    /// A connection for one statement (see `kept.rs`).
+    async fn lease(&self, op: &'static str) -> eventcore::Result<crate::kept::Lease<'_>> {
+        self.inner
+            .kept
+            .lease()
+            .await
+            .map_err(|e| map_sqlx_error(e, op, None))
     }
 
     pub(crate) fn sql(&self) -> &Sql {
@@ -250,10 +276,13 @@ impl PostgresEventStore {
     }
 
     async fn heads(&self) -> eventcore::Result<(Option<u64>, Option<u64>)> {
+        let op = "reading the head";
+        let mut conn = self.lease(op).await?;
         let row = sqlx::query(&self.inner.sql.heads)
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(|e| map_sqlx_error(e, "reading the head", None))?;
+            .fetch_one(&mut *conn)
+            .await;
+        conn.done(&row);
+        let row = row.map_err(|e| map_sqlx_error(e, op, None))?;
         let visible: Option<i64> = row.try_get("visible").map_err(decode_error)?;
         let committed: Option<i64> = row.try_get("committed").map_err(decode_error)?;
         Ok((
@@ -535,11 +564,14 @@ impl EventStore for PostgresEventStore {
         let mut ids: Vec<&str> = streams.iter().map(StreamId::as_str).collect();
         ids.sort_unstable();
         ids.dedup();
+        let op = "reading streams";
+        let mut conn = self.lease(op).await?;
         let rows = sqlx::query(&self.inner.sql.read_streams)
             .bind(&ids)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(|e| map_sqlx_error(e, "reading streams", None))?;
+            .fetch_all(&mut *conn)
+            .await;
+        conn.done(&rows);
+        let rows = rows.map_err(|e| map_sqlx_error(e, op, None))?;
         let events = recorded_from_rows(&rows)?;
         let mut versions: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(streams.len());
         for stream in streams {
@@ -575,12 +607,15 @@ impl EventStore for PostgresEventStore {
         }
         let ids: Vec<&str> = wanted.iter().map(|(id, _)| *id).collect();
         let afters: Vec<i64> = wanted.iter().map(|(_, after)| *after).collect();
+        let op = "reading streams";
+        let mut conn = self.lease(op).await?;
         let rows = sqlx::query(&self.inner.sql.read_streams_after)
             .bind(&ids)
             .bind(&afters)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(|e| map_sqlx_error(e, "reading streams", None))?;
+            .fetch_all(&mut *conn)
+            .await;
+        conn.done(&rows);
+        let rows = rows.map_err(|e| map_sqlx_error(e, op, None))?;
         let mut decoder = RowDecoder::default();
         let mut events = Vec::with_capacity(rows.len());
         let mut current: Vec<(StreamId, StreamVersion)> = Vec::with_capacity(wanted.len());
@@ -704,6 +739,7 @@ impl PostgresEventStore {
         &self,
         single: &SingleAppend<'_>,
     ) -> Result<eventcore::Result<AppendOutcome>, sqlx::Error> {
+        let mut conn = self.inner.kept.lease().await?;
         let row = sqlx::query(&self.inner.sql.append_one)
             .bind(single.stream.as_str())
             .bind(single.expected)
@@ -711,12 +747,13 @@ impl PostgresEventStore {
             .bind(single.event.event_type.as_str())
             .bind(single.event.payload.as_str())
             .bind(single.metadata.as_str())
-            .fetch_one(&self.inner.pool)
-            .await?;
-        Ok(single_outcome(&row, single))
+            .fetch_one(&mut *conn)
+            .await;
+        conn.done(&row);
+        Ok(single_outcome(&row?, single))
     }
 
-    /// Any request, through `eventcore_append` (migrations/0001).
+    /// Any request, through `eventcore_append` (migrations/0004).
     async fn append_general(
         &self,
         request: &AppendRequest,
@@ -753,6 +790,7 @@ impl PostgresEventStore {
         }
         let key = request.idempotency_key.as_ref().map(IdempotencyKey::as_str);
 
+        let mut conn = self.inner.kept.lease().await?;
         let row = sqlx::query(&self.inner.sql.append)
             .bind(&streams)
             .bind(&expected)
@@ -762,9 +800,10 @@ impl PostgresEventStore {
             .bind(&event_types)
             .bind(&payloads)
             .bind(&metadata)
-            .fetch_one(&self.inner.pool)
-            .await?;
-        Ok(general_outcome(&row))
+            .fetch_one(&mut *conn)
+            .await;
+        conn.done(&row);
+        Ok(general_outcome(&row?))
     }
 
     async fn read_all_impl(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
@@ -778,14 +817,17 @@ impl PostgresEventStore {
         let types: Option<Vec<&str>> = query
             .event_types_value()
             .map(|types| types.iter().map(EventType::as_str).collect());
+        let op = "reading the global log";
+        let mut conn = self.lease(op).await?;
         let rows = sqlx::query(&self.inner.sql.read_all)
             .bind(after)
             .bind(query.stream_prefix_value())
             .bind(types)
             .bind(limit)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(|e| map_sqlx_error(e, "reading the global log", None))?;
+            .fetch_all(&mut *conn)
+            .await;
+        conn.done(&rows);
+        let rows = rows.map_err(|e| map_sqlx_error(e, op, None))?;
         recorded_from_rows(&rows)
     }
 
