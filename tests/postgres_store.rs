@@ -482,6 +482,50 @@ async fn connections_the_server_ended_cost_one_failed_statement_at_most() {
         .expect("open");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "set DATABASE_URL (scripts/test provisions one) to run the PostgreSQL tests"
+)]
+async fn kept_connections_leave_the_pool_to_its_other_users_and_close_with_the_store() {
+    // Four connections, two kept at most: under eight appending tasks the pool still
+    // serves the application (a short acquire timeout would fail it otherwise).
+    let schema = fresh_schema();
+    let store = PostgresEventStore::connect_with(
+        eventcore_tests::postgres::config(&schema)
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5)),
+    )
+    .await
+    .expect("connect");
+    store.migrate().await.expect("migrate");
+    let writers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    append_any(&store, &stream(&format!("busy-{n}-{i}")), vec![deposit(1)]).await;
+                }
+            })
+        })
+        .collect();
+    for _ in 0..40 {
+        sqlx::query("SELECT 1")
+            .execute(store.pool())
+            .await
+            .expect("the pool serves the application while the store is busy");
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    assert_eq!(log.len(), 320);
+    tokio::time::timeout(HANG_GUARD, store.close())
+        .await
+        .expect("closing does not wait for the kept connections");
+    assert!(store.pool().is_closed());
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(postgres_tests),

@@ -6,6 +6,13 @@
 //! order with the prefix property, the same idempotency keys, the same typed errors.
 //! Nothing is persisted; dropping the last clone drops the events.
 //!
+//! Its operations complete at once, so that tasks issuing them back to back still take
+//! turns, each one spends a unit of the calling task's Tokio budget and yields when the
+//! budget is spent, as a socket would. Outside a Tokio runtime there is no budget and
+//! nothing yields; an executor that blocks a Tokio worker thread on them (a
+//! `futures::executor::block_on` inside a Tokio task) can wait forever for a wake-up
+//! that thread would have to deliver, as it would on any Tokio resource.
+//!
 //! # Examples
 //!
 //! ```

@@ -191,9 +191,11 @@ impl PostgresConfig {
     }
 
     /// How many of the pool's connections the store keeps out of the pool between its
-    /// statements (default: all but two of [`PostgresConfig::max_connections`], which
-    /// stay in the pool for transactions and for what the application does with
-    /// [`crate::PostgresEventStore::pool`]).
+    /// statements (default: all but two of [`PostgresConfig::max_connections`]; at most
+    /// all but one). The others go back to the pool after every statement, so
+    /// transactions, checkpoints and what the application does with
+    /// [`crate::PostgresEventStore::pool`] are served; close the pool with
+    /// [`crate::PostgresEventStore::close`].
     ///
     /// sqlx checks a connection with a round trip every time it goes back to the pool.
     /// For a store whose every operation is one statement that check costs more than

@@ -11,6 +11,11 @@
 //! was dropped mid-statement) is not kept: it goes back to the pool, which checks it;
 //! when it broke, every kept connection goes back with it, so that a restarted server
 //! costs one failed statement, not one per kept connection.
+//!
+//! The store holds at most `capacity` connections this way, idle or in use, and the
+//! capacity is below the pool's size: the other connections go back to the pool after
+//! every statement, so whoever waits on the pool (checkpoints, transactions, the
+//! application) is served.
 
 use std::ops::{Deref, DerefMut};
 
@@ -18,45 +23,106 @@ use parking_lot::Mutex;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
-/// The connections kept, at most `capacity`.
+/// The connections the store holds out of its pool, at most `capacity`.
 pub(crate) struct KeptConnections {
     pool: PgPool,
-    kept: Mutex<Vec<PoolConnection<Postgres>>>,
+    state: Mutex<Held>,
     capacity: usize,
+}
+
+struct Held {
+    /// Kept between statements.
+    idle: Vec<PoolConnection<Postgres>>,
+    /// Held in all: the idle ones and those leased as held.
+    count: usize,
 }
 
 impl KeptConnections {
     pub(crate) fn new(pool: PgPool, capacity: usize) -> Self {
         KeptConnections {
             pool,
-            kept: Mutex::new(Vec::with_capacity(capacity)),
+            state: Mutex::new(Held {
+                idle: Vec::with_capacity(capacity),
+                count: 0,
+            }),
             capacity,
         }
     }
 
-    /// A kept connection, or one from the pool.
+    /// A kept connection, or one from the pool (held from now on while fewer than the
+    /// capacity are held).
     pub(crate) async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
-        let kept = self.kept.lock().pop();
-        let conn = match kept {
-            Some(conn) => conn,
-            None => self.pool.acquire().await?,
+        if let Some(conn) = self.state.lock().idle.pop() {
+            return Ok(Lease {
+                conn: Some(conn),
+                held: true,
+                home: self,
+            });
+        }
+        let conn = self.pool.acquire().await?;
+        let held = {
+            let mut state = self.state.lock();
+            let hold = state.count < self.capacity;
+            if hold {
+                state.count += 1;
+            }
+            hold
         };
-        Ok(Lease { conn, home: self })
+        Ok(Lease {
+            conn: Some(conn),
+            held,
+            home: self,
+        })
+    }
+
+    /// Gives every idle connection back to the pool.
+    pub(crate) fn release_idle(&self) {
+        let idle = {
+            let mut state = self.state.lock();
+            let idle = std::mem::take(&mut state.idle);
+            state.count -= idle.len();
+            idle
+        };
+        drop(idle);
+    }
+
+    /// Gives the idle connections back and closes the pool (waiting for the connections
+    /// in use to come back).
+    pub(crate) async fn close(&self) {
+        self.release_idle();
+        self.pool.close().await;
+    }
+}
+
+impl Drop for KeptConnections {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.state.get_mut().idle);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Back to the pool, which checks them (sqlx spawns that on the runtime).
+            drop(idle);
+        } else {
+            // Without a runtime, a pooled connection cannot go back (sqlx would need to
+            // spawn a task): closed here instead.
+            for conn in idle {
+                drop(conn.detach());
+            }
+        }
     }
 }
 
 /// A connection for one statement. Dropped, it goes back to the pool; see
 /// [`Lease::done`].
 pub(crate) struct Lease<'a> {
-    conn: PoolConnection<Postgres>,
+    /// Present until [`Lease::done`].
+    conn: Option<PoolConnection<Postgres>>,
+    held: bool,
     home: &'a KeptConnections,
 }
 
 impl Lease<'_> {
-    /// The statement ended with `result`: a connection that answered (rows or a database
-    /// error) is kept for the next statement while fewer than the capacity are kept;
-    /// otherwise it goes back to the pool.
-    pub(crate) fn done<T>(self, result: &Result<T, sqlx::Error>) {
+    /// The statement ended with `result`: a held connection that answered (rows or a
+    /// database error) is kept for the next statement; any other goes back to the pool.
+    pub(crate) fn done<T>(mut self, result: &Result<T, sqlx::Error>) {
         // A database error leaves the connection ready for the next statement, except
         // one that ends the session (the server shutting down, a terminated backend).
         let answered = match result {
@@ -64,25 +130,35 @@ impl Lease<'_> {
             Err(error @ sqlx::Error::Database(_)) => !crate::error::is_connection_failure(error),
             Err(_) => false,
         };
-        let Lease { conn, home } = self;
-        if !answered {
-            if let Err(error) = result
-                && crate::error::is_connection_failure(error)
-            {
-                // The others most likely share its fate (a restarted server): they go
-                // back to the pool, which checks them, rather than fail one statement
-                // each.
-                let others = std::mem::take(&mut *home.kept.lock());
-                drop(others);
-            }
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let held = std::mem::replace(&mut self.held, false);
+        let home = self.home;
+        if held && answered && !home.pool.is_closed() {
+            home.state.lock().idle.push(conn);
             return;
         }
-        let mut kept = home.kept.lock();
-        if kept.len() < home.capacity {
-            kept.push(conn);
-        } else {
-            drop(kept);
-            drop(conn);
+        if held {
+            home.state.lock().count -= 1;
+        }
+        drop(conn);
+        if let Err(error) = result
+            && crate::error::is_connection_failure(error)
+        {
+            // The others most likely share its fate (a restarted server): they go back
+            // to the pool, which checks them, rather than fail one statement each.
+            home.release_idle();
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        // Dropped before `done` (the statement's future was dropped): the connection
+        // goes back to the pool, which checks it.
+        if self.conn.is_some() && self.held {
+            self.home.state.lock().count -= 1;
         }
     }
 }
@@ -91,12 +167,17 @@ impl Deref for Lease<'_> {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        &self.conn
+        // Present until `done`, which consumes the lease.
+        self.conn
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("a lease holds its connection until done"))
     }
 }
 
 impl DerefMut for Lease<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.conn
+        self.conn
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("a lease holds its connection until done"))
     }
 }

@@ -155,10 +155,11 @@ impl PostgresEventStore {
             .connect_with(connect)
             .await
             .map_err(|source| Error::Connect { source })?;
+        // At least one connection always goes back to the pool after each statement.
         let kept = config
             .kept_connections
             .unwrap_or(config.max_connections.saturating_sub(2) as usize)
-            .min(config.max_connections as usize);
+            .min(config.max_connections.saturating_sub(1) as usize);
         Ok(Self::new(
             pool,
             config.schema,
@@ -217,9 +218,18 @@ impl PostgresEventStore {
         crate::migrate(&self.inner.pool, &self.inner.schema).await
     }
 
-    /// The connection pool.
+    /// The connection pool. Close it with [`PostgresEventStore::close`]: the pool's own
+    /// `close` waits for every connection, and the store keeps some out of the pool
+    /// between statements ([`PostgresConfig::kept_connections`]).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// Gives the connections kept between statements back to the pool and closes it,
+    /// waiting for statements in flight to end. Later operations fail with a
+    /// (non-retryable) error saying the pool is closed.
+    pub async fn close(&self) {
+        self.inner.kept.close().await;
     }
 
     /// The schema the store's tables live in.

@@ -688,7 +688,16 @@ impl CommandExecutor {
                     folded_all = false;
                     break;
                 };
-                command.apply(&mut state, &typed);
+                // The append has committed: an `apply` that panics here (one that breaks
+                // the contract and reads `self`) must not make a written command look
+                // failed. The state is not kept.
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    command.apply(&mut state, &typed);
+                }));
+                if applied.is_err() {
+                    folded_all = false;
+                    break;
+                }
                 last_position = Some(event.global_position);
             }
             let versions = target

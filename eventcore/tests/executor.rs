@@ -1146,6 +1146,87 @@ async fn own_writes_bring_other_cached_states_of_the_type_forward() {
     assert_eq!(balance(&memory, &c).await, 2);
 }
 
+/// `PayOne` with an `apply` that breaks the cache contract: it reads `self` and panics
+/// on an event of any stream but its own `from`.
+#[derive(Command)]
+struct PayOneStrict {
+    #[stream]
+    from: StreamId,
+    #[stream]
+    to: StreamId,
+}
+
+impl CommandLogic for PayOneStrict {
+    type State = i64;
+    type Event = Ledger;
+
+    fn apply(&self, balance: &mut i64, event: &StoredEvent<Ledger>) {
+        assert_eq!(
+            event.stream_id, self.from,
+            "reads self (breaks the contract)"
+        );
+        match event.payload {
+            Ledger::Credited { amount } => *balance += amount,
+            Ledger::Debited { amount } => *balance -= amount,
+            Ledger::Linked { .. } => {}
+        }
+    }
+
+    fn handle(
+        &self,
+        read: ReadStreams<Self::StreamSet>,
+        balance: i64,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        require!(balance >= 1, "balance {balance}");
+        Ok(vec![
+            StreamWrite::new(&read, self.from.clone(), Ledger::Debited { amount: 1 })?,
+            StreamWrite::new(&read, self.to.clone(), Ledger::Credited { amount: 1 })?,
+        ])
+    }
+
+    fn state_cache(&self) -> eventcore::StateCache<i64> {
+        eventcore::StateCache::for_command::<Self>().folded_from([self.from.clone()])
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_apply_after_the_append_does_not_fail_the_written_command() {
+    let memory = InMemoryEventStore::new();
+    let executor = CommandExecutor::new(memory.clone());
+    let (a, b, c) = (id("strict-a"), id("strict-b"), id("strict-c"));
+    seed(&memory, &a, vec![credit(1)]).await;
+    seed(&memory, &b, vec![credit(1)]).await;
+    executor
+        .execute(&PayOneStrict {
+            from: b.clone(),
+            to: c.clone(),
+        })
+        .await
+        .expect("b pays c: b's state is kept");
+    // Bringing b's kept state forward with the credit to `b` calls this command's
+    // `apply` (from = a) on an event of `b`: it panics after the append committed.
+    let paid = executor
+        .execute(&PayOneStrict {
+            from: a.clone(),
+            to: b.clone(),
+        })
+        .await;
+    assert!(paid.is_ok(), "{paid:?}");
+    assert_eq!(balance(&memory, &a).await, 0);
+    assert_eq!(balance(&memory, &b).await, 1);
+    // b's state was not kept forward: the next payment from b reads and sees 1.
+    executor
+        .execute(&PayOneStrict {
+            from: b.clone(),
+            to: c.clone(),
+        })
+        .await
+        .expect("b pays c again");
+    assert_eq!(balance(&memory, &b).await, 0);
+    assert_eq!(balance(&memory, &c).await, 2);
+}
+
 /// Appends the number of events already in its stream, plus one: 1, 2, 3, ... A state
 /// that counted an event twice would skip a number.
 #[derive(Command)]
