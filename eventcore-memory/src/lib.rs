@@ -58,8 +58,8 @@ use chrono::Utc;
 use dashmap::DashMap;
 use eventcore::{
     AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventStore,
-    GlobalPosition, IdempotencyKey, LogQuery, ParkedEvent, RecordedEvent, Result, StreamConflict,
-    StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
+    GlobalPosition, IdempotencyKey, LogQuery, LogRead, ParkedEvent, RecordedEvent, Result,
+    StreamConflict, StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -360,18 +360,29 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>> {
+        Ok(self.read_log(query).await?.events)
+    }
+
+    async fn read_log(&self, query: &LogQuery) -> Result<LogRead> {
         tokio::task::coop::consume_budget().await;
         let log = self.inner.log.read();
         let start = query
             .after_position()
             .map_or(0, |p| usize::try_from(p.value()).unwrap_or(usize::MAX));
-        Ok(log
+        let events: Vec<RecordedEvent> = log
             .events
             .iter_from(start)
             .filter(|event| query.matches(event))
             .take(query.limit_value())
             .cloned()
-            .collect())
+            .collect();
+        // Under the same lock: the whole log up to its end was looked at.
+        let head = log.events.len() as u64;
+        Ok(LogRead::new(
+            query,
+            events,
+            (head > 0).then(|| GlobalPosition::new(head)),
+        ))
     }
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {

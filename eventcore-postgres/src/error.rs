@@ -65,6 +65,7 @@ pub(crate) mod sqlstate {
     /// Class 53: insufficient resources (out of connections, memory, disk).
     pub(crate) const INSUFFICIENT_RESOURCES_CLASS: &str = "53";
     pub(crate) const IMMUTABLE_EVENTS: &str = "ECI01";
+    pub(crate) const MARK_ABOVE_POSITION: &str = "ECM01";
     pub(crate) const UNIQUE_VIOLATION: &str = "23505";
     pub(crate) const SERIALIZATION_FAILURE: &str = "40001";
     pub(crate) const DEADLOCK_DETECTED: &str = "40P01";
@@ -96,6 +97,14 @@ pub(crate) fn is_connection_failure(error: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Whether the server ended the session in place of the statement's answer (a FATAL
+/// error such as `terminating connection due to administrator command`): the backend
+/// that ran the statement is exiting, so its transaction has committed already or never
+/// will. A bare I/O failure (end of stream, reset) says nothing of the kind.
+pub(crate) fn is_ended_by_server(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(_)) && is_connection_failure(error)
 }
 
 /// Whether an append failed because one of its event ids is already stored.
@@ -153,6 +162,15 @@ pub(crate) fn map_sqlx_error(
                 return eventcore::Error::backend(
                     format!(
                         "{operation}: the session cannot keep the global order (READ COMMITTED on the primary is required)"
+                    ),
+                    false,
+                    Some(Box::new(error) as eventcore::BoxError),
+                );
+            }
+            sqlstate::MARK_ABOVE_POSITION => {
+                return eventcore::Error::backend(
+                    format!(
+                        "{operation}: the mark is above the first position drawn (the position sequence went backwards; was it altered?); nothing was written"
                     ),
                     false,
                     Some(Box::new(error) as eventcore::BoxError),

@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use eventcore::{
     AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, EventId, EventMetadata,
     EventPayload, EventStore, EventType, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery,
-    ParkedEvent, RecordedEvent, StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
+    LogRead, ParkedEvent, RecordedEvent, StreamId, StreamVersion, StreamsSnapshot,
+    check_projection_name,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -19,7 +20,8 @@ use uuid::Uuid;
 
 use crate::config::{DEFAULT_NOTIFY_INTERVAL, PostgresConfig, SchemaName};
 use crate::error::{
-    Error, is_connection_failure, is_duplicate_event_id, is_stream_version_taken, map_sqlx_error,
+    Error, is_connection_failure, is_duplicate_event_id, is_ended_by_server,
+    is_stream_version_taken, map_sqlx_error,
 };
 use crate::notify;
 
@@ -33,6 +35,7 @@ pub(crate) struct Sql {
     pub(crate) append_one: String,
     pub(crate) idempotent_outcome: String,
     pub(crate) events_by_id: String,
+    pub(crate) key_attempt: String,
     pub(crate) load_checkpoint: String,
     pub(crate) save_checkpoint: String,
     pub(crate) reset_checkpoint: String,
@@ -67,6 +70,7 @@ impl Sql {
             append_one: fill(include_str!("sql/append_one.sql")),
             idempotent_outcome: fill(include_str!("sql/idempotent_outcome.sql")),
             events_by_id: fill(include_str!("sql/events_by_id.sql")),
+            key_attempt: fill(include_str!("sql/key_attempt.sql")),
             load_checkpoint: fill(include_str!("sql/load_checkpoint.sql")),
             save_checkpoint: fill(include_str!("sql/save_checkpoint.sql")),
             reset_checkpoint: fill(include_str!("sql/reset_checkpoint.sql")),
@@ -301,11 +305,13 @@ impl PostgresEventStore {
         ))
     }
 
-    /// After a connection failure during an append, finds out whether it committed.
-    async fn committed_outcome(
+    /// Where the events of `request` landed, after queueing behind any append still
+    /// holding their streams; `None` unless every one of them is stored (and when the
+    /// request carries none: there is nothing to find).
+    async fn stored_events(
         &self,
         request: &AppendRequest,
-    ) -> eventcore::Result<Option<AppendOutcome>> {
+    ) -> eventcore::Result<Option<Vec<AppendedEvent>>> {
         let ids: Vec<Uuid> = request
             .streams
             .iter()
@@ -330,11 +336,87 @@ impl PostgresEventStore {
         if rows.len() != ids.len() {
             return Ok(None);
         }
-        let events = rows
-            .iter()
+        rows.iter()
             .map(appended_from_row)
-            .collect::<eventcore::Result<Vec<_>>>()?;
-        Ok(Some(AppendOutcome::written(events)))
+            .collect::<eventcore::Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// After the connection failed with `request` in flight: what it did, if that can
+    /// be known now. `attempt` is the id this call stored with the request's key.
+    async fn interrupted_outcome(
+        &self,
+        request: &AppendRequest,
+        attempt: Uuid,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        let stored = self.stored_events(request).await?;
+        let Some(key) = &request.idempotency_key else {
+            // Without a key, the event ids are the request's identity: found means
+            // stored (by this call, or an identical earlier one whose answer was lost
+            // too; they cannot be told apart here). A request without events and
+            // without a key leaves no trace: whether its expectations held is unknown.
+            return Ok(stored.map(AppendOutcome::written));
+        };
+        let carries_events = request.event_count() > 0;
+        // The key's row says which attempt stored it; it is written in the same
+        // transaction as the events, after the stream locks stored_events waited for.
+        let row: Option<(Option<Uuid>,)> = sqlx::query_as(&self.inner.sql.key_attempt)
+            .bind(key.as_str())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "checking an interrupted append", None))?;
+        match row {
+            // Not stored yet: the append may still be running, or may never commit.
+            None => Ok(None),
+            // This call stored the key, and its events in the same transaction.
+            Some((Some(stored_by),)) if stored_by == attempt => Ok(if carries_events {
+                stored.map(AppendOutcome::written)
+            } else {
+                Some(AppendOutcome::written(Vec::new()))
+            }),
+            // An earlier call stored the key: this one wrote nothing.
+            Some(_) => self.idempotent_outcome_impl(key).await,
+        }
+    }
+
+    /// The answer to an append whose connection failed after the request was sent.
+    async fn recover(
+        &self,
+        request: &AppendRequest,
+        attempt: Uuid,
+        error: sqlx::Error,
+    ) -> eventcore::Result<AppendOutcome> {
+        tracing::warn!(%error, "connection failed during an append; checking whether it committed");
+        let event_ids = request
+            .streams
+            .iter()
+            .flat_map(|s| &s.events)
+            .map(|e| e.event_id)
+            .collect();
+        let message = match self.interrupted_outcome(request, attempt).await {
+            Ok(Some(outcome)) => return Ok(outcome),
+            // The server itself ended the backend that ran the statement (it said so,
+            // in place of the answer): that backend is exiting, so its transaction
+            // committed before (and was found, after its locks were released) or never
+            // will. Nothing was written.
+            Ok(None) if is_ended_by_server(&error) => {
+                return Err(map_sqlx_error(error, "appending", Some(request)));
+            }
+            // The connection broke without a word from the server: the statement may
+            // still be running, or still on its way.
+            Ok(None) => "the connection failed while the append was in flight, and its events \
+                         are not stored (yet): it may still commit, or never"
+                .to_owned(),
+            Err(check) => format!(
+                "the connection failed while the append was in flight, and checking whether \
+                 it committed failed too ({check})"
+            ),
+        };
+        Err(eventcore::Error::OutcomeUnknown {
+            message,
+            event_ids,
+            source: Some(Box::new(error)),
+        })
     }
 }
 
@@ -378,6 +460,34 @@ fn stream_from(value: String) -> eventcore::Result<StreamId> {
 pub(crate) fn recorded_from_rows(rows: &[PgRow]) -> eventcore::Result<Vec<RecordedEvent>> {
     let mut decoder = RowDecoder::default();
     rows.iter().map(|row| decoder.decode(row)).collect()
+}
+
+/// Decodes the rows of `sql/read_all.sql`: events, then one row that carries only the
+/// horizon the read stopped at. Every position below the horizon belongs to a
+/// transaction that has ended, so the read looked at every position up to
+/// `horizon - 1`.
+pub(crate) fn log_read_from_rows(query: &LogQuery, rows: &[PgRow]) -> eventcore::Result<LogRead> {
+    let Some((last, events)) = rows.split_last() else {
+        return Err(corrupt("the log read returned no horizon row".to_owned()));
+    };
+    let horizon: Option<i64> = last.try_get(8).map_err(decode_error)?;
+    let Some(horizon) = horizon else {
+        return Err(corrupt("the log read's last row has no horizon".to_owned()));
+    };
+    let events = recorded_from_rows(events)?;
+    let bound = u64::try_from(horizon.saturating_sub(1))
+        .ok()
+        .filter(|bound| *bound > 0)
+        .map(GlobalPosition::new);
+    Ok(LogRead::new(query, events, bound))
+}
+
+/// Why an append statement did not answer.
+enum AppendFailure {
+    /// No connection could be had: nothing was sent.
+    NotSent(sqlx::Error),
+    /// The statement was sent and failed, or its answer was lost.
+    Failed(sqlx::Error),
 }
 
 /// Turns event rows into [`RecordedEvent`]s. Every query that reads events returns the
@@ -669,7 +779,11 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
-        self.read_all_impl(query).await
+        Ok(self.read_log_impl(query).await?.events)
+    }
+
+    async fn read_log(&self, query: &LogQuery) -> eventcore::Result<LogRead> {
+        self.read_log_impl(query).await
     }
 
     async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
@@ -691,38 +805,42 @@ impl EventStore for PostgresEventStore {
 impl PostgresEventStore {
     async fn append_traced(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
         request.validate()?;
+        // Stored with the key, so that after a lost answer this call can tell its own
+        // write from an earlier call's.
+        let attempt = Uuid::new_v4();
         let result = match single_exact(&request)? {
             Some(single) => match self.append_one(&single).await {
                 // Another append took the version after this statement's snapshot.
                 // Nothing was written: the general path reports the conflict with the
                 // stream's actual version.
-                Err(error) if is_stream_version_taken(&error) => {
-                    self.append_general(&request).await
+                Err(AppendFailure::Failed(error)) if is_stream_version_taken(&error) => {
+                    self.append_general(&request, attempt).await
                 }
                 result => result,
             },
-            None => self.append_general(&request).await,
+            None => self.append_general(&request, attempt).await,
         };
         let outcome = match result {
             Ok(outcome) => outcome,
-            Err(error) if is_connection_failure(&error) => {
-                // The answer was lost; the append may or may not have committed. Events
-                // carry their ids, so look: found means it committed.
-                tracing::warn!(%error, "connection failed during an append; checking whether it committed");
-                if let Ok(Some(outcome)) = self.committed_outcome(&request).await {
-                    return Ok(outcome);
-                }
+            // No connection, so nothing was sent.
+            Err(AppendFailure::NotSent(error)) => {
                 return Err(map_sqlx_error(error, "appending", Some(&request)));
             }
-            Err(error) if is_duplicate_event_id(&error) => {
+            // The answer was lost; the append may or may not have committed.
+            Err(AppendFailure::Failed(error)) if is_connection_failure(&error) => {
+                return self.recover(&request, attempt, error).await;
+            }
+            Err(AppendFailure::Failed(error)) if is_duplicate_event_id(&error) => {
                 // The same events were appended before: this is a repeat of a request
                 // that committed (its answer was lost). Its outcome is the answer.
-                if let Some(outcome) = self.committed_outcome(&request).await? {
-                    return Ok(outcome.into_deduplicated());
+                if let Some(events) = self.stored_events(&request).await? {
+                    return Ok(AppendOutcome::written(events).into_deduplicated());
                 }
                 return Err(map_sqlx_error(error, "appending", Some(&request)));
             }
-            Err(error) => return Err(map_sqlx_error(error, "appending", Some(&request))),
+            Err(AppendFailure::Failed(error)) => {
+                return Err(map_sqlx_error(error, "appending", Some(&request)));
+            }
         }?;
         if outcome.deduplicated {
             return Ok(outcome);
@@ -748,8 +866,13 @@ impl PostgresEventStore {
     async fn append_one(
         &self,
         single: &SingleAppend<'_>,
-    ) -> Result<eventcore::Result<AppendOutcome>, sqlx::Error> {
-        let mut conn = self.inner.kept.lease().await?;
+    ) -> Result<eventcore::Result<AppendOutcome>, AppendFailure> {
+        let mut conn = self
+            .inner
+            .kept
+            .lease()
+            .await
+            .map_err(AppendFailure::NotSent)?;
         let row = sqlx::query(&self.inner.sql.append_one)
             .bind(single.stream.as_str())
             .bind(single.expected)
@@ -760,14 +883,15 @@ impl PostgresEventStore {
             .fetch_one(&mut *conn)
             .await;
         conn.done(&row);
-        Ok(single_outcome(&row?, single))
+        Ok(single_outcome(&row.map_err(AppendFailure::Failed)?, single))
     }
 
     /// Any request, through `eventcore_append` (migrations/0004).
     async fn append_general(
         &self,
         request: &AppendRequest,
-    ) -> Result<eventcore::Result<AppendOutcome>, sqlx::Error> {
+        attempt: Uuid,
+    ) -> Result<eventcore::Result<AppendOutcome>, AppendFailure> {
         let n = request.event_count();
         let mut streams = Vec::with_capacity(request.streams.len());
         let mut expected = Vec::with_capacity(request.streams.len());
@@ -800,7 +924,12 @@ impl PostgresEventStore {
         }
         let key = request.idempotency_key.as_ref().map(IdempotencyKey::as_str);
 
-        let mut conn = self.inner.kept.lease().await?;
+        let mut conn = self
+            .inner
+            .kept
+            .lease()
+            .await
+            .map_err(AppendFailure::NotSent)?;
         let row = sqlx::query(&self.inner.sql.append)
             .bind(&streams)
             .bind(&expected)
@@ -810,15 +939,16 @@ impl PostgresEventStore {
             .bind(&event_types)
             .bind(&payloads)
             .bind(&metadata)
+            .bind(key.map(|_| attempt))
             .fetch_one(&mut *conn)
             .await;
         conn.done(&row);
-        Ok(general_outcome(&row?))
+        Ok(general_outcome(&row.map_err(AppendFailure::Failed)?))
     }
 
-    async fn read_all_impl(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+    async fn read_log_impl(&self, query: &LogQuery) -> eventcore::Result<LogRead> {
         if query.limit_value() == 0 {
-            return Ok(Vec::new());
+            return Ok(LogRead::new(query, Vec::new(), None));
         }
         let after = query
             .after_position()
@@ -838,7 +968,7 @@ impl PostgresEventStore {
             .await;
         conn.done(&rows);
         let rows = rows.map_err(|e| map_sqlx_error(e, op, None))?;
-        recorded_from_rows(&rows)
+        log_read_from_rows(query, &rows)
     }
 
     async fn wait_for_events_impl(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {

@@ -13,7 +13,7 @@ use sqlx::{Connection, PgConnection};
 use tracing::Instrument;
 
 use crate::error::map_sqlx_error;
-use crate::store::{PostgresEventStore, recorded_from_rows};
+use crate::store::{PostgresEventStore, log_read_from_rows};
 
 /// A projection whose read model lives in the store's database. `apply` gets the open
 /// transaction of the batch; the runner saves the checkpoint in the same transaction, so
@@ -48,6 +48,14 @@ pub trait TransactionalProjection: Send + 'static {
         let _ = tx;
         async { Ok(()) }
     }
+}
+
+/// How a batch ended.
+enum Batch {
+    /// Events were processed.
+    Applied,
+    /// None were found; the read looked up to `scanned`.
+    Empty { scanned: Option<GlobalPosition> },
 }
 
 /// Runs a [`TransactionalProjection`]: each batch reads the checkpoint under a row lock,
@@ -104,7 +112,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         loop {
             let span =
                 tracing::info_span!("eventcore.postgres.projection.batch", projection = %self.name);
-            if !self.batch(&mut summary).instrument(span).await? {
+            if let Batch::Empty { .. } = self.batch(&mut summary).instrument(span).await? {
                 return Ok(summary);
             }
         }
@@ -155,32 +163,33 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut total = RunSummary::default();
         loop {
-            // Read before catching up: if the log ends in events the filter does not
-            // want, the checkpoint stays behind them and waiting after it would return
-            // at once, forever. Wait after what was scanned instead.
-            let head = self.store.head_position().await?;
-            loop {
+            let scanned = loop {
                 // A shutdown request is honoured between batches, also under a
                 // sustained stream of writes.
                 if stopped(&mut shutdown).await {
                     return Ok(total);
                 }
                 let span = tracing::info_span!("eventcore.postgres.projection.batch", projection = %self.name);
-                if !self.batch(&mut total).instrument(span).await? {
-                    break;
+                if let Batch::Empty { scanned } = self.batch(&mut total).instrument(span).await? {
+                    break scanned;
                 }
-            }
+            };
+            // Wait after what the empty read looked at, not after the checkpoint: if the
+            // log ends in events the filter does not want, waiting after the checkpoint
+            // would return at once, forever. And not after a head read earlier: the
+            // read may have looked less far than it (the horizon can briefly move back,
+            // ADR 0003), and what lies between would wait for some later append.
             let checkpoint =
                 eventcore::CheckpointStore::load_checkpoint(&self.store, &self.name).await?;
             tokio::select! {
-                waited = self.store.wait_for_events(checkpoint.max(head)) => waited?,
+                waited = self.store.wait_for_events(checkpoint.max(scanned)) => waited?,
                 () = &mut shutdown => return Ok(total),
             }
         }
     }
 
-    /// One transaction. Returns whether it found events.
-    async fn batch(&mut self, summary: &mut RunSummary) -> eventcore::Result<bool> {
+    /// One transaction. Says whether it found events, and how far an empty read looked.
+    async fn batch(&mut self, summary: &mut RunSummary) -> eventcore::Result<Batch> {
         // A clone shares the pool and the SQL; it frees `self` for the projection below.
         let store = self.store.clone();
         let sql = store.sql();
@@ -218,10 +227,13 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| map_sqlx_error(e, "reading the global log", None))?;
-        if rows.is_empty() {
-            return Ok(false);
+        let read = log_read_from_rows(&query, &rows)?;
+        if read.events.is_empty() {
+            return Ok(Batch::Empty {
+                scanned: read.scanned,
+            });
         }
-        let events = recorded_from_rows(&rows)?;
+        let events = read.events;
         let mut processed: Option<GlobalPosition> = None;
         let mut failure = None;
         for event in &events {
@@ -253,7 +265,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             .map_err(|e| map_sqlx_error(e, "committing a projection batch", None))?;
         match failure {
             Some(error) => Err(error),
-            None => Ok(true),
+            None => Ok(Batch::Applied),
         }
     }
 

@@ -179,6 +179,25 @@ pub enum Error {
         reason: String,
     },
 
+    /// The backend lost contact (a dropped connection, a crashed server) while an
+    /// append was in flight, and could not find out whether it committed: its events
+    /// may be stored, or not. Not [`Error::is_retryable`]: deciding again could write a
+    /// second time. Sending the same [`crate::AppendRequest`] again is safe (event ids
+    /// are unique, so nothing is stored twice), and with an idempotency key it tells the
+    /// outcome (see [`crate::EventStore::append`]). The [`crate::CommandExecutor`] asks
+    /// again itself for an execution with an idempotency key; without one it returns
+    /// this error.
+    #[error("the outcome of the append is unknown: {message}")]
+    OutcomeUnknown {
+        /// What happened, for humans.
+        message: String,
+        /// The ids of the events the append carried: what to look for.
+        event_ids: Vec<crate::EventId>,
+        /// The backend's own error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// The storage backend failed. `retryable` says whether the same request may succeed
     /// later (a lost connection, a serialization failure) or not (a permission error).
     /// A failed append never leaves anything half-written.

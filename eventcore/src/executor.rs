@@ -19,7 +19,7 @@ use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, StreamAppend, StreamsSnapshot,
 };
 use crate::types::{
-    CausationId, CorrelationId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId,
+    CausationId, CorrelationId, EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId,
     StreamVersion,
 };
 
@@ -254,7 +254,14 @@ impl CommandExecutor {
     /// conflict or a retryable backend failure; [`Error::Deserialization`] when a stored
     /// event does not decode into the command's event type; [`Error::UndeclaredStream`],
     /// [`Error::TooManyStreamResolutions`]; a non-retryable [`Error::Backend`].
-    /// Whatever the error, nothing of this execution was written.
+    /// Whatever the error, nothing of this execution was written, with one exception:
+    /// [`Error::OutcomeUnknown`], when the store lost contact during the append and
+    /// could not find out whether it committed. Without an idempotency key that error
+    /// is returned at once (deciding again could write twice; the events it names
+    /// may be stored). With a key (see [`CommandExecutor::execute_with`]) the executor
+    /// asks again under the key, within the retry policy: the outcome found is the
+    /// answer (`deduplicated: false` when it is this execution's own write), and the
+    /// error comes back only when the attempts run out before the outcome is known.
     ///
     /// # Panics
     ///
@@ -306,6 +313,8 @@ impl CommandExecutor {
         dedup_in_order(&mut declared);
 
         let mut attempt = 0;
+        // After an append whose outcome is unknown: its event ids, and the error.
+        let mut unknown: Option<(Vec<EventId>, Error)> = None;
         loop {
             attempt += 1;
             span.record("attempt", attempt);
@@ -319,17 +328,55 @@ impl CommandExecutor {
                 .await;
             match result {
                 Ok(outcome) => {
+                    // The key found the events of this execution's own attempt whose
+                    // answer was lost: this execution wrote them.
+                    let deduplicated = outcome.deduplicated
+                        && !unknown.as_ref().is_some_and(|(ids, _)| {
+                            outcome.events.iter().any(|e| ids.contains(&e.event_id))
+                        });
                     span.record("events_written", outcome.events.len());
-                    span.record("deduplicated", outcome.deduplicated);
+                    span.record("deduplicated", deduplicated);
                     return Ok(ExecutionResult {
                         events_written: outcome.events,
                         attempts: attempt,
-                        deduplicated: outcome.deduplicated,
+                        deduplicated,
                     });
+                }
+                // Without a key, deciding again could write a second time: the caller
+                // gets the error. With one, the next attempt looks the key up first
+                // and finds the outcome, or decides again under the key's protection.
+                Err(Error::OutcomeUnknown {
+                    message,
+                    event_ids,
+                    source,
+                }) if options.idempotency_key.is_some() => {
+                    let error = Error::OutcomeUnknown {
+                        message,
+                        event_ids: event_ids.clone(),
+                        source,
+                    };
+                    if attempt >= self.retry_policy.max_attempts() {
+                        tracing::warn!(attempt, %error, "giving up; the outcome is unknown");
+                        return Err(error);
+                    }
+                    let delay = self.retry_policy.delay_before_retry(attempt);
+                    tracing::warn!(attempt, %error, ?delay, "outcome unknown; asking again under the idempotency key");
+                    unknown
+                        .get_or_insert((Vec::new(), error))
+                        .0
+                        .extend(event_ids);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                 }
                 Err(error) if error.is_retryable() => {
                     if attempt >= self.retry_policy.max_attempts() {
                         tracing::warn!(attempt, %error, "giving up");
+                        // An earlier attempt may have written: say so, not "nothing
+                        // was written".
+                        if let Some((_, unknown)) = unknown {
+                            return Err(unknown);
+                        }
                         return Err(Error::RetriesExhausted {
                             attempts: attempt,
                             last: Box::new(error),
@@ -617,7 +664,10 @@ impl CommandExecutor {
                 Ok(outcome)
             }
             Err(error) => {
-                if matches!(error, Error::VersionConflict { .. }) {
+                if matches!(
+                    error,
+                    Error::VersionConflict { .. } | Error::OutcomeUnknown { .. }
+                ) {
                     let versions: Vec<StreamVersion> =
                         key.1.iter().map(|s| snapshot.version_of(s)).collect();
                     self.states.mark_behind(key, &versions);

@@ -147,7 +147,7 @@ pub use crate::projection::{
     ProjectionMetrics, ProjectionRunner, RunSummary, check_projection_name,
 };
 pub use crate::store::{
-    AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, StreamAppend,
+    AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, LogRead, StreamAppend,
     StreamsSnapshot,
 };
 pub use crate::types::{

@@ -441,7 +441,7 @@ pub struct ProjectionRunner<P: Projection> {
     policy: ProjectionErrorPolicy,
     metrics: ProjectionMetrics,
     position: Option<GlobalPosition>,
-    /// The head seen before the last empty batch: nothing wanted exists up to it.
+    /// How far the last empty batch looked: nothing wanted exists up to it.
     scanned: Option<GlobalPosition>,
     loaded: bool,
 }
@@ -660,22 +660,25 @@ impl<P: Projection> ProjectionRunner<P> {
     async fn batch(&mut self, summary: &mut RunSummary) -> Result<bool> {
         let started = Instant::now();
         let filter = self.projection.filter();
-        // Read before the batch: if the batch is empty, nothing this projection wants
-        // exists up to this head, and anything wanted that comes later lies beyond it.
-        let head = self.events.head_position().await?;
-        let batch = self
+        // The read says how far it looked: if the batch is empty, nothing this
+        // projection wants exists up to there, and anything wanted that comes later lies
+        // beyond it. (Not a head read before: on a backend whose visible log can briefly
+        // shrink, the read may have looked less far than that head, and waiting after
+        // the head would skip what lies between until some later append.)
+        let read = self
             .events
-            .read_all(&filter.query(self.position, self.batch_size))
+            .read_log(&filter.query(self.position, self.batch_size))
             .await?;
+        let batch = read.events;
         tracing::Span::current().record("events", batch.len());
-        if let Some(head) = head {
+        if let Some(scanned) = read.scanned {
             self.metrics
                 .inner
                 .head
-                .fetch_max(head.value(), Ordering::Relaxed);
+                .fetch_max(scanned.value(), Ordering::Relaxed);
         }
         if batch.is_empty() {
-            self.scanned = head;
+            self.scanned = read.scanned;
             return Ok(false);
         }
         let mut processed = None;

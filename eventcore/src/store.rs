@@ -77,7 +77,13 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// [`Error::VersionConflict`] naming every stream whose expectation failed;
     /// [`Error::InvalidAppend`] for a malformed request; [`Error::Backend`] when the
-    /// backend fails, in which case nothing was written.
+    /// backend fails, in which case nothing was written; [`Error::OutcomeUnknown`] when
+    /// the backend lost contact while the append was in flight and could not find out
+    /// whether it committed. Sending the same request again is safe then (event ids
+    /// are unique: nothing is stored twice); with an idempotency key it also tells the
+    /// outcome, as the key is checked before any version. Without one, a repeat whose
+    /// first call committed may answer [`Error::VersionConflict`] (the stream moved);
+    /// read the streams to see whether the events are there.
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome>;
 
     /// Reads the global log in position order, after `query`'s position, at most
@@ -90,6 +96,26 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// [`Error::Backend`] when the backend fails.
     async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>>;
+
+    /// Reads like [`EventStore::read_all`], and also says how far the read looked:
+    /// [`LogRead::scanned`]. Readers that follow the log wait for events after
+    /// `scanned`, not after a head they read before: with filters, the log may end in
+    /// events they do not want; and a backend whose visible log can briefly shrink
+    /// (PostgreSQL's horizon, ADR 0003) may read fewer events than a head read earlier
+    /// promised.
+    ///
+    /// The provided implementation reads [`EventStore::head_position`] first, then
+    /// the events. That is correct for backends whose visible log only grows (what was
+    /// visible stays visible); backends where it can shrink must override this.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn read_log(&self, query: &LogQuery) -> Result<LogRead> {
+        let head = self.head_position().await?;
+        let events = self.read_all(query).await?;
+        Ok(LogRead::new(query, events, head))
+    }
 
     /// The position of the last visible event, `None` when the log is empty.
     ///
@@ -133,6 +159,10 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
 
     async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>> {
         (**self).read_all(query).await
+    }
+
+    async fn read_log(&self, query: &LogQuery) -> Result<LogRead> {
+        (**self).read_log(query).await
     }
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
@@ -488,6 +518,40 @@ impl LogQuery {
                 .event_types
                 .as_deref()
                 .is_none_or(|types| types.contains(&event.event_type))
+    }
+}
+
+/// What [`EventStore::read_log`] returns: the events, and how far the read looked.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct LogRead {
+    /// The events read, in position order, as [`EventStore::read_all`] returns them.
+    pub events: Vec<RecordedEvent>,
+    /// Every event the query selects after its position and at or below `scanned` is
+    /// in `events`, now and forever: none will appear there later. `None` when the read
+    /// looked at nothing (the visible log ends at or before the query's position).
+    /// When the limit was reached, this is the last event's position.
+    pub scanned: Option<GlobalPosition>,
+}
+
+impl LogRead {
+    /// The answer to `query` of a read that found `events` and looked at every
+    /// visible position up to `bound` (at least; a full batch stops at its last
+    /// event, whatever `bound` says).
+    pub fn new(
+        query: &LogQuery,
+        events: Vec<RecordedEvent>,
+        bound: Option<GlobalPosition>,
+    ) -> Self {
+        let last = events.last().map(|event| event.global_position);
+        let scanned = if events.len() >= query.limit_value() {
+            last
+        } else {
+            last.max(bound)
+        };
+        // Below the query's start, nothing was looked at.
+        let scanned = scanned.filter(|s| query.after_position().is_none_or(|after| *s > after));
+        LogRead { events, scanned }
     }
 }
 

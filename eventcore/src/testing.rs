@@ -102,6 +102,7 @@ macro_rules! event_store_conformance_tests {
             read_all_batch_limit_returns_the_first_events,
             stream_prefix_filter_is_applied_before_the_limit,
             event_type_filter_is_applied_before_the_limit,
+            read_log_says_how_far_it_looked,
             append_of_ten_thousand_events_in_one_call,
             undecodable_payload_is_a_typed_error_and_never_dropped,
             idempotency_key_returns_the_first_outcome_and_writes_nothing,

@@ -158,6 +158,9 @@ struct Meddler {
     interfere: Mutex<Vec<StreamId>>,
     /// Errors to return from the next appends instead of appending.
     failures: Mutex<Vec<Error>>,
+    /// The next appends this many are carried out, and then answered with
+    /// `OutcomeUnknown` (the answer lost on the way back).
+    lose_answers: AtomicUsize,
     reads: AtomicUsize,
     appends: AtomicUsize,
 }
@@ -185,7 +188,25 @@ impl EventStore for Meddler {
         if let Some(stream) = target {
             seed(&self.inner, &stream, vec![credit(1)]).await;
         }
-        self.inner.append(request).await
+        let event_ids = request
+            .streams
+            .iter()
+            .flat_map(|s| &s.events)
+            .map(|e| e.event_id)
+            .collect();
+        let outcome = self.inner.append(request).await;
+        let lose = self
+            .lose_answers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lose {
+            return Err(Error::OutcomeUnknown {
+                message: "the answer was lost (test)".to_owned(),
+                event_ids,
+                source: None,
+            });
+        }
+        outcome
     }
 
     async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
@@ -367,6 +388,127 @@ async fn retryable_backend_errors_are_retried_and_others_are_not() {
         }
     ));
     assert_eq!(balance(&store.inner, &b).await, 1);
+}
+
+/// Without an idempotency key, an append whose outcome is unknown is not decided again
+/// (that could write twice): the caller gets the error, and the write happened once.
+#[tokio::test]
+async fn an_unknown_outcome_without_a_key_is_returned_not_retried() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    store.lose_answers.store(1, Ordering::SeqCst);
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(5));
+    let error = executor
+        .execute(&transfer(&a, &b, 3))
+        .await
+        .expect_err("the outcome is unknown");
+    assert!(matches!(error, Error::OutcomeUnknown { .. }), "{error:?}");
+    assert!(!error.is_retryable());
+    assert_eq!(store.appends.load(Ordering::SeqCst), 1, "not decided again");
+    assert_eq!(balance(&store.inner, &b).await, 3, "written once");
+}
+
+/// With a key, the executor asks again under it: it finds its own write, reports it as
+/// this execution's (not deduplicated), and writes nothing more.
+#[tokio::test]
+async fn an_unknown_outcome_with_a_key_is_resolved_through_the_key() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    store.lose_answers.store(1, Ordering::SeqCst);
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(5));
+    let key = IdempotencyKey::try_new("transfer-1").expect("key");
+    let result = executor
+        .execute_with(
+            &transfer(&a, &b, 3),
+            ExecutionOptions::default().idempotency_key(key.clone()),
+        )
+        .await
+        .expect("the key tells the outcome");
+    assert!(!result.deduplicated, "this execution wrote the events");
+    assert_eq!(result.attempts, 2);
+    assert_eq!(result.events_written.len(), 2);
+    assert_eq!(
+        store.appends.load(Ordering::SeqCst),
+        1,
+        "nothing appended again"
+    );
+    assert_eq!(balance(&store.inner, &b).await, 3, "written once");
+
+    // A later execution with the same key wrote nothing, and says so.
+    let again = executor
+        .execute_with(
+            &transfer(&a, &b, 3),
+            ExecutionOptions::default().idempotency_key(key),
+        )
+        .await
+        .expect("repeat");
+    assert!(again.deduplicated);
+    assert_eq!(again.events_written, result.events_written);
+}
+
+/// When the attempts run out before the outcome is known, the error says the outcome
+/// is unknown, not that nothing was written.
+#[tokio::test]
+async fn attempts_running_out_after_an_unknown_outcome_report_it() {
+    let store = Arc::new(Meddler::default());
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store.inner, &a, vec![credit(10)]).await;
+    store.lose_answers.store(1, Ordering::SeqCst);
+    // Every key lookup after the lost answer fails, retryably.
+    let executor = CommandExecutor::from_shared(Arc::new(FailingLookups {
+        inner: store.clone(),
+    }))
+    .with_retry_policy(fast_retries(3));
+    let error = executor
+        .execute_with(
+            &transfer(&a, &b, 3),
+            ExecutionOptions::default()
+                .idempotency_key(IdempotencyKey::try_new("transfer-2").expect("key")),
+        )
+        .await
+        .expect_err("never learned the outcome");
+    assert!(matches!(error, Error::OutcomeUnknown { .. }), "{error:?}");
+    assert_eq!(balance(&store.inner, &b).await, 3, "written once");
+}
+
+/// The Meddler, except that key lookups fail (retryably) once an append happened.
+struct FailingLookups {
+    inner: Arc<Meddler>,
+}
+
+#[async_trait]
+impl EventStore for FailingLookups {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        self.inner.read_streams(streams).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        if self.inner.appends.load(Ordering::SeqCst) > 0 {
+            return Err(Error::backend("connection refused", true, None));
+        }
+        self.inner.idempotent_outcome(key).await
+    }
 }
 
 /// Tries to write to a stream it did not declare.

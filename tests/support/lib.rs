@@ -4,3 +4,4 @@
 pub mod bank;
 pub mod ecommerce;
 pub mod postgres;
+pub mod proxy;

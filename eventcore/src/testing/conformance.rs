@@ -808,6 +808,80 @@ pub async fn stream_prefix_filter_is_applied_before_the_limit(store: impl EventS
     assert!(none.is_empty());
 }
 
+/// `read_log` returns what `read_all` returns, and says how far it looked: to the last
+/// event of a full batch, and at least to the last visible event otherwise, also when
+/// the filter selected nothing there; never at or before the query's position.
+pub async fn read_log_says_how_far_it_looked(store: impl EventStore) {
+    let empty = store.read_log(&LogQuery::from_start()).await.expect("read");
+    assert!(empty.events.is_empty());
+    assert_eq!(empty.scanned, None, "an empty log: nothing looked at");
+    for i in 1..=4 {
+        append_to(
+            &store,
+            &stream(&format!("wanted-{i}")),
+            ExpectedVersion::Any,
+            vec![added(i)],
+        )
+        .await
+        .expect("wanted");
+    }
+    append_to(
+        &store,
+        &stream("noise"),
+        ExpectedVersion::Any,
+        (0..3).map(|_| added(0)).collect(),
+    )
+    .await
+    .expect("noise");
+    let everything = read_everything(&store).await;
+    let last = everything.last().expect("events").global_position;
+
+    let full = store
+        .read_log(&LogQuery::from_start().stream_prefix("wanted-").limit(2))
+        .await
+        .expect("read");
+    assert_eq!(values(&full.events), vec![1, 2]);
+    assert_eq!(
+        full.scanned,
+        Some(full.events[1].global_position),
+        "a full batch looked up to its last event"
+    );
+    assert_eq!(
+        full.events,
+        store
+            .read_all(&LogQuery::from_start().stream_prefix("wanted-").limit(2))
+            .await
+            .expect("read"),
+        "the same events as read_all"
+    );
+    let rest = store
+        .read_log(&LogQuery::after(full.events[1].global_position).stream_prefix("wanted-"))
+        .await
+        .expect("read");
+    assert_eq!(values(&rest.events), vec![3, 4]);
+    assert!(
+        rest.scanned >= Some(last),
+        "a batch that is not full looked at the whole visible log, noise included: {:?} < {last}",
+        rest.scanned
+    );
+    // Nothing wanted after the last wanted event, but the read still looked past it.
+    let after_wanted = rest.events[1].global_position;
+    let nothing = store
+        .read_log(&LogQuery::after(after_wanted).stream_prefix("wanted-"))
+        .await
+        .expect("read");
+    assert!(nothing.events.is_empty());
+    assert!(nothing.scanned >= Some(last), "{:?}", nothing.scanned);
+    // At the end of the log: nothing looked at after the position.
+    let at_end = store.read_log(&LogQuery::after(last)).await.expect("read");
+    assert!(at_end.events.is_empty());
+    assert!(
+        at_end.scanned.is_none_or(|scanned| scanned > last),
+        "scanned must lie after the query's position: {:?}",
+        at_end.scanned
+    );
+}
+
 /// An event-type filter selects before the limit.
 pub async fn event_type_filter_is_applied_before_the_limit(store: impl EventStore) {
     let s = stream("mixed");
