@@ -54,12 +54,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use dashmap::DashMap;
 use eventcore::{
     AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventStore,
     GlobalPosition, IdempotencyKey, LogQuery, LogRead, ParkedEvent, RecordedEvent, Result,
-    StreamConflict, StreamId, StreamVersion, StreamsSnapshot, check_projection_name,
+    StreamConflict, StreamId, StreamVersion, StreamsSnapshot, check_checkpoint_position,
+    check_projection_name,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -312,7 +313,8 @@ impl EventStore for InMemoryEventStore {
             return Ok(AppendOutcome::written(events).into_deduplicated());
         }
 
-        let recorded_at = Utc::now();
+        // Whole microseconds, as PostgreSQL records them: both stores give back the same.
+        let recorded_at = Utc::now().trunc_subsecs(6);
         let mut appended = Vec::with_capacity(request.event_count());
         let AppendRequest {
             streams,
@@ -428,6 +430,7 @@ impl CheckpointStore for InMemoryEventStore {
 
     async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()> {
         check_projection_name(projection)?;
+        check_checkpoint_position(position)?;
         let mut checkpoints = self.inner.checkpoints.lock();
         let entry = checkpoints
             .positions
@@ -446,7 +449,7 @@ impl CheckpointStore for InMemoryEventStore {
     }
 
     async fn park(&self, parked: ParkedEvent) -> Result<()> {
-        check_projection_name(&parked.projection)?;
+        let parked = parked.checked()?;
         let mut checkpoints = self.inner.checkpoints.lock();
         let duplicate = checkpoints
             .parked

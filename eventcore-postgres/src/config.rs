@@ -9,7 +9,8 @@ use sqlx::postgres::PgConnectOptions;
 use crate::error::Error;
 
 /// A PostgreSQL schema name the store lives in: 1 to 63 bytes of lowercase ASCII letters,
-/// digits and underscores, not starting with a digit and not `pg_`-prefixed.
+/// digits and underscores, not starting with a digit, not `pg_`-prefixed and not
+/// `information_schema` (schemas PostgreSQL reserves, which backups leave out).
 ///
 /// The rule is narrower than what PostgreSQL accepts on purpose: such a name never
 /// needs case folding rules, and quoting it can never change its meaning.
@@ -31,7 +32,11 @@ impl SchemaName {
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
-        if !valid_chars || !starts_well || name.len() > 63 || name.starts_with("pg_") {
+        // PostgreSQL reserves `pg_` (pg_catalog, pg_toast, pg_temp_N, ...) and
+        // information_schema; pg_dump leaves those out of backups, so a store there
+        // would silently be missing from them.
+        let reserved = name.starts_with("pg_") || name == "information_schema";
+        if !valid_chars || !starts_well || name.len() > 63 || reserved {
             return Err(Error::InvalidSchemaName { name });
         }
         Ok(SchemaName(name))
@@ -68,6 +73,40 @@ impl FromStr for SchemaName {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::try_new(s)
     }
+}
+
+/// The longest timeout or interval a [`PostgresConfig`] keeps (one day); longer ones are
+/// cut to it, so no duration can overflow the clock it is added to.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The `statement_timeout` setting for `timeout`, in milliseconds: at least 1 (0 would
+/// mean no limit), at most `i32::MAX` (the setting's range).
+pub(crate) fn statement_timeout_millis(timeout: Duration) -> u64 {
+    let millis = timeout.as_nanos().div_ceil(1_000_000);
+    u64::try_from(millis)
+        .unwrap_or(u64::MAX)
+        .clamp(1, i32::MAX as u64)
+}
+
+/// Refuses connect options with a NUL character where the startup message would carry
+/// it (user, database, application name, options): it would end the field early and
+/// start one of the attacker's choosing.
+pub(crate) fn check_options(options: &PgConnectOptions) -> Result<(), Error> {
+    let fields = [
+        ("user", Some(options.get_username())),
+        ("database", options.get_database()),
+        ("host", Some(options.get_host())),
+        ("application name", options.get_application_name()),
+        ("options", options.get_options()),
+    ];
+    for (name, value) in fields {
+        if value.is_some_and(|v| v.contains('\0')) {
+            return Err(Error::InvalidUrl {
+                reason: format!("the {name} contains a NUL character"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The default of [`PostgresConfig::notify_interval`].
@@ -116,11 +155,19 @@ impl PostgresConfig {
                 reason: "it must start with postgres:// or postgresql://".to_owned(),
             });
         }
+        // The startup message separates its fields with NUL bytes: a NUL in the user,
+        // database or options (`%00` in the URL) would inject parameters of its own.
+        if url.contains('\0') || url.to_ascii_lowercase().contains("%00") {
+            return Err(Error::InvalidUrl {
+                reason: "it contains a NUL character (%00)".to_owned(),
+            });
+        }
         let connect = url
             .parse::<PgConnectOptions>()
             .map_err(|error| Error::InvalidUrl {
                 reason: error.to_string(),
             })?;
+        check_options(&connect)?;
         Ok(Self::from_options(connect))
     }
 
@@ -154,23 +201,27 @@ impl PostgresConfig {
     }
 
     /// How long to wait for a free connection before failing with a retryable error
-    /// (default 10 s).
+    /// (default 10 s; at most [`MAX_WAIT`], longer is cut to it).
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
+        self.acquire_timeout = timeout.min(MAX_WAIT);
         self
     }
 
     /// A server-side limit on every statement (default: none). A statement that hits it
-    /// is rolled back and reported as a retryable error.
+    /// is rolled back and reported as a retryable error. PostgreSQL counts it in whole
+    /// milliseconds up to `i32::MAX`: a limit below 1 ms is sent as 1 ms (0 would mean no
+    /// limit at all), a longer one than about 24.8 days as that. `Duration::ZERO` means
+    /// no limit.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.statement_timeout = Some(timeout);
+        self.statement_timeout = (!timeout.is_zero()).then_some(timeout);
         self
     }
 
     /// How often a waiting reader checks for new events when no notification arrives:
-    /// the safety net behind LISTEN/NOTIFY (default 1 s).
+    /// the safety net behind LISTEN/NOTIFY (default 1 s; between 10 ms and
+    /// [`MAX_WAIT`]).
     pub fn fallback_poll_interval(mut self, interval: Duration) -> Self {
-        self.fallback_poll_interval = interval.max(Duration::from_millis(10));
+        self.fallback_poll_interval = interval.clamp(Duration::from_millis(10), MAX_WAIT);
         self
     }
 
@@ -185,8 +236,10 @@ impl PostgresConfig {
     /// appends this interval bounds their number (200 a second by default, where one
     /// after every append cost about a sixth of the appends' throughput). A live reader
     /// in another process learns of new events up to this much later.
+    ///
+    /// At most [`MAX_WAIT`]; longer is cut to it.
     pub fn notify_interval(mut self, interval: Duration) -> Self {
-        self.notify_interval = interval;
+        self.notify_interval = interval.min(MAX_WAIT);
         self
     }
 

@@ -64,6 +64,11 @@ pub(crate) mod sqlstate {
     pub(crate) const STATEMENT_COMPLETION_UNKNOWN: &str = "40003";
     /// Class 53: insufficient resources (out of connections, memory, disk).
     pub(crate) const INSUFFICIENT_RESOURCES_CLASS: &str = "53";
+    /// Out of memory, shared memory included: the lock table is full (an append over
+    /// more streams than `max_locks_per_transaction` times the sessions allow).
+    pub(crate) const OUT_OF_MEMORY: &str = "53200";
+    /// A configured limit (such as `max_locks_per_transaction`) was exceeded.
+    pub(crate) const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
     pub(crate) const IMMUTABLE_EVENTS: &str = "ECI01";
     pub(crate) const MARK_ABOVE_POSITION: &str = "ECM01";
     pub(crate) const UNIQUE_VIOLATION: &str = "23505";
@@ -204,7 +209,13 @@ pub(crate) fn map_sqlx_error(
                 | sqlstate::CRASH_SHUTDOWN
                 | sqlstate::CANNOT_CONNECT_NOW
         ) || code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
-            || code.starts_with(sqlstate::INSUFFICIENT_RESOURCES_CLASS);
+            // Out of connections or disk: may pass once the server has room again. Out
+            // of memory or over a configured limit: the same request fails the same way
+            // until an operator acts (resending it only adds load); class 54 (program
+            // limits: too large, too complex) never passes.
+            || (code.starts_with(sqlstate::INSUFFICIENT_RESOURCES_CLASS)
+                && code != sqlstate::OUT_OF_MEMORY
+                && code != sqlstate::CONFIGURATION_LIMIT_EXCEEDED);
         return eventcore::Error::backend(
             format!("{operation} failed (SQLSTATE {code})"),
             retryable,

@@ -52,7 +52,7 @@ mod notify;
 mod store;
 mod transactional;
 
-pub use crate::config::{PostgresConfig, SchemaName};
+pub use crate::config::{MAX_WAIT, PostgresConfig, SchemaName};
 pub use crate::election::PostgresLeaderElection;
 pub use crate::error::Error;
 pub use crate::migrate::{MIGRATOR, migrate};

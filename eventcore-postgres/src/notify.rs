@@ -105,7 +105,12 @@ async fn notify(
         // Rate, not synchronisation: appends arriving before the interval is over share
         // the next notification.
         if let Some(last) = last_sent {
-            tokio::time::sleep_until(last + interval).await;
+            // An interval too long to add to an instant (Duration::MAX) is simply a
+            // long sleep; tokio caps it.
+            match last.checked_add(interval) {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => tokio::time::sleep(interval).await,
+            }
         }
         let position = *appended.borrow_and_update();
         if position <= sent {

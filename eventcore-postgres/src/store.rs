@@ -7,10 +7,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use eventcore::{
-    AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, EventId, EventMetadata,
-    EventPayload, EventStore, EventType, ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery,
-    LogRead, ParkedEvent, RecordedEvent, StreamId, StreamVersion, StreamsSnapshot,
-    check_projection_name,
+    AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, EventDamage, EventId,
+    EventMetadata, EventPayload, EventStore, EventType, ExpectedVersion, GlobalPosition,
+    IdempotencyKey, LogQuery, LogRead, ParkedEvent, RecordedEvent, StreamId, StreamVersion,
+    StreamsSnapshot, check_checkpoint_position, check_projection_name,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -141,8 +141,13 @@ impl PostgresEventStore {
     ///
     /// # Errors
     ///
-    /// [`Error::Connect`] when the server cannot be reached or refuses the connection.
+    /// [`Error::InvalidUrl`] when the options hold a NUL character where the startup
+    /// message would carry it; [`Error::Connect`] when the server cannot be reached or
+    /// refuses the connection.
     pub async fn connect_with(config: PostgresConfig) -> Result<Self, Error> {
+        // Options built with sqlx directly (PostgresConfig::from_options) are checked
+        // here; from_url checked its own.
+        crate::config::check_options(&config.connect)?;
         // The global order needs READ COMMITTED (ADR 0003); the functions refuse other
         // levels, and these pools never start in one whatever the server's default.
         let mut connect = config
@@ -151,7 +156,10 @@ impl PostgresEventStore {
             // The startup `options` are space-separated: the space is escaped.
             .options([("default_transaction_isolation", "read\\ committed")]);
         if let Some(timeout) = config.statement_timeout {
-            connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
+            connect = connect.options([(
+                "statement_timeout",
+                crate::config::statement_timeout_millis(timeout).to_string(),
+            )]);
         }
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
@@ -260,6 +268,7 @@ impl PostgresEventStore {
         conn: &mut sqlx::PgConnection,
         parked: ParkedEvent,
     ) -> eventcore::Result<()> {
+        let parked = parked.checked()?;
         park_query(&self.inner.sql.park, &parked)?
             .execute(conn)
             .await
@@ -482,6 +491,19 @@ pub(crate) fn log_read_from_rows(query: &LogQuery, rows: &[PgRow]) -> eventcore:
     Ok(LogRead::new(query, events, bound))
 }
 
+/// The stream prefix of `query` as a text parameter. PostgreSQL text cannot hold NUL;
+/// a prefix holding one selects nothing on every backend (no stream id holds a control
+/// character), and so does the same prefix with U+0001 in its place.
+pub(crate) fn prefix_param(query: &LogQuery) -> Option<std::borrow::Cow<'_, str>> {
+    query.stream_prefix_value().map(|prefix| {
+        if prefix.contains('\0') {
+            std::borrow::Cow::Owned(prefix.replace('\0', "\u{1}"))
+        } else {
+            std::borrow::Cow::Borrowed(prefix)
+        }
+    })
+}
+
 /// Why an append statement did not answer.
 enum AppendFailure {
     /// No connection could be had: nothing was sent.
@@ -526,26 +548,47 @@ impl RowDecoder {
                 event_type
             }
         };
-        // jsonb keeps what it stores valid, and it was checked on the way in.
-        let payload: &str = row.try_get(5).map_err(decode_error)?;
-        let payload = EventPayload::from_stored_json(payload);
-        let metadata: &str = row.try_get(6).map_err(decode_error)?;
-        let metadata: EventMetadata = serde_json::from_str(metadata).map_err(|e| {
-            corrupt(format!(
-                "stored metadata at {stream_id}@{stream_version} is not EventMetadata: {e}"
-            ))
-        })?;
+        let event_id = EventId::from_uuid(row.try_get(1).map_err(decode_error)?);
+        let global_position = position_from(row.try_get(0).map_err(decode_error)?)?;
         let recorded_at: DateTime<Utc> = row.try_get(7).map_err(decode_error)?;
-        Ok(RecordedEvent::new(
-            EventId::from_uuid(row.try_get(1).map_err(decode_error)?),
-            stream_id,
-            stream_version,
-            position_from(row.try_get(0).map_err(decode_error)?)?,
-            event_type,
-            payload,
-            Arc::new(metadata),
-            recorded_at,
-        ))
+        // The column type keeps the text JSON, and the rule at the door was checked on
+        // the way in; rows written otherwise (by hand, by an older release) that cannot
+        // be read come back marked as damaged, in their place, never as a failed read.
+        let payload_text: &str = row.try_get(5).map_err(decode_error)?;
+        let metadata_text: &str = row.try_get(6).map_err(decode_error)?;
+        let payload = EventPayload::from_stored_json(payload_text)
+            .map_err(|e| format!("the stored payload cannot be read: {e}"));
+        let metadata = serde_json::from_str::<EventMetadata>(metadata_text)
+            .map_err(|e| format!("the stored metadata is not EventMetadata: {e}"));
+        match (payload, metadata) {
+            (Ok(payload), Ok(metadata)) => Ok(RecordedEvent::new(
+                event_id,
+                stream_id,
+                stream_version,
+                global_position,
+                event_type,
+                payload,
+                Arc::new(metadata),
+                recorded_at,
+            )),
+            (payload, metadata) => {
+                let reason = [payload.err(), metadata.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::error!(%event_id, %global_position, stream = %stream_id, %reason, "a stored event cannot be read");
+                Ok(RecordedEvent::damaged(
+                    event_id,
+                    stream_id,
+                    stream_version,
+                    global_position,
+                    event_type,
+                    recorded_at,
+                    EventDamage::new(reason, payload_text, metadata_text),
+                ))
+            }
+        }
     }
 }
 
@@ -670,11 +713,10 @@ fn expected_code(expected: ExpectedVersion) -> eventcore::Result<i64> {
     match expected {
         ExpectedVersion::Any => Ok(-1),
         ExpectedVersion::NoStream => Ok(-2),
-        ExpectedVersion::Exact(version) => {
-            i64::try_from(version.value()).map_err(|_| eventcore::Error::InvalidAppend {
-                reason: format!("expected version {version} is out of range"),
-            })
-        }
+        // No stream can reach a version above i64::MAX (the column's type), so such an
+        // expectation fails as a conflict, as on every backend; i64::MAX itself is as
+        // unreachable, and the conflict reports the expectation as given.
+        ExpectedVersion::Exact(version) => Ok(i64::try_from(version.value()).unwrap_or(i64::MAX)),
     }
 }
 
@@ -961,7 +1003,7 @@ impl PostgresEventStore {
         let mut conn = self.lease(op).await?;
         let rows = sqlx::query(&self.inner.sql.read_all)
             .bind(after)
-            .bind(query.stream_prefix_value())
+            .bind(prefix_param(query))
             .bind(types)
             .bind(limit)
             .fetch_all(&mut *conn)
@@ -1076,6 +1118,7 @@ impl CheckpointStore for PostgresEventStore {
         position: GlobalPosition,
     ) -> eventcore::Result<()> {
         check_projection_name(projection)?;
+        check_checkpoint_position(position)?;
         sqlx::query(&self.inner.sql.save_checkpoint)
             .bind(projection)
             .bind(position_param(position)?)
@@ -1096,7 +1139,7 @@ impl CheckpointStore for PostgresEventStore {
     }
 
     async fn park(&self, parked: ParkedEvent) -> eventcore::Result<()> {
-        check_projection_name(&parked.projection)?;
+        let parked = parked.checked()?;
         park_query(&self.inner.sql.park, &parked)?
             .execute(&self.inner.pool)
             .await

@@ -221,7 +221,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             .map(|types| types.iter().map(|t| t.as_str()).collect());
         let rows = sqlx::query(&sql.read_all)
             .bind(position)
-            .bind(query.stream_prefix_value())
+            .bind(crate::store::prefix_param(&query))
             .bind(types)
             .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
@@ -278,7 +278,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
     ) -> eventcore::Result<Result<bool, eventcore::Error>> {
         let decoded = match event.decode::<P::Event>() {
             Ok(decoded) => decoded,
-            Err(error) => return self.give_up(tx, event, error.to_string()).await,
+            Err(error) => return self.give_up(tx, event, Box::new(error)).await,
         };
         let mut attempt: u32 = 0;
         loop {
@@ -301,7 +301,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
                         .await
                         .map_err(|e| map_sqlx_error(e, "rolling back a savepoint", None))?;
                     if attempt >= self.policy_attempts() {
-                        return self.give_up(tx, event, error.to_string()).await;
+                        return self.give_up(tx, event, Box::new(error)).await;
                     }
                     let delay = self.policy_delay(attempt);
                     if !delay.is_zero() {
@@ -316,8 +316,9 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         &mut self,
         tx: &mut PgConnection,
         event: &RecordedEvent,
-        message: String,
+        error: eventcore::BoxError,
     ) -> eventcore::Result<Result<bool, eventcore::Error>> {
+        let message = eventcore::error_chain(&*error);
         match self.policy_on_failure() {
             OnFailure::Stop => Ok(Err(eventcore::Error::ProjectionFailed {
                 projection: self.name.clone(),
@@ -325,6 +326,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
                 version: event.stream_version,
                 position: event.global_position,
                 message,
+                source: Some(error),
             })),
             OnFailure::Park => {
                 self.store

@@ -44,20 +44,76 @@ pub enum Error {
         problem: NameProblem,
     },
 
-    /// An event payload cannot be stored: it is not valid JSON, or it contains a NUL
-    /// character (`\u0000`), which PostgreSQL's `jsonb` refuses and so every backend
-    /// refuses. Nothing was written.
-    #[error("invalid event payload: {reason}")]
+    /// An event payload breaks the rule at the door (see [`crate::limits`]): it is not
+    /// JSON, or is too large or too deep, repeats a key, holds a NUL character or a lone
+    /// surrogate, or (when serializing) a NaN or infinite number. Every backend refuses
+    /// it the same way, before anything is written.
+    #[error("invalid event payload: {problem}")]
     InvalidPayload {
+        /// Which rule the payload breaks.
+        problem: JsonProblem,
+    },
+
+    /// Event metadata breaks the rule at the door (see [`crate::limits`]): too large or
+    /// too deep, or a NUL character in the actor or a custom field. Nothing was written.
+    #[error("invalid event metadata: {problem}")]
+    InvalidMetadata {
+        /// Which rule the metadata breaks.
+        problem: JsonProblem,
+    },
+
+    /// An append carries more than one request may (see [`crate::limits`]): too many
+    /// streams, events or bytes. Nothing was written; split the work into several
+    /// appends (each atomic on its own) or make the events smaller.
+    #[error("append too large: {actual} {limit}, the limit is {max}")]
+    AppendTooLarge {
+        /// Which limit was hit.
+        limit: AppendLimit,
+        /// What the request carries.
+        actual: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// A position or version no backend can store: above [`crate::limits::MAX_POSITION`],
+    /// or a checkpoint at position 0 (positions start at 1; reset a checkpoint with
+    /// [`crate::CheckpointStore::reset_checkpoint`]). Nothing was stored.
+    #[error("invalid {what} {value}: {reason}")]
+    InvalidPosition {
+        /// What the value was meant to be.
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
+    /// A parked event cannot be stored: its time is outside the range every backend
+    /// keeps (years 1 to 9999). Nothing was stored.
+    #[error("invalid parked event: {reason}")]
+    InvalidParkedEvent {
         /// What is wrong with it.
         reason: String,
     },
 
-    /// Event metadata cannot be stored: the actor or a custom field contains a NUL
-    /// character. Nothing was written.
-    #[error("invalid event metadata: {reason}")]
-    InvalidMetadata {
-        /// What is wrong with it.
+    /// A stored event cannot be read as an event at all (its metadata does not decode,
+    /// its payload is not readable JSON): written by hand or by an older version that
+    /// did not check what it stored. The read returned it in its place, marked (see
+    /// [`crate::RecordedEvent::damage`]), and every other event as usual; commands over
+    /// its stream fail with this error and projections stop or park it by their policy.
+    #[error(
+        "stored event {event_id} at position {position} ({stream}@{version}) is unreadable: {reason}"
+    )]
+    UnreadableEvent {
+        /// The stored event's id.
+        event_id: crate::EventId,
+        /// Its stream.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: StreamVersion,
+        /// Its global position.
+        position: crate::GlobalPosition,
+        /// What cannot be read, with the decoder's reason.
         reason: String,
     },
 
@@ -156,8 +212,11 @@ pub enum Error {
         version: StreamVersion,
         /// The event's global position.
         position: crate::GlobalPosition,
-        /// The last failure, for humans.
+        /// The last failure, for humans, with its whole cause chain.
         message: String,
+        /// The last failure itself, when it was an error value.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A projection name was empty, too long or contained control characters.
@@ -339,6 +398,80 @@ pub(crate) fn check_name(value: &str) -> Result<(), NameProblem> {
         return Err(NameProblem::ControlCharacter { at });
     }
     Ok(())
+}
+
+/// Which limit of one append was hit (see [`Error::AppendTooLarge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendLimit {
+    /// Streams named ([`crate::limits::MAX_STREAMS_PER_APPEND`]).
+    #[error("streams")]
+    Streams,
+    /// Events carried ([`crate::limits::MAX_EVENTS_PER_APPEND`]).
+    #[error("events")]
+    Events,
+    /// Bytes of payloads and metadata ([`crate::limits::MAX_APPEND_BYTES`]).
+    #[error("bytes of payloads and metadata")]
+    Bytes,
+}
+
+/// Why a JSON document (a payload, or metadata) was refused at the door.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JsonProblem {
+    /// Not JSON that can be read back: a syntax error, a lone surrogate (`"\ud800"`),
+    /// a number out of the range of an `f64`. The decoder's message says which.
+    #[error("it is not valid JSON: {message}")]
+    NotJson {
+        /// What the JSON decoder reported.
+        message: String,
+    },
+    /// Longer than the limit, in bytes of JSON text.
+    #[error("it is {len} bytes long, the limit is {max}")]
+    TooLarge {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Arrays and objects nested deeper than the limit.
+    #[error("it nests arrays and objects more than {max} levels deep")]
+    TooDeep {
+        /// The limit.
+        max: usize,
+    },
+    /// An object names the same key twice (JSON decoders disagree on which value wins).
+    #[error("an object repeats the key {key:?}")]
+    DuplicateKey {
+        /// The repeated key (cut for display).
+        key: String,
+    },
+    /// A string or key contains a NUL character (`\u0000`).
+    #[error("it contains a NUL character (\\u0000)")]
+    NulCharacter,
+    /// A number that JSON cannot express (NaN, infinity); serde_json would have written
+    /// `null` in its place, and the value would never decode back.
+    #[error("it contains a NaN or infinite number, which JSON cannot express")]
+    NotFinite,
+}
+
+/// The whole cause chain of an error, for messages: `outer: cause: root cause`.
+///
+/// Keeps what `to_string()` alone drops (serde's reason behind
+/// [`Error::Deserialization`], a driver's error behind [`Error::Backend`]).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Cuts a rejected input for error messages, on a char boundary.

@@ -7,9 +7,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result, check_name, truncate_for_error};
+use serde::Deserialize;
+
+use crate::error::{Error, JsonProblem, Result, check_name, truncate_for_error};
+use crate::limits::MAX_PAYLOAD_BYTES;
 use crate::metadata::EventMetadata;
-use crate::types::{EventId, GlobalPosition, StreamId, StreamVersion};
+use crate::types::{CorrelationId, EventId, GlobalPosition, StreamId, StreamVersion};
 
 /// A domain event type.
 ///
@@ -42,7 +45,9 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn event_type(&self) -> &'static str;
 }
 
-/// A payload serialized as JSON text. Always valid JSON; cheap to clone.
+/// A payload serialized as JSON text that meets the rule at the door
+/// ([`crate::limits`]): every backend stores it and gives back these very bytes. Cheap
+/// to clone.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EventPayload(Arc<str>);
 
@@ -52,51 +57,82 @@ impl EventPayload {
     /// # Errors
     ///
     /// [`Error::Serialization`] if serde refuses the value (for example a map whose keys
-    /// are not strings); [`Error::InvalidPayload`] if the JSON contains a NUL character.
+    /// are not strings); [`Error::InvalidPayload`] if the result breaks the rule at the
+    /// door ([`crate::limits`]): a NaN or infinite float (serde_json would write `null`
+    /// for it), a string with a NUL character, nesting deeper than
+    /// [`crate::limits::MAX_JSON_DEPTH`], a key twice in one object (a custom `Serialize`
+    /// or `#[serde(flatten)]` can produce that), more than
+    /// [`crate::limits::MAX_PAYLOAD_BYTES`].
     pub fn serialize<T: Serialize + ?Sized>(value: &T, event_type: &str) -> Result<Self> {
         let json = serde_json::to_string(value).map_err(|source| Error::Serialization {
             event_type: event_type.to_owned(),
             source,
         })?;
-        check_no_nul(&json)?;
+        // NaN and infinities come out as `null`; only then is the value walked again.
+        if json.contains("null") && crate::json::has_non_finite(value) {
+            return Err(Error::InvalidPayload {
+                problem: JsonProblem::NotFinite,
+            });
+        }
+        crate::json::check_document(&json, MAX_PAYLOAD_BYTES, 0)
+            .map_err(|problem| Error::InvalidPayload { problem })?;
         Ok(EventPayload(json.into()))
     }
 
-    /// Takes JSON text as it is, after checking that every backend can store it.
+    /// Takes JSON text as it is (its bytes are what every read returns), after checking
+    /// it against the rule at the door.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidPayload`] if `json` is not valid JSON, contains a NUL character,
-    /// a lone surrogate (`"\ud800"`), or a number out of the range of an `f64`
-    /// (PostgreSQL's `jsonb` refuses the first two; the last cannot be read back into
-    /// Rust types).
+    /// [`Error::InvalidPayload`] if `json` is not valid JSON (a lone surrogate such as
+    /// `"\ud800"` and numbers out of the range of an `f64` count as invalid), holds a
+    /// NUL character, repeats a key in an object, nests deeper than
+    /// [`crate::limits::MAX_JSON_DEPTH`] or is longer than
+    /// [`crate::limits::MAX_PAYLOAD_BYTES`].
     pub fn from_json(json: impl Into<Arc<str>>) -> Result<Self> {
         let json = json.into();
-        // A full parse, not a syntax check: only decoding strings and numbers finds lone
-        // surrogates and out-of-range numbers.
-        serde_json::from_str::<serde_json::Value>(&json).map_err(|error| {
-            Error::InvalidPayload {
-                reason: error.to_string(),
-            }
-        })?;
-        check_no_nul(&json)?;
+        crate::json::check_document(&json, MAX_PAYLOAD_BYTES, 0)
+            .map_err(|problem| Error::InvalidPayload { problem })?;
         Ok(EventPayload(json))
     }
 
-    /// Takes JSON text a backend read back from its storage, without checking it again.
+    /// Takes JSON text a backend read back from its storage: checks only that it is
+    /// JSON a decoder can read, not the rest of the rule (rows written before a limit
+    /// existed stay readable).
     ///
-    /// For backends only: the text was checked by [`EventPayload::from_json`] or
-    /// produced by [`EventPayload::serialize`] when it was appended, and the storage
-    /// kept it valid (PostgreSQL's `jsonb` does). Anything else goes through
-    /// [`EventPayload::from_json`]. If the text were not valid JSON after all, decoding
-    /// it would still fail with a typed [`Error::Deserialization`], never a panic.
-    pub fn from_stored_json(json: impl Into<Arc<str>>) -> Self {
-        EventPayload(json.into())
+    /// For backends. A row whose payload fails this is returned as a damaged event
+    /// ([`RecordedEvent::damaged`]), never as a failed read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidPayload`] with [`JsonProblem::NotJson`] when `json` is not
+    /// readable JSON (not JSON at all, or nested deeper than serde_json reads).
+    pub fn from_stored_json(json: impl Into<Arc<str>>) -> Result<Self> {
+        let json = json.into();
+        let mut deserializer = serde_json::Deserializer::from_str(&json);
+        serde::de::IgnoredAny::deserialize(&mut deserializer)
+            .and_then(|_| deserializer.end())
+            .map_err(|error| Error::InvalidPayload {
+                problem: JsonProblem::NotJson {
+                    message: error.to_string(),
+                },
+            })?;
+        Ok(EventPayload(json))
     }
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The length of the JSON text in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the JSON text is empty (never, for a payload that exists).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -104,26 +140,6 @@ impl fmt::Debug for EventPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "EventPayload({})", &*self.0)
     }
-}
-
-/// Refuses JSON text holding a NUL character, that is a `\u0000` escape (a backslash
-/// that is not itself escaped, then `u0000`); valid JSON cannot hold a raw NUL byte.
-fn check_no_nul(json: &str) -> Result<()> {
-    let bytes = json.as_bytes();
-    let mut backslashes = 0usize;
-    for (i, &byte) in bytes.iter().enumerate() {
-        if byte == b'\\' {
-            backslashes += 1;
-            continue;
-        }
-        if backslashes % 2 == 1 && bytes[i..].starts_with(b"u0000") {
-            return Err(Error::InvalidPayload {
-                reason: format!("it contains a NUL character (\\u0000) at byte {}", i - 1),
-            });
-        }
-        backslashes = 0;
-    }
-    Ok(())
 }
 
 /// A validated event type name (same rules as a [`StreamId`]).
@@ -236,6 +252,36 @@ pub struct RecordedEvent {
     pub metadata: Arc<EventMetadata>,
     /// When the store recorded it.
     pub recorded_at: DateTime<Utc>,
+    /// Set when the stored row cannot be read as an event (see [`RecordedEvent::damage`]).
+    damage: Option<Arc<EventDamage>>,
+}
+
+/// What makes a stored event unreadable, and what was stored, unchanged (see
+/// [`RecordedEvent::damage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EventDamage {
+    /// What cannot be read, with the decoder's reason.
+    pub reason: String,
+    /// The payload as stored.
+    pub stored_payload: String,
+    /// The metadata as stored.
+    pub stored_metadata: String,
+}
+
+impl EventDamage {
+    /// A description of the damage and the stored text (for backends).
+    pub fn new(
+        reason: impl Into<String>,
+        stored_payload: impl Into<String>,
+        stored_metadata: impl Into<String>,
+    ) -> Self {
+        EventDamage {
+            reason: reason.into(),
+            stored_payload: stored_payload.into(),
+            stored_metadata: stored_metadata.into(),
+        }
+    }
 }
 
 impl RecordedEvent {
@@ -260,6 +306,63 @@ impl RecordedEvent {
             payload,
             metadata,
             recorded_at,
+            damage: None,
+        }
+    }
+
+    /// A stored event whose row cannot be read as an event (metadata that does not
+    /// decode, a payload that is not readable JSON), for backends: a read returns it in
+    /// its place instead of failing, so the rest of the stream and of the log stay
+    /// readable. Its `payload` is `null` and its `metadata` empty (a nil correlation
+    /// id): placeholders, not data. [`RecordedEvent::decode`] refuses it with
+    /// [`Error::UnreadableEvent`]; the stored text is in [`RecordedEvent::damage`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn damaged(
+        event_id: EventId,
+        stream_id: StreamId,
+        stream_version: StreamVersion,
+        global_position: GlobalPosition,
+        event_type: EventType,
+        recorded_at: DateTime<Utc>,
+        damage: EventDamage,
+    ) -> Self {
+        RecordedEvent {
+            event_id,
+            stream_id,
+            stream_version,
+            global_position,
+            event_type,
+            payload: EventPayload(Arc::from("null")),
+            metadata: Arc::new(EventMetadata::new(CorrelationId::from_uuid(
+                uuid::Uuid::nil(),
+            ))),
+            recorded_at,
+            damage: Some(Arc::new(damage)),
+        }
+    }
+
+    /// What makes this stored event unreadable, `None` for every event that reads
+    /// normally. Code that reads [`RecordedEvent::payload`] or
+    /// [`RecordedEvent::metadata`] without [`RecordedEvent::decode`] checks this first.
+    pub fn damage(&self) -> Option<&EventDamage> {
+        self.damage.as_deref()
+    }
+
+    /// `Ok` unless the event is damaged: then [`Error::UnreadableEvent`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnreadableEvent`] naming the event and what cannot be read.
+    pub fn check_readable(&self) -> Result<()> {
+        match &self.damage {
+            None => Ok(()),
+            Some(damage) => Err(Error::UnreadableEvent {
+                event_id: self.event_id,
+                stream: self.stream_id.clone(),
+                version: self.stream_version,
+                position: self.global_position,
+                reason: damage.reason.clone(),
+            }),
         }
     }
 
@@ -268,8 +371,11 @@ impl RecordedEvent {
     /// # Errors
     ///
     /// [`Error::Deserialization`] naming the stream, version and type when the payload
-    /// does not fit `E`. The event stays stored; nothing is dropped.
+    /// does not fit `E` (serde's reason is its source); [`Error::UnreadableEvent`] for
+    /// a damaged event ([`RecordedEvent::damage`]). The event stays stored; nothing is
+    /// dropped.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<StoredEvent<E>> {
+        self.check_readable()?;
         let payload = serde_json::from_str(self.payload.as_str()).map_err(|source| {
             Error::Deserialization {
                 stream: self.stream_id.clone(),

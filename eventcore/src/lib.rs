@@ -111,7 +111,9 @@ mod command;
 mod error;
 mod event;
 mod executor;
+mod json;
 mod leadership;
+pub mod limits;
 mod metadata;
 mod process;
 mod projection;
@@ -132,10 +134,12 @@ pub use crate::command::{
     Command, CommandLogic, CommandStreams, ReadStreams, StateCache, StreamResolver, StreamWrite,
 };
 pub use crate::error::{
-    BoxError, CommandResult, Error, InvalidStreamId, MAX_NAME_LEN, NameProblem, Result,
-    StreamConflict,
+    AppendLimit, BoxError, CommandResult, Error, InvalidStreamId, JsonProblem, MAX_NAME_LEN,
+    NameProblem, Result, StreamConflict, error_chain,
 };
-pub use crate::event::{Event, EventData, EventPayload, EventType, RecordedEvent, StoredEvent};
+pub use crate::event::{
+    Event, EventDamage, EventData, EventPayload, EventType, RecordedEvent, StoredEvent,
+};
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
 pub use crate::leadership::{LeaderElection, Leadership};
 pub use crate::metadata::EventMetadata;
@@ -144,7 +148,8 @@ pub use crate::process::{
 };
 pub use crate::projection::{
     CheckpointStore, OnFailure, ParkedEvent, Projection, ProjectionErrorPolicy, ProjectionFilter,
-    ProjectionMetrics, ProjectionRunner, RunSummary, check_projection_name,
+    ProjectionMetrics, ProjectionRunner, RunSummary, check_checkpoint_position,
+    check_projection_name,
 };
 pub use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, LogRead, StreamAppend,

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use crate::error::{Error, Result, check_name, truncate_for_error};
+use crate::error::{BoxError, Error, Result, check_name, error_chain, truncate_for_error};
 use crate::event::{RecordedEvent, StoredEvent};
 use crate::executor::RetryPolicy;
 use crate::leadership::LeaderElection;
@@ -157,8 +157,42 @@ impl ParkedEvent {
             global_position: event.global_position,
             event_type: event.event_type.as_str().to_owned(),
             error: error.into().replace('\0', "\u{fffd}"),
-            parked_at: Utc::now(),
+            parked_at: Utc::now().trunc_subsecs(6),
         }
+    }
+
+    /// The record as every backend stores it, or why none can: positions and versions
+    /// above [`crate::limits::MAX_POSITION`] and times outside years 1 to 9999 are
+    /// refused; NUL characters in the text fields (which databases cannot keep in text)
+    /// are replaced with U+FFFD, and `parked_at` is cut to whole microseconds (what
+    /// PostgreSQL keeps). Backends call this first in [`CheckpointStore::park`], so
+    /// every backend keeps and returns the same record.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`], [`Error::InvalidPosition`] or
+    /// [`Error::InvalidParkedEvent`].
+    pub fn checked(mut self) -> Result<Self> {
+        check_projection_name(&self.projection)?;
+        check_storable("parked event position", self.global_position.value())?;
+        check_storable("parked event stream version", self.stream_version.value())?;
+        let year = self.parked_at.year();
+        if !(1..=9999).contains(&year) {
+            return Err(Error::InvalidParkedEvent {
+                reason: format!(
+                    "parked_at {} is outside years 1 to 9999",
+                    self.parked_at.to_rfc3339()
+                ),
+            });
+        }
+        self.parked_at = self.parked_at.trunc_subsecs(6);
+        if self.error.contains('\0') {
+            self.error = self.error.replace('\0', "\u{fffd}");
+        }
+        if self.event_type.contains('\0') {
+            self.event_type = self.event_type.replace('\0', "\u{fffd}");
+        }
+        Ok(self)
     }
 
     /// Assembles a parked event read back from storage (for backends).
@@ -184,6 +218,36 @@ impl ParkedEvent {
             parked_at,
         }
     }
+}
+
+/// Refuses a position no backend can store as a checkpoint: 0 (positions start at 1;
+/// [`CheckpointStore::reset_checkpoint`] forgets a checkpoint) or above
+/// [`crate::limits::MAX_POSITION`]. Backends call this first in
+/// [`CheckpointStore::save_checkpoint`].
+///
+/// # Errors
+///
+/// [`Error::InvalidPosition`].
+pub fn check_checkpoint_position(position: GlobalPosition) -> Result<()> {
+    if position.value() == 0 {
+        return Err(Error::InvalidPosition {
+            what: "checkpoint position",
+            value: 0,
+            reason: "positions start at 1 (reset the checkpoint to start over)",
+        });
+    }
+    check_storable("checkpoint position", position.value())
+}
+
+fn check_storable(what: &'static str, value: u64) -> Result<()> {
+    if value > crate::limits::MAX_POSITION {
+        return Err(Error::InvalidPosition {
+            what,
+            value,
+            reason: "it is above the highest position a backend stores (i64::MAX)",
+        });
+    }
+    Ok(())
 }
 
 /// Durable projection checkpoints and parked events. Implemented by every backend;
@@ -730,7 +794,7 @@ impl<P: Projection> ProjectionRunner<P> {
     async fn process(&mut self, event: &RecordedEvent) -> Result<Outcome> {
         let decoded = match event.decode::<P::Event>() {
             Ok(decoded) => decoded,
-            Err(error) => return self.give_up(event, error.to_string()).await,
+            Err(error) => return self.give_up(event, Box::new(error)).await,
         };
         let mut attempt = 0;
         loop {
@@ -738,7 +802,7 @@ impl<P: Projection> ProjectionRunner<P> {
             match self.projection.apply(&decoded).await {
                 Ok(()) => return Ok(Outcome::Applied),
                 Err(error) if attempt >= self.policy.max_attempts() => {
-                    return self.give_up(event, error.to_string()).await;
+                    return self.give_up(event, Box::new(error)).await;
                 }
                 Err(error) => {
                     let delay = self.policy.delay_before_retry(attempt);
@@ -751,7 +815,8 @@ impl<P: Projection> ProjectionRunner<P> {
         }
     }
 
-    async fn give_up(&mut self, event: &RecordedEvent, message: String) -> Result<Outcome> {
+    async fn give_up(&mut self, event: &RecordedEvent, error: BoxError) -> Result<Outcome> {
+        let message = error_chain(&*error);
         match self.policy.on_failure {
             OnFailure::Stop => Err(Error::ProjectionFailed {
                 projection: self.name.clone(),
@@ -759,6 +824,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 version: event.stream_version,
                 position: event.global_position,
                 message,
+                source: Some(error),
             }),
             OnFailure::Park => {
                 tracing::error!(projection = %self.name, position = %event.global_position, %message, "parking an event");

@@ -6,8 +6,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::error::{Error, Result};
+use crate::error::{AppendLimit, Error, JsonProblem, Result};
 use crate::event::{EventData, EventType, RecordedEvent};
+use crate::limits::{
+    MAX_APPEND_BYTES, MAX_EVENTS_PER_APPEND, MAX_JSON_DEPTH, MAX_METADATA_BYTES,
+    MAX_STREAMS_PER_APPEND,
+};
 use crate::types::{
     EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId, StreamVersion,
 };
@@ -272,17 +276,31 @@ impl AppendRequest {
     }
 
     /// Checks the rules every backend enforces before touching storage: at least one
-    /// stream, no stream twice, no event id twice, no NUL character in metadata.
+    /// stream, no stream twice, no event id twice, and the limits of
+    /// [`crate::limits`] (streams, events and bytes per append; metadata size, depth
+    /// and NUL characters). Payloads were checked when they were made
+    /// ([`crate::EventPayload`]).
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidAppend`] saying which rule failed.
+    /// [`Error::InvalidAppend`], [`Error::AppendTooLarge`] or
+    /// [`Error::InvalidMetadata`], saying which rule failed.
     pub fn validate(&self) -> Result<()> {
         if self.streams.is_empty() {
             return Err(Error::InvalidAppend {
                 reason: "the request names no stream".to_owned(),
             });
         }
+        too_large(
+            AppendLimit::Streams,
+            self.streams.len(),
+            MAX_STREAMS_PER_APPEND,
+        )?;
+        too_large(
+            AppendLimit::Events,
+            self.event_count(),
+            MAX_EVENTS_PER_APPEND,
+        )?;
         let mut seen = HashSet::with_capacity(self.streams.len());
         for stream in &self.streams {
             if !seen.insert(&stream.stream_id) {
@@ -292,46 +310,78 @@ impl AppendRequest {
             }
         }
         let mut ids = HashSet::with_capacity(self.event_count());
+        let mut bytes = 0usize;
         for event in self.streams.iter().flat_map(|s| &s.events) {
             if !ids.insert(event.event_id) {
                 return Err(Error::InvalidAppend {
                     reason: format!("event id {} appears more than once", event.event_id),
                 });
             }
-            check_metadata(&event.metadata)?;
+            let metadata = check_metadata(&event.metadata)
+                .map_err(|problem| Error::InvalidMetadata { problem })?;
+            bytes = bytes
+                .saturating_add(event.payload.len())
+                .saturating_add(metadata);
         }
-        Ok(())
+        too_large(AppendLimit::Bytes, bytes, MAX_APPEND_BYTES)
     }
 }
 
-/// Refuses metadata a database cannot store: NUL characters in the actor or in any
-/// custom field (key or string value, at any depth).
-fn check_metadata(metadata: &crate::EventMetadata) -> Result<()> {
-    fn has_nul(value: &serde_json::Value) -> bool {
+fn too_large(limit: AppendLimit, actual: usize, max: usize) -> Result<()> {
+    if actual > max {
+        return Err(Error::AppendTooLarge { limit, actual, max });
+    }
+    Ok(())
+}
+
+/// Checks metadata against the rule at the door (NUL characters, depth, size) and
+/// returns the length of its JSON form.
+pub(crate) fn check_metadata(metadata: &crate::EventMetadata) -> Result<usize, JsonProblem> {
+    /// Depth of a custom value whose enclosing arrays and objects take `depth` levels;
+    /// stops looking past the limit (a hostile value may be nested a million deep).
+    fn check(value: &serde_json::Value, depth: usize) -> Result<(), JsonProblem> {
         match value {
-            serde_json::Value::String(s) => s.contains('\0'),
-            serde_json::Value::Array(items) => items.iter().any(has_nul),
-            serde_json::Value::Object(map) => {
-                map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            serde_json::Value::String(s) if s.contains('\0') => Err(JsonProblem::NulCharacter),
+            serde_json::Value::Array(_) | serde_json::Value::Object(_)
+                if depth >= MAX_JSON_DEPTH =>
+            {
+                Err(JsonProblem::TooDeep {
+                    max: MAX_JSON_DEPTH,
+                })
             }
-            _ => false,
+            serde_json::Value::Array(items) => {
+                items.iter().try_for_each(|item| check(item, depth + 1))
+            }
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+                if key.contains('\0') {
+                    return Err(JsonProblem::NulCharacter);
+                }
+                check(item, depth + 1)
+            }),
+            _ => Ok(()),
         }
     }
     if metadata.actor.as_deref().is_some_and(|a| a.contains('\0')) {
-        return Err(Error::InvalidMetadata {
-            reason: "the actor contains a NUL character".to_owned(),
+        return Err(JsonProblem::NulCharacter);
+    }
+    // The metadata object is one level, its `custom` map another.
+    for (key, value) in &metadata.custom {
+        if key.contains('\0') {
+            return Err(JsonProblem::NulCharacter);
+        }
+        check(value, 2)?;
+    }
+    let mut count = crate::json::ByteCount::default();
+    serde_json::to_writer(&mut count, metadata).map_err(|error| JsonProblem::NotJson {
+        message: error.to_string(),
+    })?;
+    if count.0 > MAX_METADATA_BYTES {
+        return Err(JsonProblem::TooLarge {
+            len: count.0,
+            max: MAX_METADATA_BYTES,
         });
     }
-    if metadata
-        .custom
-        .iter()
-        .any(|(k, v)| k.contains('\0') || has_nul(v))
-    {
-        return Err(Error::InvalidMetadata {
-            reason: "a custom field contains a NUL character".to_owned(),
-        });
-    }
-    Ok(())
+    Ok(count.0)
 }
 
 /// Where one appended event landed.
@@ -465,7 +515,9 @@ impl LogQuery {
         self
     }
 
-    /// Only events whose stream id starts with `prefix`.
+    /// Only events whose stream id starts with `prefix`. A prefix no stream id can
+    /// start with (one holding a control character such as NUL, or longer than
+    /// [`crate::MAX_NAME_LEN`]) selects nothing, on every backend.
     pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.stream_prefix = Some(prefix.into());
         self

@@ -18,7 +18,9 @@
 //! # fn main() {}
 //! ```
 //!
-//! The factory is called once per test and must return a fresh, empty store.
+//! The factory is called once per test and must return a fresh, empty store. The suite
+//! includes a hostile-input section ([`hostile`]): the rule at the door
+//! ([`crate::limits`]) and exact read-back of what it accepts.
 //!
 //! # Command harness
 //!
@@ -29,6 +31,7 @@
 use std::future::Future;
 
 pub mod conformance;
+pub mod hostile;
 pub mod projection_conformance;
 mod scenario;
 
@@ -118,6 +121,27 @@ macro_rules! event_store_conformance_tests {
             concurrent_multi_stream_appends_reach_a_live_reader_once_and_in_order,
             multi_stream_appends_are_read_entirely_or_not_at_all,
         }
+        $crate::__hostile_input_conformance_tests! {
+            [$(#[$attr])*] $factory;
+            nesting_beyond_the_limit_is_refused_everywhere,
+            every_finite_float_reads_back_bit_for_bit,
+            non_finite_floats_are_refused,
+            payload_text_reads_back_byte_for_byte,
+            duplicate_keys_are_refused,
+            nul_characters_and_lone_surrogates_are_refused,
+            oversized_payloads_metadata_and_appends_are_refused,
+            appends_over_the_stream_and_event_limits_are_refused,
+            expected_versions_beyond_any_stream_conflict,
+            impossible_stream_prefixes_select_nothing,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __hostile_input_conformance_tests {
+    ($attrs:tt $factory:expr; $($test:ident),* $(,)?) => {
+        $( $crate::__conformance_test! { $attrs $factory; hostile; $test } )*
     };
 }
 

@@ -44,7 +44,7 @@ WITH head AS (
     INSERT INTO {schema}.events (global_position, event_id, stream_id, stream_version,
                                  event_type, payload, metadata)
     SELECT nextval('{schema}.global_position_seq'), $3, $1, head.version + 1,
-           $4, $5::text::jsonb, $6::text::jsonb
+           $4, $5::text::json, $6::text::json
       FROM head, mark
     RETURNING global_position, recorded_at
 )

@@ -396,8 +396,11 @@ pub async fn a_failing_event_stops_the_runner_with_the_checkpoint_before_it<
             version,
             position,
             message,
+            source,
         } => {
             assert_eq!(projection, "stubborn");
+            let source = source.expect("the apply error is the source");
+            assert!(source.to_string().contains("13"), "{source}");
             assert_eq!(at, s);
             assert_eq!(version.value(), 3);
             assert_eq!(position, events[2].global_position);
