@@ -286,6 +286,10 @@ mod tests {
             "a-b",
             "a b",
             "pg_catalog",
+            "pg_toast",
+            "pg_temp_3",
+            "pg_toast_temp_1",
+            "information_schema",
             "x\"y",
             &"s".repeat(64),
         ] {
@@ -297,6 +301,44 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn durations_saturate_instead_of_overflowing_a_clock() {
+        let config = PostgresConfig::from_url("postgres://u@127.0.0.1/db")
+            .expect("parses")
+            .notify_interval(Duration::MAX)
+            .acquire_timeout(Duration::MAX)
+            .fallback_poll_interval(Duration::MAX)
+            .statement_timeout(Duration::ZERO);
+        assert_eq!(config.notify_interval, MAX_WAIT);
+        assert_eq!(config.acquire_timeout, MAX_WAIT);
+        assert_eq!(config.fallback_poll_interval, MAX_WAIT);
+        assert_eq!(config.statement_timeout, None, "zero: no limit");
+        assert!(tokio::time::Instant::now().checked_add(MAX_WAIT).is_some());
+        assert_eq!(statement_timeout_millis(Duration::from_nanos(1)), 1);
+        assert_eq!(statement_timeout_millis(Duration::from_micros(1_001)), 2);
+        assert_eq!(statement_timeout_millis(Duration::from_secs(2)), 2_000);
+        assert_eq!(statement_timeout_millis(Duration::MAX), i32::MAX as u64);
+    }
+
+    #[test]
+    fn nul_characters_in_urls_are_refused() {
+        for url in [
+            "postgres://u@127.0.0.1/postgres%00user%00other",
+            "postgres://u%00x@127.0.0.1/db",
+            "postgres://u@127.0.0.1/db?options=-c%20a%3Db%00",
+            "postgres://u@127.0.0.1/db?application_name=a%00b",
+            "postgres://u:pa%00ss@127.0.0.1/db",
+            "postgres://u@127.0.0.1/db\0",
+        ] {
+            assert!(
+                matches!(PostgresConfig::from_url(url), Err(Error::InvalidUrl { .. })),
+                "{url}"
+            );
+        }
+        // An escaped percent sign followed by 00 is no NUL.
+        assert!(PostgresConfig::from_url("postgres://u@127.0.0.1/db%2500").is_ok());
     }
 
     #[test]

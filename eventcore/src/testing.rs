@@ -203,6 +203,8 @@ macro_rules! projection_conformance_tests {
             a_rebuild_replays_from_the_start,
             a_live_runner_sees_every_event_once_in_order,
             a_live_runner_waits_when_the_log_ends_in_unwanted_events,
+            checkpoints_no_backend_can_store_are_refused,
+            parked_records_are_stored_alike_and_keep_their_cause,
         }
     };
 }

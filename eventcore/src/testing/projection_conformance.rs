@@ -659,3 +659,119 @@ pub async fn a_live_runner_waits_when_the_log_ends_in_unwanted_events<
     let _ = stop.send(());
     live.await.expect("task").expect("run");
 }
+
+/// Checkpoint positions no backend stores are refused alike: 0 (positions start at 1)
+/// and anything above [`crate::limits::MAX_POSITION`]; the highest storable one loads
+/// back as saved.
+pub async fn checkpoints_no_backend_can_store_are_refused<
+    S: EventStore + CheckpointStore + Clone,
+>(
+    store: S,
+) {
+    let max = crate::limits::MAX_POSITION;
+    for bad in [0, max + 1, u64::MAX] {
+        let refused = store
+            .save_checkpoint("edge", GlobalPosition::new(bad))
+            .await;
+        assert!(
+            matches!(refused, Err(Error::InvalidPosition { value, .. }) if value == bad),
+            "{bad}: {refused:?}"
+        );
+        assert_eq!(store.load_checkpoint("edge").await.expect("load"), None);
+    }
+    store
+        .save_checkpoint("edge", GlobalPosition::new(max))
+        .await
+        .expect("the highest storable position");
+    assert_eq!(
+        store.load_checkpoint("edge").await.expect("load"),
+        Some(GlobalPosition::new(max))
+    );
+}
+
+/// A parked record is stored the same on every backend: NUL characters in its text
+/// replaced, its time cut to whole microseconds; times outside years 1 to 9999 and
+/// positions or versions above [`crate::limits::MAX_POSITION`] refused. The cause of
+/// an undecodable event (serde's reason) is kept in the record.
+pub async fn parked_records_are_stored_alike_and_keep_their_cause<
+    S: EventStore + CheckpointStore + Clone,
+>(
+    store: S,
+) {
+    use chrono::{TimeZone, Utc};
+    let s = stream("parked-edge");
+    append(&store, &s, vec![added(1)]).await;
+    let event = log(&store).await.remove(0);
+    let at = Utc
+        .timestamp_opt(1_700_000_000, 123_456_789)
+        .single()
+        .expect("valid time");
+    let record = |error: &str, event_type: &str, at| {
+        ParkedEvent::from_parts(
+            "edge".to_owned(),
+            event.event_id,
+            event.stream_id.clone(),
+            event.stream_version,
+            event.global_position,
+            event_type.to_owned(),
+            error.to_owned(),
+            at,
+        )
+    };
+    store
+        .park(record("bad\0input", "Ty\0pe", at))
+        .await
+        .expect("park");
+    let parked = store.parked("edge").await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].error, "bad\u{fffd}input");
+    assert_eq!(parked[0].event_type, "Ty\u{fffd}pe");
+    assert_eq!(parked[0].parked_at.timestamp_subsec_nanos(), 123_456_000);
+
+    for year in [-5000, 0, 10_000, 200_000] {
+        let far = Utc
+            .with_ymd_and_hms(year, 1, 1, 0, 0, 0)
+            .single()
+            .expect("chrono holds it");
+        let refused = store.park(record("x", "T", far)).await;
+        assert!(
+            matches!(refused, Err(Error::InvalidParkedEvent { .. })),
+            "{year}: {refused:?}"
+        );
+    }
+    let mut beyond = record("x", "T", at);
+    beyond.global_position = GlobalPosition::new(u64::MAX);
+    assert!(matches!(
+        store.park(beyond).await,
+        Err(Error::InvalidPosition { .. })
+    ));
+    let mut beyond = record("x", "T", at);
+    beyond.stream_version = crate::StreamVersion::new(crate::limits::MAX_POSITION + 1);
+    assert!(matches!(
+        store.park(beyond).await,
+        Err(Error::InvalidPosition { .. })
+    ));
+    assert_eq!(store.parked("edge").await.expect("parked").len(), 1);
+
+    // An event that does not decode is parked with serde's reason, not only "cannot
+    // deserialize".
+    let odd = EventData::new(
+        EventType::try_new("Added").expect("valid"),
+        EventPayload::from_json(r#"{"Added":{"value":"seven"}}"#).expect("valid JSON"),
+        EventMetadata::default(),
+    );
+    append(&store, &stream("acc-odd"), vec![odd]).await;
+    let summing = SummingProjection::new("cause", "acc-");
+    runner(&store, summing)
+        .with_error_policy(fast(OnFailure::Park, 1))
+        .catch_up()
+        .await
+        .expect("parks and goes on");
+    let parked = store.parked("cause").await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0].error.contains("cannot deserialize") && parked[0].error.contains("invalid type"),
+        "{}",
+        parked[0].error
+    );
+}
