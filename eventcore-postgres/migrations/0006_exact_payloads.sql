@@ -1,7 +1,7 @@
 -- EventCore event store, version 6: payloads and metadata kept exactly as written, and
 -- rows that could not be read made impossible.
 -- Unqualified names: applied with search_path set to the store's schema (see 0001).
--- The argument is docs/adr/0006-exact-payloads.md; in short:
+-- The argument is docs/adr/0004-exact-payloads.md; in short:
 --
 -- - `jsonb` re-prints what it stores: `-0.0` loses its sign, `1E2` comes back as
 --   `100`, `{"a":1,"a":2}` as `{"a": 2}`, keys are reordered, and `1.7976931348623157e308`

@@ -126,18 +126,26 @@ impl<'de> Visitor<'de> for Node<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let inner = self.deeper()?;
-        // Most objects are small: a linear search beats hashing them.
-        let mut keys: Vec<Key<'de>> = Vec::new();
+        // Most objects are small: their keys stay on the stack and a linear search beats
+        // hashing them; a larger object moves them into a set.
+        const INLINE: usize = 8;
+        let mut inline: [Option<Key<'de>>; INLINE] = Default::default();
+        let mut count = 0usize;
         let mut index: Option<std::collections::HashSet<Key<'de>>> = None;
         while let Some(key) = map.next_key_seed(KeySeed(inner))? {
             let repeated = match &mut index {
                 Some(index) => !index.insert(key.clone()),
+                None if count < INLINE => {
+                    let repeated = inline[..count].iter().flatten().any(|k| *k == key);
+                    inline[count] = Some(key.clone());
+                    count += 1;
+                    repeated
+                }
                 None => {
-                    let repeated = keys.contains(&key);
-                    keys.push(key.clone());
-                    if keys.len() > 16 {
-                        index = Some(keys.drain(..).collect());
-                    }
+                    let mut set: std::collections::HashSet<Key<'de>> =
+                        inline.iter_mut().filter_map(Option::take).collect();
+                    let repeated = !set.insert(key.clone());
+                    index = Some(set);
                     repeated
                 }
             };

@@ -179,4 +179,7 @@ mod manual {
 
     #[doc = include_str!("../../docs/sagas.md")]
     struct Sagas;
+
+    #[doc = include_str!("../../docs/limits.md")]
+    struct Limits;
 }

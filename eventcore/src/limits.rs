@@ -24,7 +24,7 @@
 //!
 //! The JSON text of a payload is kept as it was given: the bytes read back are the
 //! bytes written, so every finite `f64` (negative zero included), every integer the
-//! text holds and the order of keys come back exactly (ADR 0006).
+//! text holds and the order of keys come back exactly (ADR 0004, `docs/adr/0004-exact-payloads.md`).
 
 /// The longest payload accepted, in bytes of JSON text (8 MiB).
 pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;

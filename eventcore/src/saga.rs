@@ -1169,6 +1169,7 @@ pub struct SagaTimer {
     pending: BTreeMap<(StreamId, usize), Deadline>,
     position: Option<GlobalPosition>,
     scanned: Option<GlobalPosition>,
+    unreadable: Vec<GlobalPosition>,
 }
 
 impl SagaTimer {
@@ -1198,7 +1199,14 @@ impl SagaTimer {
             pending: BTreeMap::new(),
             position: None,
             scanned: None,
+            unreadable: Vec::new(),
         })
+    }
+
+    /// The positions of the step events the timer could not decode and passed (see
+    /// [`SagaTimer::catch_up`]), in the order met.
+    pub fn unreadable(&self) -> &[GlobalPosition] {
+        &self.unreadable
     }
 
     /// Steps running with a deadline.
@@ -1213,26 +1221,40 @@ impl SagaTimer {
 
     /// Reads the saga's step events up to the end of the log. Returns how many it read.
     ///
+    /// A step event that cannot be decoded (written by hand, damaged in storage) does
+    /// not stop the timer, which would hold back every other instance's deadlines: it
+    /// is logged, listed in [`SagaTimer::unreadable`], and passed. Its instance cannot
+    /// move on anyway: every saga command folds the stream and fails on it.
+    ///
     /// # Errors
     ///
-    /// The store's errors; [`Error::Deserialization`] for a saga event that does not
-    /// decode.
+    /// The store's errors.
     pub async fn catch_up(&mut self) -> Result<usize> {
         let mut read = 0;
         loop {
-            let head = self.executor.store().head_position().await?;
             let query = self
                 .query
                 .clone()
                 .starting_after(self.position)
                 .limit(Self::BATCH_SIZE);
-            let batch = self.executor.store().read_all(&query).await?;
-            if batch.is_empty() {
-                self.scanned = head.max(self.scanned);
+            // How far the read looked comes from the read itself, never from a head
+            // read before it (which may be ahead of what the read could see).
+            let page = self.executor.store().read_log(&query).await?;
+            if page.events.is_empty() {
+                self.scanned = page.scanned.max(self.scanned);
                 return Ok(read);
             }
+            let batch = page.events;
             for event in &batch {
-                let decoded = event.decode::<SagaEvent>()?;
+                let decoded = match event.decode::<SagaEvent>() {
+                    Ok(decoded) => decoded,
+                    Err(error) => {
+                        tracing::error!(position = %event.global_position, stream = %event.stream_id, error = %crate::error_chain(&error), "a saga step event does not decode; the timer passes it");
+                        self.unreadable.push(event.global_position);
+                        self.position = Some(event.global_position);
+                        continue;
+                    }
+                };
                 let stream = decoded.stream_id.clone();
                 match decoded.payload {
                     SagaEvent::StepStarted {

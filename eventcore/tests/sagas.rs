@@ -758,3 +758,67 @@ async fn a_process_manager_name_too_long_for_its_keys_is_refused() {
         Err(Error::InvalidProjectionName { .. })
     ));
 }
+
+/// A step event in a saga stream that does not decode (written by hand, or damaged in
+/// storage) does not stop the timer: it is listed and passed, and every other
+/// instance's deadline is still kept and fired.
+#[tokio::test]
+async fn an_undecodable_step_event_does_not_stop_the_timer() {
+    let mut world = World::new();
+    // The manager, which also reads step events, parks it by its policy (with Stop it
+    // stops there, naming it, with serde's reason).
+    let shared: Arc<dyn Clock> = Arc::new(world.clock.clone());
+    world.manager = ProcessManagerRunner::new(
+        SagaManager::new(Trip, shared).expect("valid saga"),
+        world.executor.clone(),
+        Arc::new(world.store.clone()),
+    )
+    .with_error_policy(
+        ProjectionErrorPolicy::new()
+            .with_max_attempts(1)
+            .on_failure(eventcore::OnFailure::Park),
+    );
+    let bogus = eventcore::EventData::new(
+        eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
+        eventcore::EventPayload::from_json(r#"{"Nonsense":{"step":"one"}}"#).expect("JSON"),
+        eventcore::EventMetadata::default(),
+    );
+    let outcome = world
+        .store
+        .append(eventcore::AppendRequest::single(
+            stream("saga/trip/by-hand"),
+            eventcore::ExpectedVersion::NoStream,
+            vec![bogus],
+        ))
+        .await
+        .expect("stored");
+    world.request("t9", false).await;
+    world.settle().await;
+    assert_eq!(
+        world.timer.unreadable(),
+        [outcome.events[0].global_position],
+        "listed, not hidden"
+    );
+    assert_eq!(
+        world.timer.pending(),
+        1,
+        "the real instance's deadline is kept"
+    );
+    let parked = world.store.parked("trip").await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0].error.contains("unknown variant"),
+        "{}",
+        parked[0].error
+    );
+
+    world.clock.advance(Duration::from_secs(11));
+    world.settle().await;
+    let saga = world.saga("t9").await;
+    assert_eq!(world.timer.pending(), 0, "the deadline fired");
+    assert!(
+        !matches!(saga.phase(), SagaPhase::Running { step: 1 }),
+        "the hotel step timed out: {:?}",
+        saga.phase()
+    );
+}
