@@ -31,6 +31,8 @@ const WRITER_SECONDS: &str = "EVENTCORE_TORTURE_WRITER_SECONDS";
 const PROCESSES: usize = 3;
 const TASKS_PER_PROCESS: usize = 4;
 const STREAMS: usize = 24;
+/// The streams that single-event appends at an exact version contend on.
+const HOT_STREAMS: usize = 4;
 /// A failure detector for the followers' last stretch, not a synchronisation.
 const HANG_GUARD: Duration = Duration::from_secs(180);
 
@@ -46,7 +48,8 @@ fn stream(i: usize) -> StreamId {
     StreamId::try_new(format!("{group}-{i}")).expect("valid")
 }
 
-/// One writer process: appends random multi-stream batches for the given time and
+/// One writer process: appends random multi-stream batches, and single events at an
+/// exact version to a few hot streams, for the given time and
 /// prints what each append answered (`torture: ACK`, `FAIL` or `UNKNOWN`, then the
 /// event ids).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,6 +72,34 @@ async fn writer_process() {
         tasks.push(tokio::spawn(async move {
             let mut lines = Vec::new();
             while tokio::time::Instant::now() < deadline {
+                // Half the appends are one event to one of a few hot streams at the
+                // version just read: the one-statement path (sql/append_one.sql), which
+                // queues for its stream's lock under contention and, with the trigger
+                // below, often rolls back or conflicts.
+                if rand::rng().random_bool(0.5) {
+                    let hot = stream(rand::rng().random_range(0..HOT_STREAMS));
+                    let Ok(snapshot) = store.read_streams(std::slice::from_ref(&hot)).await else {
+                        continue;
+                    };
+                    let event = EventData::from_event(
+                        &BankEvent::Deposited { amount: 1 },
+                        EventMetadata::default(),
+                    )
+                    .expect("serializes");
+                    let id = event.event_id.to_string();
+                    let request = AppendRequest::single(
+                        hot.clone(),
+                        ExpectedVersion::Exact(snapshot.version_of(&hot)),
+                        vec![event],
+                    );
+                    let verdict = match store.append(request).await {
+                        Ok(_) => "ACK",
+                        Err(Error::OutcomeUnknown { .. }) => "UNKNOWN",
+                        Err(_) => "FAIL",
+                    };
+                    lines.push(format!("torture: {verdict} {id}"));
+                    continue;
+                }
                 let mut request = AppendRequest::new();
                 let mut ids = Vec::new();
                 let mut chosen = HashSet::new();

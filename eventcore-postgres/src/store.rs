@@ -525,28 +525,38 @@ struct RowDecoder {
 
 impl RowDecoder {
     fn decode(&mut self, row: &PgRow) -> eventcore::Result<RecordedEvent> {
+        // What cannot be read about the row; it comes back damaged, in its place.
+        let mut problems: Vec<String> = Vec::new();
         let stream: &str = row.try_get(2).map_err(decode_error)?;
         let stream_id = match self.streams.get(stream) {
             Some(id) => id.clone(),
-            None => {
-                let id = stream_from(stream.to_owned())?;
-                self.streams.insert(stream.to_owned(), id.clone());
-                id
-            }
+            None => match StreamId::try_new(stream) {
+                Ok(id) => {
+                    self.streams.insert(stream.to_owned(), id.clone());
+                    id
+                }
+                Err(e) => {
+                    problems.push(format!("the stored stream id is invalid: {e}"));
+                    StreamId::try_new(placeholder_name(stream))
+                        .map_err(|e| corrupt(format!("placeholder stream id: {e}")))?
+                }
+            },
         };
         let stream_version = version_from(row.try_get(3).map_err(decode_error)?)?;
         let type_name: &str = row.try_get(4).map_err(decode_error)?;
         let event_type = match self.types.get(type_name) {
             Some(event_type) => event_type.clone(),
-            None => {
-                let event_type = EventType::try_new(type_name).map_err(|e| {
-                    corrupt(format!(
-                        "stored event type at {stream_id}@{stream_version}: {e}"
-                    ))
-                })?;
-                self.types.insert(type_name.to_owned(), event_type.clone());
-                event_type
-            }
+            None => match EventType::try_new(type_name) {
+                Ok(event_type) => {
+                    self.types.insert(type_name.to_owned(), event_type.clone());
+                    event_type
+                }
+                Err(e) => {
+                    problems.push(format!("the stored event type is invalid: {e}"));
+                    EventType::try_new(placeholder_name(type_name))
+                        .map_err(|e| corrupt(format!("placeholder event type: {e}")))?
+                }
+            },
         };
         let event_id = EventId::from_uuid(row.try_get(1).map_err(decode_error)?);
         let global_position = position_from(row.try_get(0).map_err(decode_error)?)?;
@@ -561,7 +571,7 @@ impl RowDecoder {
         let metadata = serde_json::from_str::<EventMetadata>(metadata_text)
             .map_err(|e| format!("the stored metadata is not EventMetadata: {e}"));
         match (payload, metadata) {
-            (Ok(payload), Ok(metadata)) => Ok(RecordedEvent::new(
+            (Ok(payload), Ok(metadata)) if problems.is_empty() => Ok(RecordedEvent::new(
                 event_id,
                 stream_id,
                 stream_version,
@@ -572,11 +582,8 @@ impl RowDecoder {
                 recorded_at,
             )),
             (payload, metadata) => {
-                let reason = [payload.err(), metadata.err()]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                problems.extend([payload.err(), metadata.err()].into_iter().flatten());
+                let reason = problems.join("; ");
                 tracing::error!(%event_id, %global_position, stream = %stream_id, %reason, "a stored event cannot be read");
                 Ok(RecordedEvent::damaged(
                     event_id,
@@ -590,6 +597,23 @@ impl RowDecoder {
             }
         }
     }
+}
+
+/// A valid name standing in for an invalid stored one in a damaged event: control
+/// characters replaced with U+FFFD, cut to 255 bytes; U+FFFD alone for an empty one.
+fn placeholder_name(stored: &str) -> String {
+    let mut name = String::with_capacity(stored.len().min(255));
+    for c in stored.chars() {
+        let c = if c.is_control() { '\u{fffd}' } else { c };
+        if name.len() + c.len_utf8() > eventcore::MAX_NAME_LEN {
+            break;
+        }
+        name.push(c);
+    }
+    if name.is_empty() {
+        name.push('\u{fffd}');
+    }
+    name
 }
 
 fn appended_from_row(row: &PgRow) -> eventcore::Result<AppendedEvent> {
