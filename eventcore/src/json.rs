@@ -556,6 +556,31 @@ mod tests {
     }
 
     #[test]
+    fn stored_text_must_at_least_be_readable_json() {
+        use crate::{Error, EventPayload};
+        for text in ["not json", "", "{\"a\":", "[1] [2]"] {
+            assert!(
+                matches!(
+                    EventPayload::from_stored_json(text),
+                    Err(Error::InvalidPayload {
+                        problem: JsonProblem::NotJson { .. }
+                    })
+                ),
+                "{text:?}"
+            );
+        }
+        // Stored rows written before a limit existed stay readable.
+        let deep = nested(MAX_JSON_DEPTH + 10);
+        assert!(EventPayload::from_json(deep.as_str()).is_err());
+        assert_eq!(
+            EventPayload::from_stored_json(deep.as_str())
+                .expect("readable")
+                .as_str(),
+            deep
+        );
+    }
+
+    #[test]
     fn finds_non_finite_floats_anywhere() {
         #[derive(serde::Serialize)]
         struct Reading {
