@@ -386,48 +386,30 @@ impl ser::Serializer for FiniteCheck {
     }
 }
 
-impl ser::SerializeSeq for FiniteCheck {
-    type Ok = ();
-    type Error = Stop;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Checked {
-        value.serialize(*self)
-    }
-    fn end(self) -> Checked {
-        Ok(())
-    }
+/// The compound parts of [`FiniteCheck`]: each element, field or entry is checked in
+/// turn; the compound itself adds nothing.
+macro_rules! check_each {
+    ($($trait:ident :: $method:ident ($($label:ty)?)),* $(,)?) => {$(
+        impl ser::$trait for FiniteCheck {
+            type Ok = ();
+            type Error = Stop;
+            fn $method<T: Serialize + ?Sized>(&mut self, $(_: $label,)? value: &T) -> Checked {
+                value.serialize(*self)
+            }
+            fn end(self) -> Checked {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for FiniteCheck {
-    type Ok = ();
-    type Error = Stop;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Checked {
-        value.serialize(*self)
-    }
-    fn end(self) -> Checked {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for FiniteCheck {
-    type Ok = ();
-    type Error = Stop;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Checked {
-        value.serialize(*self)
-    }
-    fn end(self) -> Checked {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for FiniteCheck {
-    type Ok = ();
-    type Error = Stop;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Checked {
-        value.serialize(*self)
-    }
-    fn end(self) -> Checked {
-        Ok(())
-    }
+check_each! {
+    SerializeSeq::serialize_element(),
+    SerializeTuple::serialize_element(),
+    SerializeTupleStruct::serialize_field(),
+    SerializeTupleVariant::serialize_field(),
+    SerializeStruct::serialize_field(&'static str),
+    SerializeStructVariant::serialize_field(&'static str),
 }
 
 impl ser::SerializeMap for FiniteCheck {
@@ -437,28 +419,6 @@ impl ser::SerializeMap for FiniteCheck {
         key.serialize(*self)
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Checked {
-        value.serialize(*self)
-    }
-    fn end(self) -> Checked {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for FiniteCheck {
-    type Ok = ();
-    type Error = Stop;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Checked {
-        value.serialize(*self)
-    }
-    fn end(self) -> Checked {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for FiniteCheck {
-    type Ok = ();
-    type Error = Stop;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Checked {
         value.serialize(*self)
     }
     fn end(self) -> Checked {
