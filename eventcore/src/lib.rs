@@ -107,6 +107,7 @@
 //! The user manual lives in the repository's `docs/` directory; design decisions are in
 //! `docs/adr/`.
 
+mod clock;
 mod command;
 mod error;
 mod event;
@@ -129,6 +130,8 @@ pub mod testing;
 pub mod __private;
 
 pub use eventcore_macros::Command;
+
+pub use crate::clock::{Clock, ManualClock, SleepFuture, SystemClock};
 
 pub use crate::command::{
     Command, CommandLogic, CommandStreams, ReadStreams, StateCache, StreamResolver, StreamWrite,
@@ -171,6 +174,7 @@ mod manual {
     #[doc = include_str!("../../docs/commands.md")]
     struct Commands;
 
+    #[cfg(feature = "testing")]
     #[doc = include_str!("../../docs/event-stores.md")]
     struct EventStores;
 

@@ -1,0 +1,280 @@
+//! Durable step deadlines, rebuilt from the log and fired on a clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::commands::TimeOutStep;
+use super::definition::check_saga_name;
+use super::state::{SagaEvent, event_types};
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::executor::CommandExecutor;
+use crate::process::Dispatcher;
+use crate::store::LogQuery;
+use crate::types::{CorrelationId, EventId, GlobalPosition, StreamId};
+
+/// A deadline waiting to pass.
+#[derive(Debug, Clone)]
+struct Deadline {
+    deadline: DateTime<Utc>,
+    cause: EventId,
+    correlation_id: CorrelationId,
+}
+
+/// Fires a saga's step deadlines.
+///
+/// The deadlines are in the saga streams (each `StepStarted` carries its own), so they
+/// survive any restart: a timer rebuilds what is pending by reading the saga's step
+/// events from the start of the log, then follows it. When a deadline passes on its
+/// [`Clock`], it dispatches the saga's timeout command, which times the step out only if
+/// the stream still says it runs past its deadline; the dispatch is idempotent
+/// (keyed by the step's `StepStarted` event), so two timers, or one restarted, never
+/// time a step out twice.
+pub struct SagaTimer {
+    manager: String,
+    executor: CommandExecutor,
+    clock: Arc<dyn Clock>,
+    query: LogQuery,
+    pending: BTreeMap<(StreamId, usize), Deadline>,
+    position: Option<GlobalPosition>,
+    scanned: Option<GlobalPosition>,
+    unreadable: Vec<GlobalPosition>,
+}
+
+impl SagaTimer {
+    /// Events read per batch.
+    pub const BATCH_SIZE: usize = 1_000;
+
+    /// A timer for the saga named `saga`, dispatching through `executor`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`] for a saga name that is not valid.
+    pub fn new(saga: &str, executor: CommandExecutor, clock: Arc<dyn Clock>) -> Result<Self> {
+        check_saga_name(saga)?;
+        let query = LogQuery::from_start()
+            .stream_prefix(format!("saga/{saga}/"))
+            .event_types([
+                event_types::STEP_STARTED,
+                event_types::STEP_SUCCEEDED,
+                event_types::STEP_FAILED,
+                event_types::STEP_TIMED_OUT,
+            ])?;
+        Ok(SagaTimer {
+            manager: format!("{saga}.timeout"),
+            executor,
+            clock,
+            query,
+            pending: BTreeMap::new(),
+            position: None,
+            scanned: None,
+            unreadable: Vec::new(),
+        })
+    }
+
+    /// The positions of the step events the timer could not decode and passed (see
+    /// [`SagaTimer::catch_up`]), in the order met.
+    pub fn unreadable(&self) -> &[GlobalPosition] {
+        &self.unreadable
+    }
+
+    /// Steps running with a deadline.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The earliest deadline still pending.
+    pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
+        self.pending.values().map(|d| d.deadline).min()
+    }
+
+    /// Reads the saga's step events up to the end of the log. Returns how many it read.
+    ///
+    /// A step event that cannot be decoded (written by hand, damaged in storage) does
+    /// not stop the timer, which would hold back every other instance's deadlines: it
+    /// is logged, listed in [`SagaTimer::unreadable`], and passed. Its instance cannot
+    /// move on anyway: every saga command folds the stream and fails on it.
+    ///
+    /// # Errors
+    ///
+    /// The store's errors.
+    pub async fn catch_up(&mut self) -> Result<usize> {
+        let mut read = 0;
+        loop {
+            let query = self
+                .query
+                .clone()
+                .starting_after(self.position)
+                .limit(Self::BATCH_SIZE);
+            // How far the read looked comes from the read itself, never from a head
+            // read before it (which may be ahead of what the read could see).
+            let page = self.executor.store().read_log(&query).await?;
+            if page.events.is_empty() {
+                self.scanned = page.scanned.max(self.scanned);
+                return Ok(read);
+            }
+            let batch = page.events;
+            for event in &batch {
+                let decoded = match event.decode::<SagaEvent>() {
+                    Ok(decoded) => decoded,
+                    Err(error) => {
+                        tracing::error!(position = %event.global_position, stream = %event.stream_id, error = %crate::error_chain(&error), "a saga step event does not decode; the timer passes it");
+                        self.unreadable.push(event.global_position);
+                        self.position = Some(event.global_position);
+                        continue;
+                    }
+                };
+                let stream = decoded.stream_id.clone();
+                match decoded.payload {
+                    SagaEvent::StepStarted {
+                        step,
+                        deadline: Some(deadline),
+                        ..
+                    } => {
+                        self.pending.insert(
+                            (stream, step),
+                            Deadline {
+                                deadline,
+                                cause: decoded.event_id,
+                                correlation_id: decoded.metadata.correlation_id,
+                            },
+                        );
+                    }
+                    SagaEvent::StepSucceeded { step }
+                    | SagaEvent::StepFailed { step, .. }
+                    | SagaEvent::StepTimedOut { step, .. } => {
+                        self.pending.remove(&(stream, step));
+                    }
+                    _ => {}
+                }
+                self.position = Some(event.global_position);
+            }
+            read += batch.len();
+        }
+    }
+
+    /// Times out every pending step whose deadline has passed on the clock. Returns how
+    /// many timeout commands it dispatched.
+    ///
+    /// # Errors
+    ///
+    /// As [`CommandExecutor::execute`]; the steps not fired stay pending.
+    pub async fn fire_due(&mut self) -> Result<usize> {
+        let now = self.clock.now();
+        let due: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(key, d)| (key.clone(), d.clone()))
+            .collect();
+        let mut fired = 0;
+        let mut first_error = None;
+        // One failed timeout must not hold back the others: all are tried, the first
+        // error is returned after, and the failed ones stay pending for the next call.
+        for ((stream, step), deadline) in due {
+            let mut dispatcher = Dispatcher::new(
+                &self.executor,
+                &self.manager,
+                deadline.cause,
+                deadline.correlation_id,
+            )?;
+            let command = TimeOutStep {
+                stream: stream.clone(),
+                step,
+                now,
+            };
+            match dispatcher.dispatch(&command).await {
+                Ok(_) => {
+                    tracing::info!(%stream, step, deadline = %deadline.deadline, "saga step deadline passed");
+                    self.pending.remove(&(stream, step));
+                    fired += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(%stream, step, %error, "timing a saga step out failed");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(fired),
+        }
+    }
+
+    /// Catches up and fires what is due, then waits for new saga events or the next
+    /// deadline, until `shutdown` completes. Retryable failures (a lost connection, a
+    /// conflict that outlasted the executor's retries) are retried with backoff.
+    ///
+    /// # Errors
+    ///
+    /// A failure that is not retryable, from [`SagaTimer::catch_up`] or
+    /// [`SagaTimer::fire_due`].
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let backoff = crate::RetryPolicy::new()
+            .with_initial_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5));
+        let mut failures = 0;
+        loop {
+            let step = async {
+                self.catch_up().await?;
+                self.fire_due().await
+            };
+            match step.await {
+                Ok(_) => failures = 0,
+                Err(error) if error.is_retryable() || is_exhausted(&error) => {
+                    failures += 1;
+                    let delay = backoff.delay_before_retry(failures);
+                    tracing::warn!(%error, ?delay, "saga timer failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+            let next = self.next_deadline();
+            let clock = Arc::clone(&self.clock);
+            let deadline = async move {
+                match next {
+                    Some(next) => clock.sleep_until(next).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let store = Arc::clone(self.executor.store());
+            let after = self.scanned.max(self.position);
+            tokio::select! {
+                waited = store.wait_for_events(after) => match waited {
+                    Ok(()) => {}
+                    // The next round's catch-up meets the failure again and backs off.
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(%error, "waiting for saga events failed");
+                    }
+                    Err(error) => return Err(error),
+                },
+                () = deadline => {}
+                () = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Retries that ran out on a retryable failure: worth trying again later.
+fn is_exhausted(error: &Error) -> bool {
+    matches!(error, Error::RetriesExhausted { last, .. } if last.is_retryable())
+}
+
+impl fmt::Debug for SagaTimer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaTimer")
+            .field("manager", &self.manager)
+            .field("pending", &self.pending.len())
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
