@@ -216,3 +216,64 @@ macro_rules! __projection_conformance_tests {
         $( $crate::__conformance_test! { $attrs $factory; projection_conformance; $test } )*
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The public `async fn` checks of a suite file.
+    fn checks(source: &str) -> BTreeSet<String> {
+        source
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub async fn "))
+            .map(|rest| {
+                rest.split(['(', '<'])
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// The names listed after `macro_name!` in this file, up to the closing brace.
+    fn listed(macro_name: &str) -> BTreeSet<String> {
+        let source = include_str!("testing.rs");
+        let start = source
+            .find(&format!("$crate::{macro_name}! {{"))
+            .unwrap_or_else(|| panic!("{macro_name} is not invoked"));
+        let body = &source[start..];
+        let end = body.find('}').unwrap_or(body.len());
+        body[..end]
+            .lines()
+            .skip(2)
+            .map(|line| line.trim().trim_end_matches(',').to_owned())
+            .filter(|name| !name.is_empty())
+            .collect()
+    }
+
+    /// The suites are lists kept by hand in the macros above: every public check must
+    /// be instantiated, and nothing else.
+    #[test]
+    fn the_macros_instantiate_every_check() {
+        for suite in [
+            "__event_store_conformance_tests",
+            "__hostile_input_conformance_tests",
+            "__projection_conformance_tests",
+        ] {
+            assert!(listed(suite).len() >= 10, "{suite}: {:?}", listed(suite));
+        }
+        assert_eq!(
+            listed("__event_store_conformance_tests"),
+            checks(include_str!("testing/conformance.rs"))
+        );
+        assert_eq!(
+            listed("__hostile_input_conformance_tests"),
+            checks(include_str!("testing/hostile.rs"))
+        );
+        assert_eq!(
+            listed("__projection_conformance_tests"),
+            checks(include_str!("testing/projection_conformance.rs"))
+        );
+    }
+}
