@@ -298,7 +298,7 @@ impl PostgresEventStore {
         true
     }
 
-    async fn heads(&self) -> eventcore::Result<(Option<u64>, Option<u64>)> {
+    async fn heads(&self) -> eventcore::Result<Heads> {
         let op = "reading the head";
         let mut conn = self.lease(op).await?;
         let row = sqlx::query(&self.inner.sql.heads)
@@ -308,10 +308,10 @@ impl PostgresEventStore {
         let row = row.map_err(|e| map_sqlx_error(e, op, None))?;
         let visible: Option<i64> = row.try_get("visible").map_err(decode_error)?;
         let committed: Option<i64> = row.try_get("committed").map_err(decode_error)?;
-        Ok((
-            visible.map(|p| p.max(0) as u64),
-            committed.map(|p| p.max(0) as u64),
-        ))
+        Ok(Heads {
+            visible: visible.map(|p| p.max(0) as u64),
+            committed: committed.map(|p| p.max(0) as u64),
+        })
     }
 
     /// Where the events of `request` landed, after queueing behind any append still
@@ -502,6 +502,14 @@ pub(crate) fn prefix_param(query: &LogQuery) -> Option<std::borrow::Cow<'_, str>
             std::borrow::Cow::Borrowed(prefix)
         }
     })
+}
+
+/// The two heads of the log (`eventcore_heads`).
+struct Heads {
+    /// The last position readers may see.
+    visible: Option<u64>,
+    /// The last committed position: higher while an older append still holds its mark.
+    committed: Option<u64>,
 }
 
 /// Why an append statement did not answer.
@@ -853,7 +861,7 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
-        Ok(self.heads().await?.0.map(GlobalPosition::new))
+        Ok(self.heads().await?.visible.map(GlobalPosition::new))
     }
 
     async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
@@ -1051,7 +1059,7 @@ impl PostgresEventStore {
             // the query is not lost.
             wake.borrow_and_update();
             local.borrow_and_update();
-            let (visible, committed) = self.heads().await?;
+            let Heads { visible, committed } = self.heads().await?;
             if visible.is_some_and(|v| v > after) {
                 return Ok(());
             }
