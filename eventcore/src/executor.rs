@@ -508,7 +508,10 @@ impl CommandExecutor {
             );
             return Ok(None);
         }
-        let key: StateKey = (ops.command, folded.to_vec());
+        let key = StateKey {
+            command: ops.command,
+            streams: folded.to_vec(),
+        };
 
         if let Some(kept) = self.states.checkout(&key, ops)
             && kept.current
@@ -669,7 +672,7 @@ impl CommandExecutor {
                     Error::VersionConflict { .. } | Error::OutcomeUnknown { .. }
                 ) {
                     let versions: Vec<StreamVersion> =
-                        key.1.iter().map(|s| snapshot.version_of(s)).collect();
+                        key.streams.iter().map(|s| snapshot.version_of(s)).collect();
                     self.states.mark_behind(key, &versions);
                 }
                 Err(error)
@@ -698,8 +701,8 @@ impl CommandExecutor {
                     written
                         .streams
                         .iter()
-                        .find(|(s, _, _)| s == stream)
-                        .and_then(|(_, expected, _)| *expected)
+                        .find(|s| s.stream == *stream)
+                        .and_then(|s| s.expected)
                 })
                 .collect()
         };
@@ -709,16 +712,19 @@ impl CommandExecutor {
             written.recorded(outcome)
         };
         let Some(recorded) = recorded else {
-            if let Some(versions) = checked_versions(&key.1) {
+            if let Some(versions) = checked_versions(&key.streams) {
                 self.states.mark_behind(key, &versions);
             }
             return;
         };
         self.states.learn_versions(&written.versions_after(outcome));
         let mut targets = vec![key.clone()];
-        for (stream, _, events) in &written.streams {
-            let single = (key.0, vec![stream.clone()]);
-            if *events > 0 && !targets.contains(&single) {
+        for written_stream in &written.streams {
+            let single = StateKey {
+                command: key.command,
+                streams: vec![written_stream.stream.clone()],
+            };
+            if written_stream.events > 0 && !targets.contains(&single) {
                 targets.push(single);
             }
         }
@@ -726,14 +732,17 @@ impl CommandExecutor {
             let Some(kept) = self.states.checkout(&target, ops) else {
                 continue;
             };
-            if checked_versions(&target.1).as_ref() != Some(&kept.versions) {
+            if checked_versions(&target.streams).as_ref() != Some(&kept.versions) {
                 self.states.mark_behind(&target, &kept.versions);
                 continue;
             }
             let mut state = kept.state;
             let mut last_position = kept.last_position;
             let mut folded_all = true;
-            for event in recorded.iter().filter(|e| target.1.contains(&e.stream_id)) {
+            for event in recorded
+                .iter()
+                .filter(|e| target.streams.contains(&e.stream_id))
+            {
                 let Ok(typed) = event.decode::<C::Event>() else {
                     folded_all = false;
                     break;
@@ -751,7 +760,7 @@ impl CommandExecutor {
                 last_position = Some(event.global_position);
             }
             let versions = target
-                .1
+                .streams
                 .iter()
                 .map(|stream| written.version_after(stream, outcome))
                 .collect::<Option<Vec<_>>>();
@@ -772,7 +781,11 @@ impl CommandExecutor {
 }
 
 /// The cache key: the command type and the streams it declared, in order.
-type StateKey = (TypeId, Vec<StreamId>);
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StateKey {
+    command: TypeId,
+    streams: Vec<StreamId>,
+}
 
 /// A folded state, as of the given versions of the key's streams.
 struct CachedState {
@@ -932,10 +945,23 @@ fn make_room<K: Clone + Eq + std::hash::Hash, V>(
 /// What an append request writes, kept to bring cached states forward once it
 /// succeeded.
 struct OwnWrites {
-    /// Per stream: the version the append expected it at (`None`: any), and how many
-    /// events it writes to it.
-    streams: Vec<(StreamId, Option<StreamVersion>, usize)>,
-    events: Vec<(StreamId, EventData)>,
+    streams: Vec<OwnStream>,
+    events: Vec<OwnEvent>,
+}
+
+/// One stream of an append the executor made.
+struct OwnStream {
+    stream: StreamId,
+    /// The version the append expected it at (`None`: any).
+    expected: Option<StreamVersion>,
+    /// How many events the append writes to it.
+    events: usize,
+}
+
+/// One event of an append the executor made.
+struct OwnEvent {
+    stream: StreamId,
+    data: EventData,
 }
 
 impl OwnWrites {
@@ -948,9 +974,16 @@ impl OwnWrites {
                 ExpectedVersion::NoStream => Some(StreamVersion::INITIAL),
                 ExpectedVersion::Any => None,
             };
-            streams.push((stream.stream_id.clone(), expected, stream.events.len()));
+            streams.push(OwnStream {
+                stream: stream.stream_id.clone(),
+                expected,
+                events: stream.events.len(),
+            });
             for event in &stream.events {
-                events.push((stream.stream_id.clone(), event.clone()));
+                events.push(OwnEvent {
+                    stream: stream.stream_id.clone(),
+                    data: event.clone(),
+                });
             }
         }
         OwnWrites { streams, events }
@@ -964,10 +997,10 @@ impl OwnWrites {
         }
         let mut recorded = Vec::with_capacity(outcome.events.len());
         for appended in &outcome.events {
-            let (stream, data) = self
+            let OwnEvent { stream, data } = self
                 .events
                 .iter()
-                .find(|(_, data)| data.event_id == appended.event_id)?;
+                .find(|own| own.data.event_id == appended.event_id)?;
             if *stream != appended.stream_id {
                 return None;
             }
@@ -997,17 +1030,17 @@ impl OwnWrites {
             .or_else(|| {
                 self.streams
                     .iter()
-                    .find(|(s, _, _)| s == stream)
-                    .and_then(|(_, expected, _)| *expected)
+                    .find(|s| s.stream == *stream)
+                    .and_then(|s| s.expected)
             })
     }
 
     fn versions_after(&self, outcome: &AppendOutcome) -> Vec<(StreamId, StreamVersion)> {
         self.streams
             .iter()
-            .filter_map(|(stream, _, _)| {
-                self.version_after(stream, outcome)
-                    .map(|version| (stream.clone(), version))
+            .filter_map(|own| {
+                self.version_after(&own.stream, outcome)
+                    .map(|version| (own.stream.clone(), version))
             })
             .collect()
     }
