@@ -44,6 +44,8 @@
 //! [`PostgresConfig::from_options`].
 
 mod config;
+#[cfg(test)]
+mod config_properties;
 mod election;
 mod error;
 mod kept;

@@ -118,6 +118,8 @@ pub mod limits;
 mod metadata;
 mod process;
 mod projection;
+#[cfg(test)]
+mod property_tests;
 pub mod saga;
 mod store;
 mod types;

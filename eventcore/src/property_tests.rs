@@ -3,8 +3,8 @@
 //!
 //! Bounded for CI (`PROPTEST_CASES`, 256 by default).
 
-use eventcore::limits::MAX_JSON_DEPTH;
-use eventcore::{
+use crate::limits::MAX_JSON_DEPTH;
+use crate::{
     EventMetadata, EventPayload, EventType, JsonProblem, LogQuery, StreamId, StreamVersion,
 };
 use proptest::prelude::*;
@@ -121,7 +121,7 @@ proptest! {
             prop_assert!(serde_json::from_str::<StreamId>(&json).is_err());
         }
         prop_assert_eq!(EventType::try_new(name.as_str()).is_ok(), valid);
-        prop_assert_eq!(eventcore::IdempotencyKey::try_new(name.as_str()).is_ok(), valid);
+        prop_assert_eq!(crate::IdempotencyKey::try_new(name.as_str()).is_ok(), valid);
     }
 
     #[test]
@@ -134,7 +134,7 @@ proptest! {
                 prop_assert!(!has_nul(&value));
                 prop_assert!(EventPayload::from_stored_json(text.as_str()).is_ok());
             }
-            Err(eventcore::Error::InvalidPayload { .. }) => {}
+            Err(crate::Error::InvalidPayload { .. }) => {}
             Err(other) => prop_assert!(false, "untyped refusal {other:?}"),
         }
     }
@@ -150,7 +150,7 @@ proptest! {
         let parsed = EventPayload::from_json(value.to_string());
         prop_assert_eq!(serialized.is_ok(), expected_ok, "{:?}", serialized);
         prop_assert_eq!(parsed.is_ok(), expected_ok, "{:?}", parsed);
-        if let Err(eventcore::Error::InvalidPayload { problem }) = &serialized {
+        if let Err(crate::Error::InvalidPayload { problem }) = &serialized {
             let expected = matches!(
                 problem,
                 JsonProblem::TooDeep { .. } | JsonProblem::NulCharacter
@@ -192,7 +192,7 @@ proptest! {
         limit in any::<usize>(),
     ) {
         let all_valid = types.iter().all(|t| is_valid_name(t));
-        let query = LogQuery::after(eventcore::GlobalPosition::new(after))
+        let query = LogQuery::after(crate::GlobalPosition::new(after))
             .limit(limit)
             .stream_prefix(prefix.as_str())
             .event_types(&types);

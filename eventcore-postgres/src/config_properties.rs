@@ -2,7 +2,7 @@
 //! panic, accept exactly their rule, and a URL can never smuggle a NUL (which would
 //! inject startup parameters). No server is needed.
 
-use eventcore_postgres::{PostgresConfig, SchemaName};
+use crate::{PostgresConfig, SchemaName};
 use proptest::prelude::*;
 
 fn cases() -> u32 {
@@ -64,7 +64,7 @@ proptest! {
         let nul = url.contains('\0') || url.to_ascii_lowercase().contains("%00");
         match PostgresConfig::from_url(&url) {
             Ok(_) => prop_assert!(!nul, "{url} was accepted"),
-            Err(eventcore_postgres::Error::InvalidUrl { .. }) => {}
+            Err(crate::Error::InvalidUrl { .. }) => {}
             Err(other) => prop_assert!(false, "untyped refusal {other:?}"),
         }
     }
