@@ -84,6 +84,15 @@ pub(crate) mod sqlstate {
     pub(crate) const CONNECTION_EXCEPTION_CLASS: &str = "08";
 }
 
+/// Constraint names of the schema (`migrations/0001_event_store.sql`) this crate reads
+/// errors by.
+pub(crate) mod constraint {
+    /// `UNIQUE (event_id)` on `events`.
+    pub(crate) const EVENT_ID: &str = "events_event_id_key";
+    /// `UNIQUE (stream_id, stream_version)` on `events`.
+    pub(crate) const STREAM_VERSION: &str = "events_stream_version_key";
+}
+
 #[derive(serde::Deserialize)]
 struct ConflictDetail {
     index: usize,
@@ -116,7 +125,7 @@ pub(crate) fn is_ended_by_server(error: &sqlx::Error) -> bool {
 pub(crate) fn is_duplicate_event_id(error: &sqlx::Error) -> bool {
     error.as_database_error().is_some_and(|db| {
         db.code().as_deref() == Some(sqlstate::UNIQUE_VIOLATION)
-            && db.constraint() == Some("events_event_id_key")
+            && db.constraint() == Some(constraint::EVENT_ID)
     })
 }
 
@@ -124,7 +133,7 @@ pub(crate) fn is_duplicate_event_id(error: &sqlx::Error) -> bool {
 pub(crate) fn is_stream_version_taken(error: &sqlx::Error) -> bool {
     error.as_database_error().is_some_and(|db| {
         db.code().as_deref() == Some(sqlstate::UNIQUE_VIOLATION)
-            && db.constraint() == Some("events_stream_version_key")
+            && db.constraint() == Some(constraint::STREAM_VERSION)
     })
 }
 
@@ -147,14 +156,14 @@ pub(crate) fn map_sqlx_error(
                 }
             }
             sqlstate::UNIQUE_VIOLATION => match db.constraint() {
-                Some("events_event_id_key") => {
+                Some(constraint::EVENT_ID) => {
                     return eventcore::Error::InvalidAppend {
                         reason: "an event with one of these event ids is already stored".to_owned(),
                     };
                 }
                 // The function locks streams before inserting, so this is a backstop:
                 // a concurrent writer took the version. Re-reading resolves it.
-                Some("events_stream_version_key") => {
+                Some(constraint::STREAM_VERSION) => {
                     return eventcore::Error::backend(
                         "a concurrent append took the same stream version",
                         true,

@@ -25,7 +25,6 @@ mod state;
 mod timer;
 
 pub use crate::clock::{Clock, ManualClock, SleepFuture, SystemClock};
-pub use commands::SagaStreamSet;
 pub use definition::{
     MAX_SAGA_NAME_LEN, Saga, SagaContext, SagaStep, SagaTrigger, StepOutcome, saga_stream,
 };

@@ -12,9 +12,8 @@ use crate::event::StoredEvent;
 use crate::types::StreamId;
 
 /// The marker of the saga commands.
-#[doc(hidden)]
 #[derive(Debug)]
-pub struct SagaStreamSet;
+pub(crate) struct SagaStreamSet;
 
 type SagaWrites = Vec<StreamWrite<SagaStreamSet, SagaEvent>>;
 
