@@ -658,7 +658,7 @@ fn single_exact(request: &AppendRequest) -> eventcore::Result<Option<SingleAppen
     let expected = match stream.expected_version {
         ExpectedVersion::Any => return Ok(None),
         ExpectedVersion::NoStream => 0,
-        ExpectedVersion::Exact(_) => expected_code(stream.expected_version)?,
+        ExpectedVersion::Exact(_) => expected_code(stream.expected_version),
     };
     Ok(Some(SingleAppend {
         stream: &stream.stream_id,
@@ -741,14 +741,14 @@ fn general_outcome(row: &PgRow) -> eventcore::Result<AppendOutcome> {
     })
 }
 
-fn expected_code(expected: ExpectedVersion) -> eventcore::Result<i64> {
+fn expected_code(expected: ExpectedVersion) -> i64 {
     match expected {
-        ExpectedVersion::Any => Ok(-1),
-        ExpectedVersion::NoStream => Ok(-2),
+        ExpectedVersion::Any => -1,
+        ExpectedVersion::NoStream => -2,
         // No stream can reach a version above i64::MAX (the column's type), so such an
         // expectation fails as a conflict, as on every backend; i64::MAX itself is as
         // unreachable, and the conflict reports the expectation as given.
-        ExpectedVersion::Exact(version) => Ok(i64::try_from(version.value()).unwrap_or(i64::MAX)),
+        ExpectedVersion::Exact(version) => i64::try_from(version.value()).unwrap_or(i64::MAX),
     }
 }
 
@@ -976,10 +976,7 @@ impl PostgresEventStore {
         let mut metadata = Vec::with_capacity(n);
         for (index, stream) in request.streams.iter().enumerate() {
             streams.push(stream.stream_id.as_str());
-            match expected_code(stream.expected_version) {
-                Ok(code) => expected.push(code),
-                Err(error) => return Ok(Err(error)),
-            }
+            expected.push(expected_code(stream.expected_version));
             let Ok(index) = i32::try_from(index + 1) else {
                 return Ok(Err(eventcore::Error::InvalidAppend {
                     reason: "too many streams in one append".to_owned(),

@@ -315,8 +315,9 @@ impl RecordedEvent {
     /// its place instead of failing, so the rest of the stream and of the log stay
     /// readable. Its `payload` is `null` and its `metadata` empty (a nil correlation
     /// id): placeholders, not data; so are a stream id or type name that were invalid in
-    /// storage (a backend puts a valid stand-in there and says so in the reason). [`RecordedEvent::decode`] refuses it with
-    /// [`Error::UnreadableEvent`]; the stored text is in [`RecordedEvent::damage`].
+    /// storage (a backend puts a valid stand-in there and says so in the reason).
+    /// [`RecordedEvent::decode`] refuses it with [`Error::UnreadableEvent`]; the stored
+    /// text is in [`RecordedEvent::damage`].
     #[allow(clippy::too_many_arguments)]
     pub fn damaged(
         event_id: EventId,
