@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The physical limit beside EventCore's figures: pgbench against the same PostgreSQL,
-# with the row shape of EventCore's events table (shared/bench/WORKLOADS.md, W1/W2/W5).
+# with the row shape of EventCore's events table (docs/benchmarks.md: W1, W2, W4, W5).
 #
 #   scripts/pg-limit.sh [--duration SECS]
 #
