@@ -111,7 +111,7 @@ impl TransactionalProjection for Deposits {
 fn park_policy() -> ProjectionErrorPolicy {
     ProjectionErrorPolicy::new()
         .with_max_attempts(1)
-        .on_failure(OnFailure::Park)
+        .with_on_failure(OnFailure::Park)
 }
 
 /// The poisoning cases of an older release (metadata nested past what serde_json reads,
@@ -164,7 +164,7 @@ async fn unreadable_rows_are_marked_in_their_place_and_stop_nothing() {
     );
 
     let log = store
-        .read_all(&LogQuery::from_start())
+        .read_all(&LogQuery::new())
         .await
         .expect("the log reads past them");
     let marks: Vec<bool> = log.iter().map(|e| e.damage().is_some()).collect();
@@ -214,7 +214,10 @@ async fn unreadable_rows_are_marked_in_their_place_and_stop_nothing() {
         .filter(|p| !failing.contains(p))
         .collect();
     assert_eq!(*applied.lock(), good);
-    let parked = store.parked("deposits").await.expect("parked");
+    let parked = store
+        .parked(&eventcore::ProjectionName::from_static("deposits"))
+        .await
+        .expect("parked");
     assert_eq!(
         parked
             .iter()
@@ -237,7 +240,14 @@ async fn unreadable_rows_are_marked_in_their_place_and_stop_nothing() {
         .expect("parks and goes on");
     assert_eq!((summary.applied, summary.parked), (3, 3));
     assert_eq!(*applied.lock(), good);
-    assert_eq!(store.parked("deposits-tx").await.expect("parked").len(), 3);
+    assert_eq!(
+        store
+            .parked(&eventcore::ProjectionName::from_static("deposits-tx"))
+            .await
+            .expect("parked")
+            .len(),
+        3
+    );
 
     // With Stop, the failure names the event and keeps the cause.
     let stopped = ProjectionRunner::new(
@@ -372,7 +382,7 @@ async fn rows_no_reader_could_reach_are_refused_and_bad_names_read_as_damaged() 
     .expect("setval");
     append(&store, "good", vec![deposit(1), deposit(2)]).await;
     let log = store
-        .read_all(&LogQuery::from_start())
+        .read_all(&LogQuery::new())
         .await
         .expect("the log reads past them");
     let damaged: Vec<bool> = log.iter().map(|e| e.damage().is_some()).collect();
@@ -438,10 +448,11 @@ async fn a_statement_timeout_below_a_millisecond_is_still_a_limit() {
         (Duration::from_secs(3), "3s"),
         (Duration::MAX, "2147483647ms"),
     ] {
-        let store =
-            PostgresEventStore::connect_with(config(&fresh_schema()).statement_timeout(timeout))
-                .await
-                .expect("connect");
+        let store = PostgresEventStore::connect_with(
+            config(&fresh_schema()).with_statement_timeout(timeout),
+        )
+        .await
+        .expect("connect");
         let setting: String = sqlx::query_scalar("SHOW statement_timeout")
             .fetch_one(store.pool())
             .await
@@ -469,7 +480,8 @@ async fn connect_options_with_a_nul_are_refused() {
     let options: sqlx::postgres::PgConnectOptions = url.parse().expect("parses");
     let options = options.database("postgres\0user\0other");
     let refused = PostgresEventStore::connect_with(
-        PostgresConfig::from_options(options).schema(SchemaName::try_new("never").expect("valid")),
+        PostgresConfig::from_options(options)
+            .with_schema(SchemaName::try_new("never").expect("valid")),
     )
     .await;
     assert!(
@@ -497,9 +509,10 @@ async fn a_notify_interval_of_any_length_panics_nothing() {
         previous(info);
     }));
     let schema = fresh_schema();
-    let store = PostgresEventStore::connect_with(config(&schema).notify_interval(Duration::MAX))
-        .await
-        .expect("connect");
+    let store =
+        PostgresEventStore::connect_with(config(&schema).with_notify_interval(Duration::MAX))
+            .await
+            .expect("connect");
     store.migrate().await.expect("migrate");
     // The first append's notification goes out at once; the notifier then waits out
     // the interval (capped) before the next, instead of adding it to an Instant.

@@ -199,14 +199,14 @@ async fn mark_after_wait_scenario(one_statement: bool) {
         ))
         .await
         .expect("second");
-    let before = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let before = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(positions(&before), vec![1, 2]);
 
     // Let the waiting append go on: it takes its mark and its positions, then waits at
     // the gate, holding them.
     exec(&mut stream_holder, "COMMIT").await;
     backend_waiting_for(&mut control, gate).await;
-    let during = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let during = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(
         positions(&during),
         vec![1, 2],
@@ -226,7 +226,7 @@ async fn mark_after_wait_scenario(one_statement: bool) {
         refused.is_err(),
         "the gate rolls the append back: {refused:?}"
     );
-    let after = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let after = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(positions(&after), vec![1, 2]);
 }
 
@@ -620,7 +620,7 @@ async fn a_repeated_keyed_append_whose_answer_was_lost_reports_deduplicated() {
         .expect("the outcome is known: the first call stored it");
     assert!(second.deduplicated, "the repeat wrote nothing");
     assert_eq!(second.events, first.events);
-    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let log = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(log.len(), 2, "written once");
 }
 
@@ -631,9 +631,9 @@ async fn store_behind(proxy: &Proxy, schema: &SchemaName) -> PostgresEventStore 
         .host(&proxy.addr().ip().to_string())
         .port(proxy.addr().port());
     let config = PostgresConfig::from_options(options)
-        .schema(schema.clone())
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(2));
+        .with_schema(schema.clone())
+        .with_max_connections(2)
+        .with_acquire_timeout(Duration::from_secs(2));
     PostgresEventStore::connect_with(config)
         .await
         .expect("connect through the proxy")
@@ -675,10 +675,7 @@ async fn an_append_whose_answer_and_server_are_lost_has_an_unknown_outcome() {
             .await
             .expect_err("the answer was lost and the server is unreachable");
         assert_eq!(proxy.cuts(), 1, "the answer was cut");
-        let log = direct
-            .read_all(&LogQuery::from_start())
-            .await
-            .expect("read");
+        let log = direct.read_all(&LogQuery::new()).await.expect("read");
         assert_eq!(log.len(), 1, "the append committed");
         assert!(
             matches!(error, Error::OutcomeUnknown { .. }),
@@ -705,10 +702,7 @@ async fn an_append_whose_answer_and_server_are_lost_has_an_unknown_outcome() {
                 "the outcome is the stored event"
             );
         }
-        let log = direct
-            .read_all(&LogQuery::from_start())
-            .await
-            .expect("read");
+        let log = direct.read_all(&LogQuery::new()).await.expect("read");
         assert_eq!(log.len(), 1, "stored once");
     }
 }
@@ -735,10 +729,7 @@ async fn an_append_whose_answer_was_lost_reports_what_it_wrote() {
         let outcome = store.append(request).await.expect("the outcome is found");
         assert_eq!(proxy.cuts(), 1, "the answer was cut");
         assert!(!outcome.deduplicated, "this call wrote it");
-        let log = direct
-            .read_all(&LogQuery::from_start())
-            .await
-            .expect("read");
+        let log = direct.read_all(&LogQuery::new()).await.expect("read");
         assert_eq!(log.len(), 1);
         assert_eq!(outcome.events[0].event_id, log[0].event_id);
         assert_eq!(outcome.events[0].global_position, log[0].global_position);
@@ -804,7 +795,7 @@ async fn an_append_refuses_a_mark_above_its_positions() {
         );
         assert!(error.to_string().contains("mark"), "{what}: {error}");
     }
-    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let log = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(positions(&log), vec![1], "nothing was written");
 }
 

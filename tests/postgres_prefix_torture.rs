@@ -61,7 +61,7 @@ async fn writer_process() {
         .parse()
         .expect("number");
     let store = PostgresEventStore::connect_with(
-        config(&schema).max_connections(TASKS_PER_PROCESS as u32 + 2),
+        config(&schema).with_max_connections(TASKS_PER_PROCESS as u32 + 2),
     )
     .await
     .expect("connect");
@@ -213,7 +213,7 @@ async fn read_everything(store: &PostgresEventStore) -> Vec<RecordedEvent> {
     loop {
         let after = all.last().map(|e: &RecordedEvent| e.global_position);
         let batch = store
-            .read_all(&LogQuery::after_opt(after).limit(5_000))
+            .read_all(&LogQuery::new().with_after(after).with_limit(5_000))
             .await
             .expect("read");
         if batch.is_empty() {
@@ -270,7 +270,7 @@ async fn followers_see_every_committed_event_once_in_order_under_reordered_commi
             let mut after = None;
             loop {
                 let batch = store
-                    .read_all(&LogQuery::after_opt(after).limit(37))
+                    .read_all(&LogQuery::new().with_after(after).with_limit(37))
                     .await
                     .expect("read");
                 if let Some(last) = batch.last() {
@@ -287,7 +287,10 @@ async fn followers_see_every_committed_event_once_in_order_under_reordered_commi
             }
         })
     };
-    let filtered = Seen::new("odd_streams", ProjectionFilter::all().stream_prefix("odd-"));
+    let filtered = Seen::new(
+        "odd_streams",
+        ProjectionFilter::all().with_stream_prefix("odd-"),
+    );
     let runner_task = {
         let mut runner = ProjectionRunner::new(
             filtered.clone(),

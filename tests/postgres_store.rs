@@ -149,7 +149,7 @@ async fn held_reservation_scenario(commit: bool, one_statement: bool) {
     ];
     assert!(later.iter().all(|p| p.value() > held_position as u64));
 
-    let visible = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let visible = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(
         positions(&visible),
         vec![first.value()],
@@ -168,7 +168,7 @@ async fn held_reservation_scenario(commit: bool, one_statement: bool) {
             let expected = if commit { 3 } else { 2 };
             while seen.len() < expected {
                 let batch = store
-                    .read_all(&LogQuery::after_opt(after))
+                    .read_all(&LogQuery::new().with_after(after))
                     .await
                     .expect("read");
                 if batch.is_empty() {
@@ -205,7 +205,7 @@ async fn held_reservation_scenario(commit: bool, one_statement: bool) {
     if commit {
         assert_eq!(seen[0].event_id, held_event.event_id);
     }
-    let everything = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let everything = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(everything.len(), if commit { 4 } else { 3 });
 }
 
@@ -264,7 +264,7 @@ async fn writers_on_several_pools_and_a_live_reader_see_every_event_once_in_orde
             let mut finished = false;
             loop {
                 let batch = reader_store
-                    .read_all(&LogQuery::after_opt(after).limit(50))
+                    .read_all(&LogQuery::new().with_after(after).with_limit(50))
                     .await
                     .expect("read");
                 if batch.is_empty() {
@@ -400,7 +400,7 @@ async fn every_append_answer_carries_the_recording_time_reads_return() {
     let repeat = store.append(request).await.expect("repeat");
     assert!(repeat.deduplicated);
     assert_eq!(repeat.events, multi.events);
-    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let log = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(log.len(), 4);
     for appended in single.events.iter().chain(&multi.events) {
         let read = log
@@ -427,8 +427,8 @@ async fn connections_the_server_ended_cost_one_failed_statement_at_most() {
         .application_name(&name);
     let store = PostgresEventStore::connect_with(
         PostgresConfig::from_options(options)
-            .schema(schema.clone())
-            .max_connections(12),
+            .with_schema(schema.clone())
+            .with_max_connections(12),
     )
     .await
     .expect("connect");
@@ -493,8 +493,8 @@ async fn kept_connections_leave_the_pool_to_its_other_users_and_close_with_the_s
     let schema = fresh_schema();
     let store = PostgresEventStore::connect_with(
         eventcore_tests::postgres::config(&schema)
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5)),
+            .with_max_connections(4)
+            .with_acquire_timeout(Duration::from_secs(5)),
     )
     .await
     .expect("connect");
@@ -518,7 +518,7 @@ async fn kept_connections_leave_the_pool_to_its_other_users_and_close_with_the_s
     for writer in writers {
         writer.await.expect("writer");
     }
-    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let log = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(log.len(), 320);
     tokio::time::timeout(HANG_GUARD, store.close())
         .await
@@ -537,7 +537,7 @@ async fn two_schemas_in_one_database_do_not_see_each_other() {
     append_any(&left, &s, vec![deposit(1), deposit(2)]).await;
     assert!(
         right
-            .read_all(&LogQuery::from_start())
+            .read_all(&LogQuery::new())
             .await
             .expect("read")
             .is_empty()
@@ -701,7 +701,7 @@ async fn refused_connections_bad_urls_and_unmigrated_schemas_are_typed_errors() 
     // A schema that was never migrated: a clear, non-retryable error.
     let config = PostgresConfig::from_url(&database_url())
         .expect("url")
-        .schema(fresh_schema());
+        .with_schema(fresh_schema());
     let unmigrated = PostgresEventStore::connect_with(config)
         .await
         .expect("connect");
@@ -751,7 +751,7 @@ async fn racing_executions_with_one_key_on_two_pools_charge_once() {
                             to: account(1),
                             amount: 30,
                         },
-                        ExecutionOptions::new().idempotency_key(key),
+                        ExecutionOptions::new().with_idempotency_key(key),
                     )
                     .await
             })
@@ -795,7 +795,7 @@ async fn a_mark_taken_after_the_reader_looked_does_not_hide_the_log() {
         .execute(&mut conn)
         .await
         .expect("mark");
-    let seen = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let seen = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(
         positions(&seen),
         written.iter().map(|p| p.value()).collect::<Vec<_>>()
@@ -820,7 +820,7 @@ async fn a_session_that_is_not_read_committed_is_refused() {
     // skip events, so the store refuses to read or append through it.
     let options = PostgresConfig::from_url(&database_url())
         .expect("url")
-        .schema(schema.clone());
+        .with_schema(schema.clone());
     let connect: sqlx::postgres::PgConnectOptions = database_url()
         .parse::<sqlx::postgres::PgConnectOptions>()
         .expect("url")
@@ -830,10 +830,10 @@ async fn a_session_that_is_not_read_committed_is_refused() {
         .connect_with(connect)
         .await
         .expect("connect");
-    let strict = PostgresEventStore::from_pool(pool, options.schema_name().clone());
+    let strict = PostgresEventStore::from_pool(pool, options.schema().clone());
     for error in [
         strict
-            .read_all(&LogQuery::from_start())
+            .read_all(&LogQuery::new())
             .await
             .expect_err("refused"),
         strict

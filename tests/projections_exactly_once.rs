@@ -128,7 +128,7 @@ async fn setup() -> PostgresEventStore {
 async fn expected(store: &PostgresEventStore) -> HashMap<String, (i64, i64)> {
     let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
     for event in store
-        .read_all(&LogQuery::from_start().limit(1_000_000))
+        .read_all(&LogQuery::new().with_limit(1_000_000))
         .await
         .expect("read")
     {
@@ -256,7 +256,7 @@ async fn a_failing_event_stops_or_is_parked_without_leaving_a_trace_in_the_read_
     use eventcore::{CheckpointStore, Error, OnFailure, ProjectionErrorPolicy};
     let store = setup().await;
     let log = store
-        .read_all(&LogQuery::from_start().limit(1_000_000))
+        .read_all(&LogQuery::new().with_limit(1_000_000))
         .await
         .expect("read");
     // Every event with the value 97 fails; `index` is the first of them.
@@ -274,7 +274,7 @@ async fn a_failing_event_stops_or_is_parked_without_leaving_a_trace_in_the_read_
         ProjectionErrorPolicy::new()
             .with_max_attempts(2)
             .with_initial_delay(Duration::ZERO)
-            .on_failure(on_failure)
+            .with_on_failure(on_failure)
     };
 
     let (mut projection, _) = Balances::new(&store);
@@ -289,7 +289,10 @@ async fn a_failing_event_stops_or_is_parked_without_leaving_a_trace_in_the_read_
         matches!(error, Error::ProjectionFailed { position, .. } if position == log[index].global_position),
         "{error:?}"
     );
-    let checkpoint = store.load_checkpoint("balances").await.expect("load");
+    let checkpoint = store
+        .load_checkpoint(&eventcore::ProjectionName::from_static("balances"))
+        .await
+        .expect("load");
     assert_eq!(
         checkpoint,
         index.checked_sub(1).map(|i| log[i].global_position)
@@ -308,7 +311,10 @@ async fn a_failing_event_stops_or_is_parked_without_leaving_a_trace_in_the_read_
         .catch_up()
         .await
         .expect("parks and goes on");
-    let parked = store.parked("balances").await.expect("parked");
+    let parked = store
+        .parked(&eventcore::ProjectionName::from_static("balances"))
+        .await
+        .expect("parked");
     assert!(
         parked
             .iter()
@@ -337,6 +343,12 @@ async fn a_failing_event_stops_or_is_parked_without_leaving_a_trace_in_the_read_
         .await
         .expect("rebuild");
     assert_eq!(summary.applied as usize, EVENTS);
-    assert!(store.parked("balances").await.expect("parked").is_empty());
+    assert!(
+        store
+            .parked(&eventcore::ProjectionName::from_static("balances"))
+            .await
+            .expect("parked")
+            .is_empty()
+    );
     assert_eq!(read_model(&store).await, expected(&store).await);
 }

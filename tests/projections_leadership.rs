@@ -91,8 +91,7 @@ async fn fail_over(
     assert_eq!(*second.progress.borrow(), 0, "only the leader applies");
     // Delivery is at-least-once: what the old leader applied after its last saved
     // checkpoint would be applied again by the next. Kill it once it has saved.
-    let fifteenth =
-        store.read_all(&LogQuery::from_start()).await.expect("read")[14].global_position;
+    let fifteenth = store.read_all(&LogQuery::new()).await.expect("read")[14].global_position;
     tokio::time::timeout(HANG_GUARD, async {
         while first.metrics.checkpoint() < fifteenth.value() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -118,7 +117,7 @@ async fn fail_over(
     .expect("fail-over within the hang guard");
     append(&*store, 16..=20).await;
     wait_until(&mut second.progress, 5).await;
-    let all = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let all = store.read_all(&LogQuery::new()).await.expect("read");
     let second_seen = second.seen.lock().positions.clone();
     assert_eq!(
         second_seen,

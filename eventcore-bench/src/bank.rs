@@ -201,7 +201,7 @@ impl Projection for Totals {
     }
 
     fn filter(&self) -> ProjectionFilter {
-        ProjectionFilter::all().stream_prefix("account-")
+        ProjectionFilter::all().with_stream_prefix("account-")
     }
 
     async fn apply(&mut self, event: &StoredEvent<AccountEvent>) -> Result<(), Self::Error> {

@@ -1,4 +1,4 @@
-//! Runs the workloads of `shared/bench/WORKLOADS.md` against EventCore's backends.
+//! Runs the benchmark workloads of `docs/benchmarks.md` against EventCore's backends.
 //!
 //! ```text
 //! cargo run --release -p eventcore-bench -- --backend memory --workload w2 --concurrency 8
@@ -54,7 +54,7 @@ struct Args {
     /// The event store to measure.
     #[arg(long, value_enum, required_unless_present = "all")]
     backend: Option<Backend>,
-    /// The workload (see shared/bench/WORKLOADS.md).
+    /// The workload (see docs/benchmarks.md).
     #[arg(long, value_enum, required_unless_present = "all")]
     workload: Option<Workload>,
     /// Concurrent tasks issuing commands back to back.
@@ -125,8 +125,8 @@ async fn open_store(backend: Backend, url: Option<&str>) -> Result<Stores, Strin
                 .map_err(|e| e.to_string())?;
             let config = PostgresConfig::from_url(url)
                 .map_err(|e| e.to_string())?
-                .schema(schema)
-                .max_connections(32);
+                .with_schema(schema)
+                .with_max_connections(32);
             let store = PostgresEventStore::connect_with(config)
                 .await
                 .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use eventcore::{LeaderElection, Leadership, Result, check_projection_name};
+use eventcore::{LeaderElection, Leadership, ProjectionName, Result};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 
@@ -104,8 +104,8 @@ impl std::fmt::Debug for InMemoryLeaderElection {
 
 #[async_trait]
 impl LeaderElection for InMemoryLeaderElection {
-    async fn acquire(&self, name: &str) -> Result<Leadership> {
-        check_projection_name(name)?;
+    async fn acquire(&self, key: &ProjectionName) -> Result<Leadership> {
+        let name = key.as_str();
         let id = self
             .inner
             .next_id
@@ -145,7 +145,7 @@ impl LeaderElection for InMemoryLeaderElection {
                         name: name.to_owned(),
                         id,
                     };
-                    return Ok(Leadership::new(name, watch, hold));
+                    return Ok(Leadership::new(key, watch, hold));
                 }
             }
             released.await;

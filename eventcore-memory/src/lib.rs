@@ -58,9 +58,8 @@ use chrono::{SubsecRound, Utc};
 use dashmap::DashMap;
 use eventcore::{
     AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventStore,
-    GlobalPosition, IdempotencyKey, LogQuery, LogRead, ParkedEvent, RecordedEvent, Result,
-    StreamConflict, StreamId, StreamVersion, StreamsSnapshot, check_checkpoint_position,
-    check_projection_name,
+    GlobalPosition, IdempotencyKey, LogQuery, LogRead, ParkedEvent, ProjectionName, RecordedEvent,
+    Result, StreamConflict, StreamId, StreamVersion, StreamsSnapshot, check_checkpoint_position,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -369,13 +368,13 @@ impl EventStore for InMemoryEventStore {
         tokio::task::coop::consume_budget().await;
         let log = self.inner.log.read();
         let start = query
-            .after_position()
+            .after()
             .map_or(0, |p| usize::try_from(p.value()).unwrap_or(usize::MAX));
         let events: Vec<RecordedEvent> = log
             .events
             .iter_from(start)
             .filter(|event| query.matches(event))
-            .take(query.limit_value())
+            .take(query.limit())
             .cloned()
             .collect();
         // Under the same lock: the whole log up to its end was looked at.
@@ -414,37 +413,38 @@ impl EventStore for InMemoryEventStore {
 }
 
 /// The in-memory store keeps projection checkpoints too, with the same rules as every
-/// backend: a checkpoint never moves backwards, names are validated.
+/// backend: a checkpoint never moves backwards, positions no backend stores are refused.
 #[async_trait]
 impl CheckpointStore for InMemoryEventStore {
-    async fn load_checkpoint(&self, projection: &str) -> Result<Option<GlobalPosition>> {
-        check_projection_name(projection)?;
+    async fn load_checkpoint(&self, projection: &ProjectionName) -> Result<Option<GlobalPosition>> {
         Ok(self
             .inner
             .checkpoints
             .lock()
             .positions
-            .get(projection)
+            .get(projection.as_str())
             .copied())
     }
 
-    async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()> {
-        check_projection_name(projection)?;
+    async fn save_checkpoint(
+        &self,
+        projection: &ProjectionName,
+        position: GlobalPosition,
+    ) -> Result<()> {
         check_checkpoint_position(position)?;
         let mut checkpoints = self.inner.checkpoints.lock();
         let entry = checkpoints
             .positions
-            .entry(projection.to_owned())
+            .entry(projection.as_str().to_owned())
             .or_insert(position);
         *entry = (*entry).max(position);
         Ok(())
     }
 
-    async fn reset_checkpoint(&self, projection: &str) -> Result<()> {
-        check_projection_name(projection)?;
+    async fn reset_checkpoint(&self, projection: &ProjectionName) -> Result<()> {
         let mut checkpoints = self.inner.checkpoints.lock();
-        checkpoints.positions.remove(projection);
-        checkpoints.parked.retain(|p| p.projection != projection);
+        checkpoints.positions.remove(projection.as_str());
+        checkpoints.parked.retain(|p| p.projection != *projection);
         Ok(())
     }
 
@@ -461,15 +461,14 @@ impl CheckpointStore for InMemoryEventStore {
         Ok(())
     }
 
-    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>> {
-        check_projection_name(projection)?;
+    async fn parked(&self, projection: &ProjectionName) -> Result<Vec<ParkedEvent>> {
         let mut parked: Vec<ParkedEvent> = self
             .inner
             .checkpoints
             .lock()
             .parked
             .iter()
-            .filter(|p| p.projection == projection)
+            .filter(|p| p.projection == *projection)
             .cloned()
             .collect();
         parked.sort_by_key(|p| p.global_position);

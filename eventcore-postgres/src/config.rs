@@ -121,10 +121,10 @@ pub(crate) const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 /// use eventcore_postgres::{PostgresConfig, SchemaName};
 ///
 /// let config = PostgresConfig::from_url("postgres://app@127.0.0.1/app")?
-///     .schema(SchemaName::try_new("billing")?)
-///     .max_connections(20)
-///     .acquire_timeout(Duration::from_secs(5))
-///     .statement_timeout(Duration::from_secs(10));
+///     .with_schema(SchemaName::try_new("billing")?)
+///     .with_max_connections(20)
+///     .with_acquire_timeout(Duration::from_secs(5))
+///     .with_statement_timeout(Duration::from_secs(10));
 /// # Ok::<(), eventcore_postgres::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -189,20 +189,20 @@ impl PostgresConfig {
     /// [`crate::migrate`] if missing). Stores in different schemas of one database do not
     /// see each other. Give the store a schema of its own: it keeps its migration history
     /// (`_sqlx_migrations`) there.
-    pub fn schema(mut self, schema: SchemaName) -> Self {
+    pub fn with_schema(mut self, schema: SchemaName) -> Self {
         self.schema = schema;
         self
     }
 
     /// The most connections the pool opens (default 10).
-    pub fn max_connections(mut self, max: u32) -> Self {
+    pub fn with_max_connections(mut self, max: u32) -> Self {
         self.max_connections = max.max(1);
         self
     }
 
     /// How long to wait for a free connection before failing with a retryable error
     /// (default 10 s; at most [`MAX_WAIT`], longer is cut to it).
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
         self.acquire_timeout = timeout.min(MAX_WAIT);
         self
     }
@@ -212,7 +212,7 @@ impl PostgresConfig {
     /// milliseconds up to `i32::MAX`: a limit below 1 ms is sent as 1 ms (0 would mean no
     /// limit at all), a longer one than about 24.8 days as that. `Duration::ZERO` means
     /// no limit.
-    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = (!timeout.is_zero()).then_some(timeout);
         self
     }
@@ -220,7 +220,7 @@ impl PostgresConfig {
     /// How often a waiting reader checks for new events when no notification arrives:
     /// the safety net behind LISTEN/NOTIFY (default 1 s; between 10 ms and
     /// [`MAX_WAIT`]).
-    pub fn fallback_poll_interval(mut self, interval: Duration) -> Self {
+    pub fn with_fallback_poll_interval(mut self, interval: Duration) -> Self {
         self.fallback_poll_interval = interval.clamp(Duration::from_millis(10), MAX_WAIT);
         self
     }
@@ -238,13 +238,13 @@ impl PostgresConfig {
     /// in another process learns of new events up to this much later.
     ///
     /// At most [`MAX_WAIT`]; longer is cut to it.
-    pub fn notify_interval(mut self, interval: Duration) -> Self {
+    pub fn with_notify_interval(mut self, interval: Duration) -> Self {
         self.notify_interval = interval.min(MAX_WAIT);
         self
     }
 
     /// How many of the pool's connections the store keeps out of the pool between its
-    /// statements (default: all but two of [`PostgresConfig::max_connections`]; at most
+    /// statements (default: all but two of [`PostgresConfig::with_max_connections`]; at most
     /// all but one). The others go back to the pool after every statement, so
     /// transactions, checkpoints and what the application does with
     /// [`crate::PostgresEventStore::pool`] are served; close the pool with
@@ -259,14 +259,45 @@ impl PostgresConfig {
     /// kept connection only once it is back. Zero keeps none. A store made with
     /// [`crate::PostgresEventStore::from_pool`] shares its pool with the application
     /// and keeps none.
-    pub fn kept_connections(mut self, kept: usize) -> Self {
+    pub fn with_kept_connections(mut self, kept: usize) -> Self {
         self.kept_connections = Some(kept);
         self
     }
 
-    /// The configured schema.
-    pub fn schema_name(&self) -> &SchemaName {
+    /// The schema the store's tables live in.
+    pub fn schema(&self) -> &SchemaName {
         &self.schema
+    }
+
+    /// The most connections the pool opens.
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
+    }
+
+    /// How long an operation waits for a free connection.
+    pub fn acquire_timeout(&self) -> Duration {
+        self.acquire_timeout
+    }
+
+    /// The server-side limit on every statement; `None`: no limit.
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.statement_timeout
+    }
+
+    /// How often a waiting reader checks for new events without a notification.
+    pub fn fallback_poll_interval(&self) -> Duration {
+        self.fallback_poll_interval
+    }
+
+    /// The least time between two notifications to other processes.
+    pub fn notify_interval(&self) -> Duration {
+        self.notify_interval
+    }
+
+    /// How many connections are kept out of the pool between statements; `None`: the
+    /// default (all but two of [`PostgresConfig::max_connections`]).
+    pub fn kept_connections(&self) -> Option<usize> {
+        self.kept_connections
     }
 }
 
@@ -307,10 +338,10 @@ mod tests {
     fn durations_saturate_instead_of_overflowing_a_clock() {
         let config = PostgresConfig::from_url("postgres://u@127.0.0.1/db")
             .expect("parses")
-            .notify_interval(Duration::MAX)
-            .acquire_timeout(Duration::MAX)
-            .fallback_poll_interval(Duration::MAX)
-            .statement_timeout(Duration::ZERO);
+            .with_notify_interval(Duration::MAX)
+            .with_acquire_timeout(Duration::MAX)
+            .with_fallback_poll_interval(Duration::MAX)
+            .with_statement_timeout(Duration::ZERO);
         assert_eq!(config.notify_interval, MAX_WAIT);
         assert_eq!(config.acquire_timeout, MAX_WAIT);
         assert_eq!(config.fallback_poll_interval, MAX_WAIT);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eventcore::{LeaderElection, Leadership, check_projection_name};
+use eventcore::{LeaderElection, Leadership, ProjectionName};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
@@ -58,8 +58,7 @@ impl Drop for Hold {
 
 #[async_trait]
 impl LeaderElection for PostgresLeaderElection {
-    async fn acquire(&self, name: &str) -> eventcore::Result<Leadership> {
-        check_projection_name(name)?;
+    async fn acquire(&self, name: &ProjectionName) -> eventcore::Result<Leadership> {
         let mut conn = PgConnection::connect_with(&self.connect)
             .await
             .map_err(|e| map_sqlx_error(e, "opening the election connection", None))?;
@@ -73,7 +72,7 @@ impl LeaderElection for PostgresLeaderElection {
         // Two 32-bit hashes, of the schema and of the name: a 64-bit key.
         sqlx::query("SELECT pg_advisory_lock(hashtext('eventcore.leader.' || $1), hashtext($2))")
             .bind(&self.schema)
-            .bind(name)
+            .bind(name.as_str())
             .execute(&mut conn)
             .await
             .map_err(|e| map_sqlx_error(e, "waiting for leadership", None))?;

@@ -30,8 +30,8 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = PostgresConfig::from_url(&std::env::var("DATABASE_URL")?)?
-//!     .schema(SchemaName::try_new("bank")?)
-//!     .max_connections(16);
+//!     .with_schema(SchemaName::try_new("bank")?)
+//!     .with_max_connections(16);
 //! let store = PostgresEventStore::connect_with(config).await?;
 //! store.migrate().await?; // idempotent; safe from several processes at once
 //! let executor = CommandExecutor::new(store);

@@ -5,8 +5,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use eventcore::{
-    GlobalPosition, OnFailure, ParkedEvent, ProjectionErrorPolicy, ProjectionFilter, RecordedEvent,
-    RunSummary, StoredEvent, check_projection_name,
+    GlobalPosition, InvalidProjectionName, OnFailure, ParkedEvent, ProjectionErrorPolicy,
+    ProjectionFilter, ProjectionName, RecordedEvent, RunSummary, StoredEvent,
 };
 use serde::de::DeserializeOwned;
 use sqlx::{Connection, PgConnection};
@@ -65,7 +65,10 @@ enum Batch {
 pub struct TransactionalProjectionRunner<P: TransactionalProjection> {
     store: PostgresEventStore,
     projection: P,
+    /// The projection's name as given, for messages and SQL parameters.
     name: String,
+    /// The name, checked once here; an invalid one fails every operation.
+    key: Result<ProjectionName, InvalidProjectionName>,
     batch_size: usize,
     policy: ProjectionErrorPolicy,
 }
@@ -74,10 +77,12 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
     /// A runner for `projection` over `store`.
     pub fn new(store: PostgresEventStore, projection: P) -> Self {
         let name = projection.name().to_owned();
+        let key = ProjectionName::try_new(name.as_str());
         TransactionalProjectionRunner {
             store,
             projection,
             name,
+            key,
             batch_size: 500,
             policy: ProjectionErrorPolicy::default(),
         }
@@ -100,6 +105,11 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         &self.projection
     }
 
+    /// The checked name (a cheap clone).
+    fn key(&self) -> eventcore::Result<ProjectionName> {
+        self.key.clone().map_err(eventcore::Error::from)
+    }
+
     /// Processes batches until the log is exhausted.
     ///
     /// # Errors
@@ -107,7 +117,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
     /// [`eventcore::Error::ProjectionFailed`] when an event cannot be processed and the
     /// policy says stop (everything before it is committed); database errors.
     pub async fn catch_up(&mut self) -> eventcore::Result<RunSummary> {
-        check_projection_name(&self.name)?;
+        self.key()?;
         let mut summary = RunSummary::default();
         loop {
             let span =
@@ -126,7 +136,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
     /// The projection's `reset` error as [`eventcore::Error::Rejected`]; as
     /// [`TransactionalProjectionRunner::catch_up`].
     pub async fn rebuild(&mut self) -> eventcore::Result<RunSummary> {
-        check_projection_name(&self.name)?;
+        self.key()?;
         let store = self.store.clone();
         let mut tx = store
             .pool()
@@ -159,7 +169,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> eventcore::Result<RunSummary> {
         use eventcore::EventStore;
-        check_projection_name(&self.name)?;
+        self.key()?;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut total = RunSummary::default();
         loop {
@@ -180,7 +190,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             // read may have looked less far than it (the horizon can briefly move back,
             // ADR 0003), and what lies between would wait for some later append.
             let checkpoint =
-                eventcore::CheckpointStore::load_checkpoint(&self.store, &self.name).await?;
+                eventcore::CheckpointStore::load_checkpoint(&self.store, &self.key()?).await?;
             tokio::select! {
                 waited = self.store.wait_for_events(checkpoint.max(scanned)) => waited?,
                 () = &mut shutdown => return Ok(total),
@@ -217,7 +227,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             self.batch_size,
         );
         let types: Option<Vec<&str>> = query
-            .event_types_value()
+            .event_types()
             .map(|types| types.iter().map(|t| t.as_str()).collect());
         let rows = sqlx::query(&sql.read_all)
             .bind(position)
@@ -330,7 +340,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
             })),
             OnFailure::Park => {
                 self.store
-                    .park_on(tx, ParkedEvent::new(&self.name, event, message))
+                    .park_on(tx, ParkedEvent::new(&self.key()?, event, message))
                     .await?;
                 Ok(Ok(false))
             }
@@ -346,7 +356,7 @@ impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
     }
 
     fn policy_on_failure(&self) -> OnFailure {
-        self.policy.failure_action()
+        self.policy.on_failure()
     }
 }
 

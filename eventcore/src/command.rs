@@ -120,35 +120,25 @@ pub trait CommandLogic: CommandStreams {
     /// not by default.
     ///
     /// With [`StateCache::for_command`], the executor keeps the state folded for a set
-    /// of streams, and the next execution of this command type over the same streams
-    /// reads only the events appended since ([`crate::EventStore::read_streams_after`])
-    /// and folds them into the kept state (a copy of it stays cached), instead of
-    /// reading and folding whole streams. The decision is the same: the state is the
-    /// fold of the same events in the same order (when the store's answer does not
-    /// follow on from the cached versions, or events arrive out of global order, the
-    /// entry is dropped and the streams are read again from the start), and the append
-    /// still checks every stream's version.
+    /// of streams; the next execution of this command type over the same streams folds
+    /// only the events appended since into a copy of it, or, right after its own
+    /// append, decides without reading at all (the append's version check on every
+    /// stream proves the state was current; when it was not, the executor reads what is
+    /// new and decides again). Decisions are the same as without the cache.
     ///
-    /// After a successful append the executor folds its own events into the kept state,
-    /// and into the kept states of this command type over each single stream it wrote
-    /// (a transfer's credit to `to` brings the state of transfers from `to` forward).
-    /// The next execution then decides on the kept state without reading at all, and
-    /// its append, which checks every stream at the kept versions, is the proof that
-    /// nothing was written meanwhile: when something was (another process, another
-    /// executor), the append conflicts, and the executor reads what is new and decides
-    /// again (this costs one more round trip, not a retry). A decision that writes
-    /// nothing, or refuses, is never taken on a state no append proved current: it is
-    /// taken again after reading.
+    /// **The contract**: opt in only when `apply` reads nothing of `self`, not even its
+    /// stream fields: the new state may depend only on the old state and the event (its
+    /// payload, its `stream_id`, ...). One cached state serves every command of this
+    /// type over the same streams, whatever its other fields, and is brought forward
+    /// through the `apply` of whichever command of the type wrote to its streams, so a
+    /// state that depends on an amount, an order id, or on which field a stream came
+    /// from would be wrong for the next command. A multi-stream state keys its parts by
+    /// `event.stream_id` (and `handle` picks them with its fields), or folds from one
+    /// stream only with [`StateCache::folded_from`].
     ///
-    /// Opt in only when `apply` reads nothing of `self`, not even its stream fields:
-    /// the new state may depend only on the old state and the event (its payload, its
-    /// `stream_id`, ...). One cached state serves every command of this type over the
-    /// same streams, whatever its other fields, and is brought forward through the
-    /// `apply` of whichever command of the type wrote to its streams, so a state that
-    /// depends on an amount, an order id, or on which field a stream came from would be
-    /// wrong for the next command. A multi-stream state keys
-    /// its parts by `event.stream_id` (and `handle` picks them with its fields), or
-    /// folds from one stream only with [`StateCache::folded_from`].
+    /// The manual's *Commands* page (`docs/commands.md`, "Caching the folded state")
+    /// shows it at work; the rules that keep it correct are listed at the top of
+    /// `eventcore/src/executor/state_cache.rs`, and the decision in ADR 0005.
     ///
     /// ```
     /// # use eventcore::{Command, CommandLogic, CommandResult, ReadStreams, StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite};

@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+use crate::names::{
+    InvalidEventType, InvalidIdempotencyKey, InvalidProjectionName, InvalidStreamId,
+};
 use crate::types::{StreamId, StreamVersion};
 
 /// The result type used throughout EventCore.
@@ -27,22 +30,12 @@ pub enum Error {
 
     /// An event type name was empty, too long or contained control characters.
     /// Event type names are part of the stored data; fix the [`crate::Event`] impl.
-    #[error("invalid event type name {name:?}: {problem}")]
-    InvalidEventType {
-        /// The rejected name.
-        name: String,
-        /// What is wrong with it.
-        problem: NameProblem,
-    },
+    #[error(transparent)]
+    InvalidEventType(#[from] InvalidEventType),
 
     /// An idempotency key was empty, too long or contained control characters.
-    #[error("invalid idempotency key {key:?}: {problem}")]
-    InvalidIdempotencyKey {
-        /// The rejected key.
-        key: String,
-        /// What is wrong with it.
-        problem: NameProblem,
-    },
+    #[error(transparent)]
+    InvalidIdempotencyKey(#[from] InvalidIdempotencyKey),
 
     /// An event payload breaks the rule at the door (see [`crate::limits`]): it is not
     /// JSON, or is too large or too deep, repeats a key, holds a NUL character or a lone
@@ -219,14 +212,10 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
-    /// A projection name was empty, too long or contained control characters.
-    #[error("invalid projection name {name:?}: {problem}")]
-    InvalidProjectionName {
-        /// The rejected name.
-        name: String,
-        /// What is wrong with it.
-        problem: NameProblem,
-    },
+    /// A projection (process manager, saga) name was empty, too long or contained
+    /// control characters.
+    #[error(transparent)]
+    InvalidProjectionName(#[from] InvalidProjectionName),
 
     /// A saga definition or a stored saga cannot be used: a plan with an empty or
     /// repeated step name, or an input that does not decode into the saga's input type.
@@ -368,16 +357,6 @@ pub enum NameProblem {
         /// Byte offset of the first control character.
         at: usize,
     },
-}
-
-/// A string that is not a valid [`StreamId`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid stream id {value:?}: {problem}")]
-pub struct InvalidStreamId {
-    /// The rejected input (cut to 300 bytes so a huge input does not flood logs).
-    pub value: String,
-    /// What is wrong with it.
-    pub problem: NameProblem,
 }
 
 /// The longest name (stream id, event type, idempotency key) accepted, in bytes.

@@ -9,9 +9,10 @@ use serde::de::DeserializeOwned;
 
 use serde::Deserialize;
 
-use crate::error::{Error, JsonProblem, Result, check_name, truncate_for_error};
+use crate::error::{Error, JsonProblem, Result};
 use crate::limits::MAX_PAYLOAD_BYTES;
 use crate::metadata::EventMetadata;
+pub(crate) use crate::names::EventType;
 use crate::types::{CorrelationId, EventId, GlobalPosition, StreamId, StreamVersion};
 
 /// A domain event type.
@@ -139,45 +140,6 @@ impl EventPayload {
 impl fmt::Debug for EventPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "EventPayload({})", &*self.0)
-    }
-}
-
-/// A validated event type name (same rules as a [`StreamId`]).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EventType(Arc<str>);
-
-impl EventType {
-    /// Validates `name`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidEventType`] when `name` is empty, longer than 255 bytes or contains
-    /// a control character.
-    pub fn try_new(name: impl AsRef<str> + Into<Arc<str>>) -> Result<Self> {
-        match check_name(name.as_ref()) {
-            Ok(()) => Ok(EventType(name.into())),
-            Err(problem) => Err(Error::InvalidEventType {
-                name: truncate_for_error(name.as_ref()),
-                problem,
-            }),
-        }
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for EventType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EventType({:?})", &*self.0)
-    }
-}
-
-impl fmt::Display for EventType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(&self.0)
     }
 }
 

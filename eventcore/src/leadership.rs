@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::error::Result;
+use crate::names::ProjectionName;
 
 /// Grants leadership over a name to one holder at a time, across processes where the
 /// backend allows (PostgreSQL: an advisory lock on a dedicated connection), and tells the
@@ -17,14 +18,13 @@ pub trait LeaderElection: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`crate::Error::InvalidProjectionName`]; [`crate::Error::Backend`] when the backend
-    /// fails.
-    async fn acquire(&self, name: &str) -> Result<Leadership>;
+    /// [`crate::Error::Backend`] when the backend fails.
+    async fn acquire(&self, name: &ProjectionName) -> Result<Leadership>;
 }
 
 /// Held leadership over a name. Given up when dropped.
 pub struct Leadership {
-    name: String,
+    name: ProjectionName,
     lost: watch::Receiver<bool>,
     _hold: Box<dyn Send + Sync>,
 }
@@ -32,16 +32,20 @@ pub struct Leadership {
 impl Leadership {
     /// Leadership over `name`, lost when `lost` turns `true` (or its sender is dropped),
     /// released when `hold` is dropped. For backends.
-    pub fn new(name: &str, lost: watch::Receiver<bool>, hold: impl Send + Sync + 'static) -> Self {
+    pub fn new(
+        name: &ProjectionName,
+        lost: watch::Receiver<bool>,
+        hold: impl Send + Sync + 'static,
+    ) -> Self {
         Leadership {
-            name: name.to_owned(),
+            name: name.clone(),
             lost,
             _hold: Box::new(hold),
         }
     }
 
     /// The name held.
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &ProjectionName {
         &self.name
     }
 

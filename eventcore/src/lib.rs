@@ -6,6 +6,12 @@
 //! - A **stream** is an ordered sequence of events named by a validated [`StreamId`].
 //!   Every event has a [`StreamVersion`] in its stream (1, 2, 3, ...) and a
 //!   [`GlobalPosition`] in the store's global log.
+//! - An **event** is a serde type implementing [`Event`], whose `event_type()` is the
+//!   stable name stored beside the payload. It is appended as [`EventData`] (id, type,
+//!   JSON payload, metadata), read back as a [`RecordedEvent`] (with its stream, version,
+//!   position and recording time; a row that cannot be read comes back marked damaged, in
+//!   its place, never dropped) and decoded into a [`StoredEvent<E>`]. What a payload may
+//!   hold, and the limits every backend enforces alike, are in [`limits`].
 //! - A **command** is a struct with `#[derive(Command)]`; its `#[stream]` fields declare
 //!   the streams it reads and may write. [`CommandLogic`] folds the events of those streams
 //!   into a `State` ([`CommandLogic::apply`]) and decides which events to write
@@ -14,17 +20,48 @@
 //! - The [`CommandExecutor`] runs a command: read every stream, fold, decide, and append
 //!   every write atomically with an expected version for *every* stream read, so no
 //!   decision is ever committed on a stale read. Conflicts are retried under a
-//!   [`RetryPolicy`]; business errors ([`require!`]) are not.
+//!   [`RetryPolicy`]; business errors ([`require!`]) are not. A command type may let the
+//!   executor keep its folded state between executions ([`CommandLogic::state_cache`]):
+//!   the next execution reads only what is new, or nothing at all.
+//! - **Metadata and idempotency**: every event carries [`EventMetadata`] (correlation,
+//!   causation, actor, custom fields), set per execution with [`ExecutionOptions`]. An
+//!   [`IdempotencyKey`] makes an execution happen at most once, across retries, processes
+//!   and restarts: a repeat writes nothing and answers with the first outcome.
 //! - A [`Projection`] builds a read model from the global log; the [`ProjectionRunner`]
 //!   catches it up from its durable checkpoint ([`CheckpointStore`]) in batches, then
-//!   follows the log live, with an explicit policy for events it cannot process.
+//!   follows the log live, with an explicit policy for events it cannot process. With a
+//!   [`LeaderElection`], one runner per [`ProjectionName`] is active across processes and
+//!   the others stand by ([`ProjectionRunner::run_as_leader`]).
 //! - A [`ProcessManager`] reacts to events by dispatching commands through a
 //!   [`Dispatcher`] (causation = the event, an idempotency key derived from it, so a
 //!   redelivered event never repeats a side effect); [`saga`] builds sagas on it: progress
-//!   in the saga's own stream, compensation in reverse order, durable timeouts.
+//!   in the saga's own stream, compensation in reverse order, durable timeouts (on a
+//!   [`Clock`]).
 //! - An [`EventStore`] is the storage contract (object safe: `Arc<dyn EventStore>`).
-//!   `eventcore-memory` provides the in-memory store for tests and examples; the
-//!   conformance suite in `testing` keeps every backend equally strict.
+//!   `eventcore-memory` provides the in-memory store for tests and examples,
+//!   `eventcore-postgres` the production store.
+//!
+//! # For backend authors
+//!
+//! A backend implements three traits, each documented with the semantics it must keep:
+//!
+//! - [`EventStore`]: atomic multi-stream appends checked at every expected version
+//!   ([`AppendRequest::validate`] first, so every backend refuses the same requests), reads
+//!   by stream, and a global log with the prefix property: what a reader has seen never
+//!   gains an event below it later. [`EventStore::read_log`] must say how far the read
+//!   looked ([`LogRead::scanned`]); the runners wait after that, never after a head read
+//!   before it.
+//! - [`CheckpointStore`]: checkpoints that never move backwards and parked events, under
+//!   names that arrive validated ([`ProjectionName`]); positions and parked records no
+//!   backend can store are refused with [`check_checkpoint_position`] and
+//!   [`ParkedEvent::checked`].
+//! - [`LeaderElection`]: one holder per name at a time, told when it lost it.
+//!
+//! The `testing` feature holds the specification as code: instantiate
+//! [`event_store_conformance_tests!`] (the store contract and hostile inputs) and
+//! [`projection_conformance_tests!`] (checkpoints and the runner) in a test module with a
+//! factory of fresh stores, as `eventcore-memory` and `eventcore-postgres` do. A backend
+//! that passes both behaves like the two shipped ones, bit for bit on what it stores.
 //!
 //! # Quick start
 //!
@@ -116,6 +153,7 @@ mod json;
 mod leadership;
 pub mod limits;
 mod metadata;
+mod names;
 mod process;
 mod projection;
 #[cfg(test)]
@@ -139,36 +177,39 @@ pub use crate::command::{
     Command, CommandLogic, CommandStreams, ReadStreams, StateCache, StreamResolver, StreamWrite,
 };
 pub use crate::error::{
-    AppendLimit, BoxError, CommandResult, Error, InvalidStreamId, JsonProblem, MAX_NAME_LEN,
-    NameProblem, Result, StreamConflict, error_chain,
+    AppendLimit, BoxError, CommandResult, Error, JsonProblem, MAX_NAME_LEN, NameProblem, Result,
+    StreamConflict, error_chain,
 };
-pub use crate::event::{
-    Event, EventDamage, EventData, EventPayload, EventType, RecordedEvent, StoredEvent,
-};
+pub use crate::event::{Event, EventDamage, EventData, EventPayload, RecordedEvent, StoredEvent};
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
 pub use crate::leadership::{LeaderElection, Leadership};
 pub use crate::metadata::EventMetadata;
+pub use crate::names::{
+    EventType, IdempotencyKey, InvalidEventType, InvalidIdempotencyKey, InvalidProjectionName,
+    InvalidStreamId, ProjectionName, StreamId,
+};
 pub use crate::process::{
     Dispatcher, MAX_PROCESS_MANAGER_NAME_LEN, ProcessManager, ProcessManagerRunner,
 };
 pub use crate::projection::{
     CheckpointStore, OnFailure, ParkedEvent, Projection, ProjectionErrorPolicy, ProjectionFilter,
     ProjectionMetrics, ProjectionRunner, RunSummary, check_checkpoint_position,
-    check_projection_name,
 };
 pub use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, LogRead, StreamAppend,
     StreamsSnapshot,
 };
 pub use crate::types::{
-    CausationId, CorrelationId, EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId,
-    StreamVersion,
+    CausationId, CorrelationId, EventId, ExpectedVersion, GlobalPosition, StreamVersion,
 };
 
 /// The manual's pages in `docs/`, compiled and run as doc tests so their code cannot
 /// drift from the API.
 #[cfg(doctest)]
 mod manual {
+    #[doc = include_str!("../../README.md")]
+    struct Readme;
+
     #[doc = include_str!("../../docs/getting-started.md")]
     struct GettingStarted;
 

@@ -13,9 +13,10 @@ use crate::error::{Error, NameProblem, Result};
 use crate::event::StoredEvent;
 use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
 use crate::leadership::LeaderElection;
+use crate::names::{InvalidProjectionName, ProjectionName};
 use crate::projection::{
     CheckpointStore, Projection, ProjectionErrorPolicy, ProjectionFilter, ProjectionMetrics,
-    ProjectionRunner, RunSummary, check_projection_name,
+    ProjectionRunner, RunSummary,
 };
 use crate::types::{CausationId, CorrelationId, EventId, IdempotencyKey};
 
@@ -85,7 +86,7 @@ pub const MAX_PROCESS_MANAGER_NAME_LEN: usize = 200;
 ///     }
 ///
 ///     fn filter(&self) -> ProjectionFilter {
-///         ProjectionFilter::all().event_types(["OrderPlaced"]).expect("a valid type name")
+///         ProjectionFilter::all().with_event_types(["OrderPlaced"]).expect("a valid type name")
 ///     }
 ///
 ///     async fn handle(
@@ -213,10 +214,10 @@ impl<'a> Dispatcher<'a> {
         ))?;
         self.dispatched += 1;
         Ok(ExecutionOptions::new()
-            .idempotency_key(key)
-            .correlation_id(self.correlation_id)
-            .causation_id(CausationId::from(self.cause))
-            .actor(self.manager.to_owned()))
+            .with_idempotency_key(key)
+            .with_correlation_id(self.correlation_id)
+            .with_causation_id(CausationId::from(self.cause))
+            .with_actor(self.manager.to_owned()))
     }
 }
 
@@ -234,15 +235,20 @@ impl fmt::Debug for Dispatcher<'_> {
 /// Checks a process manager name: a valid projection name of at most
 /// [`MAX_PROCESS_MANAGER_NAME_LEN`] bytes.
 pub(crate) fn check_manager_name(name: &str) -> Result<()> {
-    check_projection_name(name)?;
-    if name.len() > MAX_PROCESS_MANAGER_NAME_LEN {
-        return Err(Error::InvalidProjectionName {
-            name: name.to_owned(),
+    check_name_len(name, MAX_PROCESS_MANAGER_NAME_LEN)
+}
+
+/// A valid projection name of at most `max` bytes.
+pub(crate) fn check_name_len(name: &str, max: usize) -> Result<()> {
+    ProjectionName::try_new(name)?;
+    if name.len() > max {
+        return Err(Error::InvalidProjectionName(InvalidProjectionName {
+            value: name.to_owned(),
             problem: NameProblem::TooLong {
                 len: name.len(),
-                max: MAX_PROCESS_MANAGER_NAME_LEN,
+                max,
             },
-        });
+        }));
     }
     Ok(())
 }

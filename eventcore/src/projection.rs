@@ -11,10 +11,11 @@ use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use crate::error::{BoxError, Error, Result, check_name, error_chain, truncate_for_error};
+use crate::error::{BoxError, Error, Result, error_chain};
 use crate::event::{RecordedEvent, StoredEvent};
 use crate::executor::RetryPolicy;
 use crate::leadership::LeaderElection;
+use crate::names::{EventType, InvalidProjectionName, ProjectionName};
 use crate::store::{EventStore, LogQuery};
 use crate::types::{EventId, GlobalPosition, StreamId, StreamVersion};
 
@@ -34,8 +35,8 @@ impl ProjectionFilter {
     }
 
     /// Only events of streams whose id starts with `prefix`.
-    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.template = self.template.stream_prefix(prefix);
+    pub fn with_stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.template = self.template.with_stream_prefix(prefix);
         self
     }
 
@@ -44,19 +45,29 @@ impl ProjectionFilter {
     /// # Errors
     ///
     /// [`Error::InvalidEventType`] if a name is not a valid event type name.
-    pub fn event_types<I>(mut self, types: I) -> Result<Self>
+    pub fn with_event_types<I>(mut self, types: I) -> Result<Self>
     where
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        self.template = self.template.event_types(types)?;
+        self.template = self.template.with_event_types(types)?;
         Ok(self)
+    }
+
+    /// The stream prefix filter.
+    pub fn stream_prefix(&self) -> Option<&str> {
+        self.template.stream_prefix()
+    }
+
+    /// The event type filter.
+    pub fn event_types(&self) -> Option<&[EventType]> {
+        self.template.event_types()
     }
 
     /// The log query for the next batch: after `after`, at most `limit` events, with
     /// these filters.
     pub fn query(&self, after: Option<GlobalPosition>, limit: usize) -> LogQuery {
-        self.template.clone().starting_after(after).limit(limit)
+        self.template.clone().with_after(after).with_limit(limit)
     }
 }
 
@@ -86,7 +97,7 @@ impl ProjectionFilter {
 ///     }
 ///
 ///     fn filter(&self) -> ProjectionFilter {
-///         ProjectionFilter::all().stream_prefix("account-")
+///         ProjectionFilter::all().with_stream_prefix("account-")
 ///     }
 ///
 ///     async fn apply(&mut self, event: &StoredEvent<AccountEvent>) -> Result<(), Self::Error> {
@@ -128,7 +139,7 @@ pub trait Projection: Send + 'static {
 #[non_exhaustive]
 pub struct ParkedEvent {
     /// The projection that parked it.
-    pub projection: String,
+    pub projection: ProjectionName,
     /// The event's id.
     pub event_id: EventId,
     /// Its stream.
@@ -148,9 +159,13 @@ pub struct ParkedEvent {
 impl ParkedEvent {
     /// A parked record of `event` for `projection`, failed with `error` (NUL characters,
     /// which databases cannot store as text, are replaced).
-    pub fn new(projection: &str, event: &RecordedEvent, error: impl Into<String>) -> Self {
+    pub fn new(
+        projection: &ProjectionName,
+        event: &RecordedEvent,
+        error: impl Into<String>,
+    ) -> Self {
         ParkedEvent {
-            projection: projection.to_owned(),
+            projection: projection.clone(),
             event_id: event.event_id,
             stream_id: event.stream_id.clone(),
             stream_version: event.stream_version,
@@ -170,10 +185,8 @@ impl ParkedEvent {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidProjectionName`], [`Error::InvalidPosition`] or
-    /// [`Error::InvalidParkedEvent`].
+    /// [`Error::InvalidPosition`] or [`Error::InvalidParkedEvent`].
     pub fn checked(mut self) -> Result<Self> {
-        check_projection_name(&self.projection)?;
         check_storable("parked event position", self.global_position.value())?;
         check_storable("parked event stream version", self.stream_version.value())?;
         let year = self.parked_at.year();
@@ -198,7 +211,7 @@ impl ParkedEvent {
     /// Assembles a parked event read back from storage (for backends).
     #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
-        projection: String,
+        projection: ProjectionName,
         event_id: EventId,
         stream_id: StreamId,
         stream_version: StreamVersion,
@@ -251,7 +264,11 @@ fn check_storable(what: &'static str, value: u64) -> Result<()> {
 }
 
 /// Durable projection checkpoints and parked events. Implemented by every backend;
-/// checked by `eventcore::testing::checkpoint_conformance`.
+/// checked by [`crate::projection_conformance_tests!`].
+///
+/// Names arrive validated ([`ProjectionName`]); positions may not: a backend refuses
+/// what it cannot store with [`check_checkpoint_position`] and [`ParkedEvent::checked`]
+/// before writing, so every backend keeps and returns the same records.
 #[async_trait]
 pub trait CheckpointStore: Send + Sync + 'static {
     /// The last position the projection processed, `None` if it never saved one.
@@ -259,28 +276,33 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Backend`] when the backend fails.
-    async fn load_checkpoint(&self, projection: &str) -> Result<Option<GlobalPosition>>;
+    async fn load_checkpoint(&self, projection: &ProjectionName) -> Result<Option<GlobalPosition>>;
 
     /// Records that the projection processed everything up to `position`. A checkpoint
     /// never moves backwards: a lower position than the stored one is ignored.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidProjectionName`]; [`Error::Backend`] when the backend fails.
-    async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()>;
+    /// [`Error::InvalidPosition`] for a position no backend stores (0, or above
+    /// [`crate::limits::MAX_POSITION`]); [`Error::Backend`] when the backend fails.
+    async fn save_checkpoint(
+        &self,
+        projection: &ProjectionName,
+        position: GlobalPosition,
+    ) -> Result<()>;
 
     /// Forgets the checkpoint (and the parked events), for a rebuild from the start.
     ///
     /// # Errors
     ///
     /// [`Error::Backend`] when the backend fails.
-    async fn reset_checkpoint(&self, projection: &str) -> Result<()>;
+    async fn reset_checkpoint(&self, projection: &ProjectionName) -> Result<()>;
 
     /// Keeps an event the projection could not process.
     ///
     /// # Errors
     ///
-    /// [`Error::Backend`] when the backend fails.
+    /// As [`ParkedEvent::checked`]; [`Error::Backend`] when the backend fails.
     async fn park(&self, parked: ParkedEvent) -> Result<()>;
 
     /// The events the projection parked, in position order.
@@ -288,20 +310,24 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Backend`] when the backend fails.
-    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>>;
+    async fn parked(&self, projection: &ProjectionName) -> Result<Vec<ParkedEvent>>;
 }
 
 #[async_trait]
 impl<C: CheckpointStore + ?Sized> CheckpointStore for Arc<C> {
-    async fn load_checkpoint(&self, projection: &str) -> Result<Option<GlobalPosition>> {
+    async fn load_checkpoint(&self, projection: &ProjectionName) -> Result<Option<GlobalPosition>> {
         (**self).load_checkpoint(projection).await
     }
 
-    async fn save_checkpoint(&self, projection: &str, position: GlobalPosition) -> Result<()> {
+    async fn save_checkpoint(
+        &self,
+        projection: &ProjectionName,
+        position: GlobalPosition,
+    ) -> Result<()> {
         (**self).save_checkpoint(projection, position).await
     }
 
-    async fn reset_checkpoint(&self, projection: &str) -> Result<()> {
+    async fn reset_checkpoint(&self, projection: &ProjectionName) -> Result<()> {
         (**self).reset_checkpoint(projection).await
     }
 
@@ -309,21 +335,9 @@ impl<C: CheckpointStore + ?Sized> CheckpointStore for Arc<C> {
         (**self).park(parked).await
     }
 
-    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>> {
+    async fn parked(&self, projection: &ProjectionName) -> Result<Vec<ParkedEvent>> {
         (**self).parked(projection).await
     }
-}
-
-/// Checks a projection name: same rules as a stream id.
-///
-/// # Errors
-///
-/// [`Error::InvalidProjectionName`].
-pub fn check_projection_name(name: &str) -> Result<()> {
-    check_name(name).map_err(|problem| Error::InvalidProjectionName {
-        name: truncate_for_error(name),
-        problem,
-    })
 }
 
 /// What the runner does when an event cannot be processed.
@@ -376,7 +390,7 @@ impl ProjectionErrorPolicy {
     }
 
     /// Sets what happens after the last attempt.
-    pub const fn on_failure(mut self, on_failure: OnFailure) -> Self {
+    pub const fn with_on_failure(mut self, on_failure: OnFailure) -> Self {
         self.on_failure = on_failure;
         self
     }
@@ -387,7 +401,7 @@ impl ProjectionErrorPolicy {
     }
 
     /// What happens after the last attempt.
-    pub const fn failure_action(&self) -> OnFailure {
+    pub const fn on_failure(&self) -> OnFailure {
         self.on_failure
     }
 
@@ -498,7 +512,11 @@ pub struct RunSummary {
 /// ```
 pub struct ProjectionRunner<P: Projection> {
     projection: P,
+    /// The projection's name as given, for messages.
     name: String,
+    /// The name checkpoints and leadership are kept under: checked once, here; an
+    /// invalid one fails every operation.
+    key: std::result::Result<ProjectionName, InvalidProjectionName>,
     events: Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
     batch_size: usize,
@@ -522,9 +540,11 @@ impl<P: Projection> ProjectionRunner<P> {
         checkpoints: Arc<dyn CheckpointStore>,
     ) -> Self {
         let name = projection.name().to_owned();
+        let key = ProjectionName::try_new(name.as_str());
         ProjectionRunner {
             projection,
             name,
+            key,
             events,
             checkpoints,
             batch_size: Self::DEFAULT_BATCH_SIZE,
@@ -604,12 +624,12 @@ impl<P: Projection> ProjectionRunner<P> {
         election: &dyn LeaderElection,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<RunSummary> {
-        check_projection_name(&self.name)?;
+        let key = self.key()?;
         let mut summary = RunSummary::default();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let acquired = tokio::select! {
-                held = election.acquire(&self.name) => held,
+                held = election.acquire(&key) => held,
                 () = &mut shutdown => break,
             };
             let mut leadership = match acquired {
@@ -686,8 +706,8 @@ impl<P: Projection> ProjectionRunner<P> {
     /// As [`ProjectionRunner::catch_up`], and the projection's own `reset` error as
     /// [`Error::Rejected`].
     pub async fn rebuild(&mut self) -> Result<RunSummary> {
-        check_projection_name(&self.name)?;
-        self.checkpoints.reset_checkpoint(&self.name).await?;
+        let key = self.key()?;
+        self.checkpoints.reset_checkpoint(&key).await?;
         self.projection.reset().await.map_err(Error::rejected)?;
         self.position = None;
         self.scanned = None;
@@ -700,8 +720,8 @@ impl<P: Projection> ProjectionRunner<P> {
         if self.loaded {
             return Ok(());
         }
-        check_projection_name(&self.name)?;
-        self.position = self.checkpoints.load_checkpoint(&self.name).await?;
+        let key = self.key()?;
+        self.position = self.checkpoints.load_checkpoint(&key).await?;
         self.metrics.inner.checkpoint.store(
             self.position.map_or(0, GlobalPosition::value),
             Ordering::Relaxed,
@@ -764,7 +784,7 @@ impl<P: Projection> ProjectionRunner<P> {
             // events again (the next successful save covers them).
             self.position = Some(position);
             self.checkpoints
-                .save_checkpoint(&self.name, position)
+                .save_checkpoint(&self.key()?, position)
                 .await?;
             let count = batch.len() as u64;
             self.metrics
@@ -815,6 +835,11 @@ impl<P: Projection> ProjectionRunner<P> {
         }
     }
 
+    /// The checked name (a cheap clone).
+    fn key(&self) -> Result<ProjectionName> {
+        self.key.clone().map_err(Error::from)
+    }
+
     async fn give_up(&mut self, event: &RecordedEvent, error: BoxError) -> Result<Outcome> {
         let message = error_chain(&*error);
         match self.policy.on_failure {
@@ -829,7 +854,7 @@ impl<P: Projection> ProjectionRunner<P> {
             OnFailure::Park => {
                 tracing::error!(projection = %self.name, position = %event.global_position, %message, "parking an event");
                 self.checkpoints
-                    .park(ParkedEvent::new(&self.name, event, message))
+                    .park(ParkedEvent::new(&self.key()?, event, message))
                     .await?;
                 self.metrics.inner.parked.fetch_add(1, Ordering::Relaxed);
                 Ok(Outcome::Parked)

@@ -192,14 +192,14 @@ proptest! {
         limit in any::<usize>(),
     ) {
         let all_valid = types.iter().all(|t| is_valid_name(t));
-        let query = LogQuery::after(crate::GlobalPosition::new(after))
-            .limit(limit)
-            .stream_prefix(prefix.as_str())
-            .event_types(&types);
+        let query = LogQuery::new().with_after(crate::GlobalPosition::new(after))
+            .with_limit(limit)
+            .with_stream_prefix(prefix.as_str())
+            .with_event_types(&types);
         prop_assert_eq!(query.is_ok(), all_valid);
         if let Ok(query) = query {
-            prop_assert_eq!(query.stream_prefix_value(), Some(prefix.as_str()));
-            prop_assert_eq!(query.limit_value(), limit);
+            prop_assert_eq!(query.stream_prefix(), Some(prefix.as_str()));
+            prop_assert_eq!(query.limit(), limit);
         }
         prop_assert!(StreamVersion::new(after).next().value() >= after);
     }

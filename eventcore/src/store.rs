@@ -473,11 +473,13 @@ impl AppendOutcome {
 /// ```
 /// use eventcore::{GlobalPosition, LogQuery};
 ///
-/// let query = LogQuery::after(GlobalPosition::new(41))
-///     .limit(500)
-///     .stream_prefix("account-")
-///     .event_types(["Deposited", "Withdrawn"])?;
-/// assert_eq!(query.limit_value(), 500);
+/// let query = LogQuery::new()
+///     .with_after(GlobalPosition::new(41))
+///     .with_limit(500)
+///     .with_stream_prefix("account-")
+///     .with_event_types(["Deposited", "Withdrawn"])?;
+/// assert_eq!(query.after(), Some(GlobalPosition::new(41)));
+/// assert_eq!(query.limit(), 500);
 /// # Ok::<(), eventcore::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -492,8 +494,9 @@ impl LogQuery {
     /// The batch size used when none is given.
     pub const DEFAULT_LIMIT: usize = 1_000;
 
-    /// From the first event of the log.
-    pub fn from_start() -> Self {
+    /// Every event from the first one of the log, at most [`LogQuery::DEFAULT_LIMIT`]
+    /// of them; narrowed with the `with_*` methods.
+    pub fn new() -> Self {
         LogQuery {
             after: None,
             limit: Self::DEFAULT_LIMIT,
@@ -502,27 +505,14 @@ impl LogQuery {
         }
     }
 
-    /// The events after `position` (exclusive).
-    pub fn after(position: GlobalPosition) -> Self {
-        Self::after_opt(Some(position))
-    }
-
-    /// The events after `position`, or from the start when it is `None`.
-    pub fn after_opt(position: Option<GlobalPosition>) -> Self {
-        LogQuery {
-            after: position,
-            ..Self::from_start()
-        }
-    }
-
-    /// The same query, starting after `position` (from the start when `None`).
-    pub fn starting_after(mut self, position: Option<GlobalPosition>) -> Self {
-        self.after = position;
+    /// Only the events after `position` (exclusive); from the start with `None`.
+    pub fn with_after(mut self, position: impl Into<Option<GlobalPosition>>) -> Self {
+        self.after = position.into();
         self
     }
 
     /// At most `limit` events (the first ones after the start).
-    pub fn limit(mut self, limit: usize) -> Self {
+    pub fn with_limit(mut self, limit: usize) -> Self {
         self.limit = limit;
         self
     }
@@ -530,7 +520,7 @@ impl LogQuery {
     /// Only events whose stream id starts with `prefix`. A prefix no stream id can
     /// start with (one holding a control character such as NUL, or longer than
     /// [`crate::MAX_NAME_LEN`]) selects nothing, on every backend.
-    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+    pub fn with_stream_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.stream_prefix = Some(prefix.into());
         self
     }
@@ -540,36 +530,36 @@ impl LogQuery {
     /// # Errors
     ///
     /// [`Error::InvalidEventType`] if a name is not a valid event type name.
-    pub fn event_types<I>(mut self, types: I) -> Result<Self>
+    pub fn with_event_types<I>(mut self, types: I) -> Result<Self>
     where
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
         let types = types
             .into_iter()
-            .map(|t| EventType::try_new(t.as_ref()))
+            .map(|t| EventType::try_new(t.as_ref()).map_err(Error::from))
             .collect::<Result<Vec<_>>>()?;
         self.event_types = Some(types);
         Ok(self)
     }
 
     /// The exclusive start position.
-    pub fn after_position(&self) -> Option<GlobalPosition> {
+    pub fn after(&self) -> Option<GlobalPosition> {
         self.after
     }
 
     /// The batch size.
-    pub fn limit_value(&self) -> usize {
+    pub fn limit(&self) -> usize {
         self.limit
     }
 
     /// The stream prefix filter.
-    pub fn stream_prefix_value(&self) -> Option<&str> {
+    pub fn stream_prefix(&self) -> Option<&str> {
         self.stream_prefix.as_deref()
     }
 
     /// The event type filter.
-    pub fn event_types_value(&self) -> Option<&[EventType]> {
+    pub fn event_types(&self) -> Option<&[EventType]> {
         self.event_types.as_deref()
     }
 
@@ -608,19 +598,19 @@ impl LogRead {
         bound: Option<GlobalPosition>,
     ) -> Self {
         let last = events.last().map(|event| event.global_position);
-        let scanned = if events.len() >= query.limit_value() {
+        let scanned = if events.len() >= query.limit() {
             last
         } else {
             last.max(bound)
         };
         // Below the query's start, nothing was looked at.
-        let scanned = scanned.filter(|s| query.after_position().is_none_or(|after| *s > after));
+        let scanned = scanned.filter(|s| query.after().is_none_or(|after| *s > after));
         LogRead { events, scanned }
     }
 }
 
 impl Default for LogQuery {
     fn default() -> Self {
-        Self::from_start()
+        Self::new()
     }
 }

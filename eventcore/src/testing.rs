@@ -265,7 +265,29 @@ mod tests {
         }
         assert_eq!(
             listed("__event_store_conformance_tests"),
-            checks(include_str!("testing/conformance.rs"))
+            [
+                include_str!("testing/conformance/append.rs"),
+                include_str!("testing/conformance/concurrency.rs"),
+                include_str!("testing/conformance/idempotency.rs"),
+                include_str!("testing/conformance/log.rs"),
+                include_str!("testing/conformance/read.rs"),
+                include_str!("testing/conformance/validation.rs"),
+            ]
+            .into_iter()
+            .flat_map(checks)
+            .collect::<BTreeSet<_>>()
+        );
+        // Every topic file is listed above: a new one must be added there.
+        let topics = std::fs::read_dir(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/testing/conformance"
+        ))
+        .expect("the conformance directory")
+        .count();
+        assert_eq!(topics, 6, "a conformance topic file is not checked");
+        assert!(
+            checks(include_str!("testing/conformance.rs")).is_empty(),
+            "checks belong in the topic files"
         );
         assert_eq!(
             listed("__hostile_input_conformance_tests"),

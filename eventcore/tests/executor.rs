@@ -422,7 +422,7 @@ async fn an_unknown_outcome_with_a_key_is_resolved_through_the_key() {
     let result = executor
         .execute_with(
             &transfer(&a, &b, 3),
-            ExecutionOptions::default().idempotency_key(key.clone()),
+            ExecutionOptions::default().with_idempotency_key(key.clone()),
         )
         .await
         .expect("the key tells the outcome");
@@ -440,7 +440,7 @@ async fn an_unknown_outcome_with_a_key_is_resolved_through_the_key() {
     let again = executor
         .execute_with(
             &transfer(&a, &b, 3),
-            ExecutionOptions::default().idempotency_key(key),
+            ExecutionOptions::default().with_idempotency_key(key),
         )
         .await
         .expect("repeat");
@@ -465,7 +465,7 @@ async fn attempts_running_out_after_an_unknown_outcome_report_it() {
         .execute_with(
             &transfer(&a, &b, 3),
             ExecutionOptions::default()
-                .idempotency_key(IdempotencyKey::try_new("transfer-2").expect("key")),
+                .with_idempotency_key(IdempotencyKey::try_new("transfer-2").expect("key")),
         )
         .await
         .expect_err("never learned the outcome");
@@ -684,16 +684,16 @@ async fn metadata_carries_correlation_causation_actor_and_custom_fields() {
         .execute_with(
             &transfer(&a, &b, 1),
             ExecutionOptions::new()
-                .correlation_id(correlation)
-                .causation_id(causation)
-                .actor("clerk-9")
-                .custom("channel", "branch"),
+                .with_correlation_id(correlation)
+                .with_causation_id(causation)
+                .with_actor("clerk-9")
+                .with_custom("channel", "branch"),
         )
         .await
         .expect("ok");
     executor.execute(&transfer(&a, &b, 1)).await.expect("ok");
 
-    let log = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let log = store.read_all(&LogQuery::new()).await.expect("read");
     let first: Vec<_> = log[1..3].iter().map(|e| e.metadata.clone()).collect();
     for metadata in &first {
         assert_eq!(metadata.correlation_id, correlation);
@@ -721,7 +721,7 @@ async fn an_idempotency_key_makes_a_second_execution_return_the_first_outcome() 
     let (a, b) = (id("acc-a"), id("acc-b"));
     seed(&store, &a, vec![credit(10)]).await;
     let key = IdempotencyKey::try_new("transfer-42").expect("valid");
-    let options = ExecutionOptions::new().idempotency_key(key.clone());
+    let options = ExecutionOptions::new().with_idempotency_key(key.clone());
 
     let first = CommandExecutor::new(store.clone())
         .execute_with(&transfer(&a, &b, 4), options.clone())
@@ -756,7 +756,7 @@ async fn racing_executions_with_one_key_write_once() {
             tokio::spawn(async move {
                 barrier.wait().await;
                 executor
-                    .execute_with(&command, ExecutionOptions::new().idempotency_key(key))
+                    .execute_with(&command, ExecutionOptions::new().with_idempotency_key(key))
                     .await
             })
         })

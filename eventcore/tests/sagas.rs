@@ -13,8 +13,8 @@ use eventcore::saga::{
 use eventcore::{
     CheckpointStore, Command, CommandExecutor, CommandLogic, CommandResult, CorrelationId,
     Dispatcher, Error, EventStore, ExecutionOptions, LogQuery, ProcessManager,
-    ProcessManagerRunner, ProjectionErrorPolicy, ProjectionFilter, ReadStreams, RecordedEvent,
-    StoredEvent, StreamId, StreamResolver, StreamWrite, require,
+    ProcessManagerRunner, ProjectionErrorPolicy, ProjectionFilter, ProjectionName, ReadStreams,
+    RecordedEvent, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
 use eventcore_memory::InMemoryEventStore;
 use serde::{Deserialize, Serialize};
@@ -310,7 +310,7 @@ impl World {
 
     async fn log(&self) -> Vec<RecordedEvent> {
         self.store
-            .read_all(&LogQuery::from_start().limit(100_000))
+            .read_all(&LogQuery::new().with_limit(100_000))
             .await
             .expect("log")
     }
@@ -506,7 +506,11 @@ async fn duplicate_answers_and_redelivery_change_nothing() {
 
     // Every event handed over again: the manager's dispatches are found by key.
     let head = world.store.head_position().await.expect("head");
-    world.store.reset_checkpoint("trip").await.expect("reset");
+    world
+        .store
+        .reset_checkpoint(&ProjectionName::from_static("trip"))
+        .await
+        .expect("reset");
     let mut restarted = World::over(world.store.clone(), world.clock.clone());
     restarted.settle().await;
     assert_eq!(restarted.store.head_position().await.expect("head"), head);
@@ -541,7 +545,7 @@ async fn the_timer_follows_the_log_live_and_fires_on_the_clock() {
             world.store.wait_for_events(after).await.expect("wait");
             let batch = world
                 .store
-                .read_all(&LogQuery::after_opt(after).limit(100))
+                .read_all(&LogQuery::new().with_after(after).with_limit(100))
                 .await
                 .expect("read");
             for event in &batch {
@@ -655,7 +659,7 @@ impl ProcessManager for Notary {
 
     fn filter(&self) -> ProjectionFilter {
         ProjectionFilter::all()
-            .event_types(["TripRequested"])
+            .with_event_types(["TripRequested"])
             .expect("valid")
     }
 
@@ -691,7 +695,7 @@ async fn dispatched_commands_carry_the_cause_and_are_not_repeated_on_redelivery(
                     refuse_car: false,
                 },
             },
-            ExecutionOptions::new().correlation_id(correlation),
+            ExecutionOptions::new().with_correlation_id(correlation),
         )
         .await
         .expect("posted");
@@ -715,7 +719,10 @@ async fn dispatched_commands_carry_the_cause_and_are_not_repeated_on_redelivery(
     }
 
     // A crash before the checkpoint was saved: the event is handed over again.
-    store.reset_checkpoint("notary").await.expect("reset");
+    store
+        .reset_checkpoint(&ProjectionName::from_static("notary"))
+        .await
+        .expect("reset");
     let head = store.head_position().await.expect("head");
     let mut again = ProcessManagerRunner::new(notary(), executor.clone(), Arc::new(store.clone()));
     assert_eq!(again.catch_up().await.expect("ran").applied, 1);
@@ -776,7 +783,7 @@ async fn an_undecodable_step_event_does_not_stop_the_timer() {
     .with_error_policy(
         ProjectionErrorPolicy::new()
             .with_max_attempts(1)
-            .on_failure(eventcore::OnFailure::Park),
+            .with_on_failure(eventcore::OnFailure::Park),
     );
     let bogus = eventcore::EventData::new(
         eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
@@ -804,7 +811,11 @@ async fn an_undecodable_step_event_does_not_stop_the_timer() {
         1,
         "the real instance's deadline is kept"
     );
-    let parked = world.store.parked("trip").await.expect("parked");
+    let parked = world
+        .store
+        .parked(&ProjectionName::from_static("trip"))
+        .await
+        .expect("parked");
     assert_eq!(parked.len(), 1);
     assert!(
         parked[0].error.contains("unknown variant"),

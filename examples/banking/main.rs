@@ -229,9 +229,10 @@ async fn open_store() -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>>
     };
     let suffix = EventId::new().as_uuid().simple().to_string();
     let schema = SchemaName::try_new(format!("banking_{}", &suffix[suffix.len() - 12..]))?;
-    let store =
-        PostgresEventStore::connect_with(PostgresConfig::from_url(&url)?.schema(schema.clone()))
-            .await?;
+    let store = PostgresEventStore::connect_with(
+        PostgresConfig::from_url(&url)?.with_schema(schema.clone()),
+    )
+    .await?;
     store.migrate().await?;
     println!("Store: PostgreSQL, schema {schema}\n");
     Ok(Arc::new(store))
@@ -311,9 +312,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let correlation = CorrelationId::new();
     let options = ExecutionOptions::new()
-        .correlation_id(correlation)
-        .actor("teller-7")
-        .idempotency_key(IdempotencyKey::try_new("payroll-2026-11/bob")?);
+        .with_correlation_id(correlation)
+        .with_actor("teller-7")
+        .with_idempotency_key(IdempotencyKey::try_new("payroll-2026-11/bob")?);
     let payroll = Transfer {
         from: alice.clone(),
         to: bob.clone(),
@@ -339,7 +340,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(total, 125, "money must be conserved");
 
     println!("\nThe global log");
-    for event in backend.read_all(&LogQuery::from_start()).await? {
+    for event in backend.read_all(&LogQuery::new()).await? {
         let metadata = &event.metadata;
         println!(
             "  #{:<2} {:<14} v{:<2} {:<15} actor={}",

@@ -34,9 +34,10 @@ async fn open_store() -> Result<Stores, Box<dyn std::error::Error>> {
     };
     let suffix = EventId::new().as_uuid().simple().to_string();
     let schema = SchemaName::try_new(format!("ecommerce_{}", &suffix[suffix.len() - 12..]))?;
-    let store =
-        PostgresEventStore::connect_with(PostgresConfig::from_url(&url)?.schema(schema.clone()))
-            .await?;
+    let store = PostgresEventStore::connect_with(
+        PostgresConfig::from_url(&url)?.with_schema(schema.clone()),
+    )
+    .await?;
     store.migrate().await?;
     println!("Store: PostgreSQL, schema {schema}\n");
     Ok((Arc::new(store.clone()), Arc::new(store)))

@@ -365,8 +365,8 @@ impl PaymentGatewayAdapter {
     /// An adapter over `gateway`.
     pub fn new(gateway: std::sync::Arc<FakeGateway>) -> eventcore::Result<Self> {
         let filter = ProjectionFilter::all()
-            .stream_prefix("payment-")
-            .event_types(["PaymentRequested"])?;
+            .with_stream_prefix("payment-")
+            .with_event_types(["PaymentRequested"])?;
         Ok(PaymentGatewayAdapter { gateway, filter })
     }
 }

@@ -442,7 +442,10 @@ pub async fn e_duplicate_payment_event(
     };
     let repeated = shop
         .executor()
-        .execute_with(&again, ExecutionOptions::new().correlation_id(correlation))
+        .execute_with(
+            &again,
+            ExecutionOptions::new().with_correlation_id(correlation),
+        )
         .await?;
     ensure!(
         S,
@@ -455,7 +458,9 @@ pub async fn e_duplicate_payment_event(
     let head = shop.executor().store().head_position().await?;
     let calls = shop.gateway().calls();
     for name in [OrderSaga::NAME, "payment-gateway"] {
-        shop.checkpoints().reset_checkpoint(name).await?;
+        shop.checkpoints()
+            .reset_checkpoint(&eventcore::ProjectionName::from_static(name))
+            .await?;
     }
     *shop = shop.restart()?;
     let handled = shop.settle().await?;
@@ -583,11 +588,11 @@ pub async fn f_race_for_the_last_unit(
     let (a, b) = tokio::join!(
         racing.execute_with(
             &reserve_first,
-            ExecutionOptions::new().correlation_id(first)
+            ExecutionOptions::new().with_correlation_id(first)
         ),
         racing.execute_with(
             &reserve_second,
-            ExecutionOptions::new().correlation_id(second)
+            ExecutionOptions::new().with_correlation_id(second)
         ),
     );
     let (winner, loser, result) = match (&a, &b) {
@@ -763,7 +768,10 @@ pub async fn g_payment_times_out(
         answer,
     };
     shop.executor()
-        .execute_with(&late, ExecutionOptions::new().correlation_id(correlation))
+        .execute_with(
+            &late,
+            ExecutionOptions::new().with_correlation_id(correlation),
+        )
         .await?;
     let history = shop.saga_history("G-1").await?.len();
     shop.settle().await?;

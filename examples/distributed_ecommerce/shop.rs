@@ -168,8 +168,8 @@ impl Shop {
             .execute_with(
                 &command,
                 ExecutionOptions::new()
-                    .correlation_id(correlation)
-                    .actor(customer.to_owned()),
+                    .with_correlation_id(correlation)
+                    .with_actor(customer.to_owned()),
             )
             .await?;
         Ok(correlation)
@@ -222,7 +222,7 @@ impl Shop {
             let batch = self
                 .executor
                 .store()
-                .read_all(&LogQuery::after_opt(after).limit(1_000))
+                .read_all(&LogQuery::new().with_after(after).with_limit(1_000))
                 .await?;
             if batch.is_empty() {
                 return Ok(events);

@@ -44,7 +44,7 @@ impl OrderView {
         let types = SHOP_EVENT_TYPES.iter().filter(|t| **t != "StockAdded");
         Ok(OrderView {
             orders: BTreeMap::new(),
-            filter: ProjectionFilter::all().event_types(types)?,
+            filter: ProjectionFilter::all().with_event_types(types)?,
         })
     }
 

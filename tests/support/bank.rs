@@ -165,7 +165,7 @@ pub async fn read_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
     let mut after = None;
     loop {
         let batch = store
-            .read_all(&LogQuery::after_opt(after).limit(2_000))
+            .read_all(&LogQuery::new().with_after(after).with_limit(2_000))
             .await
             .expect("read_all");
         let Some(last) = batch.last() else {

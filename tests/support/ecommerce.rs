@@ -171,21 +171,27 @@ impl EventStore for CrashingStore {
 
 #[async_trait]
 impl CheckpointStore for CrashingStore {
-    async fn load_checkpoint(&self, projection: &str) -> eventcore::Result<Option<GlobalPosition>> {
+    async fn load_checkpoint(
+        &self,
+        projection: &eventcore::ProjectionName,
+    ) -> eventcore::Result<Option<GlobalPosition>> {
         self.operate()?;
         self.checkpoints.load_checkpoint(projection).await
     }
 
     async fn save_checkpoint(
         &self,
-        projection: &str,
+        projection: &eventcore::ProjectionName,
         position: GlobalPosition,
     ) -> eventcore::Result<()> {
         self.operate()?;
         self.checkpoints.save_checkpoint(projection, position).await
     }
 
-    async fn reset_checkpoint(&self, projection: &str) -> eventcore::Result<()> {
+    async fn reset_checkpoint(
+        &self,
+        projection: &eventcore::ProjectionName,
+    ) -> eventcore::Result<()> {
         self.operate()?;
         self.checkpoints.reset_checkpoint(projection).await
     }
@@ -195,7 +201,10 @@ impl CheckpointStore for CrashingStore {
         self.checkpoints.park(parked).await
     }
 
-    async fn parked(&self, projection: &str) -> eventcore::Result<Vec<ParkedEvent>> {
+    async fn parked(
+        &self,
+        projection: &eventcore::ProjectionName,
+    ) -> eventcore::Result<Vec<ParkedEvent>> {
         self.operate()?;
         self.checkpoints.parked(projection).await
     }

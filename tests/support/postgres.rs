@@ -22,8 +22,8 @@ pub fn fresh_schema() -> SchemaName {
 pub fn config(schema: &SchemaName) -> PostgresConfig {
     PostgresConfig::from_url(&database_url())
         .expect("DATABASE_URL parses")
-        .schema(schema.clone())
-        .max_connections(12)
+        .with_schema(schema.clone())
+        .with_max_connections(12)
 }
 
 /// A migrated store in `schema`, on a pool of its own.

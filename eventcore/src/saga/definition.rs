@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::event::StoredEvent;
 use crate::executor::ExecutionResult;
-use crate::process::{Dispatcher, check_manager_name};
+use crate::process::{Dispatcher, check_name_len};
 use crate::types::StreamId;
 
 /// One step of a saga: a name, unique in the saga, and optionally how long it may wait
@@ -201,16 +201,7 @@ pub fn saga_stream(saga: &str, instance: &str) -> Result<StreamId> {
 }
 
 pub(super) fn check_saga_name(name: &str) -> Result<()> {
-    check_manager_name(name)?;
-    if name.len() > MAX_SAGA_NAME_LEN {
-        return Err(Error::InvalidProjectionName {
-            name: name.to_owned(),
-            problem: crate::NameProblem::TooLong {
-                len: name.len(),
-                max: MAX_SAGA_NAME_LEN,
-            },
-        });
-    }
+    check_name_len(name, MAX_SAGA_NAME_LEN)?;
     // `saga/<name>/<instance>` must name one saga only: with a `/` in names, saga `a`
     // instance `b/1` and saga `a/b` instance `1` would share a stream.
     if name.contains('/') {

@@ -47,7 +47,7 @@ impl<S: Saga> SagaManager<S> {
         let mut types = saga.listens_to();
         types.push(event_types::STEP_STARTED.to_owned());
         types.push(event_types::COMPENSATION_STARTED.to_owned());
-        let filter = ProjectionFilter::all().event_types(types)?;
+        let filter = ProjectionFilter::all().with_event_types(types)?;
         Ok(SagaManager {
             prefix: format!("saga/{name}/"),
             saga,

@@ -57,9 +57,9 @@ impl SagaTimer {
     /// [`Error::InvalidProjectionName`] for a saga name that is not valid.
     pub fn new(saga: &str, executor: CommandExecutor, clock: Arc<dyn Clock>) -> Result<Self> {
         check_saga_name(saga)?;
-        let query = LogQuery::from_start()
-            .stream_prefix(format!("saga/{saga}/"))
-            .event_types([
+        let query = LogQuery::new()
+            .with_stream_prefix(format!("saga/{saga}/"))
+            .with_event_types([
                 event_types::STEP_STARTED,
                 event_types::STEP_SUCCEEDED,
                 event_types::STEP_FAILED,
@@ -109,8 +109,8 @@ impl SagaTimer {
             let query = self
                 .query
                 .clone()
-                .starting_after(self.position)
-                .limit(Self::BATCH_SIZE);
+                .with_after(self.position)
+                .with_limit(Self::BATCH_SIZE);
             // How far the read looked comes from the read itself, never from a head
             // read before it (which may be ahead of what the read could see).
             let page = self.executor.store().read_log(&query).await?;

@@ -75,10 +75,7 @@ async fn read_back(store: &impl EventStore, s: &StreamId) -> Vec<RecordedEvent> 
 }
 
 async fn assert_nothing_stored(store: &impl EventStore) {
-    let all = store
-        .read_all(&LogQuery::from_start())
-        .await
-        .expect("read all");
+    let all = store.read_all(&LogQuery::new()).await.expect("read all");
     assert!(
         all.is_empty(),
         "a refused append wrote {} events",
@@ -134,13 +131,13 @@ pub async fn nesting_beyond_the_limit_is_refused_everywhere(store: impl EventSto
         .expect("metadata at the limit");
     let events = read_back(&store, &s).await;
     assert_eq!(*events[1].metadata, at_limit);
-    let before = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let before = store.read_all(&LogQuery::new()).await.expect("read");
     for depth in [MAX_JSON_DEPTH - 1, 130, 10_000] {
         let deep = EventMetadata::default().with_custom("trace", nested_value(depth));
         let refused = append_one(&store, &s, with_metadata(deep)).await;
         assert_eq!(problem(&refused), too_deep.problem(), "depth {depth}");
     }
-    let after = store.read_all(&LogQuery::from_start()).await.expect("read");
+    let after = store.read_all(&LogQuery::new()).await.expect("read");
     assert_eq!(before, after, "refused appends wrote nothing");
 }
 
@@ -538,11 +535,11 @@ pub async fn impossible_stream_prefixes_select_nothing(store: impl EventStore) {
         .await
         .expect("stored");
     for prefix in ["pre\0", "\0", "pre-\u{1}", "pre\n", &"p".repeat(300)] {
-        let query = LogQuery::from_start().stream_prefix(prefix);
+        let query = LogQuery::new().with_stream_prefix(prefix);
         let events = store.read_all(&query).await.expect("read");
         assert!(events.is_empty(), "{prefix:?} selected {events:?}");
         store.read_log(&query).await.expect("read_log");
     }
-    let all = LogQuery::from_start().stream_prefix("pre-");
+    let all = LogQuery::new().with_stream_prefix("pre-");
     assert_eq!(store.read_all(&all).await.expect("read").len(), 1);
 }

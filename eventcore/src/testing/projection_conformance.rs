@@ -16,8 +16,8 @@ use super::conformance::ConformanceEvent;
 use crate::{
     AppendRequest, CheckpointStore, Error, EventData, EventMetadata, EventPayload, EventStore,
     EventType, ExpectedVersion, GlobalPosition, LogQuery, OnFailure, ParkedEvent, Projection,
-    ProjectionErrorPolicy, ProjectionFilter, ProjectionRunner, RecordedEvent, StoredEvent,
-    StreamAppend, StreamId,
+    ProjectionErrorPolicy, ProjectionFilter, ProjectionName, ProjectionRunner, RecordedEvent,
+    StoredEvent, StreamAppend, StreamId,
 };
 
 fn stream(name: &str) -> StreamId {
@@ -42,7 +42,7 @@ async fn append(store: &impl EventStore, s: &StreamId, events: Vec<EventData>) {
 
 async fn log(store: &impl EventStore) -> Vec<RecordedEvent> {
     store
-        .read_all(&LogQuery::from_start().limit(1_000_000))
+        .read_all(&LogQuery::new().with_limit(1_000_000))
         .await
         .expect("read_all")
 }
@@ -72,8 +72,8 @@ impl SummingProjection {
         SummingProjection {
             name: name.to_owned(),
             filter: ProjectionFilter::all()
-                .stream_prefix(prefix)
-                .event_types(["Added"])
+                .with_stream_prefix(prefix)
+                .with_event_types(["Added"])
                 .expect("valid"),
             seen: Arc::default(),
             failures: Arc::default(),
@@ -163,16 +163,25 @@ fn fast(on_failure: OnFailure, attempts: u32) -> ProjectionErrorPolicy {
     ProjectionErrorPolicy::new()
         .with_max_attempts(attempts)
         .with_initial_delay(Duration::ZERO)
-        .on_failure(on_failure)
+        .with_on_failure(on_failure)
 }
 
 /// A projection that never saved a checkpoint loads none.
 pub async fn a_missing_checkpoint_loads_as_none<S: EventStore + CheckpointStore + Clone>(store: S) {
     assert_eq!(
-        store.load_checkpoint("never-ran").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("never-ran"))
+            .await
+            .expect("load"),
         None
     );
-    assert!(store.parked("never-ran").await.expect("parked").is_empty());
+    assert!(
+        store
+            .parked(&ProjectionName::from_static("never-ran"))
+            .await
+            .expect("parked")
+            .is_empty()
+    );
 }
 
 /// A saved checkpoint loads back, per projection name, independently.
@@ -180,22 +189,40 @@ pub async fn checkpoints_load_back_per_projection<S: EventStore + CheckpointStor
     store: S,
 ) {
     store
-        .save_checkpoint("orders", GlobalPosition::new(7))
+        .save_checkpoint(
+            &ProjectionName::from_static("orders"),
+            GlobalPosition::new(7),
+        )
         .await
         .expect("save");
     store
-        .save_checkpoint("orders-view", GlobalPosition::new(3))
+        .save_checkpoint(
+            &ProjectionName::from_static("orders-view"),
+            GlobalPosition::new(3),
+        )
         .await
         .expect("save");
     assert_eq!(
-        store.load_checkpoint("orders").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("orders"))
+            .await
+            .expect("load"),
         Some(GlobalPosition::new(7))
     );
     assert_eq!(
-        store.load_checkpoint("orders-view").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("orders-view"))
+            .await
+            .expect("load"),
         Some(GlobalPosition::new(3))
     );
-    assert_eq!(store.load_checkpoint("order").await.expect("load"), None);
+    assert_eq!(
+        store
+            .load_checkpoint(&ProjectionName::from_static("order"))
+            .await
+            .expect("load"),
+        None
+    );
 }
 
 /// A checkpoint never moves backwards; a reset forgets it and the parked events.
@@ -205,41 +232,69 @@ pub async fn a_checkpoint_never_moves_backwards_until_reset<
     store: S,
 ) {
     store
-        .save_checkpoint("p", GlobalPosition::new(10))
+        .save_checkpoint(&ProjectionName::from_static("p"), GlobalPosition::new(10))
         .await
         .expect("save");
     store
-        .save_checkpoint("p", GlobalPosition::new(4))
+        .save_checkpoint(&ProjectionName::from_static("p"), GlobalPosition::new(4))
         .await
         .expect("save lower");
     assert_eq!(
-        store.load_checkpoint("p").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("p"))
+            .await
+            .expect("load"),
         Some(GlobalPosition::new(10))
     );
     store
-        .save_checkpoint("p", GlobalPosition::new(12))
+        .save_checkpoint(&ProjectionName::from_static("p"), GlobalPosition::new(12))
         .await
         .expect("save higher");
     assert_eq!(
-        store.load_checkpoint("p").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("p"))
+            .await
+            .expect("load"),
         Some(GlobalPosition::new(12))
     );
 
     append(&store, &stream("x"), vec![added(1)]).await;
     let event = log(&store).await.remove(0);
     store
-        .park(ParkedEvent::new("p", &event, "boom"))
+        .park(ParkedEvent::new(
+            &ProjectionName::from_static("p"),
+            &event,
+            "boom",
+        ))
         .await
         .expect("park");
-    store.reset_checkpoint("p").await.expect("reset");
-    assert_eq!(store.load_checkpoint("p").await.expect("load"), None);
-    assert!(store.parked("p").await.expect("parked").is_empty());
     store
-        .save_checkpoint("p", GlobalPosition::new(2))
+        .reset_checkpoint(&ProjectionName::from_static("p"))
+        .await
+        .expect("reset");
+    assert_eq!(
+        store
+            .load_checkpoint(&ProjectionName::from_static("p"))
+            .await
+            .expect("load"),
+        None
+    );
+    assert!(
+        store
+            .parked(&ProjectionName::from_static("p"))
+            .await
+            .expect("parked")
+            .is_empty()
+    );
+    store
+        .save_checkpoint(&ProjectionName::from_static("p"), GlobalPosition::new(2))
         .await
         .expect("save after reset");
     assert_eq!(
-        store.load_checkpoint("p").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("p"))
+            .await
+            .expect("load"),
         Some(GlobalPosition::new(2))
     );
 }
@@ -254,15 +309,26 @@ pub async fn parked_events_are_kept_once_in_position_order<
     let events = log(&store).await;
     for event in [&events[2], &events[0], &events[2]] {
         store
-            .park(ParkedEvent::new("p", event, "bad"))
+            .park(ParkedEvent::new(
+                &ProjectionName::from_static("p"),
+                event,
+                "bad",
+            ))
             .await
             .expect("park");
     }
     store
-        .park(ParkedEvent::new("other", &events[1], "bad"))
+        .park(ParkedEvent::new(
+            &ProjectionName::from_static("other"),
+            &events[1],
+            "bad",
+        ))
         .await
         .expect("park");
-    let parked = store.parked("p").await.expect("parked");
+    let parked = store
+        .parked(&ProjectionName::from_static("p"))
+        .await
+        .expect("parked");
     let positions: Vec<_> = parked.iter().map(|p| p.global_position).collect();
     assert_eq!(
         positions,
@@ -272,22 +338,35 @@ pub async fn parked_events_are_kept_once_in_position_order<
     assert_eq!(parked[0].stream_id, events[0].stream_id);
     assert_eq!(parked[0].event_type, "Added");
     assert_eq!(parked[0].error, "bad");
-    assert_eq!(store.parked("other").await.expect("parked").len(), 1);
+    assert_eq!(
+        store
+            .parked(&ProjectionName::from_static("other"))
+            .await
+            .expect("parked")
+            .len(),
+        1
+    );
 }
 
-/// Invalid projection names are refused with a typed error.
+/// Invalid projection names never reach a backend: [`ProjectionName`] refuses them, and a
+/// runner given one fails every operation with a typed error before it reads or writes
+/// anything (the events stay unapplied, no checkpoint is stored under a valid name).
 pub async fn invalid_projection_names_are_refused<S: EventStore + CheckpointStore + Clone>(
     store: S,
 ) {
+    append(&store, &stream("sum-1"), vec![added(1), added(2)]).await;
     for bad in ["", "tab\tname"] {
-        assert!(matches!(
-            store.save_checkpoint(bad, GlobalPosition::new(1)).await,
-            Err(Error::InvalidProjectionName { .. })
-        ));
-        assert!(matches!(
-            store.load_checkpoint(bad).await,
-            Err(Error::InvalidProjectionName { .. })
-        ));
+        assert!(ProjectionName::try_new(bad).is_err(), "{bad:?}");
+        let projection = SummingProjection::new(bad, "sum-");
+        let seen = projection.seen();
+        let mut runner = runner(&store, projection);
+        for result in [runner.catch_up().await, runner.rebuild().await] {
+            assert!(
+                matches!(result, Err(Error::InvalidProjectionName(_))),
+                "{bad:?}: {result:?}"
+            );
+        }
+        assert!(seen.lock().positions.is_empty(), "{bad:?}: applied events");
     }
 }
 
@@ -308,7 +387,13 @@ pub async fn the_runner_catches_up_and_resumes_from_its_checkpoint<
     assert_eq!(summary.applied, 25);
     let last = log(&store).await.last().map(|e| e.global_position);
     assert_eq!(summary.checkpoint, last);
-    assert_eq!(store.load_checkpoint("sums").await.expect("load"), last);
+    assert_eq!(
+        store
+            .load_checkpoint(&ProjectionName::from_static("sums"))
+            .await
+            .expect("load"),
+        last
+    );
     assert_eq!(seen.lock().sums[&a], 78);
     assert_eq!(seen.lock().sums[&b], 91);
     assert_eq!(first.metrics().lag(), 0);
@@ -409,7 +494,10 @@ pub async fn a_failing_event_stops_the_runner_with_the_checkpoint_before_it<
         other => panic!("expected ProjectionFailed, got {other:?}"),
     }
     assert_eq!(
-        store.load_checkpoint("stubborn").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("stubborn"))
+            .await
+            .expect("load"),
         Some(events[1].global_position),
         "the checkpoint must not pass the failed event"
     );
@@ -448,14 +536,20 @@ pub async fn failing_and_undecodable_events_are_parked_when_the_policy_says_so<
     assert_eq!((summary.applied, summary.parked), (2, 2));
     assert_eq!(runner.metrics().parked(), 2);
     assert_eq!(seen.lock().sums[&s], 4);
-    let parked = store.parked("parking").await.expect("parked");
+    let parked = store
+        .parked(&ProjectionName::from_static("parking"))
+        .await
+        .expect("parked");
     let positions: Vec<_> = parked.iter().map(|p| p.global_position).collect();
     assert_eq!(
         positions,
         vec![events[1].global_position, events[2].global_position]
     );
     assert_eq!(
-        store.load_checkpoint("parking").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("parking"))
+            .await
+            .expect("load"),
         Some(events[3].global_position)
     );
 
@@ -573,7 +667,13 @@ pub async fn a_live_runner_sees_every_event_once_in_order<
     assert_eq!(seen.sums, sums);
     let last = all.last().map(|e| e.global_position);
     assert_eq!(summary.checkpoint, last);
-    assert_eq!(store.load_checkpoint("live").await.expect("load"), last);
+    assert_eq!(
+        store
+            .load_checkpoint(&ProjectionName::from_static("live"))
+            .await
+            .expect("load"),
+        last
+    );
     assert_eq!(metrics.processed(), total as u64);
 }
 
@@ -671,20 +771,35 @@ pub async fn checkpoints_no_backend_can_store_are_refused<
     let max = crate::limits::MAX_POSITION;
     for bad in [0, max + 1, u64::MAX] {
         let refused = store
-            .save_checkpoint("edge", GlobalPosition::new(bad))
+            .save_checkpoint(
+                &ProjectionName::from_static("edge"),
+                GlobalPosition::new(bad),
+            )
             .await;
         assert!(
             matches!(refused, Err(Error::InvalidPosition { value, .. }) if value == bad),
             "{bad}: {refused:?}"
         );
-        assert_eq!(store.load_checkpoint("edge").await.expect("load"), None);
+        assert_eq!(
+            store
+                .load_checkpoint(&ProjectionName::from_static("edge"))
+                .await
+                .expect("load"),
+            None
+        );
     }
     store
-        .save_checkpoint("edge", GlobalPosition::new(max))
+        .save_checkpoint(
+            &ProjectionName::from_static("edge"),
+            GlobalPosition::new(max),
+        )
         .await
         .expect("the highest storable position");
     assert_eq!(
-        store.load_checkpoint("edge").await.expect("load"),
+        store
+            .load_checkpoint(&ProjectionName::from_static("edge"))
+            .await
+            .expect("load"),
         Some(GlobalPosition::new(max))
     );
 }
@@ -708,7 +823,7 @@ pub async fn parked_records_are_stored_alike_and_keep_their_cause<
         .expect("valid time");
     let record = |error: &str, event_type: &str, at| {
         ParkedEvent::from_parts(
-            "edge".to_owned(),
+            ProjectionName::from_static("edge"),
             event.event_id,
             event.stream_id.clone(),
             event.stream_version,
@@ -722,7 +837,10 @@ pub async fn parked_records_are_stored_alike_and_keep_their_cause<
         .park(record("bad\0input", "Ty\0pe", at))
         .await
         .expect("park");
-    let parked = store.parked("edge").await.expect("parked");
+    let parked = store
+        .parked(&ProjectionName::from_static("edge"))
+        .await
+        .expect("parked");
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].error, "bad\u{fffd}input");
     assert_eq!(parked[0].event_type, "Ty\u{fffd}pe");
@@ -751,7 +869,14 @@ pub async fn parked_records_are_stored_alike_and_keep_their_cause<
         store.park(beyond).await,
         Err(Error::InvalidPosition { .. })
     ));
-    assert_eq!(store.parked("edge").await.expect("parked").len(), 1);
+    assert_eq!(
+        store
+            .parked(&ProjectionName::from_static("edge"))
+            .await
+            .expect("parked")
+            .len(),
+        1
+    );
 
     // An event that does not decode is parked with serde's reason, not only "cannot
     // deserialize".
@@ -767,7 +892,10 @@ pub async fn parked_records_are_stored_alike_and_keep_their_cause<
         .catch_up()
         .await
         .expect("parks and goes on");
-    let parked = store.parked("cause").await.expect("parked");
+    let parked = store
+        .parked(&ProjectionName::from_static("cause"))
+        .await
+        .expect("parked");
     assert_eq!(parked.len(), 1);
     assert!(
         parked[0].error.contains("cannot deserialize") && parked[0].error.contains("invalid type"),

@@ -1,0 +1,652 @@
+//! The state cache: folded states of commands that allow it, kept between executions
+//! (opt-in per command type with [`CommandLogic::state_cache`]), and the executor's
+//! cached path that uses them.
+//!
+//! # Invariants
+//!
+//! What must hold for a decision taken on a kept state to be the decision taken after
+//! reading the streams whole. Every rule below is relied on by the code of this module;
+//! the user's side of the contract is the first one.
+//!
+//! 1. **`apply` is a fold of the event alone.** It reads nothing of the command
+//!    (`self`), so one kept state serves every command of the type over the same
+//!    streams and can be brought forward by whichever of them wrote. The user promises
+//!    this by opting in; nothing here can check it.
+//! 2. **A key names exactly what was folded**: the command's `TypeId` and the streams
+//!    the state is folded from, in declared order ([`StateKey`]). States are kept only
+//!    for the command's own type ([`StateCache::for_command`] with a different type
+//!    than the executing command turns caching off, by type name), and only when every
+//!    folded stream is declared; otherwise the uncached path runs.
+//! 3. **An entry is the fold of its streams' events up to its versions, in global
+//!    order** ([`CachedState::versions`], [`CachedState::last_position`]). It is
+//!    extended only with an answer that follows on: for every folded stream exactly the
+//!    events between the kept version and the current one, the first of them after the
+//!    newest event already folded. Anything else (a commit that became visible late, a
+//!    store that answered short) drops the entry and the streams are read whole.
+//! 4. **Nobody shares a mutable state.** A checkout is a copy; the cache keeps its own.
+//!    [`StateCacheMap::put`] never replaces a state folded further than the one offered
+//!    (a concurrent execution got there first).
+//! 5. **Only an append proves a kept state current.** A decision is taken without
+//!    reading only on an entry marked current whose declared streams all have a known
+//!    version, and the append checks every declared stream at those versions: if
+//!    anything was written meanwhile, by anyone, it conflicts, the entry is marked
+//!    behind, and the executor reads what is new and decides again (one more round
+//!    trip, not a retry). A decision that writes nothing, or refuses, is never taken
+//!    on an unproven state: it is taken again after reading.
+//! 6. **Own writes bring states forward only from the versions the append checked.**
+//!    After a successful append, the key's entry and the single-stream entries of each
+//!    stream written are extended with the recorded events (the very ones a read would
+//!    return) when their kept versions are exactly the checked ones; an entry at other
+//!    versions, or whose events do not decode or whose `apply` panics, is marked
+//!    behind. A deduplicated outcome, or one without recording times, extends nothing
+//!    and marks the key's own entry behind; the single-stream entries stay as they
+//!    were, which is safe by rule 5 (deciding on them unread ends in a conflict if they
+//!    are behind).
+//! 7. **Doubt marks behind.** A conflict or an unknown outcome on a cached append
+//!    marks the entry behind; the next execution reads before deciding.
+//! 8. **Turning the cache off changes no decision.** A state folded from some streams
+//!    only ([`StateCache::folded_from`]) sees only their events on the uncached path
+//!    too ([`super::decide`]). One difference remains: the uncached path decodes every
+//!    event it read, so an event of a stream not folded that does not decode fails the
+//!    execution there, while the cached path never reads it.
+//! 9. **Forgetting is always safe.** The map holds at most `capacity` entries and as
+//!    many known versions; a full map drops an arbitrary one, which is read again when
+//!    next needed. Capacity 0 turns the cache off.
+//!
+//! Why a cache and not snapshots, and what it costs: ADR 0005
+//! (`docs/adr/0005-state-cache.md`).
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::CommandExecutor;
+use super::decide::{build_request, decide_from};
+use crate::command::{Command, StateCacheOps, StreamWrite};
+#[cfg(doc)]
+use crate::command::{CommandLogic, StateCache};
+use crate::error::{Error, Result};
+use crate::event::{EventData, RecordedEvent};
+use crate::metadata::EventMetadata;
+use crate::store::{AppendOutcome, AppendRequest, StreamsSnapshot};
+use crate::types::{ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId, StreamVersion};
+
+impl CommandExecutor {
+    /// The cached path of one attempt; `None` when it does not apply (the command asked
+    /// for more streams than it declares, or its cache settings do not fit), and the
+    /// uncached path runs instead.
+    ///
+    /// First without reading: when the kept state is not known to be behind and the
+    /// version of every other declared stream is known, `handle` decides on it and the
+    /// append checks every stream at those versions. That is the whole optimistic check:
+    /// had anything been written since, the append conflicts. Only an append can prove
+    /// the state current, so a decision that writes nothing (or a refusal) is not
+    /// trusted: it is taken again after reading, as is a decision whose append
+    /// conflicted (that conflict is not counted as an attempt).
+    ///
+    /// Otherwise the events appended since the kept versions are read and folded into a
+    /// copy of the kept state, or the streams are read whole when nothing is kept.
+    /// Executions over the same streams each work on a copy, so none of them has to
+    /// read from the start while another one holds the state.
+    pub(super) async fn attempt_cached<C: Command>(
+        &self,
+        command: &C,
+        declared: &[StreamId],
+        ops: &StateCacheOps<C::State>,
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<Option<AppendOutcome>> {
+        // A state kept under another command's type would be shared with it.
+        if ops.command_name != std::any::type_name::<C>() {
+            tracing::debug!(
+                command = std::any::type_name::<C>(),
+                cached_as = ops.command_name,
+                "state cache keyed by another type; not caching"
+            );
+            return Ok(None);
+        }
+        let folded: &[StreamId] = ops.only.as_deref().unwrap_or(declared);
+        if !folded.iter().all(|stream| declared.contains(stream)) {
+            tracing::debug!(
+                command = command.command_name(),
+                "state cache folded from undeclared streams; not caching"
+            );
+            return Ok(None);
+        }
+        let key = StateKey {
+            command: ops.command,
+            streams: folded.to_vec(),
+        };
+
+        if let Some(kept) = self.states.checkout(&key, ops)
+            && kept.current
+            && let Some(versions) = self.states.known_versions(declared, folded, &kept.versions)
+            && let Ok(decision) = decide_from(command, declared, kept.state)
+            && decision.more_streams.is_empty()
+            && !decision.writes.is_empty()
+        {
+            let snapshot = StreamsSnapshot {
+                events: Vec::new(),
+                versions,
+            };
+            match self
+                .append_cached(
+                    command,
+                    ops,
+                    &key,
+                    declared,
+                    &snapshot,
+                    decision.writes,
+                    metadata,
+                    idempotency_key,
+                )
+                .await
+            {
+                Err(Error::VersionConflict { .. }) => {
+                    tracing::debug!(
+                        command = command.command_name(),
+                        "kept state was behind; reading what is new"
+                    );
+                }
+                other => return other.map(Some),
+            }
+        }
+
+        // Folded streams after the kept versions (or whole); the others for their
+        // versions only.
+        let wanted = |kept: Option<&[StreamVersion]>| -> Vec<(StreamId, StreamVersion)> {
+            declared
+                .iter()
+                .map(|stream| {
+                    let after = match folded.iter().position(|s| s == stream) {
+                        Some(index) => kept
+                            .and_then(|versions| versions.get(index).copied())
+                            .unwrap_or(StreamVersion::INITIAL),
+                        None => StreamVersion::new(u64::MAX),
+                    };
+                    (stream.clone(), after)
+                })
+                .collect()
+        };
+        let mut brought_up = None;
+        if let Some(kept) = self.states.checkout(&key, ops) {
+            let read = self
+                .store
+                .read_streams_after(&wanted(Some(&kept.versions)))
+                .await?;
+            // Folding must follow global order: an event older than the newest one
+            // already folded (a commit that was slow to become visible) means the kept
+            // state cannot simply be extended.
+            let in_order = read.events.first().is_none_or(|first| {
+                kept.last_position
+                    .is_none_or(|last| first.global_position > last)
+            });
+            // The answer must follow on from the kept versions: exactly the events
+            // between the kept version and the current one, for every folded stream.
+            let follows_on = folded.iter().zip(&kept.versions).all(|(stream, kept)| {
+                let now = read.version_of(stream);
+                let new = read
+                    .events
+                    .iter()
+                    .filter(|e| &e.stream_id == stream)
+                    .count();
+                now >= *kept
+                    && u64::try_from(new).is_ok_and(|new| now.value() - kept.value() == new)
+            });
+            if in_order && follows_on {
+                let mut state = kept.state;
+                let mut last_position = kept.last_position;
+                for event in &read.events {
+                    command.apply(&mut state, &event.decode::<C::Event>()?);
+                    last_position = Some(event.global_position);
+                }
+                brought_up = Some((state, last_position, read));
+            } else {
+                self.states.drop_entry(&key, &kept.versions);
+            }
+        }
+        let (state, last_position, snapshot) = match brought_up {
+            Some(brought_up) => brought_up,
+            None => {
+                let read = self.store.read_streams_after(&wanted(None)).await?;
+                let mut state = C::State::default();
+                for event in &read.events {
+                    command.apply(&mut state, &event.decode::<C::Event>()?);
+                }
+                let last_position = read.events.last().map(|e| e.global_position);
+                (state, last_position, read)
+            }
+        };
+        self.states.learn_versions(&snapshot.versions);
+        self.states.put(
+            key.clone(),
+            CachedState {
+                versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
+                last_position,
+                state: (ops.keep)(&state),
+                current: true,
+            },
+        );
+        let decision = decide_from(command, declared, state)?;
+        if !decision.more_streams.is_empty() {
+            return Ok(None);
+        }
+        // Nothing to write and nothing to remember: no append.
+        if decision.writes.is_empty() && (idempotency_key.is_none() || declared.is_empty()) {
+            return Ok(Some(AppendOutcome::written(Vec::new())));
+        }
+        self.append_cached(
+            command,
+            ops,
+            &key,
+            declared,
+            &snapshot,
+            decision.writes,
+            metadata,
+            idempotency_key,
+        )
+        .await
+        .map(Some)
+    }
+
+    /// Appends a decision taken on the kept state of `key` (as of `snapshot`'s
+    /// versions), then brings the kept states its events belong to forward.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_cached<C: Command>(
+        &self,
+        command: &C,
+        ops: &StateCacheOps<C::State>,
+        key: &StateKey,
+        declared: &[StreamId],
+        snapshot: &StreamsSnapshot,
+        writes: Vec<StreamWrite<C::StreamSet, C::Event>>,
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
+        let mut request = build_request(declared, snapshot, writes, metadata)?;
+        request.idempotency_key = idempotency_key.cloned();
+        let written = OwnWrites::of(&request);
+        match self.store.append(request).await {
+            Ok(outcome) => {
+                self.keep_own_writes(command, ops, key, &written, &outcome);
+                Ok(outcome)
+            }
+            Err(error) => {
+                if matches!(
+                    error,
+                    Error::VersionConflict { .. } | Error::OutcomeUnknown { .. }
+                ) {
+                    let versions: Vec<StreamVersion> =
+                        key.streams.iter().map(|s| snapshot.version_of(s)).collect();
+                    self.states.mark_behind(key, &versions);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// After a successful append: the known versions of its streams, and the kept
+    /// states of this command type over them (this execution's, and the single-stream
+    /// ones of each stream it wrote, as a transfer's `to` is another transfer's `from`)
+    /// brought forward with its events when they were at the versions the append
+    /// checked, or marked as behind. Needs every event's recording time from the store
+    /// (the very one a read returns); without it, the state is only marked as behind.
+    fn keep_own_writes<C: Command>(
+        &self,
+        command: &C,
+        ops: &StateCacheOps<C::State>,
+        key: &StateKey,
+        written: &OwnWrites,
+        outcome: &AppendOutcome,
+    ) {
+        let checked_versions = |streams: &[StreamId]| -> Option<Vec<StreamVersion>> {
+            streams
+                .iter()
+                .map(|stream| {
+                    written
+                        .streams
+                        .iter()
+                        .find(|s| s.stream == *stream)
+                        .and_then(|s| s.expected)
+                })
+                .collect()
+        };
+        let recorded = if outcome.deduplicated {
+            None
+        } else {
+            written.recorded(outcome)
+        };
+        let Some(recorded) = recorded else {
+            if let Some(versions) = checked_versions(&key.streams) {
+                self.states.mark_behind(key, &versions);
+            }
+            return;
+        };
+        self.states.learn_versions(&written.versions_after(outcome));
+        let mut targets = vec![key.clone()];
+        for written_stream in &written.streams {
+            let single = StateKey {
+                command: key.command,
+                streams: vec![written_stream.stream.clone()],
+            };
+            if written_stream.events > 0 && !targets.contains(&single) {
+                targets.push(single);
+            }
+        }
+        for target in targets {
+            let Some(kept) = self.states.checkout(&target, ops) else {
+                continue;
+            };
+            if checked_versions(&target.streams).as_ref() != Some(&kept.versions) {
+                self.states.mark_behind(&target, &kept.versions);
+                continue;
+            }
+            let mut state = kept.state;
+            let mut last_position = kept.last_position;
+            let mut folded_all = true;
+            for event in recorded
+                .iter()
+                .filter(|e| target.streams.contains(&e.stream_id))
+            {
+                let Ok(typed) = event.decode::<C::Event>() else {
+                    folded_all = false;
+                    break;
+                };
+                // The append has committed: an `apply` that panics here (one that breaks
+                // the contract and reads `self`) must not make a written command look
+                // failed. The state is not kept.
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    command.apply(&mut state, &typed);
+                }));
+                if applied.is_err() {
+                    folded_all = false;
+                    break;
+                }
+                last_position = Some(event.global_position);
+            }
+            let versions = target
+                .streams
+                .iter()
+                .map(|stream| written.version_after(stream, outcome))
+                .collect::<Option<Vec<_>>>();
+            match versions {
+                Some(versions) if folded_all => self.states.put(
+                    target,
+                    CachedState {
+                        versions,
+                        last_position,
+                        state: (ops.boxed)(state),
+                        current: true,
+                    },
+                ),
+                _ => self.states.mark_behind(&target, &kept.versions),
+            }
+        }
+    }
+}
+
+/// The cache key: the command type and the streams it declared, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct StateKey {
+    command: TypeId,
+    streams: Vec<StreamId>,
+}
+
+/// A folded state, as of the given versions of the key's streams.
+struct CachedState {
+    versions: Vec<StreamVersion>,
+    /// The position of the newest event folded in.
+    last_position: Option<GlobalPosition>,
+    state: Box<dyn Any + Send>,
+    /// Read, or brought forward with this executor's own append, and not known to be
+    /// behind since: worth deciding on without reading first.
+    current: bool,
+}
+
+/// A copy of a kept state, with what it was folded to.
+struct Checkout<S> {
+    versions: Vec<StreamVersion>,
+    last_position: Option<GlobalPosition>,
+    current: bool,
+    state: S,
+}
+
+/// Folded states of commands that allow caching, and the last version seen of each
+/// stream they read, shared by an executor's clones.
+pub(super) struct StateCacheMap {
+    pub(super) capacity: usize,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    entries: HashMap<StateKey, CachedState>,
+    /// A stream's highest version seen in a read or an append of this executor: what a
+    /// decision without reading expects of a stream it does not fold.
+    versions: HashMap<StreamId, StreamVersion>,
+}
+
+impl StateCacheMap {
+    pub(super) fn new(capacity: usize) -> Self {
+        StateCacheMap {
+            capacity,
+            inner: Mutex::new(CacheInner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A copy of the state kept for `key` (the cache keeps its own); `None` when there is
+    /// none, or it is not an `S` (then it is dropped).
+    fn checkout<S>(&self, key: &StateKey, ops: &StateCacheOps<S>) -> Option<Checkout<S>> {
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(key)?;
+        let kept = std::mem::replace(&mut entry.state, Box::new(()));
+        let Some(state) = (ops.take)(kept) else {
+            inner.entries.remove(key);
+            return None;
+        };
+        entry.state = (ops.keep)(&state);
+        Some(Checkout {
+            versions: entry.versions.clone(),
+            last_position: entry.last_position,
+            current: entry.current,
+            state,
+        })
+    }
+
+    /// Keeps `state` unless a state folded further is kept already (put meanwhile by a
+    /// concurrent execution).
+    fn put(&self, key: StateKey, state: CachedState) {
+        let capacity = self.capacity;
+        let mut inner = self.lock();
+        let entries = &mut inner.entries;
+        if let Some(kept) = entries.get(&key)
+            && kept.last_position > state.last_position
+        {
+            return;
+        }
+        make_room(entries, capacity, &key);
+        entries.insert(key, state);
+    }
+
+    /// The state kept for `key` at `versions` is behind the store: the next execution
+    /// reads before deciding.
+    fn mark_behind(&self, key: &StateKey, versions: &[StreamVersion]) {
+        if let Some(entry) = self.lock().entries.get_mut(key)
+            && entry.versions == versions
+        {
+            entry.current = false;
+        }
+    }
+
+    /// The state kept for `key` at `versions` cannot be brought up to date: dropped.
+    fn drop_entry(&self, key: &StateKey, versions: &[StreamVersion]) {
+        let mut inner = self.lock();
+        if inner
+            .entries
+            .get(key)
+            .is_some_and(|entry| entry.versions == versions)
+        {
+            inner.entries.remove(key);
+        }
+    }
+
+    fn learn_versions(&self, versions: &[(StreamId, StreamVersion)]) {
+        let capacity = self.capacity;
+        let mut inner = self.lock();
+        for (stream, version) in versions {
+            match inner.versions.get_mut(stream) {
+                Some(known) => *known = (*known).max(*version),
+                None => {
+                    make_room(&mut inner.versions, capacity, stream);
+                    inner.versions.insert(stream.clone(), *version);
+                }
+            }
+        }
+    }
+
+    /// Every declared stream's version: the cached state's for the streams it is folded
+    /// from, the last one seen for the others; `None` when one is unknown.
+    fn known_versions(
+        &self,
+        declared: &[StreamId],
+        folded: &[StreamId],
+        folded_versions: &[StreamVersion],
+    ) -> Option<Vec<(StreamId, StreamVersion)>> {
+        let inner = self.lock();
+        declared
+            .iter()
+            .map(|stream| {
+                let version = match folded.iter().position(|s| s == stream) {
+                    Some(index) => folded_versions.get(index).copied(),
+                    None => inner.versions.get(stream).copied(),
+                };
+                version.map(|version| (stream.clone(), version))
+            })
+            .collect()
+    }
+}
+
+/// Drops an arbitrary entry (whichever the map yields first) when the map is full and
+/// `key` is new; what is dropped is read again when next needed.
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, V>,
+    capacity: usize,
+    key: &K,
+) {
+    if map.len() >= capacity
+        && !map.contains_key(key)
+        && let Some(victim) = map.keys().next().cloned()
+    {
+        map.remove(&victim);
+    }
+}
+
+/// What an append request writes, kept to bring cached states forward once it
+/// succeeded.
+struct OwnWrites {
+    streams: Vec<OwnStream>,
+    events: Vec<OwnEvent>,
+}
+
+/// One stream of an append the executor made.
+struct OwnStream {
+    stream: StreamId,
+    /// The version the append expected it at (`None`: any).
+    expected: Option<StreamVersion>,
+    /// How many events the append writes to it.
+    events: usize,
+}
+
+/// One event of an append the executor made.
+struct OwnEvent {
+    stream: StreamId,
+    data: EventData,
+}
+
+impl OwnWrites {
+    fn of(request: &AppendRequest) -> Self {
+        let mut streams = Vec::with_capacity(request.streams.len());
+        let mut events = Vec::with_capacity(request.event_count());
+        for stream in &request.streams {
+            let expected = match stream.expected_version {
+                ExpectedVersion::Exact(version) => Some(version),
+                ExpectedVersion::NoStream => Some(StreamVersion::INITIAL),
+                ExpectedVersion::Any => None,
+            };
+            streams.push(OwnStream {
+                stream: stream.stream_id.clone(),
+                expected,
+                events: stream.events.len(),
+            });
+            for event in &stream.events {
+                events.push(OwnEvent {
+                    stream: stream.stream_id.clone(),
+                    data: event.clone(),
+                });
+            }
+        }
+        OwnWrites { streams, events }
+    }
+
+    /// The written events as any later read returns them, in global order; `None` when
+    /// the outcome lacks a recording time or does not match the request.
+    fn recorded(&self, outcome: &AppendOutcome) -> Option<Vec<RecordedEvent>> {
+        if outcome.events.len() != self.events.len() {
+            return None;
+        }
+        let mut recorded = Vec::with_capacity(outcome.events.len());
+        for appended in &outcome.events {
+            let OwnEvent { stream, data } = self
+                .events
+                .iter()
+                .find(|own| own.data.event_id == appended.event_id)?;
+            if *stream != appended.stream_id {
+                return None;
+            }
+            recorded.push(RecordedEvent::new(
+                appended.event_id,
+                appended.stream_id.clone(),
+                appended.stream_version,
+                appended.global_position,
+                data.event_type.clone(),
+                data.payload.clone(),
+                Arc::new(data.metadata.clone()),
+                appended.recorded_at?,
+            ));
+        }
+        recorded.sort_by_key(|event| event.global_position);
+        Some(recorded)
+    }
+
+    /// A stream's version after the append: its last event's, or the one checked.
+    fn version_after(&self, stream: &StreamId, outcome: &AppendOutcome) -> Option<StreamVersion> {
+        outcome
+            .events
+            .iter()
+            .filter(|e| &e.stream_id == stream)
+            .map(|e| e.stream_version)
+            .max()
+            .or_else(|| {
+                self.streams
+                    .iter()
+                    .find(|s| s.stream == *stream)
+                    .and_then(|s| s.expected)
+            })
+    }
+
+    fn versions_after(&self, outcome: &AppendOutcome) -> Vec<(StreamId, StreamVersion)> {
+        self.streams
+            .iter()
+            .filter_map(|own| {
+                self.version_after(&own.stream, outcome)
+                    .map(|version| (own.stream.clone(), version))
+            })
+            .collect()
+    }
+}
