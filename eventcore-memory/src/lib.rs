@@ -397,7 +397,7 @@ impl EventStore for InMemoryEventStore {
         head.wait_for(|head| *head > after)
             .await
             .map(|_| ())
-            .map_err(|_| Error::backend("the in-memory store was dropped", false, None))
+            .map_err(|_| Error::permanent_backend("the in-memory store was dropped", None))
     }
 
     async fn idempotent_outcome(&self, key: &IdempotencyKey) -> Result<Option<AppendOutcome>> {

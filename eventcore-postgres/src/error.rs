@@ -164,43 +164,38 @@ pub(crate) fn map_sqlx_error(
                 // The function locks streams before inserting, so this is a backstop:
                 // a concurrent writer took the version. Re-reading resolves it.
                 Some(constraint::STREAM_VERSION) => {
-                    return eventcore::Error::backend(
+                    return eventcore::Error::retryable_backend(
                         "a concurrent append took the same stream version",
-                        true,
                         Some(Box::new(error) as eventcore::BoxError),
                     );
                 }
                 _ => {}
             },
             sqlstate::NOT_READ_COMMITTED | sqlstate::ON_STANDBY => {
-                return eventcore::Error::backend(
+                return eventcore::Error::permanent_backend(
                     format!(
                         "{operation}: the session cannot keep the global order (READ COMMITTED on the primary is required)"
                     ),
-                    false,
                     Some(Box::new(error) as eventcore::BoxError),
                 );
             }
             sqlstate::MARK_ABOVE_POSITION => {
-                return eventcore::Error::backend(
+                return eventcore::Error::permanent_backend(
                     format!(
                         "{operation}: the mark is above the first position drawn (the position sequence went backwards; was it altered?); nothing was written"
                     ),
-                    false,
                     Some(Box::new(error) as eventcore::BoxError),
                 );
             }
             sqlstate::IMMUTABLE_EVENTS => {
-                return eventcore::Error::backend(
+                return eventcore::Error::permanent_backend(
                     "stored events are immutable",
-                    false,
                     Some(Box::new(error) as eventcore::BoxError),
                 );
             }
             sqlstate::UNDEFINED_TABLE | sqlstate::UNDEFINED_FUNCTION => {
-                return eventcore::Error::backend(
+                return eventcore::Error::permanent_backend(
                     format!("{operation}: the schema is not migrated (run migrate())"),
-                    false,
                     Some(Box::new(error) as eventcore::BoxError),
                 );
             }
@@ -225,11 +220,11 @@ pub(crate) fn map_sqlx_error(
             || (code.starts_with(sqlstate::INSUFFICIENT_RESOURCES_CLASS)
                 && code != sqlstate::OUT_OF_MEMORY
                 && code != sqlstate::CONFIGURATION_LIMIT_EXCEEDED);
-        return eventcore::Error::backend(
-            format!("{operation} failed (SQLSTATE {code})"),
+        return eventcore::Error::Backend {
+            message: format!("{operation} failed (SQLSTATE {code})"),
             retryable,
-            Some(Box::new(error) as eventcore::BoxError),
-        );
+            source: Some(Box::new(error) as eventcore::BoxError),
+        };
     }
     let retryable = matches!(
         error,
@@ -239,11 +234,11 @@ pub(crate) fn map_sqlx_error(
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::WorkerCrashed
     );
-    eventcore::Error::backend(
-        format!("{operation} failed"),
+    eventcore::Error::Backend {
+        message: format!("{operation} failed"),
         retryable,
-        Some(Box::new(error) as eventcore::BoxError),
-    )
+        source: Some(Box::new(error) as eventcore::BoxError),
+    }
 }
 
 fn conflicts_from_detail(

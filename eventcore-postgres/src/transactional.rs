@@ -73,6 +73,16 @@ pub struct TransactionalProjectionRunner<P: TransactionalProjection> {
     policy: ProjectionErrorPolicy,
 }
 
+impl<P: TransactionalProjection> std::fmt::Debug for TransactionalProjectionRunner<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionalProjectionRunner")
+            .field("name", &self.name)
+            .field("batch_size", &self.batch_size)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<P: TransactionalProjection> TransactionalProjectionRunner<P> {
     /// A runner for `projection` over `store`.
     pub fn new(store: PostgresEventStore, projection: P) -> Self {

@@ -282,15 +282,28 @@ impl Error {
         }
     }
 
-    /// A backend failure with a message, a retryability flag and an optional cause.
-    pub fn backend(
+    /// A backend failure that repeating the operation may get past (a lost
+    /// connection, a timeout, a server shutting down), with an optional cause.
+    pub fn retryable_backend(
         message: impl Into<String>,
-        retryable: bool,
         source: impl Into<Option<BoxError>>,
     ) -> Self {
         Error::Backend {
             message: message.into(),
-            retryable,
+            retryable: true,
+            source: source.into(),
+        }
+    }
+
+    /// A backend failure that repeating the same operation cannot get past (a
+    /// misconfiguration, corrupt data, a refused request), with an optional cause.
+    pub fn permanent_backend(
+        message: impl Into<String>,
+        source: impl Into<Option<BoxError>>,
+    ) -> Self {
+        Error::Backend {
+            message: message.into(),
+            retryable: false,
             source: source.into(),
         }
     }

@@ -367,7 +367,7 @@ async fn retryable_backend_errors_are_retried_and_others_are_not() {
     store
         .failures
         .lock()
-        .push(Error::backend("connection reset", true, None));
+        .push(Error::retryable_backend("connection reset", None));
     let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(3));
     let result = executor.execute(&transfer(&a, &b, 1)).await.expect("ok");
     assert_eq!(result.attempts, 2);
@@ -375,7 +375,7 @@ async fn retryable_backend_errors_are_retried_and_others_are_not() {
     store
         .failures
         .lock()
-        .push(Error::backend("permission denied", false, None));
+        .push(Error::permanent_backend("permission denied", None));
     let error = executor
         .execute(&transfer(&a, &b, 1))
         .await
@@ -505,7 +505,7 @@ impl EventStore for FailingLookups {
         key: &IdempotencyKey,
     ) -> eventcore::Result<Option<AppendOutcome>> {
         if self.inner.appends.load(Ordering::SeqCst) > 0 {
-            return Err(Error::backend("connection refused", true, None));
+            return Err(Error::retryable_backend("connection refused", None));
         }
         self.inner.idempotent_outcome(key).await
     }

@@ -58,7 +58,7 @@ pub fn account(n: usize) -> StreamId {
 }
 
 /// Opens an account.
-#[derive(Command)]
+#[derive(Debug, Command)]
 pub struct Open {
     /// The account.
     #[stream]
@@ -93,7 +93,7 @@ impl CommandLogic for Open {
 }
 
 /// Moves money between two accounts.
-#[derive(Command)]
+#[derive(Debug, Command)]
 pub struct Transfer {
     /// Source.
     #[stream]

@@ -72,6 +72,17 @@ pub struct CrashingStore {
     crashed: AtomicBool,
 }
 
+impl std::fmt::Debug for CrashingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrashingStore")
+            .field("crash_at", &self.crash_at)
+            .field("mode", &self.mode)
+            .field("operations", &self.operations)
+            .field("crashed", &self.crashed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CrashingStore {
     /// Stores over `stores` crashing at operation number `crash_at` (0 for the first).
     pub fn new(stores: &Stores, crash_at: u64, mode: CrashMode) -> Self {
@@ -123,7 +134,7 @@ enum Step {
 }
 
 fn dead() -> Error {
-    Error::backend("the process crashed", false, None)
+    Error::permanent_backend("the process crashed", None)
 }
 
 #[async_trait]
@@ -566,9 +577,9 @@ macro_rules! ecommerce_tests {
         }
 
         $crate::ecommerce_tests!(@scenario [$($attr),*]
-            a_order_completes, b_insufficient_inventory, c_payment_declined,
-            d_shipping_fails, e_duplicate_payment_event, f_race_for_the_last_unit,
-            g_payment_times_out);
+            an_order_goes_through_every_service, an_order_short_of_stock_reserves_and_charges_nothing, a_declined_card_releases_the_stock,
+            a_refused_shipment_refunds_releases_and_cancels, a_payment_answer_delivered_twice_charges_once, two_orders_racing_for_the_last_unit_sell_it_once,
+            a_payment_that_never_answers_is_compensated_at_the_deadline);
 
         $(#[$attr])*
         #[tokio::test]

@@ -40,6 +40,14 @@ pub struct Proxy {
     state: Arc<State>,
 }
 
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Proxy {
     /// Starts a proxy in front of `upstream`.
     ///

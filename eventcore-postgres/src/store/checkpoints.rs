@@ -13,7 +13,7 @@ pub(super) fn park_query<'q>(
     parked: &'q ParkedEvent,
 ) -> eventcore::Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
     let version = i64::try_from(parked.stream_version.value())
-        .map_err(|_| eventcore::Error::backend("stream version out of range", false, None))?;
+        .map_err(|_| eventcore::Error::permanent_backend("stream version out of range", None))?;
     Ok(sqlx::query(sql)
         .bind(parked.projection.as_str())
         .bind(parked.event_id.as_uuid())
@@ -27,7 +27,7 @@ pub(super) fn park_query<'q>(
 
 pub(super) fn position_param(position: GlobalPosition) -> eventcore::Result<i64> {
     i64::try_from(position.value()).map_err(|_| {
-        eventcore::Error::backend(format!("position {position} is out of range"), false, None)
+        eventcore::Error::permanent_backend(format!("position {position} is out of range"), None)
     })
 }
 

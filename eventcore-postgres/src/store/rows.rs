@@ -14,15 +14,14 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 pub(super) fn decode_error(error: sqlx::Error) -> eventcore::Error {
-    eventcore::Error::backend(
+    eventcore::Error::permanent_backend(
         "unexpected row shape from PostgreSQL",
-        false,
         Some(Box::new(error) as eventcore::BoxError),
     )
 }
 
 pub(super) fn corrupt(what: String) -> eventcore::Error {
-    eventcore::Error::backend(what, false, None)
+    eventcore::Error::permanent_backend(what, None)
 }
 
 pub(super) fn position_from(value: i64) -> eventcore::Result<GlobalPosition> {

@@ -57,6 +57,7 @@ pub struct Seen {
 }
 
 /// Sums `Added` values per stream; fails on chosen values; reports progress.
+#[derive(Debug)]
 pub struct SummingProjection {
     name: String,
     filter: ProjectionFilter,

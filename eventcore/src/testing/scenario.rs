@@ -53,6 +53,7 @@ use crate::{CommandExecutor, CommandLogic, Event};
 ///     .then_business_rule_violation("maximum");
 /// # Ok::<(), eventcore::Error>(())
 /// ```
+#[derive(Debug)]
 pub struct CommandScenario<E> {
     given: Vec<(StreamId, E)>,
     max_stream_resolutions: u32,

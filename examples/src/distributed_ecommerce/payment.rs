@@ -356,6 +356,7 @@ impl FakeGateway {
 /// The gateway adapter: for every `PaymentRequested`, charges the card through the
 /// gateway (keyed by the event id, so a redelivered request is not charged again) and
 /// records the answer.
+#[derive(Debug)]
 pub struct PaymentGatewayAdapter {
     gateway: std::sync::Arc<FakeGateway>,
     filter: ProjectionFilter,

@@ -41,6 +41,15 @@ pub struct Shop {
     policy: ProjectionErrorPolicy,
 }
 
+impl std::fmt::Debug for Shop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shop")
+            .field("executor", &self.executor)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Shop {
     /// The services over `events`, with checkpoints in `checkpoints`, deadlines on
     /// `clock`, the card gateway `gateway`, and `policy` for events whose handling keeps

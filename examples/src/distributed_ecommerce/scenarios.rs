@@ -174,8 +174,11 @@ pub async fn check_correlation(
     Ok(checked)
 }
 
-/// (a) An order for two products goes through every service.
-pub async fn a_order_completes(shop: &mut Shop, out: &mut Narrative) -> Result<(), ScenarioError> {
+/// An order for two products goes through every service.
+pub async fn an_order_goes_through_every_service(
+    shop: &mut Shop,
+    out: &mut Narrative,
+) -> Result<(), ScenarioError> {
     const S: &str = "a";
     out.say("(a) An order goes through every service");
     shop.add_stock("lamp-a", 5).await?;
@@ -242,9 +245,9 @@ pub async fn a_order_completes(shop: &mut Shop, out: &mut Narrative) -> Result<(
     Ok(())
 }
 
-/// (b) One product of two is short: nothing is reserved, nothing charged, the order is
+/// One product of two is short: nothing is reserved, nothing charged, the order is
 /// cancelled.
-pub async fn b_insufficient_inventory(
+pub async fn an_order_short_of_stock_reserves_and_charges_nothing(
     shop: &mut Shop,
     out: &mut Narrative,
 ) -> Result<(), ScenarioError> {
@@ -290,8 +293,11 @@ pub async fn b_insufficient_inventory(
     Ok(())
 }
 
-/// (c) The card is declined: the stock is released and the order cancelled.
-pub async fn c_payment_declined(shop: &mut Shop, out: &mut Narrative) -> Result<(), ScenarioError> {
+/// The card is declined: the stock is released and the order cancelled.
+pub async fn a_declined_card_releases_the_stock(
+    shop: &mut Shop,
+    out: &mut Narrative,
+) -> Result<(), ScenarioError> {
     const S: &str = "c";
     out.say("(c) Payment declined");
     shop.add_stock("lamp-c", 2).await?;
@@ -335,8 +341,11 @@ pub async fn c_payment_declined(shop: &mut Shop, out: &mut Narrative) -> Result<
     Ok(())
 }
 
-/// (d) Shipping is refused after the payment: refund, release, cancel, in that order.
-pub async fn d_shipping_fails(shop: &mut Shop, out: &mut Narrative) -> Result<(), ScenarioError> {
+/// Shipping is refused after the payment: refund, release, cancel, in that order.
+pub async fn a_refused_shipment_refunds_releases_and_cancels(
+    shop: &mut Shop,
+    out: &mut Narrative,
+) -> Result<(), ScenarioError> {
     const S: &str = "d";
     out.say("(d) Shipping fails after payment");
     shop.add_stock("lamp-d", 2).await?;
@@ -397,9 +406,9 @@ pub async fn d_shipping_fails(shop: &mut Shop, out: &mut Narrative) -> Result<()
     Ok(())
 }
 
-/// (e) The gateway's answer is delivered twice, and then every service is made to
+/// The gateway's answer is delivered twice, and then every service is made to
 /// handle every event again: charged once, nothing written twice.
-pub async fn e_duplicate_payment_event(
+pub async fn a_payment_answer_delivered_twice_charges_once(
     shop: &mut Shop,
     out: &mut Narrative,
 ) -> Result<(), ScenarioError> {
@@ -504,6 +513,14 @@ pub struct RaceGate {
     barrier: Barrier,
 }
 
+impl std::fmt::Debug for RaceGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaceGate")
+            .field("gated", &self.gated)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RaceGate {
     /// The first `racers` reads of `inner` meet before any returns.
     pub fn new(inner: Arc<dyn EventStore>, racers: usize) -> Self {
@@ -553,9 +570,9 @@ impl EventStore for RaceGate {
     }
 }
 
-/// (f) Two orders race for the last unit: both reservations read the same stock, one
+/// Two orders race for the last unit: both reservations read the same stock, one
 /// write wins, the other conflicts, reads again and is refused.
-pub async fn f_race_for_the_last_unit(
+pub async fn two_orders_racing_for_the_last_unit_sell_it_once(
     shop: &mut Shop,
     out: &mut Narrative,
 ) -> Result<(), ScenarioError> {
@@ -664,9 +681,9 @@ pub async fn f_race_for_the_last_unit(
     Ok(())
 }
 
-/// (g) The gateway never answers: at the deadline the saga compensates; the gateway's
+/// The gateway never answers: at the deadline the saga compensates; the gateway's
 /// answer, when it comes after all, is paid back.
-pub async fn g_payment_times_out(
+pub async fn a_payment_that_never_answers_is_compensated_at_the_deadline(
     shop: &mut Shop,
     out: &mut Narrative,
 ) -> Result<(), ScenarioError> {
@@ -805,19 +822,19 @@ pub async fn g_payment_times_out(
 
 /// Every scenario in turn on one shop, then the order view.
 pub async fn run_all(shop: &mut Shop, out: &mut Narrative) -> Result<(), ScenarioError> {
-    a_order_completes(shop, out).await?;
+    an_order_goes_through_every_service(shop, out).await?;
     out.say("");
-    b_insufficient_inventory(shop, out).await?;
+    an_order_short_of_stock_reserves_and_charges_nothing(shop, out).await?;
     out.say("");
-    c_payment_declined(shop, out).await?;
+    a_declined_card_releases_the_stock(shop, out).await?;
     out.say("");
-    d_shipping_fails(shop, out).await?;
+    a_refused_shipment_refunds_releases_and_cancels(shop, out).await?;
     out.say("");
-    e_duplicate_payment_event(shop, out).await?;
+    a_payment_answer_delivered_twice_charges_once(shop, out).await?;
     out.say("");
-    f_race_for_the_last_unit(shop, out).await?;
+    two_orders_racing_for_the_last_unit_sell_it_once(shop, out).await?;
     out.say("");
-    g_payment_times_out(shop, out).await?;
+    a_payment_that_never_answers_is_compensated_at_the_deadline(shop, out).await?;
     out.say("");
     out.say("Order view (a projection over the Order, Inventory, Payment and Shipping events):");
     let view = shop.view().await?.to_string();
