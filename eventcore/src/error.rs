@@ -349,49 +349,6 @@ impl fmt::Display for DisplayConflicts<'_> {
     }
 }
 
-/// Why a name (stream id, event type, idempotency key) was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum NameProblem {
-    /// The name was empty.
-    #[error("it is empty")]
-    Empty,
-    /// The name was longer than the limit, in bytes of UTF-8.
-    #[error("it is {len} bytes long, the limit is {max}")]
-    TooLong {
-        /// The name's length in bytes.
-        len: usize,
-        /// The limit in bytes.
-        max: usize,
-    },
-    /// The name contained a control character at this byte offset.
-    #[error("it contains a control character at byte {at}")]
-    ControlCharacter {
-        /// Byte offset of the first control character.
-        at: usize,
-    },
-}
-
-/// The longest name (stream id, event type, idempotency key) accepted, in bytes.
-pub const MAX_NAME_LEN: usize = 255;
-
-/// Checks the rules shared by every identifier EventCore stores.
-pub(crate) fn check_name(value: &str) -> Result<(), NameProblem> {
-    if value.is_empty() {
-        return Err(NameProblem::Empty);
-    }
-    if value.len() > MAX_NAME_LEN {
-        return Err(NameProblem::TooLong {
-            len: value.len(),
-            max: MAX_NAME_LEN,
-        });
-    }
-    if let Some((at, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(NameProblem::ControlCharacter { at });
-    }
-    Ok(())
-}
-
 /// Which limit of one append was hit (see [`Error::AppendTooLarge`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -177,8 +177,7 @@ pub use crate::command::{
     Command, CommandLogic, CommandStreams, ReadStreams, StateCache, StreamResolver, StreamWrite,
 };
 pub use crate::error::{
-    AppendLimit, BoxError, CommandResult, Error, JsonProblem, MAX_NAME_LEN, NameProblem, Result,
-    StreamConflict, error_chain,
+    AppendLimit, BoxError, CommandResult, Error, JsonProblem, Result, StreamConflict, error_chain,
 };
 pub use crate::event::{Event, EventDamage, EventData, EventPayload, RecordedEvent, StoredEvent};
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
@@ -186,7 +185,7 @@ pub use crate::leadership::{LeaderElection, Leadership};
 pub use crate::metadata::EventMetadata;
 pub use crate::names::{
     EventType, IdempotencyKey, InvalidEventType, InvalidIdempotencyKey, InvalidProjectionName,
-    InvalidStreamId, ProjectionName, StreamId,
+    InvalidStreamId, MAX_NAME_LEN, NameProblem, ProjectionName, StreamId,
 };
 pub use crate::process::{
     Dispatcher, MAX_PROCESS_MANAGER_NAME_LEN, ProcessManager, ProcessManagerRunner,

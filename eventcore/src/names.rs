@@ -12,7 +12,51 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::{MAX_NAME_LEN, NameProblem, check_name, truncate_for_error};
+use crate::error::truncate_for_error;
+
+/// Why a name (stream id, event type, idempotency key, projection name) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameProblem {
+    /// The name was empty.
+    #[error("it is empty")]
+    Empty,
+    /// The name was longer than the limit, in bytes of UTF-8.
+    #[error("it is {len} bytes long, the limit is {max}")]
+    TooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The name contained a control character at this byte offset.
+    #[error("it contains a control character at byte {at}")]
+    ControlCharacter {
+        /// Byte offset of the first control character.
+        at: usize,
+    },
+}
+
+/// The longest name (stream id, event type, idempotency key, projection name) accepted,
+/// in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Checks the rules shared by every identifier EventCore stores.
+pub(crate) fn check_name(value: &str) -> Result<(), NameProblem> {
+    if value.is_empty() {
+        return Err(NameProblem::Empty);
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameProblem::TooLong {
+            len: value.len(),
+            max: MAX_NAME_LEN,
+        });
+    }
+    if let Some((at, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(NameProblem::ControlCharacter { at });
+    }
+    Ok(())
+}
 
 /// Defines a validated name type and its error type.
 macro_rules! validated_name {
@@ -196,7 +240,7 @@ validated_name! {
     ProjectionName, InvalidProjectionName, "projection name"
 }
 
-// The docs above say "255 bytes".
+// The docs of `try_new` say "255 bytes".
 const _: () = assert!(MAX_NAME_LEN == 255);
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::command::Command;
-use crate::error::{Error, NameProblem, Result};
+use crate::error::{Error, Result};
 use crate::event::StoredEvent;
 use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
 use crate::leadership::LeaderElection;
-use crate::names::{InvalidProjectionName, ProjectionName};
+use crate::names::{InvalidProjectionName, NameProblem, ProjectionName};
 use crate::projection::{
     CheckpointStore, Projection, ProjectionErrorPolicy, ProjectionFilter, ProjectionMetrics,
     ProjectionRunner, RunSummary,
