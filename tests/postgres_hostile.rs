@@ -490,7 +490,7 @@ async fn connect_options_with_a_nul_are_refused() {
     );
 }
 
-/// `notify_interval(Duration::MAX)` used to panic the notifier task on the second
+/// `with_notify_interval(Duration::MAX)` used to panic the notifier task on the second
 /// append (an Instant overflow), after which other processes were never woken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(

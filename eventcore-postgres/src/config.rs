@@ -109,7 +109,7 @@ pub(crate) fn check_options(options: &PgConnectOptions) -> Result<(), Error> {
     Ok(())
 }
 
-/// The default of [`PostgresConfig::notify_interval`].
+/// The default of [`PostgresConfig::with_notify_interval`].
 pub(crate) const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How to connect and where the store's tables live.

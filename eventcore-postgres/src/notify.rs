@@ -4,7 +4,7 @@
 //! of notifying transactions on a global lock held until the commit is durable, which
 //! would stop concurrent appends from sharing a WAL flush. Instead a notifier task sends
 //! one NOTIFY after commit for the newest position this process appended, coalescing
-//! bursts and at most one per `PostgresConfig::notify_interval`, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
+//! bursts and at most one per `PostgresConfig::with_notify_interval`, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
 //! notification (the process died between commit and NOTIFY, the listening connection
 //! dropped) only delays readers until their fallback poll.
 //!

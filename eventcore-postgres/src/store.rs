@@ -186,7 +186,7 @@ impl PostgresEventStore {
 
     /// The connection pool. Close it with [`PostgresEventStore::close`]: the pool's own
     /// `close` waits for every connection, and the store keeps some out of the pool
-    /// between statements ([`PostgresConfig::kept_connections`]).
+    /// between statements ([`PostgresConfig::with_kept_connections`]).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }

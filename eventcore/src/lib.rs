@@ -58,10 +58,11 @@
 //! - [`LeaderElection`]: one holder per name at a time, told when it lost it.
 //!
 //! The `testing` feature holds the specification as code: instantiate
-//! [`event_store_conformance_tests!`] (the store contract and hostile inputs) and
-//! [`projection_conformance_tests!`] (checkpoints and the runner) in a test module with a
-//! factory of fresh stores, as `eventcore-memory` and `eventcore-postgres` do. A backend
-//! that passes both behaves like the two shipped ones, bit for bit on what it stores.
+//! `eventcore::event_store_conformance_tests!` (the store contract and hostile inputs)
+//! and `eventcore::projection_conformance_tests!` (checkpoints and the runner) in a test
+//! module with a factory of fresh stores, as `eventcore-memory` and `eventcore-postgres`
+//! do. A backend that passes both behaves like the two shipped ones in everything the
+//! suites check, down to the bytes of the payloads it returns.
 //!
 //! # Quick start
 //!

@@ -264,7 +264,7 @@ fn check_storable(what: &'static str, value: u64) -> Result<()> {
 }
 
 /// Durable projection checkpoints and parked events. Implemented by every backend;
-/// checked by [`crate::projection_conformance_tests!`].
+/// checked by `eventcore::projection_conformance_tests!` (feature `testing`).
 ///
 /// Names arrive validated ([`ProjectionName`]); positions may not: a backend refuses
 /// what it cannot store with [`check_checkpoint_position`] and [`ParkedEvent::checked`]

@@ -1,32 +1,32 @@
 //! The backend conformance suite: what every [`EventStore`] must do, as generic async
 //! checks that panic on a violation. One specification, grouped by topic:
 //!
-//! - [`read`]: reads by stream return what was written, per stream, merged in global
-//!   order, and after known versions; nothing is ever dropped, not even an event the
-//!   reader cannot decode.
-//! - [`append`]: every stream of a request, written or only checked, is checked at its
-//!   expected version; one failed check fails the whole append.
-//! - [`log`]: positions increase in commit and request order; pages resume after a
-//!   position, filters select before the limit, a read says how far it looked, the
-//!   head follows the last event, and a waiting reader wakes.
-//! - [`idempotency`]: a repeated request (same key, or same event ids) writes nothing
-//!   and answers with the first outcome; a failed append consumes no key.
-//! - [`validation`]: requests no backend may accept are refused before anything is
-//!   written.
-//! - [`concurrency`]: racing writers get one winner per version; a live reader sees
-//!   every event once, in order (the prefix property); multi-stream appends are seen
-//!   whole or not at all.
+//! - `conformance/read.rs`: reads by stream return what was written, per stream,
+//!   merged in global order, and after known versions; nothing is ever dropped, not
+//!   even an event the reader cannot decode.
+//! - `conformance/append.rs`: every stream of a request, written or only checked, is
+//!   checked at its expected version; one failed check fails the whole append.
+//! - `conformance/log.rs`: positions increase in commit and request order; pages resume
+//!   after a position, filters select before the limit, a read says how far it looked,
+//!   the head follows the last event, and a waiting reader wakes.
+//! - `conformance/idempotency.rs`: a repeated request (same key, or same event ids)
+//!   writes nothing and answers with the first outcome; a failed append consumes no key.
+//! - `conformance/validation.rs`: requests no backend may accept are refused before
+//!   anything is written.
+//! - `conformance/concurrency.rs`: racing writers get one winner per version; a live
+//!   reader sees every event once, in order (the prefix property); multi-stream appends
+//!   are seen whole or not at all.
 //!
 //! Each check takes a fresh, empty store. Instantiate them all with
 //! [`crate::event_store_conformance_tests!`]; a unit test checks that the macro names
 //! every check of these files. Hostile inputs have their own section ([`super::hostile`]).
 
-pub mod append;
-pub mod concurrency;
-pub mod idempotency;
-pub mod log;
-pub mod read;
-pub mod validation;
+mod append;
+mod concurrency;
+mod idempotency;
+mod log;
+mod read;
+mod validation;
 
 pub use append::*;
 pub use concurrency::*;

@@ -361,7 +361,8 @@ pub async fn invalid_projection_names_are_refused<S: EventStore + CheckpointStor
         let projection = SummingProjection::new(bad, "sum-");
         let seen = projection.seen();
         let mut runner = runner(&store, projection);
-        for result in [runner.catch_up().await, runner.rebuild().await] {
+        let run = runner.run(std::future::pending()).await;
+        for result in [runner.catch_up().await, runner.rebuild().await, run] {
             assert!(
                 matches!(result, Err(Error::InvalidProjectionName(_))),
                 "{bad:?}: {result:?}"
