@@ -182,7 +182,7 @@ pub enum Error {
 
     /// The executor gave up after the retry policy's last attempt; the last error is the
     /// source. Nothing was written by the failed attempts.
-    #[error("gave up after {attempts} attempts")]
+    #[error("{}", retries_exhausted(*attempts, last))]
     RetriesExhausted {
         /// Attempts made, the first included.
         attempts: u32,
@@ -335,6 +335,28 @@ impl fmt::Display for StreamConflict {
     }
 }
 
+/// "gave up after 3 attempts", naming what kept the last one from succeeding: the
+/// conflicting streams, or that the backend failed (its error is the source).
+fn retries_exhausted(attempts: u32, last: &Error) -> String {
+    let tries = if attempts == 1 {
+        "1 attempt".to_owned()
+    } else {
+        format!("{attempts} attempts")
+    };
+    match last.version_conflicts() {
+        Some(conflicts) if !conflicts.is_empty() => format!(
+            "gave up after {tries}; the last one conflicted on {}",
+            DisplayConflicts(conflicts)
+        ),
+        _ => match last {
+            Error::Backend { message, .. } => {
+                format!("gave up after {tries}; the last one failed: {message}")
+            }
+            _ => format!("gave up after {tries}"),
+        },
+    }
+}
+
 struct DisplayConflicts<'a>(&'a [StreamConflict]);
 
 impl fmt::Display for DisplayConflicts<'_> {
@@ -434,4 +456,37 @@ pub(crate) fn truncate_for_error(value: &str) -> String {
         end -= 1;
     }
     format!("{}...", &value[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ExpectedVersion, StreamVersion};
+
+    #[test]
+    fn an_exhausted_retry_names_the_attempts_and_what_stopped_the_last() {
+        let conflict = Error::VersionConflict {
+            conflicts: vec![StreamConflict {
+                stream: StreamId::from_static("account-1"),
+                expected: ExpectedVersion::Exact(StreamVersion::new(3)),
+                actual: StreamVersion::new(4),
+            }],
+        };
+        let once = Error::RetriesExhausted {
+            attempts: 1,
+            last: Box::new(conflict),
+        };
+        assert_eq!(
+            once.to_string(),
+            "gave up after 1 attempt; the last one conflicted on `account-1` (expected version 3, actual 4)"
+        );
+        let backend = Error::RetriesExhausted {
+            attempts: 3,
+            last: Box::new(Error::retryable_backend("connection reset", None)),
+        };
+        assert_eq!(
+            backend.to_string(),
+            "gave up after 3 attempts; the last one failed: connection reset"
+        );
+    }
 }

@@ -144,6 +144,7 @@ pub struct Dispatcher<'a> {
     cause: EventId,
     correlation_id: CorrelationId,
     dispatched: u32,
+    custom: serde_json::Map<String, serde_json::Value>,
 }
 
 impl<'a> Dispatcher<'a> {
@@ -170,6 +171,7 @@ impl<'a> Dispatcher<'a> {
             cause,
             correlation_id,
             dispatched: 0,
+            custom: serde_json::Map::new(),
         })
     }
 
@@ -202,6 +204,19 @@ impl<'a> Dispatcher<'a> {
         self.correlation_id
     }
 
+    /// Stamps a custom metadata field (a tenant, a channel) on the events of every
+    /// command dispatched from now on for this event; a later value for the same key
+    /// replaces the earlier one. Correlation, causation, actor and the idempotency key
+    /// stay the dispatcher's.
+    pub fn set_custom(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> &mut Self {
+        self.custom.insert(key.into(), value.into());
+        self
+    }
+
     /// How many commands were dispatched for this event so far.
     pub fn dispatched(&self) -> u32 {
         self.dispatched
@@ -213,11 +228,15 @@ impl<'a> Dispatcher<'a> {
             self.manager, self.cause, self.dispatched
         ))?;
         self.dispatched += 1;
-        Ok(ExecutionOptions::new()
+        let mut options = ExecutionOptions::new()
             .with_idempotency_key(key)
             .with_correlation_id(self.correlation_id)
             .with_causation_id(CausationId::from(self.cause))
-            .with_actor(self.manager.to_owned()))
+            .with_actor(self.manager.to_owned());
+        for (field, value) in &self.custom {
+            options = options.with_custom(field.clone(), value.clone());
+        }
+        Ok(options)
     }
 }
 
@@ -228,6 +247,7 @@ impl fmt::Debug for Dispatcher<'_> {
             .field("cause", &self.cause)
             .field("correlation_id", &self.correlation_id)
             .field("dispatched", &self.dispatched)
+            .field("custom", &self.custom)
             .finish_non_exhaustive()
     }
 }

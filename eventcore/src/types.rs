@@ -179,6 +179,31 @@ uuid_id! {
     CorrelationId
 }
 
+impl CorrelationId {
+    /// The namespace of [`CorrelationId::from_business_key`]'s name-based UUIDs. Fixed
+    /// forever: changing it would give every business key a new id.
+    pub const BUSINESS_KEY_NAMESPACE: Uuid =
+        Uuid::from_u128(0x718d14ba_40a7_40d0_a7f6_e8cd3509f615);
+
+    /// The correlation id of a business request named by a key of the caller's (an
+    /// order id, a payment reference): the same key gives the same id in every process
+    /// and every release, so events of one order can be correlated without passing the
+    /// id around. A name-based UUID (version 5, SHA-1) of `key` in
+    /// [`CorrelationId::BUSINESS_KEY_NAMESPACE`]; distinct keys give distinct ids.
+    ///
+    /// ```
+    /// use eventcore::CorrelationId;
+    ///
+    /// let a = CorrelationId::from_business_key("order-7");
+    /// assert_eq!(a, CorrelationId::from_business_key("order-7"));
+    /// assert_ne!(a, CorrelationId::from_business_key("order-8"));
+    /// assert_eq!(a.to_string(), "0960c927-9d9e-5782-828f-6cb5a7e10464");
+    /// ```
+    pub fn from_business_key(key: &str) -> Self {
+        CorrelationId(Uuid::new_v5(&Self::BUSINESS_KEY_NAMESPACE, key.as_bytes()))
+    }
+}
+
 uuid_id! {
     /// The event or command execution that caused an event. The executor fills it with the
     /// caller's value, or with the id of the command execution.

@@ -716,6 +716,40 @@ async fn metadata_carries_correlation_causation_actor_and_custom_fields() {
 }
 
 #[tokio::test]
+async fn a_dispatcher_stamps_its_custom_fields_beside_its_own_metadata() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(10)]).await;
+    let executor = CommandExecutor::new(store.clone());
+    let cause = eventcore::EventId::new();
+    let correlation = CorrelationId::from_business_key("order-7");
+    let mut dispatcher =
+        eventcore::Dispatcher::new(&executor, "mailer", cause, correlation).expect("valid");
+    dispatcher.dispatch(&transfer(&a, &b, 1)).await.expect("ok");
+    dispatcher
+        .set_custom("tenant", "acme")
+        .set_custom("channel", "web")
+        .set_custom("channel", "mail");
+    dispatcher.dispatch(&transfer(&a, &b, 2)).await.expect("ok");
+
+    let log = store.read_all(&LogQuery::new()).await.expect("read");
+    assert_eq!(log.len(), 5);
+    for (i, event) in log[1..].iter().enumerate() {
+        let metadata = &event.metadata;
+        assert_eq!(metadata.correlation_id, correlation);
+        assert_eq!(metadata.causation_id, Some(CausationId::from(cause)));
+        assert_eq!(metadata.actor.as_deref(), Some("mailer"));
+        if i < 2 {
+            assert!(metadata.custom.is_empty(), "{:?}", metadata.custom);
+        } else {
+            assert_eq!(metadata.custom["tenant"], "acme");
+            assert_eq!(metadata.custom["channel"], "mail");
+            assert_eq!(metadata.custom.len(), 2);
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_idempotency_key_makes_a_second_execution_return_the_first_outcome() {
     let store = InMemoryEventStore::new();
     let (a, b) = (id("acc-a"), id("acc-b"));
