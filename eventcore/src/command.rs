@@ -13,6 +13,71 @@ use crate::types::StreamId;
 /// `StreamSet` is a marker type unique to the command; it ties the [`ReadStreams`] the
 /// executor hands to `handle` and the [`StreamWrite`]s `handle` returns to this command,
 /// so a write built for one command cannot be returned by another.
+///
+/// # Writing it by hand
+///
+/// When the streams are not fields (computed from other fields, a variable number of
+/// them), implement it yourself with a marker type of your own: an empty type no other
+/// command uses. [`Command`] then comes with [`CommandLogic`] (a blanket impl).
+///
+/// ```
+/// use eventcore::{
+///     CommandExecutor, CommandLogic, CommandResult, CommandStreams, ReadStreams,
+///     StoredEvent, StreamId, StreamResolver, StreamWrite,
+/// };
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// # enum Inventory { Counted { sku: String } }
+/// # impl eventcore::Event for Inventory { fn event_type(&self) -> &'static str { "Counted" } }
+///
+/// /// Counts stock in every warehouse of a list: one stream per warehouse.
+/// struct CountStock {
+///     warehouses: Vec<String>,
+///     sku: String,
+/// }
+///
+/// /// The marker: nothing else may use it.
+/// pub struct CountStockStreams;
+///
+/// impl CommandStreams for CountStock {
+///     type StreamSet = CountStockStreams;
+///
+///     fn read_streams(&self) -> Vec<StreamId> {
+///         self.warehouses
+///             .iter()
+///             .filter_map(|w| StreamId::try_new(format!("warehouse-{w}")).ok())
+///             .collect()
+///     }
+/// }
+///
+/// impl CommandLogic for CountStock {
+///     type State = ();
+///     type Event = Inventory;
+///
+///     fn apply(&self, _: &mut (), _: &StoredEvent<Inventory>) {}
+///
+///     fn handle(
+///         &self,
+///         read_streams: ReadStreams<CountStockStreams>,
+///         _: (),
+///         _: &mut StreamResolver,
+///     ) -> CommandResult<Vec<StreamWrite<CountStockStreams, Inventory>>> {
+///         read_streams
+///             .iter()
+///             .map(|stream| {
+///                 StreamWrite::new(&read_streams, stream.clone(), Inventory::Counted { sku: self.sku.clone() })
+///             })
+///             .collect()
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> eventcore::Result<()> {
+/// let executor = CommandExecutor::new(eventcore_memory::InMemoryEventStore::new());
+/// let count = CountStock { warehouses: vec!["berlin".into(), "lyon".into()], sku: "lamp".into() };
+/// assert_eq!(executor.execute(&count).await?.events_written.len(), 2);
+/// # Ok(())
+/// # }
+/// ```
 pub trait CommandStreams: Send + Sync {
     /// The command's marker type (`<CommandName>StreamSet`).
     type StreamSet: Send + Sync + 'static;

@@ -107,6 +107,28 @@ impl ProjectionFilter {
 ///     }
 /// }
 /// ```
+///
+/// Implement it with plain `async fn`, as above. `#[async_trait]`, which the store
+/// traits use because they are held as trait objects (ADR 0008), does not belong on
+/// this impl: it rewrites `apply` into a method returning a boxed future, which does not
+/// match the trait, and the compiler reports a signature or lifetime mismatch on `apply`:
+///
+/// ```compile_fail
+/// # use eventcore::{Projection, StoredEvent};
+/// # #[derive(serde::Deserialize)] struct Deposited;
+/// struct Count(u64);
+///
+/// #[async_trait::async_trait] // wrong: remove it
+/// impl Projection for Count {
+///     type Event = Deposited;
+///     type Error = std::convert::Infallible;
+///     fn name(&self) -> &str { "count" }
+///     async fn apply(&mut self, _: &StoredEvent<Deposited>) -> Result<(), Self::Error> {
+///         self.0 += 1;
+///         Ok(())
+///     }
+/// }
+/// ```
 pub trait Projection: Send + 'static {
     /// What the events decode into (usually an enum over the types the filter selects).
     type Event: DeserializeOwned + Send + Sync + 'static;
