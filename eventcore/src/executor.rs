@@ -130,6 +130,23 @@ pub struct ExecutionResult {
     pub deduplicated: bool,
 }
 
+impl ExecutionResult {
+    /// A result as the executor returns it; for tests and for components that stand in
+    /// for an executor (the struct is `#[non_exhaustive]`).
+    ///
+    /// ```
+    /// let repeat = eventcore::ExecutionResult::new(Vec::new(), 1, true);
+    /// assert!(repeat.deduplicated && repeat.events_written.is_empty());
+    /// ```
+    pub fn new(events_written: Vec<AppendedEvent>, attempts: u32, deduplicated: bool) -> Self {
+        ExecutionResult {
+            events_written,
+            attempts,
+            deduplicated,
+        }
+    }
+}
+
 /// Executes commands against an [`EventStore`].
 ///
 /// For each execution: read every declared stream, fold the events into the command's
