@@ -4,7 +4,7 @@
 //! refusals for what the rule at the door turns away.
 //!
 //! Bounded for CI (`PROPTEST_CASES`, 96 by default); run longer on demand:
-//! `PROPTEST_CASES=5000 cargo test -p eventcore-tests --test payload_roundtrip`.
+//! `PROPTEST_CASES=5000 cargo test -p eventcore-tests --test workspace payload_roundtrip::`.
 
 use std::sync::OnceLock;
 
