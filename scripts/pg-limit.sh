@@ -48,7 +48,7 @@ metadata='{"correlation_id":"0191d0c4-0000-7000-8000-000000000000","causation_id
 
 cat > "$dir/one_insert.sql" <<SQL
 INSERT INTO $schema.events (event_id, stream_id, stream_version, event_type, payload, metadata)
-VALUES (gen_random_uuid(), 'raw-' || gen_random_uuid(), 1, 'Deposited', '{"Deposited":{"amount":1}}', '$metadata');
+VALUES (gen_random_uuid(), 'raw-' || gen_random_uuid(), 1, 'Deposited', '{"amount":1}', '$metadata');
 SQL
 
 # Two accounts out of 1,000: read both versions, append one event to each. A concurrent
@@ -61,8 +61,8 @@ BEGIN;
 SELECT coalesce(max(stream_version), 0) AS va FROM $schema.events WHERE stream_id = 'account-' || :a \\gset
 SELECT coalesce(max(stream_version), 0) AS vb FROM $schema.events WHERE stream_id = 'account-' || ((:a + 1 + :b) % 1000) \\gset
 INSERT INTO $schema.events (event_id, stream_id, stream_version, event_type, payload, metadata)
-VALUES (gen_random_uuid(), 'account-' || :a, :va + 1, 'Withdrawn', '{"Withdrawn":{"amount":1}}', '$metadata'),
-       (gen_random_uuid(), 'account-' || ((:a + 1 + :b) % 1000), :vb + 1, 'Deposited', '{"Deposited":{"amount":1}}', '$metadata')
+VALUES (gen_random_uuid(), 'account-' || :a, :va + 1, 'Withdrawn', '{"amount":1}', '$metadata'),
+       (gen_random_uuid(), 'account-' || ((:a + 1 + :b) % 1000), :vb + 1, 'Deposited', '{"amount":1}', '$metadata')
 ON CONFLICT DO NOTHING;
 COMMIT;
 SQL
@@ -83,7 +83,7 @@ run two_streams 8 "$dir/two_streams.sql"
 # Paged ordered scan: 100,000 rows in pages of 5,000 by position.
 psql <<SQL
 INSERT INTO $schema.events (event_id, stream_id, stream_version, event_type, payload, metadata)
-SELECT gen_random_uuid(), 'scan-' || (g / 100), g % 100 + 1, 'Deposited', '{"Deposited":{"amount":1}}', '$metadata'
+SELECT gen_random_uuid(), 'scan-' || (g / 100), g % 100 + 1, 'Deposited', '{"amount":1}', '$metadata'
   FROM generate_series(0, 99999) g;
 ANALYZE $schema.events;
 SQL

@@ -52,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     sqlx::query(&insert)
                         .bind(uuid::Uuid::new_v4())
                         .bind(format!("floor-{task}-{n}"))
-                        .bind(r#"{"Deposited":{"amount":1}}"#)
+                        .bind(r#"{"amount":1}"#)
                         .bind(METADATA)
                         .execute(&pool)
                         .await?;

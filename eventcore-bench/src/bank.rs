@@ -4,27 +4,17 @@
 use std::collections::HashMap;
 
 use eventcore::{
-    Command, CommandLogic, CommandResult, EventStore, Projection, ProjectionFilter, ReadStreams,
-    StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
+    Command, CommandLogic, CommandResult, Event, EventStore, Projection, ProjectionFilter,
+    ReadStreams, StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
 use serde::{Deserialize, Serialize};
 
 /// What happens to an account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub(crate) enum AccountEvent {
     Opened { owner: String, initial: i64 },
     Deposited { amount: i64 },
     Withdrawn { amount: i64 },
-}
-
-impl eventcore::Event for AccountEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            AccountEvent::Opened { .. } => "Opened",
-            AccountEvent::Deposited { .. } => "Deposited",
-            AccountEvent::Withdrawn { .. } => "Withdrawn",
-        }
-    }
 }
 
 impl AccountEvent {

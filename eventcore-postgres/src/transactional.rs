@@ -8,7 +8,6 @@ use eventcore::{
     GlobalPosition, InvalidProjectionName, OnFailure, ParkedEvent, ProjectionErrorPolicy,
     ProjectionFilter, ProjectionName, RecordedEvent, RunSummary, StoredEvent,
 };
-use serde::de::DeserializeOwned;
 use sqlx::{Connection, PgConnection};
 use tracing::Instrument;
 
@@ -20,7 +19,7 @@ use crate::store::{PostgresEventStore, log_read_from_rows};
 /// each event changes the read model exactly once, whatever crashes.
 pub trait TransactionalProjection: Send + 'static {
     /// What the events decode into.
-    type Event: DeserializeOwned + Send + Sync + 'static;
+    type Event: eventcore::Event;
     /// What `apply` can fail with.
     type Error: std::error::Error + Send + Sync + 'static;
 

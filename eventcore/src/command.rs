@@ -25,9 +25,8 @@ use crate::types::StreamId;
 ///     CommandExecutor, CommandLogic, CommandResult, CommandStreams, ReadStreams,
 ///     StoredEvent, StreamId, StreamResolver, StreamWrite,
 /// };
-/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, eventcore::Event)]
 /// # enum Inventory { Counted { sku: String } }
-/// # impl eventcore::Event for Inventory { fn event_type(&self) -> &'static str { "Counted" } }
 ///
 /// /// Counts stock in every warehouse of a list: one stream per warehouse.
 /// struct CountStock {
@@ -101,13 +100,8 @@ pub trait CommandStreams: Send + Sync {
 ///     StreamResolver, StreamWrite,
 /// };
 /// # use serde::{Deserialize, Serialize};
-/// # #[derive(Debug, Clone, Serialize, Deserialize)]
+/// # #[derive(Debug, Clone, Serialize, Deserialize, eventcore::Event)]
 /// # enum AccountEvent { Deposited { amount: u64 }, Withdrawn { amount: u64 } }
-/// # impl eventcore::Event for AccountEvent {
-/// #     fn event_type(&self) -> &'static str {
-/// #         match self { Self::Deposited { .. } => "Deposited", Self::Withdrawn { .. } => "Withdrawn" }
-/// #     }
-/// # }
 ///
 /// #[derive(Command)]
 /// struct Transfer {
@@ -207,9 +201,8 @@ pub trait CommandLogic: CommandStreams {
     ///
     /// ```
     /// # use eventcore::{Command, CommandLogic, CommandResult, ReadStreams, StateCache, StoredEvent, StreamId, StreamResolver, StreamWrite};
-    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, eventcore::Event)]
     /// # enum AccountEvent { Deposited { amount: u64 } }
-    /// # impl eventcore::Event for AccountEvent { fn event_type(&self) -> &'static str { "Deposited" } }
     /// #[derive(Command)]
     /// struct Deposit {
     ///     #[stream]

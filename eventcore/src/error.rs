@@ -128,9 +128,11 @@ pub enum Error {
         conflicts: Vec<StreamConflict>,
     },
 
-    /// A stored event's payload could not be deserialized into the requested type.
-    /// The event is still stored and is never dropped; the usual cause is a changed
-    /// event shape that needs an upcaster (see the schema evolution chapter).
+    /// A stored event could not be decoded into the requested type: the type has no
+    /// event of its stored type name, or the payload does not fit (the source says
+    /// which). The event is still stored and is never dropped; the usual cause is a
+    /// renamed event without an alias, or a changed shape that needs an upcaster (see
+    /// the schema evolution chapter).
     #[error("cannot deserialize event `{event_type}` at version {version} of stream `{stream}`")]
     Deserialization {
         /// The stream holding the event.
@@ -139,9 +141,10 @@ pub enum Error {
         version: StreamVersion,
         /// The stored event type name.
         event_type: String,
-        /// What serde reported.
+        /// Why: no event of this type name in the Rust type, a payload that does not
+        /// fit, or an upcaster that refused it.
         #[source]
-        source: serde_json::Error,
+        source: crate::event::DecodeError,
     },
 
     /// An event could not be serialized to JSON. Usually a map with non-string keys.

@@ -1,412 +1,355 @@
 //! Events: the user-facing typed form and the serialized forms the stores work on.
+//!
+//! The stored *type name* is the tag: an event is stored as its type name and a payload,
+//! and decoding dispatches on the stored name ([`Event::decode`]), so one stream set can
+//! hold the events of several enums and each decodes into the one that has its name.
+
+mod content;
+mod payload;
+mod recorded;
 
 use std::fmt;
-use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
-use serde::Deserialize;
-
-use crate::error::{Error, JsonProblem, Result};
-use crate::limits::MAX_PAYLOAD_BYTES;
-use crate::metadata::EventMetadata;
+pub use self::payload::EventPayload;
+pub use self::recorded::{EventDamage, EventData, RecordedEvent, StoredEvent};
 pub(crate) use crate::names::EventType;
-use crate::types::{CorrelationId, EventId, GlobalPosition, StreamId, StreamVersion};
 
-/// A domain event type.
+use crate::error::{BoxError, Result};
+
+/// A domain event type: a stable type name for each value, and how a value is stored
+/// as a payload and decoded again by its stored type name.
 ///
-/// Payloads are stored as JSON through serde. [`Event::event_type`] names each value's
-/// type explicitly and that name is stored beside the payload, so renaming a Rust type
-/// does not orphan stored events, and projections can filter by type without decoding.
-///
-/// # Examples
+/// Derive it: `#[derive(Event)]` on an enum gives each variant a type name (its name,
+/// or `#[event(name = "...")]`), stores a variant's content as the payload and decodes
+/// by the stored name, so a variant whose name is pinned with `#[event(name)]` can be
+/// renamed without orphaning stored events. See [`derive@crate::Event`] for the
+/// attributes (type names, aliases, upcasters, enums of other event enums).
 ///
 /// ```
+/// use eventcore::Event;
 /// use serde::{Deserialize, Serialize};
 ///
-/// #[derive(Debug, Clone, Serialize, Deserialize)]
+/// #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 /// enum AccountEvent {
 ///     Opened { owner: String },
+///     #[event(name = "AccountDeposited")]
 ///     Deposited { amount: u64 },
 /// }
 ///
-/// impl eventcore::Event for AccountEvent {
-///     fn event_type(&self) -> &'static str {
-///         match self {
-///             AccountEvent::Opened { .. } => "AccountOpened",
-///             AccountEvent::Deposited { .. } => "AccountDeposited",
+/// let event = AccountEvent::Deposited { amount: 5 };
+/// assert_eq!(event.event_type(), "AccountDeposited");
+/// // The payload is the variant's content; the type name is stored beside it.
+/// assert_eq!(event.encode()?.as_str(), r#"{"amount":5}"#);
+/// # Ok::<(), eventcore::Error>(())
+/// ```
+///
+/// # Writing it by hand
+///
+/// Only [`Event::event_type`] is required. The provided [`Event::encode`] and
+/// [`Event::decode`] store the whole value with serde and decode it with serde whatever
+/// the stored name is (how EventCore worked before the derive existed: the variant tag
+/// is then inside the payload). Override both, and [`Event::decodes`], to dispatch on the
+/// name yourself:
+///
+/// ```
+/// use eventcore::{DecodeError, Event, EventPayload, EventType};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct Deposited { amount: u64 }
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// #[serde(untagged)]
+/// enum Ledger { Deposited(Deposited) }
+///
+/// impl Event for Ledger {
+///     fn event_type(&self) -> &str {
+///         "Deposited"
+///     }
+///
+///     fn encode(&self) -> eventcore::Result<EventPayload> {
+///         let Ledger::Deposited(content) = self;
+///         EventPayload::serialize(content, self.event_type())
+///     }
+///
+///     fn decode(event_type: &EventType, payload: &EventPayload) -> Result<Self, DecodeError> {
+///         match event_type.as_str() {
+///             "Deposited" => Ok(Ledger::Deposited(payload.deserialize_as()?)),
+///             _ => Err(DecodeError::unknown_type::<Self>(event_type)),
 ///         }
+///     }
+///
+///     fn decodes(event_type: &str) -> bool {
+///         event_type == "Deposited"
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an EventCore event",
+    label = "not an event",
+    note = "derive it: `#[derive(Serialize, Deserialize, eventcore::Event)]`, or implement `eventcore::Event` by hand"
+)]
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The stable name stored with this event (at most 255 bytes, no control characters).
-    fn event_type(&self) -> &'static str;
-}
+    /// The stable name stored with this value (at most 255 bytes, no control
+    /// characters). A literal for a user enum; data for events whose type is data
+    /// ([`RawEvent`]).
+    fn event_type(&self) -> &str;
 
-/// A payload serialized as JSON text that meets the rule at the door
-/// ([`crate::limits`]): every backend stores it and gives back these very bytes. Cheap
-/// to clone.
-#[derive(Clone, PartialEq, Eq)]
-pub struct EventPayload(Arc<str>);
-
-impl EventPayload {
-    /// Serializes a value.
+    /// The payload stored for this value.
+    ///
+    /// Provided: the whole value, serialized with serde ([`EventPayload::serialize`]).
     ///
     /// # Errors
     ///
-    /// [`Error::Serialization`] if serde refuses the value (for example a map whose keys
-    /// are not strings); [`Error::InvalidPayload`] if the result breaks the rule at the
-    /// door ([`crate::limits`]): a NaN or infinite float (serde_json would write `null`
-    /// for it), a string with a NUL character, nesting deeper than
-    /// [`crate::limits::MAX_JSON_DEPTH`], a key twice in one object (a custom `Serialize`
-    /// or `#[serde(flatten)]` can produce that), more than
-    /// [`crate::limits::MAX_PAYLOAD_BYTES`].
-    pub fn serialize<T: Serialize + ?Sized>(value: &T, event_type: &str) -> Result<Self> {
-        let json = serde_json::to_string(value).map_err(|source| Error::Serialization {
-            event_type: event_type.to_owned(),
-            source,
-        })?;
-        // NaN and infinities come out as `null`; only then is the value walked again.
-        if json.contains("null") && crate::json::has_non_finite(value) {
-            return Err(Error::InvalidPayload {
-                problem: JsonProblem::NotFinite,
-            });
+    /// [`crate::Error::Serialization`] when serde refuses the value,
+    /// [`crate::Error::InvalidPayload`] when the JSON breaks the rule at the door
+    /// ([`crate::limits`]).
+    fn encode(&self) -> Result<EventPayload> {
+        EventPayload::serialize(self, self.event_type())
+    }
+
+    /// Decodes a stored event of type `event_type`.
+    ///
+    /// Provided: the whole payload, deserialized with serde; the name is not looked at.
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::UnknownType`] when `Self` has no event of this name,
+    /// [`DecodeError::Payload`] when the payload does not fit,
+    /// [`DecodeError::Upcast`] when an upcaster refused an old event.
+    fn decode(event_type: &EventType, payload: &EventPayload) -> Result<Self, DecodeError> {
+        let _ = event_type;
+        payload.deserialize_as().map_err(DecodeError::Payload)
+    }
+
+    /// Whether [`Event::decode`] accepts events of this type name, without looking at
+    /// a payload (an enum of event enums asks each of them in turn).
+    ///
+    /// Provided: `true` for every name, as the provided `decode` tries every payload.
+    fn decodes(event_type: &str) -> bool {
+        let _ = event_type;
+        true
+    }
+}
+
+/// Why a stored event did not decode into the requested type. The source of
+/// [`crate::Error::Deserialization`], which adds the stream and version.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The Rust type has no event of this type name (nor an alias or upcaster for it).
+    #[error("`{rust_type}` has no event type `{event_type}`")]
+    UnknownType {
+        /// The stored type name.
+        event_type: String,
+        /// The Rust type asked to decode it.
+        rust_type: &'static str,
+    },
+    /// The payload does not fit the type the name maps to.
+    #[error("the payload does not fit")]
+    Payload(#[source] serde_json::Error),
+    /// An upcaster refused an event of an old type.
+    #[error("the upcaster for `{event_type}` refused it")]
+    Upcast {
+        /// The stored (old) type name.
+        event_type: String,
+        /// The upcaster's reason.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl DecodeError {
+    /// `T` has no event of type `event_type`.
+    pub fn unknown_type<T: ?Sized>(event_type: impl AsRef<str>) -> Self {
+        DecodeError::UnknownType {
+            event_type: event_type.as_ref().to_owned(),
+            rust_type: std::any::type_name::<T>(),
         }
-        crate::json::check_document(&json, MAX_PAYLOAD_BYTES, 0)
-            .map_err(|problem| Error::InvalidPayload { problem })?;
-        Ok(EventPayload(json.into()))
     }
 
-    /// Takes JSON text as it is (its bytes are what every read returns), after checking
-    /// it against the rule at the door.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidPayload`] if `json` is not valid JSON (a lone surrogate such as
-    /// `"\ud800"` and numbers out of the range of an `f64` count as invalid), holds a
-    /// NUL character, repeats a key in an object, nests deeper than
-    /// [`crate::limits::MAX_JSON_DEPTH`] or is longer than
-    /// [`crate::limits::MAX_PAYLOAD_BYTES`].
-    pub fn from_json(json: impl Into<Arc<str>>) -> Result<Self> {
-        let json = json.into();
-        crate::json::check_document(&json, MAX_PAYLOAD_BYTES, 0)
-            .map_err(|problem| Error::InvalidPayload { problem })?;
-        Ok(EventPayload(json))
-    }
-
-    /// Takes JSON text a backend read back from its storage: checks only that it is
-    /// JSON a decoder can read, not the rest of the rule (rows written before a limit
-    /// existed stay readable).
-    ///
-    /// For backends. A row whose payload fails this is returned as a damaged event
-    /// ([`RecordedEvent::damaged`]), never as a failed read.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidPayload`] with [`JsonProblem::NotJson`] when `json` is not
-    /// readable JSON (not JSON at all, or nested deeper than serde_json reads).
-    pub fn from_stored_json(json: impl Into<Arc<str>>) -> Result<Self> {
-        let json = json.into();
-        let mut deserializer = serde_json::Deserializer::from_str(&json);
-        serde::de::IgnoredAny::deserialize(&mut deserializer)
-            .and_then(|_| deserializer.end())
-            .map_err(|error| Error::InvalidPayload {
-                problem: JsonProblem::NotJson {
-                    message: error.to_string(),
-                },
-            })?;
-        Ok(EventPayload(json))
-    }
-
-    /// The JSON text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The length of the JSON text in bytes.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether the JSON text is empty (never, for a payload that exists).
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// An upcaster for `event_type` refused an event.
+    pub fn upcast(event_type: impl AsRef<str>, source: impl Into<BoxError>) -> Self {
+        DecodeError::Upcast {
+            event_type: event_type.as_ref().to_owned(),
+            source: source.into(),
+        }
     }
 }
 
-impl fmt::Debug for EventPayload {
+impl From<serde_json::Error> for DecodeError {
+    fn from(error: serde_json::Error) -> Self {
+        DecodeError::Payload(error)
+    }
+}
+
+/// An event whose type name and payload are data, not a Rust type: what a process that
+/// does not know the types handles (copying, routing, federating events; reading any
+/// event as JSON). Stored as it is, byte for byte; decodes from every type name.
+///
+/// ```
+/// use eventcore::{Event, EventPayload, EventType, RawEvent};
+///
+/// let raw = RawEvent::new(
+///     EventType::try_new("UserRegistered")?,
+///     EventPayload::from_json(r#"{"user_id":"u1"}"#)?,
+/// );
+/// assert_eq!(raw.event_type(), "UserRegistered");
+/// let value: serde_json::Value = raw.payload().deserialize_as()?;
+/// assert_eq!(value["user_id"], "u1");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawEvent {
+    event_type: EventType,
+    payload: EventPayload,
+}
+
+impl RawEvent {
+    /// An event of type `event_type` with this payload.
+    pub fn new(event_type: EventType, payload: EventPayload) -> Self {
+        RawEvent {
+            event_type,
+            payload,
+        }
+    }
+
+    /// The type name, validated.
+    pub fn stored_type(&self) -> &EventType {
+        &self.event_type
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &EventPayload {
+        &self.payload
+    }
+
+    /// Decodes this event into a typed event by its type name, as a store read would.
+    ///
+    /// # Errors
+    ///
+    /// What [`Event::decode`] reports.
+    pub fn decode_as<E: Event>(&self) -> Result<E, DecodeError> {
+        E::decode(&self.event_type, &self.payload)
+    }
+}
+
+impl fmt::Debug for RawEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EventPayload({})", &*self.0)
+        f.debug_struct("RawEvent")
+            .field("event_type", &self.event_type.as_str())
+            .field("payload", &self.payload.as_str())
+            .finish()
     }
 }
 
-/// An event to be appended: id, type name, serialized payload and metadata.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct EventData {
-    /// The id the stored event will have.
-    pub event_id: EventId,
-    /// The stored type name.
-    pub event_type: EventType,
-    /// The JSON payload.
-    pub payload: EventPayload,
-    /// The metadata.
-    pub metadata: EventMetadata,
-}
-
-impl EventData {
-    /// Serializes a typed event, with a fresh [`EventId`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidEventType`] if the event's type name is invalid, and
-    /// [`Error::Serialization`] if serde refuses the payload.
-    pub fn from_event<E: Event>(event: &E, metadata: EventMetadata) -> Result<Self> {
-        let event_type = EventType::try_new(event.event_type())?;
-        let payload = EventPayload::serialize(event, event_type.as_str())?;
-        Ok(EventData {
-            event_id: EventId::new(),
-            event_type,
-            payload,
-            metadata,
-        })
+impl Event for RawEvent {
+    fn event_type(&self) -> &str {
+        self.event_type.as_str()
     }
 
-    /// An event from parts already serialized, with a fresh [`EventId`].
-    pub fn new(event_type: EventType, payload: EventPayload, metadata: EventMetadata) -> Self {
-        EventData {
-            event_id: EventId::new(),
-            event_type,
-            payload,
-            metadata,
+    fn encode(&self) -> Result<EventPayload> {
+        Ok(self.payload.clone())
+    }
+
+    fn decode(event_type: &EventType, payload: &EventPayload) -> Result<Self, DecodeError> {
+        Ok(RawEvent::new(event_type.clone(), payload.clone()))
+    }
+}
+
+/// Support for `#[derive(Event)]`'s generated code. Not public API.
+pub(crate) mod derive_support {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{DecodeError, EventPayload, EventType};
+    use crate::error::Result;
+
+    /// What an upcaster (`#[event(upcast(from = "...", with = f))]`) may return: the new
+    /// event, or a `Result` with it.
+    #[diagnostic::on_unimplemented(
+        message = "an upcaster of `{T}` returns `{Self}`",
+        label = "this upcaster",
+        note = "an upcaster returns the new event (`{T}`) or a `Result<{T}, E>` whose error converts into a boxed error"
+    )]
+    pub trait UpcastOutput<T> {
+        /// The new event, or the upcaster's reason.
+        fn into_upcast(self) -> std::result::Result<T, crate::error::BoxError>;
+    }
+
+    impl<T: super::Event> UpcastOutput<T> for T {
+        fn into_upcast(self) -> std::result::Result<T, crate::error::BoxError> {
+            Ok(self)
         }
     }
 
-    /// Replaces the event id (for callers that derive ids deterministically).
-    pub fn with_event_id(mut self, event_id: EventId) -> Self {
-        self.event_id = event_id;
-        self
-    }
-}
-
-/// A stored event in serialized form, as backends return it. Cheap to clone.
-///
-/// Decode it into a typed [`StoredEvent`] with [`RecordedEvent::decode`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct RecordedEvent {
-    /// The event's unique id.
-    pub event_id: EventId,
-    /// The stream it belongs to.
-    pub stream_id: StreamId,
-    /// Its version in that stream (1 for the first event).
-    pub stream_version: StreamVersion,
-    /// Its position in the global log.
-    pub global_position: GlobalPosition,
-    /// The stored type name.
-    pub event_type: EventType,
-    /// The JSON payload.
-    pub payload: EventPayload,
-    /// The metadata.
-    pub metadata: Arc<EventMetadata>,
-    /// When the store recorded it.
-    pub recorded_at: DateTime<Utc>,
-    /// Set when the stored row cannot be read as an event (see [`RecordedEvent::damage`]).
-    damage: Option<Arc<EventDamage>>,
-}
-
-/// What makes a stored event unreadable, and what was stored, unchanged (see
-/// [`RecordedEvent::damage`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EventDamage {
-    /// What cannot be read, with the decoder's reason.
-    pub reason: String,
-    /// The payload as stored.
-    pub stored_payload: String,
-    /// The metadata as stored.
-    pub stored_metadata: String,
-}
-
-impl EventDamage {
-    /// A description of the damage and the stored text (for backends).
-    pub fn new(
-        reason: impl Into<String>,
-        stored_payload: impl Into<String>,
-        stored_metadata: impl Into<String>,
-    ) -> Self {
-        EventDamage {
-            reason: reason.into(),
-            stored_payload: stored_payload.into(),
-            stored_metadata: stored_metadata.into(),
-        }
-    }
-}
-
-impl RecordedEvent {
-    /// Assembles a recorded event (for backends).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        event_id: EventId,
-        stream_id: StreamId,
-        stream_version: StreamVersion,
-        global_position: GlobalPosition,
-        event_type: EventType,
-        payload: EventPayload,
-        metadata: Arc<EventMetadata>,
-        recorded_at: DateTime<Utc>,
-    ) -> Self {
-        RecordedEvent {
-            event_id,
-            stream_id,
-            stream_version,
-            global_position,
-            event_type,
-            payload,
-            metadata,
-            recorded_at,
-            damage: None,
+    impl<T, E: Into<crate::error::BoxError>> UpcastOutput<T> for std::result::Result<T, E> {
+        fn into_upcast(self) -> std::result::Result<T, crate::error::BoxError> {
+            self.map_err(Into::into)
         }
     }
 
-    /// A stored event whose row cannot be read as an event (metadata that does not
-    /// decode, a payload that is not readable JSON), for backends: a read returns it in
-    /// its place instead of failing, so the rest of the stream and of the log stay
-    /// readable. Its `payload` is `null` and its `metadata` empty (a nil correlation
-    /// id): placeholders, not data; so are a stream id or type name that were invalid in
-    /// storage (a backend puts a valid stand-in there and says so in the reason).
-    /// [`RecordedEvent::decode`] refuses it with [`Error::UnreadableEvent`]; the stored
-    /// text is in [`RecordedEvent::damage`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn damaged(
-        event_id: EventId,
-        stream_id: StreamId,
-        stream_version: StreamVersion,
-        global_position: GlobalPosition,
-        event_type: EventType,
-        recorded_at: DateTime<Utc>,
-        damage: EventDamage,
-    ) -> Self {
-        RecordedEvent {
-            event_id,
-            stream_id,
-            stream_version,
-            global_position,
-            event_type,
-            payload: EventPayload(Arc::from("null")),
-            metadata: Arc::new(EventMetadata::new(CorrelationId::from_uuid(
-                uuid::Uuid::nil(),
-            ))),
-            recorded_at,
-            damage: Some(Arc::new(damage)),
+    /// The payload of an enum variant: its content, without serde's tag.
+    pub fn encode_content<T: Serialize>(value: &T, event_type: &str) -> Result<EventPayload> {
+        EventPayload::serialize_content(value, event_type)
+    }
+
+    /// Decodes a variant's content into the variant at `index` (its position in the
+    /// enum).
+    pub fn decode_content<T: DeserializeOwned>(
+        payload: &EventPayload,
+        index: u64,
+    ) -> std::result::Result<T, DecodeError> {
+        super::content::read_content(payload.as_str(), index).map_err(DecodeError::Payload)
+    }
+
+    /// Decodes a whole payload (a struct event).
+    pub fn decode_whole<T: DeserializeOwned>(
+        payload: &EventPayload,
+    ) -> std::result::Result<T, DecodeError> {
+        payload.deserialize_as().map_err(DecodeError::Payload)
+    }
+
+    /// Decodes a whole payload of an enum (`#[event(payload = "whole")]`) and checks
+    /// that serde's tag inside it agrees with the stored type name `expected`.
+    pub fn decode_whole_as<T: super::Event>(
+        payload: &EventPayload,
+        expected: &str,
+    ) -> std::result::Result<T, DecodeError> {
+        let value: T = decode_whole(payload)?;
+        if value.event_type() == expected {
+            Ok(value)
+        } else {
+            Err(DecodeError::Payload(serde::de::Error::custom(
+                format_args!(
+                    "the payload holds a `{}`, not a `{expected}` as its stored type says",
+                    value.event_type()
+                ),
+            )))
         }
     }
 
-    /// What makes this stored event unreadable, `None` for every event that reads
-    /// normally. Code that reads [`RecordedEvent::payload`] or
-    /// [`RecordedEvent::metadata`] without [`RecordedEvent::decode`] checks this first.
-    pub fn damage(&self) -> Option<&EventDamage> {
-        self.damage.as_deref()
+    /// Decodes an old event with its upcaster.
+    pub fn upcast<Old, Out, T>(
+        event_type: &EventType,
+        payload: &EventPayload,
+        upcaster: impl FnOnce(Old) -> Out,
+    ) -> std::result::Result<T, DecodeError>
+    where
+        Old: DeserializeOwned,
+        Out: UpcastOutput<T>,
+    {
+        let old: Old = payload.deserialize_as()?;
+        upcaster(old)
+            .into_upcast()
+            .map_err(|source| DecodeError::upcast(event_type.as_str(), source))
     }
 
-    /// `Ok` unless the event is damaged: then [`Error::UnreadableEvent`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::UnreadableEvent`] naming the event and what cannot be read.
-    pub fn check_readable(&self) -> Result<()> {
-        match &self.damage {
-            None => Ok(()),
-            Some(damage) => Err(Error::UnreadableEvent {
-                event_id: self.event_id,
-                stream: self.stream_id.clone(),
-                version: self.stream_version,
-                position: self.global_position,
-                reason: damage.reason.clone(),
-            }),
-        }
-    }
-
-    /// Deserializes the payload into `E`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Deserialization`] naming the stream, version and type when the payload
-    /// does not fit `E` (serde's reason is its source); [`Error::UnreadableEvent`] for
-    /// a damaged event ([`RecordedEvent::damage`]). The event stays stored; nothing is
-    /// dropped.
-    pub fn decode<E: DeserializeOwned>(&self) -> Result<StoredEvent<E>> {
-        self.check_readable()?;
-        let payload = serde_json::from_str(self.payload.as_str()).map_err(|source| {
-            Error::Deserialization {
-                stream: self.stream_id.clone(),
-                version: self.stream_version,
-                event_type: self.event_type.as_str().to_owned(),
-                source,
-            }
-        })?;
-        Ok(StoredEvent {
-            event_id: self.event_id,
-            stream_id: self.stream_id.clone(),
-            stream_version: self.stream_version,
-            global_position: self.global_position,
-            event_type: self.event_type.clone(),
-            payload,
-            metadata: (*self.metadata).clone(),
-            recorded_at: self.recorded_at,
-        })
-    }
-}
-
-/// A stored event with its payload decoded into the user's type.
-///
-/// This is what [`crate::CommandLogic::apply`] folds and projections consume.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct StoredEvent<E> {
-    /// The event's unique id.
-    pub event_id: EventId,
-    /// The stream it belongs to.
-    pub stream_id: StreamId,
-    /// Its version in that stream (1 for the first event).
-    pub stream_version: StreamVersion,
-    /// Its position in the global log.
-    pub global_position: GlobalPosition,
-    /// The stored type name.
-    pub event_type: EventType,
-    /// The decoded payload.
-    pub payload: E,
-    /// The metadata.
-    pub metadata: EventMetadata,
-    /// When the store recorded it.
-    pub recorded_at: DateTime<Utc>,
-}
-
-impl<E> StoredEvent<E> {
-    /// Assembles a stored event (for test harnesses and backends).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        event_id: EventId,
-        stream_id: StreamId,
-        stream_version: StreamVersion,
-        global_position: GlobalPosition,
-        event_type: EventType,
-        payload: E,
-        metadata: EventMetadata,
-        recorded_at: DateTime<Utc>,
-    ) -> Self {
-        StoredEvent {
-            event_id,
-            stream_id,
-            stream_version,
-            global_position,
-            event_type,
-            payload,
-            metadata,
-            recorded_at,
-        }
+    /// `T` has no event of this type.
+    pub fn unknown<T>(event_type: &EventType) -> DecodeError {
+        DecodeError::unknown_type::<T>(event_type.as_str())
     }
 }

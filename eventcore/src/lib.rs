@@ -6,11 +6,15 @@
 //! - A **stream** is an ordered sequence of events named by a validated [`StreamId`].
 //!   Every event has a [`StreamVersion`] in its stream (1, 2, 3, ...) and a
 //!   [`GlobalPosition`] in the store's global log.
-//! - An **event** is a serde type implementing [`Event`], whose `event_type()` is the
-//!   stable name stored beside the payload. It is appended as [`EventData`] (id, type,
-//!   JSON payload, metadata), read back as a [`RecordedEvent`] (with its stream, version,
-//!   position and recording time; a row that cannot be read comes back marked damaged, in
-//!   its place, never dropped) and decoded into a [`StoredEvent<E>`]. What a payload may
+//! - An **event** is a serde type with `#[derive(Event)]`: each enum variant is an event
+//!   type with a stable name (the variant's, or `#[event(name = "...")]`), stored beside
+//!   the variant's content as its payload; decoding dispatches on the stored name, so one
+//!   stream set can hold the events of several enums ([`derive@Event`]: aliases,
+//!   upcasters, enums of enums; [`RawEvent`] for events whose type is data). It is
+//!   appended as [`EventData`] (id, type, JSON payload, metadata), read back as a
+//!   [`RecordedEvent`] (with its stream, version, position and recording time; a row that
+//!   cannot be read comes back marked damaged, in its place, never dropped) and decoded
+//!   into a [`StoredEvent<E>`]. What a payload may
 //!   hold, and the limits every backend enforces alike, are in [`limits`].
 //! - A **command** is a struct with `#[derive(Command)]`; its `#[stream]` fields declare
 //!   the streams it reads and may write. [`CommandLogic`] folds the events of those streams
@@ -68,25 +72,16 @@
 //!
 //! ```
 //! use eventcore::{
-//!     require, Command, CommandExecutor, CommandLogic, CommandResult, ReadStreams,
+//!     require, Command, CommandExecutor, CommandLogic, CommandResult, Event, ReadStreams,
 //!     StoredEvent, StreamId, StreamResolver, StreamWrite,
 //! };
 //! use eventcore_memory::InMemoryEventStore;
 //! use serde::{Deserialize, Serialize};
 //!
-//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 //! enum AccountEvent {
 //!     Deposited { amount: u64 },
 //!     Withdrawn { amount: u64 },
-//! }
-//!
-//! impl eventcore::Event for AccountEvent {
-//!     fn event_type(&self) -> &'static str {
-//!         match self {
-//!             AccountEvent::Deposited { .. } => "Deposited",
-//!             AccountEvent::Withdrawn { .. } => "Withdrawn",
-//!         }
-//!     }
 //! }
 //!
 //! #[derive(Command)]
@@ -170,7 +165,7 @@ pub mod testing;
 #[path = "private.rs"]
 pub mod __private;
 
-pub use eventcore_macros::Command;
+pub use eventcore_macros::{Command, Event};
 
 pub use crate::clock::{Clock, ManualClock, SleepFuture, SystemClock};
 
@@ -180,7 +175,9 @@ pub use crate::command::{
 pub use crate::error::{
     AppendLimit, BoxError, CommandResult, Error, JsonProblem, Result, StreamConflict, error_chain,
 };
-pub use crate::event::{Event, EventDamage, EventData, EventPayload, RecordedEvent, StoredEvent};
+pub use crate::event::{
+    DecodeError, Event, EventDamage, EventData, EventPayload, RawEvent, RecordedEvent, StoredEvent,
+};
 pub use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult, RetryPolicy};
 pub use crate::leadership::{LeaderElection, Leadership};
 pub use crate::metadata::EventMetadata;

@@ -5,6 +5,9 @@ use std::hash::BuildHasher;
 
 use crate::types::StreamId;
 
+pub use crate::event::derive_support::*;
+pub use serde;
+
 /// The types a `#[stream]` field may have. The derive calls this on every such field, so
 /// the compiler, not the macro, decides whether a field type is acceptable.
 #[diagnostic::on_unimplemented(

@@ -6,11 +6,9 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
-
 use crate::command::Command;
 use crate::error::{Error, Result};
-use crate::event::StoredEvent;
+use crate::event::{Event, StoredEvent};
 use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
 use crate::leadership::LeaderElection;
 use crate::names::{InvalidProjectionName, NameProblem, ProjectionName};
@@ -56,13 +54,8 @@ pub const MAX_PROCESS_MANAGER_NAME_LEN: usize = 200;
 /// ```
 /// use eventcore::{Dispatcher, ProcessManager, ProjectionFilter, StoredEvent};
 /// # use eventcore::{CommandLogic, ReadStreams, StreamResolver, StreamWrite, CommandResult, StreamId};
-/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, eventcore::Event)]
 /// # enum ShopEvent { OrderPlaced { order: String }, WelcomeMailQueued }
-/// # impl eventcore::Event for ShopEvent {
-/// #     fn event_type(&self) -> &'static str {
-/// #         match self { Self::OrderPlaced { .. } => "OrderPlaced", Self::WelcomeMailQueued => "WelcomeMailQueued" }
-/// #     }
-/// # }
 /// # #[derive(eventcore::Command)]
 /// # struct QueueMail { #[stream] outbox: StreamId }
 /// # impl CommandLogic for QueueMail {
@@ -104,7 +97,7 @@ pub const MAX_PROCESS_MANAGER_NAME_LEN: usize = 200;
 /// ```
 pub trait ProcessManager: Send + 'static {
     /// What the events it receives decode into.
-    type Event: DeserializeOwned + Send + Sync + 'static;
+    type Event: Event;
 
     /// Its name: checkpoint, dead letters, leadership and idempotency keys are kept
     /// under it. Same rules as a stream id, at most [`MAX_PROCESS_MANAGER_NAME_LEN`]
@@ -313,9 +306,9 @@ impl<M: ProcessManager> Projection for Managed<M> {
 /// # use eventcore::{Dispatcher, ProcessManager, StoredEvent};
 /// # struct Mailer;
 /// # impl ProcessManager for Mailer {
-/// #     type Event = serde_json::Value;
+/// #     type Event = eventcore::RawEvent;
 /// #     fn name(&self) -> &str { "mailer" }
-/// #     async fn handle(&mut self, _: &StoredEvent<serde_json::Value>, _: &mut Dispatcher<'_>) -> eventcore::Result<()> { Ok(()) }
+/// #     async fn handle(&mut self, _: &StoredEvent<eventcore::RawEvent>, _: &mut Dispatcher<'_>) -> eventcore::Result<()> { Ok(()) }
 /// # }
 /// use std::sync::Arc;
 /// use eventcore::{CommandExecutor, ProcessManagerRunner};

@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, SubsecRound, Utc};
-use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::error::{BoxError, Error, Result, error_chain};
-use crate::event::{RecordedEvent, StoredEvent};
+use crate::event::{Event, RecordedEvent, StoredEvent};
 use crate::executor::RetryPolicy;
 use crate::leadership::LeaderElection;
 use crate::names::{EventType, InvalidProjectionName, ProjectionName};
@@ -83,7 +82,7 @@ impl ProjectionFilter {
 ///
 /// ```
 /// use eventcore::{Projection, ProjectionFilter, StoredEvent};
-/// # #[derive(serde::Deserialize)] enum AccountEvent { Deposited { amount: u64 } }
+/// # #[derive(serde::Serialize, serde::Deserialize, eventcore::Event)] enum AccountEvent { Deposited { amount: u64 } }
 ///
 /// #[derive(Default)]
 /// struct TotalDeposits(u64);
@@ -113,9 +112,9 @@ impl ProjectionFilter {
 /// this impl: it rewrites `apply` into a method returning a boxed future, which does not
 /// match the trait, and the compiler reports a signature or lifetime mismatch on `apply`:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0195
 /// # use eventcore::{Projection, StoredEvent};
-/// # #[derive(serde::Deserialize)] struct Deposited;
+/// # #[derive(serde::Serialize, serde::Deserialize, eventcore::Event)] struct Deposited;
 /// struct Count(u64);
 ///
 /// #[async_trait::async_trait] // wrong: remove it
@@ -131,7 +130,7 @@ impl ProjectionFilter {
 /// ```
 pub trait Projection: Send + 'static {
     /// What the events decode into (usually an enum over the types the filter selects).
-    type Event: DeserializeOwned + Send + Sync + 'static;
+    type Event: Event;
     /// What `apply` can fail with.
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -514,10 +513,10 @@ pub struct RunSummary {
 /// # use eventcore::{Projection, StoredEvent};
 /// # #[derive(Default)] struct Counter(u64);
 /// # impl Projection for Counter {
-/// #     type Event = serde_json::Value;
+/// #     type Event = eventcore::RawEvent;
 /// #     type Error = std::convert::Infallible;
 /// #     fn name(&self) -> &str { "counter" }
-/// #     async fn apply(&mut self, _: &StoredEvent<serde_json::Value>) -> Result<(), Self::Error> { self.0 += 1; Ok(()) }
+/// #     async fn apply(&mut self, _: &StoredEvent<eventcore::RawEvent>) -> Result<(), Self::Error> { self.0 += 1; Ok(()) }
 /// # }
 /// use std::sync::Arc;
 /// use eventcore::ProjectionRunner;

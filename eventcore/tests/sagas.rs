@@ -19,25 +19,13 @@ use eventcore::{
 use eventcore_memory::InMemoryEventStore;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, eventcore::Event)]
 enum TripEvent {
     TripRequested { trip: String, refuse_car: bool },
     Booked { what: String },
     Cancelled { what: String },
     HotelAnswered { trip: String, ok: bool },
     Noted { n: u32 },
-}
-
-impl eventcore::Event for TripEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            TripEvent::TripRequested { .. } => "TripRequested",
-            TripEvent::Booked { .. } => "Booked",
-            TripEvent::Cancelled { .. } => "Cancelled",
-            TripEvent::HotelAnswered { .. } => "HotelAnswered",
-            TripEvent::Noted { .. } => "Noted",
-        }
-    }
 }
 
 fn stream(name: impl AsRef<str>) -> StreamId {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use eventcore::{
     AppendOutcome, AppendRequest, Command, CommandExecutor, CommandLogic, CommandResult,
-    CorrelationId, EventData, EventId, EventMetadata, EventStore, ExecutionOptions,
+    CorrelationId, Event, EventData, EventId, EventMetadata, EventStore, ExecutionOptions,
     ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery, ReadStreams, RecordedEvent,
     StoredEvent, StreamId, StreamResolver, StreamWrite, StreamsSnapshot, require,
 };
@@ -26,21 +26,14 @@ use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
 use serde::{Deserialize, Serialize};
 
 /// Everything that happens to an account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 enum AccountEvent {
+    #[event(name = "AccountOpened")]
     Opened { owner: String, initial: u64 },
+    #[event(name = "MoneyDeposited")]
     Deposited { amount: u64 },
+    #[event(name = "MoneyWithdrawn")]
     Withdrawn { amount: u64 },
-}
-
-impl eventcore::Event for AccountEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            AccountEvent::Opened { .. } => "AccountOpened",
-            AccountEvent::Deposited { .. } => "MoneyDeposited",
-            AccountEvent::Withdrawn { .. } => "MoneyWithdrawn",
-        }
-    }
 }
 
 /// One account's state, folded from its events.

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use eventcore::{
-    Command, CommandExecutor, CommandLogic, CommandResult, Error, EventStore, LogQuery,
+    Command, CommandExecutor, CommandLogic, CommandResult, Error, Event, EventStore, LogQuery,
     ReadStreams, RecordedEvent, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
 use rand::rngs::StdRng;
@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Events of an account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub enum BankEvent {
     /// The account was opened with an initial balance.
     Opened {
@@ -29,16 +29,6 @@ pub enum BankEvent {
         /// Amount.
         amount: i64,
     },
-}
-
-impl eventcore::Event for BankEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            BankEvent::Opened { .. } => "Opened",
-            BankEvent::Deposited { .. } => "Deposited",
-            BankEvent::Withdrawn { .. } => "Withdrawn",
-        }
-    }
 }
 
 impl BankEvent {

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::event::StoredEvent;
+use crate::event::{Event, StoredEvent};
 use crate::executor::ExecutionResult;
 use crate::process::{Dispatcher, check_name_len};
 use crate::types::StreamId;
@@ -154,7 +154,7 @@ pub trait Saga: Send + Sync + 'static {
     /// What an instance works on; stored in its first event.
     type Input: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// What the events it listens to decode into.
-    type Event: DeserializeOwned + Send + Sync + 'static;
+    type Event: Event;
 
     /// The saga's name: its streams are `saga/<name>/<instance>`, its manager and timer
     /// run under it. At most 190 bytes, no `/`.

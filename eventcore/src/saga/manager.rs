@@ -3,9 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
-use serde_json::Value;
-
 use super::commands::{RecordCompensated, RecordOutcome, StartSaga};
 use super::definition::{
     Saga, SagaContext, SagaStep, SagaTrigger, StepOutcome, check_plan, check_saga_name, saga_stream,
@@ -13,7 +10,7 @@ use super::definition::{
 use super::state::{SagaEvent, SagaState, StepStatus, event_types};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::event::StoredEvent;
+use crate::event::{Event, RawEvent, StoredEvent};
 use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
 use crate::process::{Dispatcher, ProcessManager};
 use crate::projection::ProjectionFilter;
@@ -108,7 +105,7 @@ impl<S: Saga> SagaManager<S> {
 
     async fn on_saga_event(
         &self,
-        event: &StoredEvent<Value>,
+        event: &StoredEvent<RawEvent>,
         dispatcher: &mut Dispatcher<'_>,
     ) -> Result<()> {
         let decoded: StoredEvent<SagaEvent> = redecode(event)?;
@@ -161,7 +158,7 @@ impl<S: Saga> SagaManager<S> {
 
     async fn on_other_event(
         &self,
-        event: &StoredEvent<Value>,
+        event: &StoredEvent<RawEvent>,
         dispatcher: &mut Dispatcher<'_>,
     ) -> Result<()> {
         let decoded: StoredEvent<S::Event> = redecode(event)?;
@@ -199,7 +196,7 @@ impl<S: Saga> SagaManager<S> {
 }
 
 impl<S: Saga> ProcessManager for SagaManager<S> {
-    type Event = Value;
+    type Event = RawEvent;
 
     fn name(&self) -> &str {
         &self.name
@@ -211,7 +208,7 @@ impl<S: Saga> ProcessManager for SagaManager<S> {
 
     async fn handle(
         &mut self,
-        event: &StoredEvent<Value>,
+        event: &StoredEvent<RawEvent>,
         dispatcher: &mut Dispatcher<'_>,
     ) -> Result<()> {
         let stream = event.stream_id.as_str();
@@ -239,13 +236,16 @@ impl<S: Saga> fmt::Debug for SagaManager<S> {
     }
 }
 
-fn redecode<T: DeserializeOwned>(event: &StoredEvent<Value>) -> Result<StoredEvent<T>> {
-    let payload = T::deserialize(&event.payload).map_err(|source| Error::Deserialization {
-        stream: event.stream_id.clone(),
-        version: event.stream_version,
-        event_type: event.event_type.as_str().to_owned(),
-        source,
-    })?;
+fn redecode<T: Event>(event: &StoredEvent<RawEvent>) -> Result<StoredEvent<T>> {
+    let payload = event
+        .payload
+        .decode_as::<T>()
+        .map_err(|source| Error::Deserialization {
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+            event_type: event.event_type.as_str().to_owned(),
+            source,
+        })?;
     Ok(StoredEvent::new(
         event.event_id,
         event.stream_id.clone(),

@@ -24,9 +24,8 @@ use crate::{CommandExecutor, CommandLogic, Event};
 /// ```
 /// # use eventcore::{Command, CommandLogic, CommandResult, ReadStreams, StoredEvent, StreamId, StreamResolver, StreamWrite, require};
 /// # use serde::{Deserialize, Serialize};
-/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, eventcore::Event)]
 /// # enum Counter { Incremented }
-/// # impl eventcore::Event for Counter { fn event_type(&self) -> &'static str { "Incremented" } }
 /// # #[derive(Command)]
 /// # struct Increment { #[stream] counter: StreamId, max: usize }
 /// # impl CommandLogic for Increment {

@@ -53,7 +53,7 @@ pub fn shipment_stream(order_id: &str) -> eventcore::Result<StreamId> {
 }
 
 /// Events of the Order service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub enum OrderEvent {
     /// A customer placed an order.
     OrderCreated {
@@ -85,7 +85,7 @@ pub enum OrderEvent {
 }
 
 /// Events of the Inventory service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub enum InventoryEvent {
     /// Units arrived.
     StockAdded {
@@ -115,7 +115,7 @@ pub enum InventoryEvent {
 }
 
 /// Events of the Payment service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub enum PaymentEvent {
     /// The order's payment was asked of the gateway.
     PaymentRequested {
@@ -157,7 +157,7 @@ pub enum PaymentEvent {
 }
 
 /// Events of the Shipping service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub enum ShippingEvent {
     /// A parcel is on its way.
     ShipmentCreated {
@@ -175,71 +175,22 @@ pub enum ShippingEvent {
 
 /// Any event of the four services, for the components that read across them (a command
 /// reading streams of two services, the order saga, the order view). Stored events are
-/// exactly those of the service enums: the variant names are unique across services, so
-/// a stored event decodes into the one service enum that has its name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+/// exactly those of the service enums: each stored event decodes, by its type name, into
+/// the one service enum that has the name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 pub enum ShopEvent {
     /// An Order service event.
+    #[event(transparent)]
     Order(OrderEvent),
     /// An Inventory service event.
+    #[event(transparent)]
     Inventory(InventoryEvent),
     /// A Payment service event.
+    #[event(transparent)]
     Payment(PaymentEvent),
     /// A Shipping service event.
+    #[event(transparent)]
     Shipping(ShippingEvent),
-}
-
-impl Event for OrderEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            OrderEvent::OrderCreated { .. } => "OrderCreated",
-            OrderEvent::OrderCompleted { .. } => "OrderCompleted",
-            OrderEvent::OrderCancelled { .. } => "OrderCancelled",
-        }
-    }
-}
-
-impl Event for InventoryEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            InventoryEvent::StockAdded { .. } => "StockAdded",
-            InventoryEvent::StockReserved { .. } => "StockReserved",
-            InventoryEvent::StockReleased { .. } => "StockReleased",
-        }
-    }
-}
-
-impl Event for PaymentEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            PaymentEvent::PaymentRequested { .. } => "PaymentRequested",
-            PaymentEvent::PaymentCaptured { .. } => "PaymentCaptured",
-            PaymentEvent::PaymentDeclined { .. } => "PaymentDeclined",
-            PaymentEvent::PaymentRefunded { .. } => "PaymentRefunded",
-            PaymentEvent::PaymentVoided { .. } => "PaymentVoided",
-        }
-    }
-}
-
-impl Event for ShippingEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            ShippingEvent::ShipmentCreated { .. } => "ShipmentCreated",
-            ShippingEvent::ShipmentCancelled { .. } => "ShipmentCancelled",
-        }
-    }
-}
-
-impl Event for ShopEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            ShopEvent::Order(event) => event.event_type(),
-            ShopEvent::Inventory(event) => event.event_type(),
-            ShopEvent::Payment(event) => event.event_type(),
-            ShopEvent::Shipping(event) => event.event_type(),
-        }
-    }
 }
 
 /// Every event type of the four services.

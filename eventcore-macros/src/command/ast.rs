@@ -2,7 +2,7 @@
 
 use syn::{Data, DeriveInput, Fields, Generics, Ident, Type, Visibility};
 
-use crate::attr;
+use super::attr;
 use crate::ctxt::Ctxt;
 
 /// A struct with named fields, as `#[derive(Command)]` needs it.

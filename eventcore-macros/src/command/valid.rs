@@ -1,6 +1,6 @@
 //! Rules that span several fields.
 
-use crate::ast::Command;
+use super::ast::Command;
 use crate::ctxt::Ctxt;
 
 pub(crate) fn check(cx: &mut Ctxt, command: &Command<'_>) {

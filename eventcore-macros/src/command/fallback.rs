@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::DeriveInput;
 
-use crate::expand::{impl_predicates, stream_set_ident};
+use super::expand::{impl_predicates, stream_set_ident};
 
 /// The compile errors, plus — for a struct — a stub impl and marker type, so code that
 /// uses the command (its `CommandLogic` impl, `Self::StreamSet`) does not add a cascade of

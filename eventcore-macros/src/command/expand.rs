@@ -5,9 +5,9 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Ident};
 
-use crate::ast::Command;
+use super::ast::Command;
+use super::{fallback, valid};
 use crate::ctxt::Ctxt;
-use crate::{fallback, valid};
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::new();
