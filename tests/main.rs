@@ -20,3 +20,5 @@ mod projections_exactly_once;
 mod projections_leadership;
 mod projections_memory;
 mod projections_postgres;
+mod publisher_memory;
+mod transport_memory;

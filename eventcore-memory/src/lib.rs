@@ -47,6 +47,8 @@
 //! an append entirely or not at all. Reading streams never touches the log lock. No lock
 //! is ever held across an `.await`.
 
+#[cfg(feature = "distributed")]
+mod broker;
 mod chunked;
 mod election;
 
@@ -64,6 +66,8 @@ use eventcore::{
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
+#[cfg(feature = "distributed")]
+pub use crate::broker::{InMemoryBroker, InMemoryPublisher};
 use crate::chunked::{ChunkedVec, IdIndex};
 pub use crate::election::InMemoryLeaderElection;
 

@@ -249,6 +249,25 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// A service id, topic or subscription name is not a valid token.
+    #[cfg(feature = "distributed")]
+    #[error(transparent)]
+    InvalidDistributedName(#[from] crate::distributed::InvalidDistributedName),
+
+    /// A publication policy that cannot be used.
+    #[cfg(feature = "distributed")]
+    #[error("invalid publication policy: {reason}")]
+    InvalidPublicationPolicy {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The transport (broker) between services failed; `TransportError::is_retryable`
+    /// says whether trying again may help.
+    #[cfg(feature = "distributed")]
+    #[error("transport failure")]
+    Transport(#[from] crate::distributed::TransportError),
+
     /// The storage backend failed. `retryable` says whether the same request may succeed
     /// later (a lost connection, a serialization failure) or not (a permission error).
     /// A failed append never leaves anything half-written.
@@ -271,6 +290,8 @@ impl Error {
         match self {
             Error::VersionConflict { .. } => true,
             Error::Backend { retryable, .. } => *retryable,
+            #[cfg(feature = "distributed")]
+            Error::Transport(error) => error.is_retryable(),
             _ => false,
         }
     }

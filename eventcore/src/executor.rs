@@ -19,6 +19,7 @@ use crate::command::{CommandLogic, StreamResolver};
 use crate::error::{Error, Result};
 use crate::metadata::EventMetadata;
 use crate::store::{AppendOutcome, AppendedEvent, EventStore, StreamsSnapshot};
+use crate::trace::TraceContext;
 use crate::types::{CausationId, CorrelationId, EventId, IdempotencyKey, StreamId};
 use serde_json::{Map, Value};
 
@@ -50,6 +51,7 @@ pub struct ExecutionOptions {
     causation_id: Option<CausationId>,
     actor: Option<String>,
     custom: Map<String, Value>,
+    trace_context: Option<TraceContext>,
 }
 
 impl ExecutionOptions {
@@ -90,6 +92,13 @@ impl ExecutionOptions {
         self
     }
 
+    /// The W3C trace context stamped on every event (see [`TraceContext`]): the
+    /// context the command runs in, carried with its events to other services.
+    pub fn with_trace_context(mut self, context: TraceContext) -> Self {
+        self.trace_context = Some(context);
+        self
+    }
+
     /// The idempotency key, if set.
     pub fn idempotency_key(&self) -> Option<&IdempotencyKey> {
         self.idempotency_key.as_ref()
@@ -113,6 +122,11 @@ impl ExecutionOptions {
     /// The custom metadata fields.
     pub fn custom(&self) -> &Map<String, Value> {
         &self.custom
+    }
+
+    /// The trace context, if set.
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace_context.as_ref()
     }
 }
 
@@ -280,6 +294,7 @@ impl CommandExecutor {
             causation_id: Some(options.causation_id.unwrap_or_default()),
             actor: options.actor.clone(),
             custom: options.custom.clone(),
+            trace_context: options.trace_context.clone(),
         };
         let mut declared = command.read_streams();
         dedup_in_order(&mut declared);

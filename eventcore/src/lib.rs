@@ -136,12 +136,15 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `testing` | `eventcore::testing`: the public backend conformance suite (`event_store_conformance_tests!`) and the given/when/then command harness (`CommandScenario`) |
+//! | `distributed` | [`distributed`]: events across services (publisher, subscriber, the envelope and the transport traits) |
 //!
 //! The user manual lives in the repository's `docs/` directory; design decisions are in
 //! `docs/adr/`.
 
 mod clock;
 mod command;
+#[cfg(feature = "distributed")]
+pub mod distributed;
 mod error;
 mod event;
 mod executor;
@@ -156,6 +159,7 @@ mod projection;
 mod property_tests;
 pub mod saga;
 mod store;
+mod trace;
 mod types;
 
 #[cfg(feature = "testing")]
@@ -196,6 +200,7 @@ pub use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, LogRead, StreamAppend,
     StreamsSnapshot,
 };
+pub use crate::trace::{InvalidTraceContext, TraceContext};
 pub use crate::types::{
     CausationId, CorrelationId, EventId, ExpectedVersion, GlobalPosition, StreamVersion,
 };

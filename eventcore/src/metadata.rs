@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::trace::TraceContext;
 use crate::types::{CausationId, CorrelationId};
 
 /// Metadata stored with every event: who and what caused it, and free-form fields.
@@ -32,9 +33,13 @@ pub struct EventMetadata {
     /// The user or system on whose behalf the event was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
-    /// Free-form fields (tenant, trace context, client version, ...).
+    /// Free-form fields (tenant, channel, client version, ...).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub custom: Map<String, Value>,
+    /// The W3C trace context of the command that wrote the event, carried unchanged by
+    /// published events to other services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<TraceContext>,
 }
 
 impl EventMetadata {
@@ -45,6 +50,7 @@ impl EventMetadata {
             causation_id: None,
             actor: None,
             custom: Map::new(),
+            trace_context: None,
         }
     }
 
@@ -57,6 +63,12 @@ impl EventMetadata {
     /// Sets the actor.
     pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
         self.actor = Some(actor.into());
+        self
+    }
+
+    /// Sets the trace context.
+    pub fn with_trace_context(mut self, context: TraceContext) -> Self {
+        self.trace_context = Some(context);
         self
     }
 

@@ -16,6 +16,7 @@ use crate::projection::{
     CheckpointStore, Projection, ProjectionErrorPolicy, ProjectionFilter, ProjectionMetrics,
     ProjectionRunner, RunSummary,
 };
+use crate::trace::TraceContext;
 use crate::types::{CausationId, CorrelationId, EventId, IdempotencyKey};
 
 /// The longest process manager name: its idempotency keys append the causing event's id
@@ -138,6 +139,7 @@ pub struct Dispatcher<'a> {
     correlation_id: CorrelationId,
     dispatched: u32,
     custom: serde_json::Map<String, serde_json::Value>,
+    trace_context: Option<TraceContext>,
 }
 
 impl<'a> Dispatcher<'a> {
@@ -165,6 +167,7 @@ impl<'a> Dispatcher<'a> {
             correlation_id,
             dispatched: 0,
             custom: serde_json::Map::new(),
+            trace_context: None,
         })
     }
 
@@ -210,6 +213,13 @@ impl<'a> Dispatcher<'a> {
         self
     }
 
+    /// The trace context stamped on the events of every command dispatched from now on
+    /// (the runners set the causing event's, so a trace continues through the process).
+    pub fn set_trace_context(&mut self, context: Option<TraceContext>) -> &mut Self {
+        self.trace_context = context;
+        self
+    }
+
     /// How many commands were dispatched for this event so far.
     pub fn dispatched(&self) -> u32 {
         self.dispatched
@@ -229,6 +239,9 @@ impl<'a> Dispatcher<'a> {
         for (field, value) in &self.custom {
             options = options.with_custom(field.clone(), value.clone());
         }
+        if let Some(context) = &self.trace_context {
+            options = options.with_trace_context(context.clone());
+        }
         Ok(options)
     }
 }
@@ -241,6 +254,7 @@ impl fmt::Debug for Dispatcher<'_> {
             .field("correlation_id", &self.correlation_id)
             .field("dispatched", &self.dispatched)
             .field("custom", &self.custom)
+            .field("trace_context", &self.trace_context)
             .finish_non_exhaustive()
     }
 }
@@ -292,6 +306,7 @@ impl<M: ProcessManager> Projection for Managed<M> {
             event.event_id,
             event.metadata.correlation_id,
         )?;
+        dispatcher.set_trace_context(event.metadata.trace_context.clone());
         self.manager.handle(event, &mut dispatcher).await
     }
 }

@@ -34,6 +34,8 @@ pub mod conformance;
 pub mod hostile;
 pub mod projection_conformance;
 mod scenario;
+#[cfg(feature = "distributed")]
+pub mod transport_conformance;
 
 pub use scenario::{CommandScenario, ScenarioOutcome};
 
@@ -217,6 +219,64 @@ macro_rules! __projection_conformance_tests {
     };
 }
 
+/// Instantiates every transport conformance check of [`transport_conformance`] as a
+/// `#[test]` (features `testing` and `distributed`), for a harness factory: an
+/// expression callable as `factory()` returning a future of a fresh
+/// [`transport_conformance::TransportHarness`].
+///
+/// ```
+/// # #[cfg(feature = "distributed")]
+/// mod transport {
+///     use std::sync::Arc;
+///     use eventcore::distributed::{EventPublisher, EventSubscriber, ServiceId};
+///     use eventcore::testing::transport_conformance::TransportHarness;
+///     use eventcore_memory::InMemoryBroker;
+///
+///     struct Harness(InMemoryBroker);
+///
+///     #[async_trait::async_trait]
+///     impl TransportHarness for Harness {
+///         async fn publisher(&self, service: &ServiceId) -> Arc<dyn EventPublisher> {
+///             Arc::new(self.0.publisher(service.clone()))
+///         }
+///         async fn subscriber(&self) -> Arc<dyn EventSubscriber> {
+///             Arc::new(self.0.clone())
+///         }
+///     }
+///
+///     eventcore::transport_conformance_tests!(|| async { Harness(InMemoryBroker::new()) });
+/// }
+/// # fn main() {}
+/// ```
+#[cfg(feature = "distributed")]
+#[macro_export]
+macro_rules! transport_conformance_tests {
+    ($factory:expr $(, #[$attr:meta])* $(,)?) => {
+        $crate::__transport_conformance_tests! {
+            [$(#[$attr])*] $factory;
+            published_events_arrive_in_order_and_intact,
+            an_event_published_twice_is_held_once,
+            an_event_below_the_last_held_is_never_stored_after_it,
+            last_published_is_the_last_event_held,
+            a_topic_belongs_to_the_service_that_declared_it,
+            an_unacknowledged_delivery_comes_again,
+            a_dropped_handle_hands_its_delivery_to_the_next,
+            two_handles_never_hold_two_events_at_once,
+            a_subscription_resumes_after_its_last_acknowledgement,
+            a_subscription_receives_only_its_topics,
+        }
+    };
+}
+
+#[cfg(feature = "distributed")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __transport_conformance_tests {
+    ($attrs:tt $factory:expr; $($test:ident),* $(,)?) => {
+        $( $crate::__conformance_test! { $attrs $factory; transport_conformance; $test } )*
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -301,6 +361,10 @@ mod tests {
         assert_eq!(
             listed("__projection_conformance_tests"),
             checks(include_str!("testing/projection_conformance.rs"))
+        );
+        assert_eq!(
+            listed("__transport_conformance_tests"),
+            checks(include_str!("testing/transport_conformance.rs"))
         );
     }
 }

@@ -1,0 +1,332 @@
+//! The publisher: the service's event store is the outbox.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use chrono::Utc;
+use tracing::Instrument;
+
+use super::envelope::DistributedEvent;
+use super::policy::PublicationPolicy;
+use super::transport::{EventPublisher, Publication};
+use crate::error::Result;
+use crate::executor::RetryPolicy;
+use crate::leadership::LeaderElection;
+use crate::names::ProjectionName;
+use crate::projection::CheckpointStore;
+use crate::store::{EventStore, LogQuery};
+use crate::types::GlobalPosition;
+
+/// What one [`PublisherRunner::publish_available`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishSummary {
+    /// Events published (acknowledged by the broker) by this call.
+    pub published: u64,
+    /// Where the publisher's reading of the log stands: every public event at or below
+    /// it is held by the broker.
+    pub position: Option<GlobalPosition>,
+}
+
+/// Live figures of a publisher, readable while it runs (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct PublisherMetrics {
+    inner: Arc<MetricsInner>,
+}
+
+#[derive(Debug, Default)]
+struct MetricsInner {
+    published: AtomicU64,
+    position: AtomicU64,
+    leading: AtomicBool,
+}
+
+impl PublisherMetrics {
+    /// Events published since the runner was made.
+    pub fn published(&self) -> u64 {
+        self.inner.published.load(Ordering::Relaxed)
+    }
+
+    /// The log position up to which every public event is held by the broker (0 before
+    /// the first).
+    pub fn position(&self) -> u64 {
+        self.inner.position.load(Ordering::Relaxed)
+    }
+
+    /// Whether this runner is the elected publisher now.
+    pub fn is_leading(&self) -> bool {
+        self.inner.leading.load(Ordering::Relaxed)
+    }
+}
+
+/// Publishes a service's public events, in the order of its store's global log.
+///
+/// The store is the outbox: the runner reads the log (there is no second write to
+/// forget), selects public events with a [`PublicationPolicy`] and hands them to an
+/// [`EventPublisher`] in batches (one wait for the broker's acknowledgements per batch,
+/// not per event). Where it starts is the broker's answer, not its own checkpoint: on
+/// start and after any failure it asks [`EventPublisher::last_published`] and goes on
+/// right after the last event the broker holds, so acknowledged events a broker lost in
+/// a crash are published again, and events published just before a crash of the runner
+/// are not. Its checkpoint (under `publisher-<service>` in the [`CheckpointStore`]) never
+/// passes an event the broker has not acknowledged; it is what the metrics and a
+/// restart read.
+///
+/// Run one per service ([`PublisherRunner::run_as_leader`] elects one among instances).
+pub struct PublisherRunner {
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    publisher: Arc<dyn EventPublisher>,
+    policy: PublicationPolicy,
+    key: ProjectionName,
+    batch_size: usize,
+    retry: RetryPolicy,
+    /// `Some(position)` once reconciled with the broker: every public event at or below
+    /// `position` is held. `None`: ask the broker first.
+    cursor: Option<Option<GlobalPosition>>,
+    metrics: PublisherMetrics,
+}
+
+impl PublisherRunner {
+    /// A publisher of `store`'s public events through `publisher`, keeping its
+    /// checkpoint in `checkpoints`.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidProjectionName`] if `publisher-<service>` is not a valid name (it
+    /// always is for a valid [`super::ServiceId`]).
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        publisher: Arc<dyn EventPublisher>,
+        policy: PublicationPolicy,
+    ) -> Result<Self> {
+        let key = ProjectionName::try_new(format!("publisher-{}", publisher.service()))?;
+        Ok(PublisherRunner {
+            store,
+            checkpoints,
+            publisher,
+            policy,
+            key,
+            batch_size: 500,
+            retry: RetryPolicy::default(),
+            cursor: None,
+            metrics: PublisherMetrics::default(),
+        })
+    }
+
+    /// The most events read from the log and published per batch (default 500; at
+    /// least 1).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// The backoff between attempts after a retryable failure of the broker or the
+    /// store, in [`PublisherRunner::run`].
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The live figures.
+    pub fn metrics(&self) -> PublisherMetrics {
+        self.metrics.clone()
+    }
+
+    /// The name its checkpoint and leadership are kept under.
+    pub fn name(&self) -> &ProjectionName {
+        &self.key
+    }
+
+    /// Asks the broker where the service's publication ends and goes on from there.
+    async fn reconcile(&mut self) -> Result<Option<GlobalPosition>> {
+        self.publisher.declare_topics(&self.policy.topics()).await?;
+        let held = self.publisher.last_published().await?;
+        let checkpoint = self.checkpoints.load_checkpoint(&self.key).await?;
+        if checkpoint > held {
+            tracing::warn!(
+                service = %self.publisher.service(),
+                checkpoint = ?checkpoint.map(GlobalPosition::value),
+                held = ?held.map(GlobalPosition::value),
+                "the broker holds less than was acknowledged; publishing the difference again"
+            );
+        }
+        self.cursor = Some(held);
+        Ok(held)
+    }
+
+    /// Publishes every public event available now, then returns. After a failure the
+    /// next call starts by asking the broker where its publication ends.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Transport`] when the broker fails (retryable or not, as its
+    /// [`super::TransportError`] says); the store's errors; [`crate::Error::UnreadableEvent`]
+    /// for a damaged public event (it is never skipped: publishing stops at it).
+    pub async fn publish_available(&mut self) -> Result<PublishSummary> {
+        let result = self.publish_available_inner().await;
+        if result.is_err() {
+            self.cursor = None;
+        }
+        result
+    }
+
+    async fn publish_available_inner(&mut self) -> Result<PublishSummary> {
+        let mut cursor = match self.cursor {
+            Some(cursor) => cursor,
+            None => self.reconcile().await?,
+        };
+        let mut published = 0;
+        loop {
+            let read = self
+                .store
+                .read_log(
+                    &LogQuery::new()
+                        .with_after(cursor)
+                        .with_limit(self.batch_size),
+                )
+                .await?;
+            let Some(scanned) = read.scanned else {
+                break;
+            };
+            let now = Utc::now();
+            let service = self.publisher.service().clone();
+            let mut batch = Vec::new();
+            for event in &read.events {
+                if let Some(topic) = self.policy.topic_of(event) {
+                    let envelope = DistributedEvent::from_recorded(event, &service, now)?;
+                    batch.push(Publication::new(topic.clone(), envelope));
+                }
+            }
+            if !batch.is_empty() {
+                let span = tracing::info_span!(
+                    "eventcore.publish",
+                    service = %service,
+                    events = batch.len(),
+                    first = batch[0].event.global_position.value(),
+                    last = batch[batch.len() - 1].event.global_position.value(),
+                );
+                self.publisher.publish(&batch).instrument(span).await?;
+                published += batch.len() as u64;
+                self.metrics
+                    .inner
+                    .published
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            // Everything public up to `scanned` is acknowledged now.
+            self.checkpoints.save_checkpoint(&self.key, scanned).await?;
+            self.metrics
+                .inner
+                .position
+                .store(scanned.value(), Ordering::Relaxed);
+            cursor = Some(scanned);
+            self.cursor = Some(cursor);
+        }
+        Ok(PublishSummary {
+            published,
+            position: cursor,
+        })
+    }
+
+    /// Publishes what is there, then follows the log live until `shutdown` completes.
+    /// Retryable failures (of the broker or the store) are retried with backoff, after
+    /// asking the broker where its publication ends; others end the run.
+    ///
+    /// # Errors
+    ///
+    /// A failure that is not retryable.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut failures = 0;
+        loop {
+            match self.publish_available().await {
+                Ok(_) => failures = 0,
+                Err(error) if error.is_retryable() => {
+                    failures += 1;
+                    tracing::warn!(service = %self.publisher.service(), %error, failures, "publishing failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(self.retry.delay_before_retry(failures)) => continue,
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+            let after = self.cursor.flatten();
+            tokio::select! {
+                waited = self.store.wait_for_events(after) => waited?,
+                () = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+
+    /// Like [`PublisherRunner::run`], as the one elected publisher of the service among
+    /// its instances: waits to be elected, publishes while it leads, and waits again
+    /// when it loses the leadership, until `shutdown` completes.
+    ///
+    /// # Errors
+    ///
+    /// As [`PublisherRunner::run`], and the election's errors that are not retryable.
+    pub async fn run_as_leader(
+        &mut self,
+        election: &dyn LeaderElection,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut failures = 0;
+        loop {
+            let acquired = tokio::select! {
+                held = election.acquire(&self.key) => held,
+                () = &mut shutdown => return Ok(()),
+            };
+            let mut leadership = match acquired {
+                Ok(leadership) => leadership,
+                Err(error) if error.is_retryable() => {
+                    failures += 1;
+                    tokio::select! {
+                        () = tokio::time::sleep(self.retry.delay_before_retry(failures)) => continue,
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(error) => return Err(error),
+            };
+            failures = 0;
+            tracing::info!(service = %self.publisher.service(), "elected publisher");
+            self.metrics.inner.leading.store(true, Ordering::Relaxed);
+            // Another instance published meanwhile: ask the broker again.
+            self.cursor = None;
+            let stopped = {
+                let lost = leadership.lost();
+                let either = async {
+                    tokio::select! {
+                        () = &mut shutdown => true,
+                        () = lost => false,
+                    }
+                };
+                let mut either = std::pin::pin!(either);
+                let result = tokio::select! {
+                    result = self.run(std::future::pending()) => result.map(|()| true),
+                    stopped = &mut either => Ok(stopped),
+                };
+                self.metrics.inner.leading.store(false, Ordering::Relaxed);
+                result?
+            };
+            if stopped {
+                return Ok(());
+            }
+            tracing::warn!(service = %self.publisher.service(), "publisher leadership lost");
+        }
+    }
+}
+
+impl std::fmt::Debug for PublisherRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherRunner")
+            .field("service", self.publisher.service())
+            .field("policy", &self.policy)
+            .field("batch_size", &self.batch_size)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}

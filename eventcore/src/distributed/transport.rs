@@ -1,0 +1,254 @@
+//! The transport contract: what a broker integration implements. The semantics each
+//! method must keep are stated on it; `transport_conformance_tests!` checks them.
+
+use async_trait::async_trait;
+
+use super::envelope::DistributedEvent;
+use super::names::{ServiceId, SubscriptionName, Topic};
+use crate::error::BoxError;
+use crate::types::GlobalPosition;
+
+/// A transport (broker) failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The broker could not be reached, did not answer in time, or lost the connection;
+    /// the same operation may succeed later.
+    #[error("the broker is unavailable: {message}")]
+    Unavailable {
+        /// What failed, for humans.
+        message: String,
+        /// The client's own error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The broker refused a publish that would have broken the order of the service's
+    /// publication (it expected another event next, for example after an earlier
+    /// publish was lost). The publisher asks the broker where its publication ends and
+    /// publishes again from there.
+    #[error("the broker refused a publish out of order: {message}")]
+    OutOfOrder {
+        /// What the broker expected, for humans.
+        message: String,
+    },
+    /// The topic belongs to another service's publication.
+    #[error("topic `{topic}` is published by service `{owner}`, not by `{service}`")]
+    TopicOwnedByAnother {
+        /// The topic.
+        topic: Topic,
+        /// The service that publishes it.
+        owner: ServiceId,
+        /// The service that tried to.
+        service: ServiceId,
+    },
+    /// The broker refused the operation for good (permissions, a message it cannot
+    /// store, a configuration that does not fit); repeating it will not help.
+    #[error("the broker refused the operation: {message}")]
+    Rejected {
+        /// What was refused, for humans.
+        message: String,
+        /// The client's own error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A message at the broker is not a published event (it does not decode as a
+    /// [`DistributedEvent`]). It is not skipped: the subscription stops at it.
+    #[error("message {sequence} of `{service}`'s publication is not an event: {message}")]
+    Undecodable {
+        /// The publishing service.
+        service: ServiceId,
+        /// The broker's sequence number of the message.
+        sequence: u64,
+        /// Why, for humans.
+        message: String,
+    },
+}
+
+impl TransportError {
+    /// Whether the same operation may succeed if tried again (after reconciling, for
+    /// [`TransportError::OutOfOrder`]).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Unavailable { .. } | TransportError::OutOfOrder { .. }
+        )
+    }
+
+    /// An [`TransportError::Unavailable`] error.
+    pub fn unavailable(message: impl Into<String>, source: Option<BoxError>) -> Self {
+        TransportError::Unavailable {
+            message: message.into(),
+            source,
+        }
+    }
+
+    /// A [`TransportError::Rejected`] error.
+    pub fn rejected(message: impl Into<String>, source: Option<BoxError>) -> Self {
+        TransportError::Rejected {
+            message: message.into(),
+            source,
+        }
+    }
+}
+
+/// One event to publish, and the topic it is published under.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Publication {
+    /// The topic (of the publishing service).
+    pub topic: Topic,
+    /// The event.
+    pub event: DistributedEvent,
+}
+
+impl Publication {
+    /// `event` under `topic`.
+    pub fn new(topic: Topic, event: DistributedEvent) -> Self {
+        Publication { topic, event }
+    }
+}
+
+/// The publishing half of a transport, for one service ([`EventPublisher::service`]).
+///
+/// A service's publication is **one ordered log at the broker**, in the order of the
+/// source store's global log; topics are parts of it, and a topic belongs to exactly one
+/// service. An implementation must keep that log a gap-free prefix of what was
+/// published: an event is never stored after a later one, and never stored when an
+/// earlier one of the same publication was lost. The event id is the broker's dedup id.
+#[async_trait]
+pub trait EventPublisher: Send + Sync + 'static {
+    /// The service whose publication this is.
+    fn service(&self) -> &ServiceId;
+
+    /// Makes `topics` parts of this service's publication at the broker, creating what
+    /// the broker needs for them; idempotent, and safe from two processes at once.
+    /// Subscriptions to a topic can be opened once it is declared. The publisher runner
+    /// declares its policy's topics whenever it starts.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::TopicOwnedByAnother`] when another service publishes a topic;
+    /// other [`TransportError`]s.
+    async fn declare_topics(&self, topics: &[Topic]) -> Result<(), TransportError>;
+
+    /// Publishes `batch`, in its order (source positions increasing), and returns once
+    /// the broker acknowledged every event of it. Publishes may be pipelined, but what
+    /// the broker stores is always a prefix of the batch, in order; an event the broker
+    /// already holds (same event id) is acknowledged again without being stored twice.
+    ///
+    /// # Errors
+    ///
+    /// A [`TransportError`]; after any error, some prefix of the batch may be stored:
+    /// ask [`EventPublisher::last_published`] before publishing again.
+    async fn publish(&self, batch: &[Publication]) -> Result<(), TransportError>;
+
+    /// The source position of the last event the broker holds of this service's
+    /// publication (what survived, not what was acknowledged: a broker may lose
+    /// acknowledged writes in a crash), `None` when it holds none.
+    ///
+    /// # Errors
+    ///
+    /// A [`TransportError`].
+    async fn last_published(&self) -> Result<Option<GlobalPosition>, TransportError>;
+}
+
+/// What a subscription is: whose, called what, over which topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionSpec {
+    /// The subscribing service.
+    pub service: ServiceId,
+    /// The subscription's name within that service.
+    pub name: SubscriptionName,
+    /// The topics it receives (of one or several publishing services).
+    pub topics: Vec<Topic>,
+}
+
+impl SubscriptionSpec {
+    /// Subscription `name` of `service` to `topics`.
+    pub fn new(
+        service: ServiceId,
+        name: SubscriptionName,
+        topics: impl IntoIterator<Item = Topic>,
+    ) -> Self {
+        let mut topics: Vec<Topic> = topics.into_iter().collect();
+        topics.sort();
+        topics.dedup();
+        SubscriptionSpec {
+            service,
+            name,
+            topics,
+        }
+    }
+}
+
+/// One delivery of a published event to a subscription.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The event.
+    pub event: DistributedEvent,
+    /// The topic it was published under.
+    pub topic: Topic,
+    /// The broker's sequence number of the event in its service's publication.
+    pub sequence: u64,
+    /// How many times it was delivered to this subscription, this time included (1 the
+    /// first time).
+    pub attempt: u32,
+}
+
+impl Delivery {
+    /// A delivery (for transports).
+    pub fn new(event: DistributedEvent, topic: Topic, sequence: u64, attempt: u32) -> Self {
+        Delivery {
+            event,
+            topic,
+            sequence,
+            attempt,
+        }
+    }
+}
+
+/// The subscribing half of a transport.
+#[async_trait]
+pub trait EventSubscriber: Send + Sync + 'static {
+    /// Opens the durable subscription `spec` (creating it at the start of every topic's
+    /// publication when it does not exist yet). Several handles may be open on one
+    /// subscription at once, in one process or several (instances of a service): they
+    /// share its position, and each event is in flight to one handle at a time.
+    ///
+    /// # Errors
+    ///
+    /// A [`TransportError`]: the broker cannot be reached, or a topic is unknown to it
+    /// ([`TransportError::Rejected`]).
+    async fn subscribe(
+        &self,
+        spec: &SubscriptionSpec,
+    ) -> Result<Box<dyn Subscription>, TransportError>;
+}
+
+/// An open handle on a durable subscription.
+///
+/// Events come **in the order of each publishing service's publication** and **one at a
+/// time**: after [`Subscription::next`] returned a delivery, the subscription delivers
+/// nothing newer until that one is acknowledged ([`Subscription::ack`]). Calling `next`
+/// again without acknowledging, or dropping the handle (a crash), makes the broker
+/// deliver the same event again (to this handle or another), with `attempt` one higher.
+/// Delivery is at-least-once: an event whose acknowledgement was lost is delivered again.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery: the unacknowledged one again, if there is one, or the next
+    /// event; waits until there is one.
+    ///
+    /// # Errors
+    ///
+    /// A [`TransportError`].
+    async fn next(&mut self) -> Result<Delivery, TransportError>;
+
+    /// Acknowledges `delivery`: the subscription's position moves past it, for good.
+    ///
+    /// # Errors
+    ///
+    /// A [`TransportError`]; the delivery may then come again.
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), TransportError>;
+}
