@@ -21,4 +21,6 @@ mod projections_leadership;
 mod projections_memory;
 mod projections_postgres;
 mod publisher_memory;
+mod subscriber_memory;
 mod transport_memory;
+mod two_services;

@@ -280,3 +280,37 @@ async fn a_policy_that_selects_nothing_is_refused() {
         .expect("valid names");
     assert!(PublicationPolicy::new([no_types]).is_err());
 }
+
+#[tokio::test]
+async fn a_running_publisher_whose_broker_lost_events_republishes_them_before_newer_ones() {
+    let store = InMemoryEventStore::new();
+    let broker = InMemoryBroker::new();
+    let mut publisher = runner(&store, &broker);
+    fill(&store, 0, 5).await;
+    broker.set_unsynced(&orders(), 3);
+    publisher.publish_available().await.expect("publishes");
+    broker.crash();
+    broker.set_unsynced(&orders(), 0);
+    fill(&store, 5, 5).await;
+    // The publisher still believes the broker holds everything: its next publish is
+    // refused rather than stored after a gap...
+    let refused = publisher.publish_available().await;
+    assert!(
+        matches!(&refused, Err(eventcore::Error::Transport(error)) if error.is_retryable()),
+        "{refused:?}"
+    );
+    let held: Vec<_> = broker
+        .published(&orders())
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    let public: Vec<_> = public_events(&store)
+        .await
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(held[..], public[..held.len()], "no gap");
+    // ...and the next call asks the broker, publishing the lost events first.
+    publisher.publish_available().await.expect("publishes");
+    assert_complete(&store, &broker).await;
+}

@@ -111,11 +111,17 @@ impl InMemoryBroker {
         }
     }
 
-    /// The publisher of `service`'s publication.
+    /// The publisher of `service`'s publication. Like a client chaining its publishes
+    /// (NATS' `Nats-Expected-Last-Sequence`), it expects the publication to end where
+    /// it last saw it end (its last acknowledged publish, or its last
+    /// [`EventPublisher::last_published`]); when the broker lost messages meanwhile, its
+    /// next publish is refused with [`TransportError::OutOfOrder`] instead of leaving a
+    /// gap.
     pub fn publisher(&self, service: ServiceId) -> InMemoryPublisher {
         InMemoryPublisher {
             broker: self.clone(),
             service,
+            expected: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -240,6 +246,9 @@ fn claim(state: &mut State, service: &ServiceId, topic: &Topic) -> Result<(), Tr
 pub struct InMemoryPublisher {
     broker: InMemoryBroker,
     service: ServiceId,
+    /// The sequence the publication ends at, as this publisher last saw it (`None`:
+    /// not known yet; `Some(0)`: empty).
+    expected: Arc<Mutex<Option<u64>>>,
 }
 
 impl std::fmt::Debug for InMemoryPublisher {
@@ -267,6 +276,24 @@ impl EventPublisher for InMemoryPublisher {
         let shared = &self.broker.shared;
         let now = shared.clock.now();
         let mut state = shared.state.lock();
+        let mut expected = self.expected.lock();
+        let end = state
+            .logs
+            .get(&self.service)
+            .and_then(|log| log.messages.last())
+            .map_or(0, |m| m.sequence);
+        match *expected {
+            Some(sequence) if sequence != end => {
+                return Err(TransportError::OutOfOrder {
+                    message: format!(
+                        "the publication ends at sequence {end}, not at {sequence} as this \
+                         publisher last saw it: ask where it ends and publish from there"
+                    ),
+                });
+            }
+            Some(_) => {}
+            None => *expected = Some(end),
+        }
         let mut stored = 0;
         let mut result = Ok(());
         for publication in batch {
@@ -326,8 +353,10 @@ impl EventPublisher for InMemoryPublisher {
                 event: publication.event.clone(),
                 stored_at: now,
             });
+            *expected = Some(sequence);
             stored += 1;
         }
+        drop(expected);
         drop(state);
         if stored > 0 {
             self.broker.bump();
@@ -337,11 +366,12 @@ impl EventPublisher for InMemoryPublisher {
 
     async fn last_published(&self) -> Result<Option<GlobalPosition>, TransportError> {
         let state = self.broker.shared.state.lock();
-        Ok(state
+        let last = state
             .logs
             .get(&self.service)
-            .and_then(|log| log.messages.last())
-            .map(|m| m.event.global_position))
+            .and_then(|log| log.messages.last());
+        *self.expected.lock() = Some(last.map_or(0, |m| m.sequence));
+        Ok(last.map(|m| m.event.global_position))
     }
 }
 

@@ -19,6 +19,7 @@ mod envelope;
 mod names;
 mod policy;
 mod publisher;
+mod subscriber;
 mod transport;
 
 pub use self::envelope::DistributedEvent;
@@ -27,6 +28,7 @@ pub use self::names::{
 };
 pub use self::policy::{PublicationPolicy, PublicationRule};
 pub use self::publisher::{PublishSummary, PublisherMetrics, PublisherRunner};
+pub use self::subscriber::{EventHandler, ParkedDelivery, Processed, SubscriptionRunner};
 pub use self::transport::{
     Delivery, EventPublisher, EventSubscriber, Publication, Subscription, SubscriptionSpec,
     TransportError,

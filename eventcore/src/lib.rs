@@ -231,4 +231,8 @@ mod manual {
 
     #[doc = include_str!("../../docs/limits.md")]
     struct Limits;
+
+    #[cfg(feature = "distributed")]
+    #[doc = include_str!("../../docs/distributed.md")]
+    struct Distributed;
 }

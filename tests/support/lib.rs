@@ -5,3 +5,4 @@ pub mod bank;
 pub mod ecommerce;
 pub mod postgres;
 pub mod proxy;
+pub mod two_services;

@@ -96,7 +96,11 @@ async fn publish_some(
     let events: Vec<DistributedEvent> = (0..count)
         .map(|i| {
             let position = first_position + i;
-            let stream = if position.is_multiple_of(2) { "even" } else { "odd" };
+            let stream = if position.is_multiple_of(2) {
+                "even"
+            } else {
+                "odd"
+            };
             event(publisher.service(), stream, position / 2 + 1, position)
         })
         .collect();

@@ -1,0 +1,484 @@
+//! The subscription runner: events of other services, handled with an exactly-once
+//! effect on this service's own store.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use super::envelope::DistributedEvent;
+use super::names::ServiceId;
+use super::transport::{Delivery, EventSubscriber, Subscription, SubscriptionSpec};
+use crate::error::{Error, Result, error_chain};
+use crate::event::{Event, EventData};
+use crate::executor::CommandExecutor;
+use crate::metadata::EventMetadata;
+use crate::names::{IdempotencyKey, StreamId};
+use crate::process::Dispatcher;
+use crate::projection::{OnFailure, ProjectionErrorPolicy};
+use crate::store::{AppendRequest, EventStore};
+use crate::types::{ExpectedVersion, GlobalPosition, StreamVersion};
+
+/// What a service does with the events of a subscription: usually, execute its own
+/// commands through the [`Dispatcher`], whose idempotency keys derive from the
+/// subscription and the event id, so a redelivered event writes nothing (the key is
+/// stored with the effect, atomically, in this service's store).
+///
+/// Implement with plain `async fn` (ADR 0008).
+pub trait EventHandler: Send + 'static {
+    /// Handles one event. An error is retried (with backoff) by the runner, then the
+    /// event is parked.
+    fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What [`SubscriptionRunner::process`] did with a delivery. In every case the outcome
+/// is durable in the subscribing service's store when it returns: the delivery may be
+/// acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Processed {
+    /// The handler succeeded (or had succeeded before: a redelivery wrote nothing).
+    Handled,
+    /// The handler kept failing; the event is parked.
+    Parked,
+    /// An earlier event of the same source stream is parked: this one is held behind
+    /// it, to be handled when the stream is re-driven.
+    Held,
+}
+
+/// An event kept in a subscription's inbox: parked (its handler kept failing) or held
+/// behind a parked one of the same source stream.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ParkedDelivery {
+    /// The event.
+    pub event: DistributedEvent,
+    /// Why it was parked; `None` for an event held behind a parked one.
+    pub error: Option<String>,
+}
+
+/// The inbox's own events, stored in the subscribing service's store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum InboxEvent {
+    Parked {
+        event: Box<DistributedEvent>,
+        error: String,
+    },
+    Held {
+        event: Box<DistributedEvent>,
+    },
+    Redriven {
+        service: ServiceId,
+        stream: StreamId,
+        through: GlobalPosition,
+    },
+}
+
+impl Event for InboxEvent {
+    fn event_type(&self) -> &str {
+        match self {
+            InboxEvent::Parked { .. } => "DeliveryParked",
+            InboxEvent::Held { .. } => "DeliveryHeld",
+            InboxEvent::Redriven { .. } => "StreamRedriven",
+        }
+    }
+}
+
+/// The folded inbox: per source stream, what waits, in order.
+#[derive(Debug, Default)]
+struct Inbox {
+    version: StreamVersion,
+    pending: BTreeMap<(ServiceId, StreamId), Vec<ParkedDelivery>>,
+}
+
+impl Inbox {
+    fn apply(&mut self, event: InboxEvent) {
+        match event {
+            InboxEvent::Parked { event, error } => {
+                let key = (event.service_id.clone(), event.stream_id.clone());
+                push_once(self.pending.entry(key).or_default(), *event, Some(error));
+            }
+            InboxEvent::Held { event } => {
+                let key = (event.service_id.clone(), event.stream_id.clone());
+                push_once(self.pending.entry(key).or_default(), *event, None);
+            }
+            InboxEvent::Redriven {
+                service,
+                stream,
+                through,
+            } => {
+                let key = (service, stream);
+                if let Some(waiting) = self.pending.get_mut(&key) {
+                    waiting.retain(|p| p.event.global_position > through);
+                    if waiting.is_empty() {
+                        self.pending.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn holds(&self, event: &DistributedEvent) -> bool {
+        self.pending
+            .contains_key(&(event.service_id.clone(), event.stream_id.clone()))
+    }
+}
+
+fn push_once(waiting: &mut Vec<ParkedDelivery>, event: DistributedEvent, error: Option<String>) {
+    if !waiting.iter().any(|p| p.event.event_id == event.event_id) {
+        waiting.push(ParkedDelivery { event, error });
+    }
+}
+
+/// Runs a durable subscription: receives other services' events in order, hands each
+/// to an [`EventHandler`], and acknowledges it only once its effect is durable.
+///
+/// - **Exactly-once effect.** The handler's [`Dispatcher`] gives every command an
+///   idempotency key `sub-<service>-<subscription>/<event id>/<n>`: the key commits with
+///   the command's events, so a redelivery (after a crash between effect and
+///   acknowledgement, after any outage, however long) executes nothing again.
+/// - **Order.** Events come one at a time in each publishing service's order; the
+///   runner handles one before it asks for the next.
+/// - **Nothing is skipped.** A handler that keeps failing is retried with backoff
+///   ([`ProjectionErrorPolicy`]), then its event is parked in this service's store
+///   (stream `eventcore/subscription/<service>/<name>/inbox`) and later events of the
+///   same source stream are held behind it while other streams go on;
+///   [`SubscriptionRunner::parked`] lists them and [`SubscriptionRunner::redrive`]
+///   handles them again, in order. With [`OnFailure::Stop`] the runner stops instead,
+///   leaving the event unacknowledged.
+///
+/// Several instances of a service may run the same subscription: the transport keeps
+/// one event in flight across them, and the keys make every effect happen once.
+pub struct SubscriptionRunner<H> {
+    subscriber: Arc<dyn EventSubscriber>,
+    spec: SubscriptionSpec,
+    handler: H,
+    executor: CommandExecutor,
+    policy: ProjectionErrorPolicy,
+    key: String,
+    inbox_stream: StreamId,
+    inbox: Inbox,
+}
+
+impl<H: EventHandler> SubscriptionRunner<H> {
+    /// A runner of `spec` on `subscriber`, handling with `handler` on `executor` (the
+    /// subscribing service's own store).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidProjectionName`] or [`Error::InvalidStreamId`] if the names built
+    /// from the subscription are invalid (they never are for valid service and
+    /// subscription names).
+    pub fn new(
+        subscriber: Arc<dyn EventSubscriber>,
+        spec: SubscriptionSpec,
+        handler: H,
+        executor: CommandExecutor,
+    ) -> Result<Self> {
+        let key = format!("sub-{}-{}", spec.service, spec.name);
+        // The dispatcher checks the name on first use; check it now.
+        Dispatcher::new(
+            &executor,
+            &key,
+            crate::EventId::new(),
+            crate::CorrelationId::new(),
+        )?;
+        let inbox_stream = StreamId::try_new(format!(
+            "eventcore/subscription/{}/{}/inbox",
+            spec.service, spec.name
+        ))?;
+        Ok(SubscriptionRunner {
+            subscriber,
+            spec,
+            handler,
+            executor,
+            policy: ProjectionErrorPolicy::new().with_on_failure(OnFailure::Park),
+            key,
+            inbox_stream,
+            inbox: Inbox::default(),
+        })
+    }
+
+    /// Retries and what happens after the last attempt (default: 5 attempts, then
+    /// park).
+    pub fn with_error_policy(mut self, policy: ProjectionErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The subscription.
+    pub fn spec(&self) -> &SubscriptionSpec {
+        &self.spec
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Brings the folded inbox up to date with the store (other instances may have
+    /// parked or re-driven meanwhile).
+    async fn refresh_inbox(&mut self) -> Result<()> {
+        let snapshot = self
+            .executor
+            .store()
+            .read_streams_after(&[(self.inbox_stream.clone(), self.inbox.version)])
+            .await?;
+        for recorded in &snapshot.events {
+            self.inbox.apply(recorded.decode::<InboxEvent>()?.payload);
+        }
+        self.inbox.version = snapshot.version_of(&self.inbox_stream);
+        Ok(())
+    }
+
+    async fn record(&mut self, entry: InboxEvent, key: String) -> Result<()> {
+        let data = EventData::from_event(&entry, EventMetadata::default())?;
+        let request =
+            AppendRequest::single(self.inbox_stream.clone(), ExpectedVersion::Any, vec![data])
+                .with_idempotency_key(IdempotencyKey::try_new(key)?);
+        self.executor.store().append(request).await?;
+        self.refresh_inbox().await
+    }
+
+    /// Handles `event` with retries; `Err` with the last failure's text when every
+    /// attempt failed.
+    async fn handle_with_retries(
+        &mut self,
+        event: &DistributedEvent,
+    ) -> std::result::Result<(), (String, Error)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut dispatcher = Dispatcher::new(
+                &self.executor,
+                &self.key,
+                event.event_id,
+                event.metadata.correlation_id,
+            )
+            .map_err(|error| (error_chain(&error), error))?;
+            dispatcher.set_trace_context(event.trace_context.clone());
+            let span = tracing::info_span!(
+                "eventcore.handle",
+                subscription = %self.spec.name,
+                service = %event.service_id,
+                event_id = %event.event_id,
+                event_type = %event.event_type,
+                stream = %event.stream_id,
+                attempt,
+            );
+            match self
+                .handler
+                .handle(event, &mut dispatcher)
+                .instrument(span)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < self.policy.max_attempts() => {
+                    tracing::warn!(subscription = %self.spec.name, event_id = %event.event_id, attempt, error = %error_chain(&error), "handler failed; retrying");
+                    tokio::time::sleep(self.policy.delay_before_retry(attempt)).await;
+                }
+                Err(error) => return Err((error_chain(&error), error)),
+            }
+        }
+    }
+
+    /// Processes one delivery: holds it behind a parked event of its stream, or hands it
+    /// to the handler (with retries) and parks it if the handler keeps failing. When
+    /// this returns `Ok`, the outcome is durable and the delivery may be acknowledged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ProjectionFailed`] when the handler kept failing and the policy says
+    /// [`OnFailure::Stop`]; the store's errors while parking or holding.
+    pub async fn process(&mut self, delivery: &Delivery) -> Result<Processed> {
+        self.refresh_inbox().await?;
+        let event = &delivery.event;
+        if self.inbox.holds(event) {
+            tracing::info!(subscription = %self.spec.name, event_id = %event.event_id, stream = %event.stream_id, "held behind a parked event");
+            let key = format!("{}/hold/{}", self.key, event.event_id);
+            self.record(
+                InboxEvent::Held {
+                    event: Box::new(event.clone()),
+                },
+                key,
+            )
+            .await?;
+            return Ok(Processed::Held);
+        }
+        match self.handle_with_retries(event).await {
+            Ok(()) => Ok(Processed::Handled),
+            Err((message, error)) => match self.policy.on_failure() {
+                OnFailure::Stop => Err(Error::ProjectionFailed {
+                    projection: self.key.clone(),
+                    stream: event.stream_id.clone(),
+                    version: event.stream_version,
+                    position: event.global_position,
+                    message,
+                    source: Some(Box::new(error)),
+                }),
+                OnFailure::Park => {
+                    tracing::error!(subscription = %self.spec.name, event_id = %event.event_id, stream = %event.stream_id, %message, "parking an event");
+                    let key = format!("{}/park/{}", self.key, event.event_id);
+                    self.record(
+                        InboxEvent::Parked {
+                            event: Box::new(event.clone()),
+                            error: message,
+                        },
+                        key,
+                    )
+                    .await?;
+                    Ok(Processed::Parked)
+                }
+            },
+        }
+    }
+
+    /// Receives, processes and acknowledges events until `shutdown` completes. An
+    /// acknowledgement that fails is not retried: the transport delivers the event again
+    /// and the handler's keys make that harmless.
+    ///
+    /// # Errors
+    ///
+    /// The transport's errors that are not retryable, and what
+    /// [`SubscriptionRunner::process`] returns.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut subscription: Option<Box<dyn Subscription>> = None;
+        let mut failures = 0;
+        loop {
+            let open = match subscription.as_mut() {
+                Some(open) => open,
+                None => match self.subscriber.subscribe(&self.spec).await {
+                    Ok(open) => subscription.insert(open),
+                    Err(error) if error.is_retryable() => {
+                        failures += 1;
+                        tracing::warn!(subscription = %self.spec.name, %error, "cannot subscribe yet; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(self.policy.delay_before_retry(failures)) => continue,
+                            () = &mut shutdown => return Ok(()),
+                        }
+                    }
+                    Err(error) => return Err(error.into()),
+                },
+            };
+            let delivery = tokio::select! {
+                next = open.next() => next,
+                () = &mut shutdown => return Ok(()),
+            };
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(error) if error.is_retryable() => {
+                    failures += 1;
+                    subscription = None;
+                    tokio::select! {
+                        () = tokio::time::sleep(self.policy.delay_before_retry(failures)) => continue,
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            };
+            failures = 0;
+            self.process(&delivery).await?;
+            if let Err(error) = open.ack(&delivery).await {
+                if !error.is_retryable() {
+                    return Err(error.into());
+                }
+                tracing::warn!(subscription = %self.spec.name, event_id = %delivery.event.event_id, %error, "acknowledgement failed; the event will come again");
+            }
+        }
+    }
+
+    /// The events parked or held in this subscription's inbox, per source stream in
+    /// order.
+    ///
+    /// # Errors
+    ///
+    /// The store's errors.
+    pub async fn parked(&mut self) -> Result<Vec<ParkedDelivery>> {
+        self.refresh_inbox().await?;
+        Ok(self.inbox.pending.values().flatten().cloned().collect())
+    }
+
+    /// Handles the parked and held events of one source stream again, in order (after
+    /// the cause was fixed), and releases the stream: later events of it are handled as
+    /// they come. Returns how many were handled. Effects that had happened are not
+    /// repeated (the keys).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ProjectionFailed`] when the handler fails again on one of them (after
+    /// its retries): it and what follows stay in the inbox; the store's errors.
+    pub async fn redrive(&mut self, service: &ServiceId, stream: &StreamId) -> Result<usize> {
+        self.refresh_inbox().await?;
+        let waiting = self
+            .inbox
+            .pending
+            .get(&(service.clone(), stream.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let mut handled = 0;
+        for parked in &waiting {
+            if let Err((message, error)) = self.handle_with_retries(&parked.event).await {
+                if let Some(through) = handled_through(&waiting, handled) {
+                    self.release(service, stream, &through.clone()).await?;
+                }
+                return Err(Error::ProjectionFailed {
+                    projection: self.key.clone(),
+                    stream: parked.event.stream_id.clone(),
+                    version: parked.event.stream_version,
+                    position: parked.event.global_position,
+                    message,
+                    source: Some(Box::new(error)),
+                });
+            }
+            handled += 1;
+        }
+        if let Some(through) = handled_through(&waiting, handled) {
+            self.release(service, stream, &through.clone()).await?;
+        }
+        Ok(handled)
+    }
+
+    async fn release(
+        &mut self,
+        service: &ServiceId,
+        stream: &StreamId,
+        through: &DistributedEvent,
+    ) -> Result<()> {
+        let key = format!("{}/redrive/{}", self.key, through.event_id);
+        let through = through.global_position;
+        self.record(
+            InboxEvent::Redriven {
+                service: service.clone(),
+                stream: stream.clone(),
+                through,
+            },
+            key,
+        )
+        .await
+    }
+}
+
+/// The last of the first `handled` waiting events.
+fn handled_through(waiting: &[ParkedDelivery], handled: usize) -> Option<&DistributedEvent> {
+    handled
+        .checked_sub(1)
+        .and_then(|last| waiting.get(last))
+        .map(|p| &p.event)
+}
+
+impl<H> std::fmt::Debug for SubscriptionRunner<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionRunner")
+            .field("spec", &self.spec)
+            .field("policy", &self.policy)
+            .field("waiting_streams", &self.inbox.pending.len())
+            .finish_non_exhaustive()
+    }
+}

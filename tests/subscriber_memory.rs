@@ -1,0 +1,286 @@
+//! The subscription runner on the in-memory store and broker: parking and holding per
+//! source stream, re-driving, stopping, and two instances following live.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use eventcore::distributed::{
+    DistributedEvent, EventHandler, EventPublisher, EventSubscriber, Processed, Publication,
+    ServiceId, SubscriptionName, SubscriptionRunner, SubscriptionSpec, Topic,
+};
+use eventcore::{
+    CommandExecutor, Dispatcher, Error, EventMetadata, EventPayload, EventStore, EventType,
+    GlobalPosition, LogQuery, OnFailure, ProjectionErrorPolicy, RecordedEvent, StreamId,
+    StreamVersion,
+};
+use eventcore_memory::{InMemoryBroker, InMemoryEventStore};
+use eventcore_tests::two_services::{self, PlaceOrder};
+use parking_lot::Mutex;
+
+fn topic() -> Topic {
+    Topic::try_new("things").expect("valid")
+}
+
+fn spec() -> SubscriptionSpec {
+    SubscriptionSpec::new(
+        ServiceId::try_new("consumer").expect("valid"),
+        SubscriptionName::try_new("things").expect("valid"),
+        [topic()],
+    )
+}
+
+/// Publishes events of `streams` (name, version) at positions 1, 2, ...
+async fn publish(publisher: &dyn EventPublisher, events: &[(&str, u64)], first_position: u64) {
+    let batch: Vec<Publication> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (stream, version))| {
+            let recorded = RecordedEvent::new(
+                eventcore::EventId::new(),
+                StreamId::try_new(*stream).expect("valid"),
+                StreamVersion::new(*version),
+                GlobalPosition::new(first_position + i as u64),
+                EventType::try_new("Happened").expect("valid"),
+                EventPayload::from_json("{}").expect("valid"),
+                Arc::new(EventMetadata::default()),
+                chrono::Utc::now(),
+            );
+            let event =
+                DistributedEvent::from_recorded(&recorded, publisher.service(), chrono::Utc::now())
+                    .expect("readable");
+            Publication::new(topic(), event)
+        })
+        .collect();
+    publisher.publish(&batch).await.expect("publishes");
+}
+
+/// Records what it handled; fails for the events of `failing` streams.
+#[derive(Debug, Clone, Default)]
+struct Recorder {
+    handled: Arc<Mutex<Vec<(String, u64)>>>,
+    failing: Arc<Mutex<HashSet<String>>>,
+}
+
+impl EventHandler for Recorder {
+    async fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        _: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        if self.failing.lock().contains(event.stream_id.as_str()) {
+            return Err(Error::rejected(format!(
+                "cannot handle {}",
+                event.stream_id
+            )));
+        }
+        self.handled.lock().push((
+            event.stream_id.as_str().to_owned(),
+            event.stream_version.value(),
+        ));
+        Ok(())
+    }
+}
+
+fn quick_retries(on_failure: OnFailure) -> ProjectionErrorPolicy {
+    ProjectionErrorPolicy::new()
+        .with_max_attempts(2)
+        .with_initial_delay(std::time::Duration::ZERO)
+        .with_max_delay(std::time::Duration::ZERO)
+        .with_on_failure(on_failure)
+}
+
+#[tokio::test]
+async fn a_failing_event_is_parked_and_holds_its_stream_while_others_flow_until_redriven() {
+    let broker = InMemoryBroker::new();
+    let producer = broker.publisher(ServiceId::try_new("producer").expect("valid"));
+    producer.declare_topics(&[topic()]).await.expect("declares");
+    publish(
+        &producer,
+        &[("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)],
+        1,
+    )
+    .await;
+    let store = InMemoryEventStore::new();
+    let recorder = Recorder::default();
+    recorder.failing.lock().insert("a".to_owned());
+    let mut runner = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec(),
+        recorder.clone(),
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries(OnFailure::Park));
+    let mut subscription = broker.subscribe(&spec()).await.expect("subscribes");
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        let delivery = subscription.next().await.expect("delivers");
+        outcomes.push(runner.process(&delivery).await.expect("processes"));
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Processed::Parked,
+            Processed::Handled,
+            Processed::Held,
+            Processed::Handled,
+            Processed::Held
+        ]
+    );
+    assert_eq!(
+        *recorder.handled.lock(),
+        [("b".to_owned(), 1), ("b".to_owned(), 2)],
+        "the other stream flowed"
+    );
+    let parked = runner.parked().await.expect("reads");
+    let listed: Vec<(u64, bool)> = parked
+        .iter()
+        .map(|p| (p.event.stream_version.value(), p.error.is_some()))
+        .collect();
+    assert_eq!(listed, [(1, true), (2, false), (3, false)]);
+    assert!(
+        parked[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot handle a")),
+        "{parked:?}"
+    );
+    // Parked in the subscriber's own store: another instance sees the same.
+    let mut other = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec(),
+        Recorder::default(),
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid");
+    assert_eq!(other.parked().await.expect("reads").len(), 3);
+
+    // Re-driving while the cause is still there fails and keeps everything.
+    let service = ServiceId::try_new("producer").expect("valid");
+    let stream = StreamId::try_new("a").expect("valid");
+    assert!(matches!(
+        runner.redrive(&service, &stream).await,
+        Err(Error::ProjectionFailed { .. })
+    ));
+    assert_eq!(runner.parked().await.expect("reads").len(), 3);
+    // Fixed: re-driven in order, and the stream flows again.
+    recorder.failing.lock().clear();
+    assert_eq!(
+        runner.redrive(&service, &stream).await.expect("redrives"),
+        3
+    );
+    assert!(runner.parked().await.expect("reads").is_empty());
+    publish(&producer, &[("a", 4)], 6).await;
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(
+        runner.process(&delivery).await.expect("processes"),
+        Processed::Handled
+    );
+    let a: Vec<u64> = recorder
+        .handled
+        .lock()
+        .iter()
+        .filter(|(s, _)| s == "a")
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(a, [1, 2, 3, 4], "in order, once each");
+}
+
+#[tokio::test]
+async fn a_stop_policy_stops_without_acknowledging_and_the_event_comes_again() {
+    let broker = InMemoryBroker::new();
+    let producer = broker.publisher(ServiceId::try_new("producer").expect("valid"));
+    producer.declare_topics(&[topic()]).await.expect("declares");
+    publish(&producer, &[("a", 1)], 1).await;
+    let store = InMemoryEventStore::new();
+    let recorder = Recorder::default();
+    recorder.failing.lock().insert("a".to_owned());
+    let mut runner = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec(),
+        recorder.clone(),
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries(OnFailure::Stop));
+    let stopped = runner.run(std::future::pending()).await;
+    assert!(
+        matches!(&stopped, Err(Error::ProjectionFailed { stream, .. }) if stream.as_str() == "a"),
+        "{stopped:?}"
+    );
+    assert!(
+        runner.parked().await.expect("reads").is_empty(),
+        "not parked"
+    );
+    let mut subscription = broker.subscribe(&spec()).await.expect("subscribes");
+    let again = subscription.next().await.expect("delivers");
+    assert!(again.attempt >= 2, "not acknowledged: delivered again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_running_instances_apply_each_event_once_in_order() {
+    let orders: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let billing: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let broker = InMemoryBroker::new();
+    let checkpoints = Arc::new(InMemoryEventStore::new());
+    let mut publisher = two_services::publisher(&orders, checkpoints, &broker);
+    publisher
+        .publish_available()
+        .await
+        .expect("declares the topic");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut runner = two_services::subscriber(&billing, &broker);
+        let mut stopped = stopped.clone();
+        instances.push(tokio::spawn(async move {
+            runner
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    let publishing = tokio::spawn(async move {
+        let mut stopped = stopped;
+        publisher
+            .run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let executor = CommandExecutor::new(orders.clone());
+    let mut expected = BTreeMap::new();
+    for n in 0..100_u64 {
+        let id = format!("o{n}");
+        executor
+            .execute(&PlaceOrder {
+                order: StreamId::try_new(format!("order-{id}")).expect("valid"),
+                id: id.clone(),
+                amount: n + 1,
+            })
+            .await
+            .expect("places");
+        expected.insert(id, n + 1);
+    }
+    // Wait (on the store's own notification) until billing has an effect per event.
+    let mut after = None;
+    loop {
+        let effects = billing
+            .read_all(&LogQuery::new().with_stream_prefix("invoice-"))
+            .await
+            .expect("reads");
+        if effects.len() >= 200 {
+            break;
+        }
+        after = billing.head_position().await.expect("reads").or(after);
+        billing.wait_for_events(after).await.expect("waits");
+    }
+    stop.send(true).expect("running");
+    for instance in instances {
+        instance.await.expect("joins").expect("ran");
+    }
+    publishing.await.expect("joins").expect("ran");
+    two_services::check_billing(&billing, &expected).await;
+}
