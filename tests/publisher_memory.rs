@@ -314,3 +314,57 @@ async fn a_running_publisher_whose_broker_lost_events_republishes_them_before_ne
     publisher.publish_available().await.expect("publishes");
     assert_complete(&store, &broker).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_as_leaders_publish_everything_once_in_order() {
+    use eventcore::distributed::{EventSubscriber, SubscriptionName, SubscriptionSpec};
+
+    let store = InMemoryEventStore::new();
+    let broker = InMemoryBroker::new();
+    let election = Arc::new(eventcore_memory::InMemoryLeaderElection::new());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut publisher = runner(&store, &broker);
+        let election = election.clone();
+        let mut stopped = stopped.clone();
+        instances.push(tokio::spawn(async move {
+            publisher
+                .run_as_leader(&*election, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    fill(&store, 0, 30).await;
+    let expected = public_events(&store).await;
+    // The leader declares the topics when it starts; then read every event through a
+    // subscription (each `next` waits for the broker, nothing is timed).
+    let spec = SubscriptionSpec::new(
+        ServiceId::try_new("watcher").expect("valid"),
+        SubscriptionName::try_new("all").expect("valid"),
+        [
+            Topic::try_new("order-events").expect("valid"),
+            Topic::try_new("stock-events").expect("valid"),
+        ],
+    );
+    let mut subscription = loop {
+        match broker.subscribe(&spec).await {
+            Ok(subscription) => break subscription,
+            Err(error) => {
+                assert!(error.is_retryable(), "{error}");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    for event in &expected {
+        let delivery = subscription.next().await.expect("delivers");
+        assert_eq!(delivery.event.event_id, event.event_id, "in log order");
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    stop.send(true).expect("running");
+    for instance in instances {
+        instance.await.expect("joins").expect("ran");
+    }
+    assert_complete(&store, &broker).await;
+}

@@ -284,3 +284,116 @@ async fn two_running_instances_apply_each_event_once_in_order() {
     publishing.await.expect("joins").expect("ran");
     two_services::check_billing(&billing, &expected).await;
 }
+
+/// Counts events per publishing service.
+#[derive(Debug, Default)]
+struct Counts(BTreeMap<String, u64>);
+
+impl eventcore::Projection for Counts {
+    type Event = eventcore::RawEvent;
+    type Error = std::convert::Infallible;
+
+    fn name(&self) -> &str {
+        "counts"
+    }
+
+    fn filter(&self) -> eventcore::ProjectionFilter {
+        eventcore::ProjectionFilter::all().with_stream_prefix("a")
+    }
+
+    async fn apply(
+        &mut self,
+        event: &eventcore::StoredEvent<eventcore::RawEvent>,
+    ) -> Result<(), Self::Error> {
+        *self
+            .0
+            .entry(event.stream_id.as_str().to_owned())
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_cross_service_projection_applies_each_event_once_across_redeliveries() {
+    use eventcore::CheckpointStore;
+    use eventcore::distributed::ProjectionHandler;
+
+    let broker = InMemoryBroker::new();
+    let first = broker.publisher(ServiceId::try_new("first").expect("valid"));
+    let second = broker.publisher(ServiceId::try_new("second").expect("valid"));
+    first.declare_topics(&[topic()]).await.expect("declares");
+    second
+        .declare_topics(&[Topic::try_new("more").expect("valid")])
+        .await
+        .expect("declares");
+    publish(&first, &[("a1", 1), ("b1", 1), ("a1", 2)], 1).await;
+    let batch: Vec<Publication> = [("a2", 1_u64), ("a2", 2)]
+        .iter()
+        .enumerate()
+        .map(|(i, (stream, version))| {
+            let recorded = RecordedEvent::new(
+                eventcore::EventId::new(),
+                StreamId::try_new(*stream).expect("valid"),
+                StreamVersion::new(*version),
+                GlobalPosition::new(i as u64 + 1),
+                EventType::try_new("Happened").expect("valid"),
+                EventPayload::from_json("{}").expect("valid"),
+                Arc::new(EventMetadata::default()),
+                chrono::Utc::now(),
+            );
+            Publication::new(
+                Topic::try_new("more").expect("valid"),
+                DistributedEvent::from_recorded(&recorded, second.service(), chrono::Utc::now())
+                    .expect("readable"),
+            )
+        })
+        .collect();
+    second.publish(&batch).await.expect("publishes");
+
+    let store = InMemoryEventStore::new();
+    let spec = SubscriptionSpec::new(
+        ServiceId::try_new("reports").expect("valid"),
+        SubscriptionName::try_new("counts").expect("valid"),
+        [topic(), Topic::try_new("more").expect("valid")],
+    );
+    let mut runner = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec.clone(),
+        ProjectionHandler::new(Counts::default(), Arc::new(store.clone())),
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid");
+    let mut subscription = broker.subscribe(&spec).await.expect("subscribes");
+    for n in 0..5 {
+        let delivery = subscription.next().await.expect("delivers");
+        runner.process(&delivery).await.expect("processes");
+        if n == 2 {
+            // A crash after the effect, before the acknowledgement: delivered again.
+            drop(subscription);
+            subscription = broker.subscribe(&spec).await.expect("subscribes");
+            let again = subscription.next().await.expect("delivers again");
+            assert_eq!(again.event.event_id, delivery.event.event_id);
+            runner.process(&again).await.expect("processes");
+            subscription.ack(&again).await.expect("acknowledges");
+        } else {
+            subscription.ack(&delivery).await.expect("acknowledges");
+        }
+    }
+    let counts = &runner.handler().projection().0;
+    assert_eq!(
+        counts
+            .iter()
+            .map(|(s, n)| (s.as_str(), *n))
+            .collect::<Vec<_>>(),
+        [("a1", 2), ("a2", 2)],
+        "each selected event once; b1 filtered out"
+    );
+    for (service, last) in [("first", 3), ("second", 2)] {
+        let name = eventcore::ProjectionName::try_new(format!("counts-{service}")).expect("valid");
+        assert_eq!(
+            store.load_checkpoint(&name).await.expect("reads"),
+            Some(GlobalPosition::new(last)),
+            "a durable position per publishing service"
+        );
+    }
+}

@@ -7,7 +7,9 @@
 //!   complete at the broker after any crash.
 //! - An [`EventSubscriber`] gives another service a durable [`Subscription`] to topics:
 //!   at-least-once delivery, in each publishing service's order, one event in flight
-//!   at a time.
+//!   at a time; a [`SubscriptionRunner`] hands each event to an [`EventHandler`] and
+//!   gives its commands an exactly-once effect ([`ProjectionHandler`] runs a
+//!   cross-service projection on one).
 //! - Transports implement [`EventPublisher`] and [`EventSubscriber`]:
 //!   `eventcore_memory::InMemoryBroker` in process (the default for examples and tests),
 //!   `eventcore-nats` on NATS JetStream. The semantics are stated on the traits and
@@ -18,6 +20,7 @@
 mod envelope;
 mod names;
 mod policy;
+mod projection;
 mod publisher;
 mod subscriber;
 mod transport;
@@ -27,6 +30,7 @@ pub use self::names::{
     InvalidDistributedName, MAX_TOKEN_LEN, NameKind, ServiceId, SubscriptionName, Topic,
 };
 pub use self::policy::{PublicationPolicy, PublicationRule};
+pub use self::projection::ProjectionHandler;
 pub use self::publisher::{PublishSummary, PublisherMetrics, PublisherRunner};
 pub use self::subscriber::{EventHandler, ParkedDelivery, Processed, SubscriptionRunner};
 pub use self::transport::{
