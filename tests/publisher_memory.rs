@@ -292,27 +292,57 @@ async fn a_running_publisher_whose_broker_lost_events_republishes_them_before_ne
     broker.crash();
     broker.set_unsynced(&orders(), 0);
     fill(&store, 5, 5).await;
-    // The publisher still believes the broker holds everything: its next publish is
-    // refused rather than stored after a gap...
-    let refused = publisher.publish_available().await;
-    assert!(
-        matches!(&refused, Err(eventcore::Error::Transport(error)) if error.is_retryable()),
-        "{refused:?}"
-    );
-    let held: Vec<_> = broker
-        .published(&orders())
-        .iter()
-        .map(|e| e.event_id)
-        .collect();
-    let public: Vec<_> = public_events(&store)
-        .await
-        .iter()
-        .map(|e| e.event_id)
-        .collect();
-    assert_eq!(held[..], public[..held.len()], "no gap");
-    // ...and the next call asks the broker, publishing the lost events first.
+    // The next pass asks the broker first: the lost events go out before the new ones.
     publisher.publish_available().await.expect("publishes");
     assert_complete(&store, &broker).await;
+}
+
+#[tokio::test]
+async fn a_transport_publisher_refuses_to_publish_after_a_gap() {
+    use eventcore::distributed::{EventPublisher, Publication};
+
+    // The transport itself chains its publishes: after the broker lost messages, a
+    // publish from a client that did not ask where the publication ends is refused.
+    let store = InMemoryEventStore::new();
+    let broker = InMemoryBroker::new();
+    let publisher = broker.publisher(orders());
+    let topic = Topic::try_new("order-events").expect("valid");
+    publisher
+        .declare_topics(std::slice::from_ref(&topic))
+        .await
+        .expect("declares");
+    fill(&store, 0, 4).await;
+    let service = orders();
+    let envelopes: Vec<Publication> = public_events(&store)
+        .await
+        .iter()
+        .filter(|e| e.stream_id.as_str().starts_with("order-"))
+        .map(|e| {
+            Publication::new(
+                topic.clone(),
+                DistributedEvent::from_recorded(e, &service, chrono::Utc::now()).expect("readable"),
+            )
+        })
+        .collect();
+    broker.set_unsynced(&orders(), 1);
+    publisher.publish(&envelopes[..3]).await.expect("publishes");
+    broker.crash();
+    let refused = publisher.publish(&envelopes[3..]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(eventcore::distributed::TransportError::OutOfOrder { .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(broker.published(&orders()).len(), 2, "no gap stored");
+    let held = publisher.last_published().await.expect("reads");
+    assert_eq!(held, Some(envelopes[1].event.global_position));
+    publisher
+        .publish(&envelopes[2..])
+        .await
+        .expect("publishes from where it ends");
+    assert_eq!(broker.published(&orders()).len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,8 +366,7 @@ async fn two_instances_as_leaders_publish_everything_once_in_order() {
                 .await
         }));
     }
-    fill(&store, 0, 30).await;
-    let expected = public_events(&store).await;
+    fill(&store, 0, 15).await;
     // The leader declares the topics when it starts; then read every event through a
     // subscription (each `next` waits for the broker, nothing is timed).
     let spec = SubscriptionSpec::new(
@@ -357,14 +386,48 @@ async fn two_instances_as_leaders_publish_everything_once_in_order() {
             }
         }
     };
-    for event in &expected {
-        let delivery = subscription.next().await.expect("delivers");
-        assert_eq!(delivery.event.event_id, event.event_id, "in log order");
-        subscription.ack(&delivery).await.expect("acknowledges");
+    let mut received = 0;
+    for round in 0..2 {
+        if round == 1 {
+            // The leader loses its leadership; the other instance takes over.
+            assert!(election.revoke("publisher-orders"), "someone leads");
+            fill(&store, 15, 15).await;
+        }
+        let expected = public_events(&store).await;
+        for event in &expected[received..] {
+            let delivery = subscription.next().await.expect("delivers");
+            assert_eq!(delivery.event.event_id, event.event_id, "in log order");
+            subscription.ack(&delivery).await.expect("acknowledges");
+        }
+        received = expected.len();
     }
     stop.send(true).expect("running");
     for instance in instances {
         instance.await.expect("joins").expect("ran");
     }
+    assert_complete(&store, &broker).await;
+}
+
+#[tokio::test]
+async fn a_broker_that_lost_events_gets_them_again_while_the_service_writes_only_private_events() {
+    let store = InMemoryEventStore::new();
+    let broker = InMemoryBroker::new();
+    let mut publisher = runner(&store, &broker);
+    fill(&store, 0, 5).await;
+    broker.set_unsynced(&orders(), 3);
+    publisher.publish_available().await.expect("publishes");
+    broker.crash();
+    broker.set_unsynced(&orders(), 0);
+    // Nothing public to publish: no publish that the broker could refuse.
+    append(&store, "ledger", "Booked", 99).await;
+    publisher.publish_available().await.expect("publishes");
+    assert_complete(&store, &broker).await;
+    // And with nothing new at all.
+    broker.set_unsynced(&orders(), 2);
+    fill(&store, 5, 1).await;
+    publisher.publish_available().await.expect("publishes");
+    broker.crash();
+    broker.set_unsynced(&orders(), 0);
+    publisher.publish_available().await.expect("publishes");
     assert_complete(&store, &broker).await;
 }

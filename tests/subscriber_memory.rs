@@ -264,19 +264,23 @@ async fn two_running_instances_apply_each_event_once_in_order() {
             .expect("places");
         expected.insert(id, n + 1);
     }
-    // Wait (on the store's own notification) until billing has an effect per event.
-    let mut after = None;
-    loop {
-        let effects = billing
-            .read_all(&LogQuery::new().with_stream_prefix("invoice-"))
-            .await
-            .expect("reads");
-        if effects.len() >= 200 {
-            break;
+    // Wait (on the store's own notification) until billing has an effect per event; a
+    // guard turns a lost event into a failure instead of a hang.
+    eventcore::testing::within_hang_guard("billing catches up", async {
+        let mut after = None;
+        loop {
+            let effects = billing
+                .read_all(&LogQuery::new().with_stream_prefix("invoice-"))
+                .await
+                .expect("reads");
+            if effects.len() >= 200 {
+                break;
+            }
+            after = billing.head_position().await.expect("reads").or(after);
+            billing.wait_for_events(after).await.expect("waits");
         }
-        after = billing.head_position().await.expect("reads").or(after);
-        billing.wait_for_events(after).await.expect("waits");
-    }
+    })
+    .await;
     stop.send(true).expect("running");
     for instance in instances {
         instance.await.expect("joins").expect("ran");
@@ -315,7 +319,6 @@ impl eventcore::Projection for Counts {
 
 #[tokio::test]
 async fn a_cross_service_projection_applies_each_event_once_across_redeliveries() {
-    use eventcore::CheckpointStore;
     use eventcore::distributed::ProjectionHandler;
 
     let broker = InMemoryBroker::new();
@@ -359,7 +362,7 @@ async fn a_cross_service_projection_applies_each_event_once_across_redeliveries(
     let mut runner = SubscriptionRunner::new(
         Arc::new(broker.clone()),
         spec.clone(),
-        ProjectionHandler::new(Counts::default(), Arc::new(store.clone())),
+        ProjectionHandler::new(Counts::default(), Arc::new(store.clone())).expect("valid"),
         CommandExecutor::new(store.clone()),
     )
     .expect("valid");
@@ -388,12 +391,250 @@ async fn a_cross_service_projection_applies_each_event_once_across_redeliveries(
         [("a1", 2), ("a2", 2)],
         "each selected event once; b1 filtered out"
     );
-    for (service, last) in [("first", 3), ("second", 2)] {
-        let name = eventcore::ProjectionName::try_new(format!("counts-{service}")).expect("valid");
-        assert_eq!(
-            store.load_checkpoint(&name).await.expect("reads"),
-            Some(GlobalPosition::new(last)),
-            "a durable position per publishing service"
-        );
+    // A durable position per source stream: a new handler (a restart) skips them all.
+    let mut restarted =
+        ProjectionHandler::new(Counts::default(), Arc::new(store.clone())).expect("valid");
+    let executor = CommandExecutor::new(store.clone());
+    let mut dispatcher = Dispatcher::new(
+        &executor,
+        "replay",
+        eventcore::EventId::new(),
+        eventcore::CorrelationId::new(),
+    )
+    .expect("valid");
+    for event in broker
+        .published(&ServiceId::try_new("first").expect("valid"))
+        .iter()
+        .chain(&broker.published(&ServiceId::try_new("second").expect("valid")))
+    {
+        eventcore::distributed::EventHandler::handle(&mut restarted, event, &mut dispatcher)
+            .await
+            .expect("handles");
     }
+    assert!(
+        restarted.projection().0.is_empty(),
+        "nothing applied twice after a restart"
+    );
+}
+
+/// Counts applications per stream; fails for streams in `failing`.
+#[derive(Debug, Default)]
+struct Flaky {
+    applied: BTreeMap<String, u64>,
+    failing: Arc<Mutex<HashSet<String>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot apply")]
+struct CannotApply;
+
+impl eventcore::Projection for Flaky {
+    type Event = eventcore::RawEvent;
+    type Error = CannotApply;
+
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    async fn apply(
+        &mut self,
+        event: &eventcore::StoredEvent<eventcore::RawEvent>,
+    ) -> Result<(), Self::Error> {
+        if self.failing.lock().contains(event.stream_id.as_str()) {
+            return Err(CannotApply);
+        }
+        *self
+            .applied
+            .entry(event.stream_id.as_str().to_owned())
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_cross_service_projection_applies_a_parked_stream_when_it_is_redriven() {
+    use eventcore::distributed::ProjectionHandler;
+
+    let broker = InMemoryBroker::new();
+    let producer = broker.publisher(ServiceId::try_new("producer").expect("valid"));
+    producer.declare_topics(&[topic()]).await.expect("declares");
+    // `a` fails first; `b` goes on meanwhile, with later positions.
+    publish(&producer, &[("a", 1), ("b", 1), ("a", 2), ("b", 2)], 1).await;
+    let store = InMemoryEventStore::new();
+    let failing = Arc::new(Mutex::new(HashSet::from(["a".to_owned()])));
+    let projection = Flaky {
+        failing: failing.clone(),
+        ..Flaky::default()
+    };
+    let mut runner = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec(),
+        ProjectionHandler::new(projection, Arc::new(store.clone())).expect("valid"),
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries(OnFailure::Park));
+    let mut subscription = broker.subscribe(&spec()).await.expect("subscribes");
+    for _ in 0..4 {
+        let delivery = subscription.next().await.expect("delivers");
+        runner.process(&delivery).await.expect("processes");
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    failing.lock().clear();
+    let service = ServiceId::try_new("producer").expect("valid");
+    let stream = StreamId::try_new("a").expect("valid");
+    assert_eq!(
+        runner.redrive(&service, &stream).await.expect("redrives"),
+        2
+    );
+    let applied = &runner.handler().projection().applied;
+    assert_eq!(
+        applied
+            .iter()
+            .map(|(s, n)| (s.as_str(), *n))
+            .collect::<Vec<_>>(),
+        [("a", 2), ("b", 2)],
+        "the parked stream's events were applied, not skipped as seen"
+    );
+}
+
+/// Panics on every event of stream `a`, as a handler that kills its process does.
+#[derive(Debug, Default)]
+struct Crashing;
+
+impl EventHandler for Crashing {
+    async fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        _: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        assert!(event.stream_id.as_str() != "a", "the handler dies on `a`");
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_kills_its_handler_every_time_is_parked_after_the_delivery_limit() {
+    let broker = InMemoryBroker::new();
+    let producer = broker.publisher(ServiceId::try_new("producer").expect("valid"));
+    producer.declare_topics(&[topic()]).await.expect("declares");
+    publish(&producer, &[("a", 1), ("b", 1)], 1).await;
+    let store = InMemoryEventStore::new();
+    let make = || {
+        SubscriptionRunner::new(
+            Arc::new(broker.clone()),
+            spec(),
+            Crashing,
+            CommandExecutor::new(store.clone()),
+        )
+        .expect("valid")
+        .with_max_deliveries(3)
+    };
+    // Each "process" dies on the event, in a task of its own (a panic ends the task,
+    // dropping its subscription as a crash does).
+    for _ in 0..3 {
+        let mut runner = make();
+        let crashed = tokio::spawn(async move { runner.run(std::future::pending()).await }).await;
+        assert!(crashed.is_err_and(|e| e.is_panic()), "the handler died");
+    }
+    // The fourth delivery is over the limit: parked without running the handler, and
+    // the subscription goes on with `b`.
+    let mut runner = make();
+    let mut subscription = broker.subscribe(&spec()).await.expect("subscribes");
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(delivery.attempt, 4);
+    assert_eq!(
+        runner.process(&delivery).await.expect("processes"),
+        Processed::Parked
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    let parked = runner.parked().await.expect("reads");
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("delivered 4 times")),
+        "{parked:?}"
+    );
+    let next = subscription.next().await.expect("delivers");
+    assert_eq!(next.event.stream_id.as_str(), "b");
+    assert_eq!(
+        runner.process(&next).await.expect("processes"),
+        Processed::Handled
+    );
+}
+
+/// Fails with a retryable store error `failures` times, then succeeds and says so.
+#[derive(Debug)]
+struct Outage {
+    failures: Arc<Mutex<u32>>,
+    recovered: Arc<tokio::sync::Notify>,
+}
+
+impl EventHandler for Outage {
+    async fn handle(
+        &mut self,
+        _: &DistributedEvent,
+        _: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        {
+            let mut left = self.failures.lock();
+            if *left > 0 {
+                *left -= 1;
+                return Err(Error::retryable_backend("the store is down", None));
+            }
+        }
+        self.recovered.notify_one();
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_store_outage_longer_than_the_retries_parks_nothing_and_run_waits_it_out() {
+    let broker = InMemoryBroker::new();
+    let producer = broker.publisher(ServiceId::try_new("producer").expect("valid"));
+    producer.declare_topics(&[topic()]).await.expect("declares");
+    publish(&producer, &[("a", 1)], 1).await;
+    let store = InMemoryEventStore::new();
+    let failures = Arc::new(Mutex::new(7));
+    let recovered = Arc::new(tokio::sync::Notify::new());
+    let mut runner = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec(),
+        Outage {
+            failures: failures.clone(),
+            recovered: recovered.clone(),
+        },
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries(OnFailure::Park));
+    {
+        let mut subscription = broker.subscribe(&spec()).await.expect("subscribes");
+        let delivery = subscription.next().await.expect("delivers");
+        // Both attempts of this call failed: an error to retry, not a parked event.
+        let outage = runner.process(&delivery).await;
+        assert!(
+            matches!(&outage, Err(error) if error.is_retryable()),
+            "{outage:?}"
+        );
+        assert!(runner.parked().await.expect("reads").is_empty());
+    }
+    // `run` retries in place until the store is back (three more calls), acknowledges,
+    // and stops once the handler succeeded.
+    runner
+        .run(async move { recovered.notified().await })
+        .await
+        .expect("runs");
+    assert_eq!(*failures.lock(), 0);
+    assert!(
+        runner.parked().await.expect("reads").is_empty(),
+        "nothing parked"
+    );
+    publish(&producer, &[("b", 1)], 2).await;
+    let mut subscription = broker.subscribe(&spec()).await.expect("subscribes");
+    let next = subscription.next().await.expect("delivers");
+    assert_eq!(next.event.stream_id.as_str(), "b", "`a` was acknowledged");
+    assert_eq!(next.attempt, 1);
 }

@@ -13,7 +13,8 @@
 //! - Transports implement [`EventPublisher`] and [`EventSubscriber`]:
 //!   `eventcore_memory::InMemoryBroker` in process (the default for examples and tests),
 //!   `eventcore-nats` on NATS JetStream. The semantics are stated on the traits and
-//!   checked by the public transport conformance suite.
+//!   checked, where a test can reach them without injecting faults into the broker, by
+//!   the public transport conformance suite.
 //!
 //! The design, and what each guarantee rests on, is ADR 0010 in `docs/adr/`.
 

@@ -85,6 +85,10 @@ pub struct PublisherRunner {
     /// `Some(position)` once reconciled with the broker: every public event at or below
     /// `position` is held. `None`: ask the broker first.
     cursor: Option<Option<GlobalPosition>>,
+    /// The position of the last event the broker acknowledged (or held when asked):
+    /// what `last_published` must answer while nothing was lost.
+    last_public: Option<GlobalPosition>,
+    reconcile_interval: std::time::Duration,
     metrics: PublisherMetrics,
 }
 
@@ -112,6 +116,8 @@ impl PublisherRunner {
             batch_size: 500,
             retry: RetryPolicy::default(),
             cursor: None,
+            last_public: None,
+            reconcile_interval: std::time::Duration::from_secs(10),
             metrics: PublisherMetrics::default(),
         })
     }
@@ -127,6 +133,15 @@ impl PublisherRunner {
     /// store, in [`PublisherRunner::run`].
     pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// How often [`PublisherRunner::run`] asks the broker whether its publication still
+    /// ends where it should while the store is quiet (default 10 s): a broker that lost
+    /// acknowledged events in a crash gets them again within this interval even when the
+    /// service writes nothing new.
+    pub fn with_reconcile_interval(mut self, interval: std::time::Duration) -> Self {
+        self.reconcile_interval = interval;
         self
     }
 
@@ -154,6 +169,7 @@ impl PublisherRunner {
             );
         }
         self.cursor = Some(held);
+        self.last_public = held;
         Ok(held)
     }
 
@@ -174,6 +190,20 @@ impl PublisherRunner {
     }
 
     async fn publish_available_inner(&mut self) -> Result<PublishSummary> {
+        if self.cursor.is_some() {
+            // The broker may have lost acknowledged events since (a crash before it
+            // synced them): check where the publication ends before going on.
+            let held = self.publisher.last_published().await?;
+            if held != self.last_public {
+                tracing::warn!(
+                    service = %self.publisher.service(),
+                    expected = ?self.last_public.map(GlobalPosition::value),
+                    held = ?held.map(GlobalPosition::value),
+                    "the broker's publication does not end where it did; publishing from there"
+                );
+                self.cursor = None;
+            }
+        }
         let mut cursor = match self.cursor {
             Some(cursor) => cursor,
             None => self.reconcile().await?,
@@ -209,6 +239,7 @@ impl PublisherRunner {
                     last = batch[batch.len() - 1].event.global_position.value(),
                 );
                 self.publisher.publish(&batch).instrument(span).await?;
+                self.last_public = Some(batch[batch.len() - 1].event.global_position);
                 published += batch.len() as u64;
                 self.metrics
                     .inner
@@ -241,22 +272,35 @@ impl PublisherRunner {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failures = 0;
         loop {
-            match self.publish_available().await {
-                Ok(_) => failures = 0,
+            // Cancelling a pass at shutdown is safe: what the broker acknowledged is
+            // found again by the next start, which asks the broker.
+            let passed = tokio::select! {
+                passed = self.publish_available() => passed.map(|_| ()),
+                () = &mut shutdown => return Ok(()),
+            };
+            let waited = match passed {
+                Ok(()) => {
+                    let after = self.cursor.flatten();
+                    tokio::select! {
+                        waited = self.store.wait_for_events(after) => waited,
+                        () = tokio::time::sleep(self.reconcile_interval) => Ok(()),
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(error) => Err(error),
+            };
+            match waited {
+                Ok(()) => failures = 0,
                 Err(error) if error.is_retryable() => {
                     failures += 1;
+                    self.cursor = None;
                     tracing::warn!(service = %self.publisher.service(), %error, failures, "publishing failed; retrying");
                     tokio::select! {
-                        () = tokio::time::sleep(self.retry.delay_before_retry(failures)) => continue,
+                        () = tokio::time::sleep(self.retry.delay_before_retry(failures)) => {}
                         () = &mut shutdown => return Ok(()),
                     }
                 }
                 Err(error) => return Err(error),
-            }
-            let after = self.cursor.flatten();
-            tokio::select! {
-                waited = self.store.wait_for_events(after) => waited?,
-                () = &mut shutdown => return Ok(()),
             }
         }
     }

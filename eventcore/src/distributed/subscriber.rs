@@ -26,6 +26,10 @@ use crate::types::{ExpectedVersion, GlobalPosition, StreamVersion};
 /// subscription and the event id, so a redelivered event writes nothing (the key is
 /// stored with the effect, atomically, in this service's store).
 ///
+/// The keys are positional (`.../<event id>/0`, `/1`, ...): for one event, dispatch the
+/// same commands in the same order every time, deciding from the event and not from
+/// state read elsewhere, so a redelivery meets each command's own first outcome.
+///
 /// Implement with plain `async fn` (ADR 0008).
 pub trait EventHandler: Send + 'static {
     /// Handles one event. An error is retried (with backoff) by the runner, then the
@@ -61,6 +65,15 @@ pub struct ParkedDelivery {
     pub event: DistributedEvent,
     /// Why it was parked; `None` for an event held behind a parked one.
     pub error: Option<String>,
+}
+
+/// How handling one event ended.
+enum Outcome {
+    Handled,
+    /// Every attempt failed; the message with its cause chain, and the last error.
+    Failed(String, Error),
+    /// The last attempt failed with an error that may go away (a store outage).
+    Transient(Error),
 }
 
 /// The inbox's own events, stored in the subscribing service's store.
@@ -164,6 +177,7 @@ pub struct SubscriptionRunner<H> {
     key: String,
     inbox_stream: StreamId,
     inbox: Inbox,
+    max_deliveries: u32,
 }
 
 impl<H: EventHandler> SubscriptionRunner<H> {
@@ -202,6 +216,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             key,
             inbox_stream,
             inbox: Inbox::default(),
+            max_deliveries: 10,
         })
     }
 
@@ -209,6 +224,15 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// park).
     pub fn with_error_policy(mut self, policy: ProjectionErrorPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// How many deliveries of one event without an outcome are tolerated (default 10)
+    /// before it is parked without running the handler again: an event on which the
+    /// process handling it dies (a panic, an abort, out of memory) would otherwise come
+    /// back forever and stop the subscription on every instance.
+    pub fn with_max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries.max(1);
         self
     }
 
@@ -248,20 +272,19 @@ impl<H: EventHandler> SubscriptionRunner<H> {
 
     /// Handles `event` with retries; `Err` with the last failure's text when every
     /// attempt failed.
-    async fn handle_with_retries(
-        &mut self,
-        event: &DistributedEvent,
-    ) -> std::result::Result<(), (String, Error)> {
+    async fn handle_with_retries(&mut self, event: &DistributedEvent) -> Outcome {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut dispatcher = Dispatcher::new(
+            let mut dispatcher = match Dispatcher::new(
                 &self.executor,
                 &self.key,
                 event.event_id,
                 event.metadata.correlation_id,
-            )
-            .map_err(|error| (error_chain(&error), error))?;
+            ) {
+                Ok(dispatcher) => dispatcher,
+                Err(error) => return Outcome::Failed(error_chain(&error), error),
+            };
             dispatcher.set_trace_context(event.trace_context.clone());
             let span = tracing::info_span!(
                 "eventcore.handle",
@@ -278,12 +301,14 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 .instrument(span)
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Outcome::Handled,
                 Err(error) if attempt < self.policy.max_attempts() => {
                     tracing::warn!(subscription = %self.spec.name, event_id = %event.event_id, attempt, error = %error_chain(&error), "handler failed; retrying");
                     tokio::time::sleep(self.policy.delay_before_retry(attempt)).await;
                 }
-                Err(error) => return Err((error_chain(&error), error)),
+                // A store or broker that is down is not the event's fault: not parked.
+                Err(error) if error.is_retryable() => return Outcome::Transient(error),
+                Err(error) => return Outcome::Failed(error_chain(&error), error),
             }
         }
     }
@@ -311,9 +336,20 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             .await?;
             return Ok(Processed::Held);
         }
+        if delivery.attempt > self.max_deliveries {
+            // Delivered this often without an outcome: the process handling it ended
+            // each time (a panic, an abort). Parked without running the handler again.
+            let message = format!(
+                "delivered {} times without an outcome (more than {}): the process handling \
+                 it ended each time",
+                delivery.attempt, self.max_deliveries
+            );
+            return self.park(event, message).await;
+        }
         match self.handle_with_retries(event).await {
-            Ok(()) => Ok(Processed::Handled),
-            Err((message, error)) => match self.policy.on_failure() {
+            Outcome::Handled => Ok(Processed::Handled),
+            Outcome::Transient(error) => Err(error),
+            Outcome::Failed(message, error) => match self.policy.on_failure() {
                 OnFailure::Stop => Err(Error::ProjectionFailed {
                     projection: self.key.clone(),
                     stream: event.stream_id.clone(),
@@ -322,21 +358,23 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                     message,
                     source: Some(Box::new(error)),
                 }),
-                OnFailure::Park => {
-                    tracing::error!(subscription = %self.spec.name, event_id = %event.event_id, stream = %event.stream_id, %message, "parking an event");
-                    let key = format!("{}/park/{}", self.key, event.event_id);
-                    self.record(
-                        InboxEvent::Parked {
-                            event: Box::new(event.clone()),
-                            error: message,
-                        },
-                        key,
-                    )
-                    .await?;
-                    Ok(Processed::Parked)
-                }
+                OnFailure::Park => self.park(event, message).await,
             },
         }
+    }
+
+    async fn park(&mut self, event: &DistributedEvent, message: String) -> Result<Processed> {
+        tracing::error!(subscription = %self.spec.name, event_id = %event.event_id, stream = %event.stream_id, %message, "parking an event");
+        let key = format!("{}/park/{}", self.key, event.event_id);
+        self.record(
+            InboxEvent::Parked {
+                event: Box::new(event.clone()),
+                error: message,
+            },
+            key,
+        )
+        .await?;
+        Ok(Processed::Parked)
     }
 
     /// Receives, processes and acknowledges events until `shutdown` completes. An
@@ -384,7 +422,23 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 Err(error) => return Err(error.into()),
             };
             failures = 0;
-            self.process(&delivery).await?;
+            // A store outage: the same delivery again after a pause, in place (asking
+            // the transport again would count as another delivery).
+            let mut outage = 0;
+            loop {
+                match self.process(&delivery).await {
+                    Ok(_) => break,
+                    Err(error) if error.is_retryable() => {
+                        outage += 1;
+                        tracing::warn!(subscription = %self.spec.name, event_id = %delivery.event.event_id, error = %error_chain(&error), "the store failed; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(self.policy.delay_before_retry(outage)) => {}
+                            () = &mut shutdown => return Ok(()),
+                        }
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
             if let Err(error) = open.ack(&delivery).await {
                 if !error.is_retryable() {
                     return Err(error.into());
@@ -415,32 +469,55 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// [`Error::ProjectionFailed`] when the handler fails again on one of them (after
     /// its retries): it and what follows stay in the inbox; the store's errors.
     pub async fn redrive(&mut self, service: &ServiceId, stream: &StreamId) -> Result<usize> {
-        self.refresh_inbox().await?;
-        let waiting = self
-            .inbox
-            .pending
-            .get(&(service.clone(), stream.clone()))
-            .cloned()
-            .unwrap_or_default();
         let mut handled = 0;
-        for parked in &waiting {
-            if let Err((message, error)) = self.handle_with_retries(&parked.event).await {
-                if let Some(through) = handled_through(&waiting, handled) {
-                    self.release(service, stream, &through.clone()).await?;
-                }
-                return Err(Error::ProjectionFailed {
-                    projection: self.key.clone(),
-                    stream: parked.event.stream_id.clone(),
-                    version: parked.event.stream_version,
-                    position: parked.event.global_position,
-                    message,
-                    source: Some(Box::new(error)),
-                });
+        // Events may be held behind the stream while it is re-driven (another instance
+        // still receiving): go again until none waits, a bounded number of times.
+        for _ in 0..16 {
+            self.refresh_inbox().await?;
+            let mut waiting = self
+                .inbox
+                .pending
+                .get(&(service.clone(), stream.clone()))
+                .cloned()
+                .unwrap_or_default();
+            if waiting.is_empty() {
+                break;
             }
-            handled += 1;
-        }
-        if let Some(through) = handled_through(&waiting, handled) {
-            self.release(service, stream, &through.clone()).await?;
+            // In the stream's order, whatever order they were kept in (a republished
+            // event can be held after a later one).
+            waiting.sort_by_key(|p| p.event.global_position);
+            waiting.dedup_by_key(|p| p.event.event_id);
+            let mut through: Option<&DistributedEvent> = None;
+            for parked in &waiting {
+                match self.handle_with_retries(&parked.event).await {
+                    Outcome::Handled => {
+                        handled += 1;
+                        through = Some(&parked.event);
+                    }
+                    Outcome::Transient(error) => {
+                        if let Some(through) = through {
+                            self.release(service, stream, &through.clone()).await?;
+                        }
+                        return Err(error);
+                    }
+                    Outcome::Failed(message, error) => {
+                        if let Some(through) = through {
+                            self.release(service, stream, &through.clone()).await?;
+                        }
+                        return Err(Error::ProjectionFailed {
+                            projection: self.key.clone(),
+                            stream: parked.event.stream_id.clone(),
+                            version: parked.event.stream_version,
+                            position: parked.event.global_position,
+                            message,
+                            source: Some(Box::new(error)),
+                        });
+                    }
+                }
+            }
+            if let Some(through) = through {
+                self.release(service, stream, &through.clone()).await?;
+            }
         }
         Ok(handled)
     }
@@ -451,7 +528,12 @@ impl<H: EventHandler> SubscriptionRunner<H> {
         stream: &StreamId,
         through: &DistributedEvent,
     ) -> Result<()> {
-        let key = format!("{}/redrive/{}", self.key, through.event_id);
+        // Unique per release (the inbox's version moves with every record): a stream
+        // released through the same event twice is released twice.
+        let key = format!(
+            "{}/redrive/{}/{}",
+            self.key, through.event_id, self.inbox.version
+        );
         let through = through.global_position;
         self.record(
             InboxEvent::Redriven {
@@ -463,14 +545,6 @@ impl<H: EventHandler> SubscriptionRunner<H> {
         )
         .await
     }
-}
-
-/// The last of the first `handled` waiting events.
-fn handled_through(waiting: &[ParkedDelivery], handled: usize) -> Option<&DistributedEvent> {
-    handled
-        .checked_sub(1)
-        .and_then(|last| waiting.get(last))
-        .map(|p| &p.event)
 }
 
 impl<H> std::fmt::Debug for SubscriptionRunner<H> {

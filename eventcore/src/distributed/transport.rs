@@ -219,7 +219,9 @@ pub trait EventSubscriber: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// A [`TransportError`]: the broker cannot be reached, or a topic is unknown to it
+    /// A [`TransportError`]: the broker cannot be reached, or a topic is not declared
+    /// yet by its publisher ([`TransportError::Unavailable`]: it exists once the
+    /// publishing service has started), or the subscription exists with other topics
     /// ([`TransportError::Rejected`]).
     async fn subscribe(
         &self,

@@ -23,7 +23,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 
 use crate::distributed::{
     Delivery, DistributedEvent, EventPublisher, EventSubscriber, Publication, ServiceId,
@@ -322,15 +321,22 @@ pub async fn two_handles_never_hold_two_events_at_once(harness: impl TransportHa
         .expect("subscribes");
     let held = one.next().await.expect("delivers");
     assert_eq!(held.event.event_id, sent[0].event_id);
-    {
-        let mut waiting = two.next().boxed();
-        assert!(
-            (&mut waiting).now_or_never().is_none(),
-            "a second event was in flight while the first was unacknowledged"
-        );
-    }
+    // The other handle asks meanwhile; what it gets must come after the
+    // acknowledgement, and be the next event.
+    let acknowledged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = acknowledged.clone();
+    let waiting = tokio::spawn(async move {
+        let delivery = two.next().await.expect("delivers");
+        (seen.load(std::sync::atomic::Ordering::SeqCst), delivery)
+    });
+    tokio::task::yield_now().await;
+    acknowledged.store(true, std::sync::atomic::Ordering::SeqCst);
     one.ack(&held).await.expect("acknowledges");
-    let next = two.next().await.expect("delivers");
+    let (after_ack, next) = waiting.await.expect("joins");
+    assert!(
+        after_ack,
+        "a second event was in flight while the first was unacknowledged"
+    );
     assert_eq!(next.event.event_id, sent[1].event_id);
 }
 
@@ -414,9 +420,10 @@ pub async fn a_subscription_receives_only_its_topics(harness: impl TransportHarn
     );
     let expected_users: Vec<EventId> = registered.iter().map(|e| e.event_id).collect();
     assert_eq!(of("users"), expected_users);
-    let mut waiting = subscription.next().boxed();
-    assert!(
-        (&mut waiting).now_or_never().is_none(),
-        "nothing else is delivered"
-    );
+    // Nothing else is delivered: the next delivery is the next event of a subscribed
+    // topic, not the later one of the unsubscribed topic.
+    publish_some(&*orders, "order-internal", 6, 1).await;
+    let last = publish_some(&*users, "user-events", 3, 1).await;
+    let delivery = next_and_ack(&mut *subscription).await;
+    assert_eq!(delivery.event.event_id, last[0].event_id);
 }
