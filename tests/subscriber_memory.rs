@@ -29,8 +29,19 @@ fn spec() -> SubscriptionSpec {
     )
 }
 
-/// Publishes events of `streams` (name, version) at positions 1, 2, ...
+/// Publishes events of `streams` (name, version) under the test topic, at positions
+/// `first_position`, `first_position + 1`, ...
 async fn publish(publisher: &dyn EventPublisher, events: &[(&str, u64)], first_position: u64) {
+    publish_to(publisher, &topic(), events, first_position).await;
+}
+
+/// As [`publish`], under `topic`.
+async fn publish_to(
+    publisher: &dyn EventPublisher,
+    topic: &Topic,
+    events: &[(&str, u64)],
+    first_position: u64,
+) {
     let batch: Vec<Publication> = events
         .iter()
         .enumerate()
@@ -48,7 +59,7 @@ async fn publish(publisher: &dyn EventPublisher, events: &[(&str, u64)], first_p
             let event =
                 DistributedEvent::from_recorded(&recorded, publisher.service(), chrono::Utc::now())
                     .expect("readable");
-            Publication::new(topic(), event)
+            Publication::new(topic.clone(), event)
         })
         .collect();
     publisher.publish(&batch).await.expect("publishes");
@@ -330,28 +341,13 @@ async fn a_cross_service_projection_applies_each_event_once_across_redeliveries(
         .await
         .expect("declares");
     publish(&first, &[("a1", 1), ("b1", 1), ("a1", 2)], 1).await;
-    let batch: Vec<Publication> = [("a2", 1_u64), ("a2", 2)]
-        .iter()
-        .enumerate()
-        .map(|(i, (stream, version))| {
-            let recorded = RecordedEvent::new(
-                eventcore::EventId::new(),
-                StreamId::try_new(*stream).expect("valid"),
-                StreamVersion::new(*version),
-                GlobalPosition::new(i as u64 + 1),
-                EventType::try_new("Happened").expect("valid"),
-                EventPayload::from_json("{}").expect("valid"),
-                Arc::new(EventMetadata::default()),
-                chrono::Utc::now(),
-            );
-            Publication::new(
-                Topic::try_new("more").expect("valid"),
-                DistributedEvent::from_recorded(&recorded, second.service(), chrono::Utc::now())
-                    .expect("readable"),
-            )
-        })
-        .collect();
-    second.publish(&batch).await.expect("publishes");
+    publish_to(
+        &second,
+        &Topic::try_new("more").expect("valid"),
+        &[("a2", 1), ("a2", 2)],
+        1,
+    )
+    .await;
 
     let store = InMemoryEventStore::new();
     let spec = SubscriptionSpec::new(
