@@ -6,6 +6,10 @@
 //! order with the prefix property, the same idempotency keys, the same typed errors.
 //! Nothing is persisted; dropping the last clone drops the events.
 //!
+//! With the feature `distributed`, the crate also has `InMemoryBroker`: the in-process
+//! transport of `eventcore::distributed` between services, as strict as a real broker
+//! where the transport contract is concerned and deterministic in tests.
+//!
 //! Its operations complete at once, so that tasks issuing them back to back still take
 //! turns, each one spends a unit of the calling task's Tokio budget and yields when the
 //! budget is spent, as a socket would. Outside a Tokio runtime there is no budget and
