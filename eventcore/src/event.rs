@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use self::payload::EventPayload;
+pub(crate) use self::recorded::decode_payload;
 pub use self::recorded::{EventDamage, EventData, RecordedEvent, StoredEvent};
 pub(crate) use crate::names::EventType;
 

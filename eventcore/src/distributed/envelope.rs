@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::names::ServiceId;
-use crate::error::{Error, Result};
-use crate::event::{Event, EventPayload, RawEvent, RecordedEvent, StoredEvent};
+use crate::error::Result;
+use crate::event::{Event, EventPayload, RawEvent, RecordedEvent, StoredEvent, decode_payload};
 use crate::metadata::EventMetadata;
 use crate::names::EventType;
 use crate::trace::TraceContext;
@@ -70,7 +70,7 @@ impl DistributedEvent {
     ///
     /// # Errors
     ///
-    /// [`Error::UnreadableEvent`] for a damaged event ([`RecordedEvent::damage`]): what
+    /// [`crate::Error::UnreadableEvent`] for a damaged event ([`RecordedEvent::damage`]): what
     /// cannot be read cannot be published.
     pub fn from_recorded(
         event: &RecordedEvent,
@@ -98,17 +98,15 @@ impl DistributedEvent {
     ///
     /// # Errors
     ///
-    /// [`Error::Deserialization`] naming the source stream, version and type, as for a
+    /// [`crate::Error::Deserialization`] naming the source stream, version and type, as for a
     /// stored event.
     pub fn decode<E: Event>(&self) -> Result<StoredEvent<E>> {
-        let payload = E::decode(&self.event_type, &self.payload).map_err(|source| {
-            Error::Deserialization {
-                stream: self.stream_id.clone(),
-                version: self.stream_version,
-                event_type: self.event_type.as_str().to_owned(),
-                source,
-            }
-        })?;
+        let payload = decode_payload(
+            &self.stream_id,
+            self.stream_version,
+            &self.event_type,
+            &self.payload,
+        )?;
         Ok(StoredEvent::new(
             self.event_id,
             self.stream_id.clone(),

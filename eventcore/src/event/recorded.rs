@@ -211,14 +211,12 @@ impl RecordedEvent {
     /// dropped.
     pub fn decode<E: Event>(&self) -> Result<StoredEvent<E>> {
         self.check_readable()?;
-        let payload = E::decode(&self.event_type, &self.payload).map_err(|source| {
-            Error::Deserialization {
-                stream: self.stream_id.clone(),
-                version: self.stream_version,
-                event_type: self.event_type.as_str().to_owned(),
-                source,
-            }
-        })?;
+        let payload = decode_payload(
+            &self.stream_id,
+            self.stream_version,
+            &self.event_type,
+            &self.payload,
+        )?;
         Ok(StoredEvent {
             event_id: self.event_id,
             stream_id: self.stream_id.clone(),
@@ -230,6 +228,23 @@ impl RecordedEvent {
             recorded_at: self.recorded_at,
         })
     }
+}
+
+/// Decodes the payload of an event of type `event_type` at `version` of `stream`: the one
+/// place a decoding failure becomes [`Error::Deserialization`] (for stored, redelivered
+/// and published events alike).
+pub(crate) fn decode_payload<E: Event>(
+    stream: &StreamId,
+    version: StreamVersion,
+    event_type: &EventType,
+    payload: &EventPayload,
+) -> Result<E> {
+    E::decode(event_type, payload).map_err(|source| Error::Deserialization {
+        stream: stream.clone(),
+        version,
+        event_type: event_type.as_str().to_owned(),
+        source,
+    })
 }
 
 /// A stored event with its payload decoded into the user's type.
@@ -295,6 +310,20 @@ impl<E: Event> StoredEvent<E> {
 }
 
 impl<E> StoredEvent<E> {
+    /// The same event with another payload (a decoded form of this one).
+    pub(crate) fn with_payload<F>(&self, payload: F) -> StoredEvent<F> {
+        StoredEvent {
+            event_id: self.event_id,
+            stream_id: self.stream_id.clone(),
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            event_type: self.event_type.clone(),
+            payload,
+            metadata: self.metadata.clone(),
+            recorded_at: self.recorded_at,
+        }
+    }
+
     /// Assembles a stored event (for test harnesses and backends).
     #[allow(clippy::too_many_arguments)]
     pub fn new(

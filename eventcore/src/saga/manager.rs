@@ -10,7 +10,7 @@ use super::definition::{
 use super::state::{SagaEvent, SagaState, StepStatus, event_types};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::event::{Event, RawEvent, StoredEvent};
+use crate::event::{Event, RawEvent, StoredEvent, decode_payload};
 use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
 use crate::process::{Dispatcher, ProcessManager};
 use crate::projection::ProjectionFilter;
@@ -237,23 +237,11 @@ impl<S: Saga> fmt::Debug for SagaManager<S> {
 }
 
 fn redecode<T: Event>(event: &StoredEvent<RawEvent>) -> Result<StoredEvent<T>> {
-    let payload = event
-        .payload
-        .decode_as::<T>()
-        .map_err(|source| Error::Deserialization {
-            stream: event.stream_id.clone(),
-            version: event.stream_version,
-            event_type: event.event_type.as_str().to_owned(),
-            source,
-        })?;
-    Ok(StoredEvent::new(
-        event.event_id,
-        event.stream_id.clone(),
+    let payload = decode_payload(
+        &event.stream_id,
         event.stream_version,
-        event.global_position,
-        event.event_type.clone(),
-        payload,
-        event.metadata.clone(),
-        event.recorded_at,
-    ))
+        &event.event_type,
+        event.payload.payload(),
+    )?;
+    Ok(event.with_payload(payload))
 }
