@@ -232,15 +232,27 @@ macro_rules! __projection_conformance_tests {
 ///     use eventcore::testing::transport_conformance::TransportHarness;
 ///     use eventcore_memory::InMemoryBroker;
 ///
+///     use eventcore_memory::InMemoryEventStore;
+///
 ///     struct Harness(InMemoryBroker);
 ///
 ///     #[async_trait::async_trait]
 ///     impl TransportHarness for Harness {
+///         type Store = InMemoryEventStore;
+///
 ///         async fn publisher(&self, service: &ServiceId) -> Arc<dyn EventPublisher> {
 ///             Arc::new(self.0.publisher(service.clone()))
 ///         }
 ///         async fn subscriber(&self) -> Arc<dyn EventSubscriber> {
 ///             Arc::new(self.0.clone())
+///         }
+///         async fn store(&self) -> InMemoryEventStore {
+///             InMemoryEventStore::new()
+///         }
+///         async fn lose_last_messages(&self, service: &ServiceId, messages: usize) {
+///             self.0.set_unsynced(service, messages);
+///             self.0.crash();
+///             self.0.set_unsynced(service, 0);
 ///         }
 ///     }
 ///
@@ -264,6 +276,19 @@ macro_rules! transport_conformance_tests {
             two_handles_never_hold_two_events_at_once,
             a_subscription_resumes_after_its_last_acknowledgement,
             a_subscription_receives_only_its_topics,
+            a_publisher_handle_behind_the_publication_is_refused,
+            a_publisher_handle_ahead_of_a_broker_that_lost_events_is_refused,
+            the_publisher_publishes_the_public_events_in_log_order,
+            a_restarted_publisher_resumes_without_a_gap_or_a_repeat,
+            a_crash_between_publish_and_checkpoint_publishes_nothing_twice,
+            a_publish_failing_inside_a_batch_resumes_without_a_gap_or_a_repeat,
+            a_broker_that_lost_acknowledged_events_gets_them_again_in_order,
+            a_running_publisher_republishes_lost_events_before_newer_ones,
+            a_redelivered_event_changes_nothing,
+            a_failing_event_is_parked_and_holds_its_stream_while_others_flow_until_redriven,
+            an_event_that_kills_its_handler_every_time_is_parked_after_the_delivery_limit,
+            two_instances_apply_each_event_once_in_source_stream_order,
+            a_broker_that_lost_events_makes_nothing_happen_twice,
         }
     };
 }
@@ -364,7 +389,30 @@ mod tests {
         );
         assert_eq!(
             listed("__transport_conformance_tests"),
-            checks(include_str!("testing/transport_conformance.rs"))
+            [
+                include_str!("testing/transport_conformance/broker.rs"),
+                include_str!("testing/transport_conformance/publisher.rs"),
+                include_str!("testing/transport_conformance/subscriber.rs"),
+            ]
+            .into_iter()
+            .flat_map(checks)
+            .collect::<BTreeSet<_>>()
         );
+        assert!(
+            checks(include_str!("testing/transport_conformance.rs")).is_empty(),
+            "checks belong in the topic files"
+        );
+        let transport_topics = std::fs::read_dir(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/testing/transport_conformance"
+        ))
+        .expect("the transport conformance directory")
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|ext| ext == "rs"))
+        })
+        .count();
+        assert_eq!(transport_topics, 3, "a transport topic file is not checked");
     }
 }

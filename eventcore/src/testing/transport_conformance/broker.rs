@@ -1,0 +1,405 @@
+//! The transport alone: order, dedup, chaining, topic ownership, redelivery, one event
+//! in flight, resumption, topic selection.
+
+use std::sync::Arc;
+
+use super::{TransportHarness, event, next_and_ack, publish_some, service, spec, topic};
+use crate::distributed::{Publication, TransportError};
+use crate::types::{EventId, GlobalPosition};
+
+/// The envelope arrives as it was published (payload bytes, metadata, trace context),
+/// and one service's events arrive in its publication's order.
+pub async fn published_events_arrive_in_order_and_intact(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let subscriber = harness.subscriber().await;
+    let mut subscription = subscriber
+        .subscribe(&spec("billing", "orders", &["order-events"]))
+        .await
+        .expect("subscribes");
+    let sent = publish_some(&*orders, "order-events", 1, 20).await;
+    for expected in &sent {
+        let delivery = next_and_ack(&mut *subscription).await;
+        assert_eq!(
+            &delivery.event, expected,
+            "delivered as published, in order"
+        );
+        assert_eq!(delivery.event.payload.as_str(), expected.payload.as_str());
+        assert_eq!(delivery.topic, topic("order-events"));
+        assert_eq!(delivery.attempt, 1);
+    }
+}
+
+/// Publishing the same events again (a publisher retrying a batch whose answer it lost)
+/// stores nothing twice and delivers each once.
+pub async fn an_event_published_twice_is_held_once(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 3).await;
+    let batch: Vec<Publication> = sent
+        .iter()
+        .map(|e| Publication::new(topic("order-events"), e.clone()))
+        .collect();
+    orders
+        .publish(&batch)
+        .await
+        .expect("a repeat is acknowledged");
+    assert_eq!(
+        orders.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(3))
+    );
+    let more = publish_some(&*orders, "order-events", 4, 1).await;
+    let subscriber = harness.subscriber().await;
+    let mut subscription = subscriber
+        .subscribe(&spec("billing", "orders", &["order-events"]))
+        .await
+        .expect("subscribes");
+    for expected in sent.iter().chain(&more) {
+        let delivery = next_and_ack(&mut *subscription).await;
+        assert_eq!(
+            delivery.event.event_id, expected.event_id,
+            "each event once, in order"
+        );
+    }
+}
+
+/// A new event at or below the last position held is refused: the publication never
+/// holds an event after a later one.
+pub async fn an_event_below_the_last_held_is_never_stored_after_it(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    publish_some(&*orders, "order-events", 5, 2).await;
+    let late = event(orders.service(), "late", 1, 4);
+    let refused = orders
+        .publish(&[Publication::new(topic("order-events"), late)])
+        .await;
+    assert!(
+        matches!(refused, Err(TransportError::OutOfOrder { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        orders.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(6))
+    );
+}
+
+/// Two handles of one service's publication (two instances, or one that lost track):
+/// a handle whose view of where the publication ends is behind is refused, so it can
+/// never store an event after a gap it cannot see; once it asks where the publication
+/// ends, it goes on from there.
+pub async fn a_publisher_handle_behind_the_publication_is_refused(harness: impl TransportHarness) {
+    let one = harness.publisher(&service("orders")).await;
+    one.declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    publish_some(&*one, "order-events", 1, 3).await;
+    let two = harness.publisher(&service("orders")).await;
+    assert_eq!(
+        two.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(3))
+    );
+    publish_some(&*two, "order-events", 4, 2).await;
+    let late = event(one.service(), "late", 1, 6);
+    let refused = one
+        .publish(&[Publication::new(topic("order-events"), late.clone())])
+        .await;
+    assert!(
+        matches!(refused, Err(TransportError::OutOfOrder { .. })),
+        "a handle behind the publication published: {refused:?}"
+    );
+    assert_eq!(
+        one.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(5))
+    );
+    one.publish(&[Publication::new(topic("order-events"), late)])
+        .await
+        .expect("publishes from where the publication ends");
+    assert_eq!(
+        two.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(6))
+    );
+}
+
+/// After a broker crash that lost the end of the publication, a handle that saw the
+/// lost events is refused (its next event would leave a gap), and goes on once it asked
+/// where the publication ends.
+pub async fn a_publisher_handle_ahead_of_a_broker_that_lost_events_is_refused(
+    harness: impl TransportHarness,
+) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 4).await;
+    harness.lose_last_messages(&service("orders"), 2).await;
+    let refused = orders
+        .publish(&[Publication::new(
+            topic("order-events"),
+            event(orders.service(), "late", 1, 5),
+        )])
+        .await;
+    assert!(
+        matches!(refused, Err(TransportError::OutOfOrder { .. })),
+        "a publish after a gap was accepted: {refused:?}"
+    );
+    assert_eq!(
+        orders.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(2))
+    );
+    let again: Vec<Publication> = sent[2..]
+        .iter()
+        .map(|e| Publication::new(topic("order-events"), e.clone()))
+        .collect();
+    orders
+        .publish(&again)
+        .await
+        .expect("publishes from where the publication ends");
+    let subscriber = harness.subscriber().await;
+    let mut subscription = subscriber
+        .subscribe(&spec("billing", "orders", &["order-events"]))
+        .await
+        .expect("subscribes");
+    for expected in &sent {
+        assert_eq!(
+            next_and_ack(&mut *subscription).await.event.event_id,
+            expected.event_id,
+            "no gap, in order"
+        );
+    }
+}
+
+/// `last_published` is `None` before anything, then the position of the last event.
+pub async fn last_published_is_the_last_event_held(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    assert_eq!(orders.last_published().await.expect("reads"), None);
+    publish_some(&*orders, "order-events", 10, 3).await;
+    assert_eq!(
+        orders.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(12))
+    );
+    // Another service's publication is its own.
+    let users = harness.publisher(&service("users")).await;
+    assert_eq!(users.last_published().await.expect("reads"), None);
+}
+
+/// A topic declared by one service cannot be published by another.
+pub async fn a_topic_belongs_to_the_service_that_declared_it(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declaring again is fine");
+    let users = harness.publisher(&service("users")).await;
+    let refused = users.declare_topics(&[topic("order-events")]).await;
+    assert!(
+        matches!(refused, Err(TransportError::TopicOwnedByAnother { .. })),
+        "{refused:?}"
+    );
+    let stolen = event(users.service(), "u", 1, 1);
+    let refused = users
+        .publish(&[Publication::new(topic("order-events"), stolen)])
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(users.last_published().await.expect("reads"), None);
+}
+
+/// Asking for the next event without acknowledging the last delivers it again, with a
+/// higher attempt; nothing newer comes first.
+pub async fn an_unacknowledged_delivery_comes_again(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 2).await;
+    let subscriber = harness.subscriber().await;
+    let mut subscription = subscriber
+        .subscribe(&spec("billing", "orders", &["order-events"]))
+        .await
+        .expect("subscribes");
+    let first = subscription.next().await.expect("delivers");
+    let again = subscription.next().await.expect("delivers again");
+    assert_eq!(again.event.event_id, sent[0].event_id);
+    assert_eq!((first.attempt, again.attempt), (1, 2));
+    subscription.ack(&again).await.expect("acknowledges");
+    let second = subscription.next().await.expect("delivers");
+    assert_eq!(second.event.event_id, sent[1].event_id);
+    assert_eq!(second.attempt, 1);
+}
+
+/// A handle dropped with a delivery in flight (a crashed consumer) hands it to the next
+/// handle of the subscription.
+pub async fn a_dropped_handle_hands_its_delivery_to_the_next(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 2).await;
+    let subscriber = harness.subscriber().await;
+    let subscription_spec = spec("billing", "orders", &["order-events"]);
+    let mut crashing = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    let taken = crashing.next().await.expect("delivers");
+    assert_eq!(taken.event.event_id, sent[0].event_id);
+    drop(crashing);
+    let mut survivor = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    let redelivered = next_and_ack(&mut *survivor).await;
+    assert_eq!(redelivered.event.event_id, sent[0].event_id);
+    assert!(redelivered.attempt >= 2, "{}", redelivered.attempt);
+    assert_eq!(
+        next_and_ack(&mut *survivor).await.event.event_id,
+        sent[1].event_id
+    );
+}
+
+/// Two handles on one subscription (two instances of a service): while one holds a
+/// delivery, the other gets nothing; after the acknowledgement, it gets the next event.
+pub async fn two_handles_never_hold_two_events_at_once(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 2).await;
+    let subscriber = harness.subscriber().await;
+    let subscription_spec = spec("billing", "orders", &["order-events"]);
+    let mut one = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    let mut two = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    let held = one.next().await.expect("delivers");
+    assert_eq!(held.event.event_id, sent[0].event_id);
+    // The other handle asks meanwhile; what it gets must come after the
+    // acknowledgement, and be the next event.
+    let acknowledged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = acknowledged.clone();
+    let waiting = tokio::spawn(async move {
+        let delivery = two.next().await.expect("delivers");
+        (seen.load(std::sync::atomic::Ordering::SeqCst), delivery)
+    });
+    tokio::task::yield_now().await;
+    acknowledged.store(true, std::sync::atomic::Ordering::SeqCst);
+    one.ack(&held).await.expect("acknowledges");
+    let (after_ack, next) = waiting.await.expect("joins");
+    assert!(
+        after_ack,
+        "a second event was in flight while the first was unacknowledged"
+    );
+    assert_eq!(next.event.event_id, sent[1].event_id);
+}
+
+/// Dropping every handle and subscribing again resumes after the last acknowledged
+/// event.
+pub async fn a_subscription_resumes_after_its_last_acknowledgement(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 5).await;
+    let subscriber = harness.subscriber().await;
+    let subscription_spec = spec("billing", "orders", &["order-events"]);
+    let mut subscription = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    for expected in &sent[..3] {
+        assert_eq!(
+            next_and_ack(&mut *subscription).await.event.event_id,
+            expected.event_id
+        );
+    }
+    drop(subscription);
+    let mut resumed = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    assert_eq!(
+        next_and_ack(&mut *resumed).await.event.event_id,
+        sent[3].event_id
+    );
+    // Another subscription starts at the beginning.
+    let mut other = subscriber
+        .subscribe(&spec("billing", "audit", &["order-events"]))
+        .await
+        .expect("subscribes");
+    assert_eq!(
+        next_and_ack(&mut *other).await.event.event_id,
+        sent[0].event_id
+    );
+}
+
+/// A subscription receives the events of its topics only, of one service or several.
+pub async fn a_subscription_receives_only_its_topics(harness: impl TransportHarness) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events"), topic("order-internal")])
+        .await
+        .expect("declares");
+    let users = harness.publisher(&service("users")).await;
+    users
+        .declare_topics(&[topic("user-events")])
+        .await
+        .expect("declares");
+    let public = publish_some(&*orders, "order-events", 1, 2).await;
+    publish_some(&*orders, "order-internal", 3, 2).await;
+    let more = publish_some(&*orders, "order-events", 5, 1).await;
+    let registered = publish_some(&*users, "user-events", 1, 2).await;
+    let subscriber = harness.subscriber().await;
+    let mut subscription = subscriber
+        .subscribe(&spec("billing", "mixed", &["order-events", "user-events"]))
+        .await
+        .expect("subscribes");
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next_and_ack(&mut *subscription).await.event);
+    }
+    let of = |service_name: &str| -> Vec<EventId> {
+        got.iter()
+            .filter(|e| e.service_id.as_str() == service_name)
+            .map(|e| e.event_id)
+            .collect()
+    };
+    let expected_orders: Vec<EventId> = public.iter().chain(&more).map(|e| e.event_id).collect();
+    assert_eq!(
+        of("orders"),
+        expected_orders,
+        "order-internal is not subscribed"
+    );
+    let expected_users: Vec<EventId> = registered.iter().map(|e| e.event_id).collect();
+    assert_eq!(of("users"), expected_users);
+    // Nothing else is delivered: the next delivery is the next event of a subscribed
+    // topic, not the later one of the unsubscribed topic.
+    publish_some(&*orders, "order-internal", 6, 1).await;
+    let last = publish_some(&*users, "user-events", 3, 1).await;
+    let delivery = next_and_ack(&mut *subscription).await;
+    assert_eq!(delivery.event.event_id, last[0].event_id);
+}

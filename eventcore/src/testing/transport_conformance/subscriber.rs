@@ -1,0 +1,499 @@
+//! The subscription runner on the transport: every effect once and in source-stream
+//! order, across redeliveries, parked events, crashed handlers, two instances and a
+//! broker that lost events.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{TransportHarness, service, topic};
+use crate::EventStore;
+use crate::command::{CommandLogic, CommandStreams, ReadStreams, StreamResolver, StreamWrite};
+use crate::distributed::{
+    DistributedEvent, EventHandler, EventPublisher, Processed, Publication, SubscriptionName,
+    SubscriptionRunner, SubscriptionSpec,
+};
+use crate::error::{CommandResult, Error, Result};
+use crate::event::{Event, EventPayload, RecordedEvent, StoredEvent};
+use crate::executor::CommandExecutor;
+use crate::metadata::EventMetadata;
+use crate::names::{EventType, StreamId};
+use crate::process::Dispatcher;
+use crate::projection::{OnFailure, ProjectionErrorPolicy};
+use crate::store::LogQuery;
+use crate::types::{CorrelationId, EventId, GlobalPosition, StreamVersion};
+
+/// The effect's event: one per source event, on `applied/<service>/<source stream>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Applied {
+    version: u64,
+    event_id: EventId,
+}
+
+impl Event for Applied {
+    fn event_type(&self) -> &str {
+        "Applied"
+    }
+}
+
+/// The effect: appends [`Applied`] for the source event at `version`, and refuses
+/// anything but the next version of its source stream, so an effect out of order or
+/// repeated fails the handler (and shows as a parked event).
+struct Apply {
+    target: StreamId,
+    version: u64,
+    event_id: EventId,
+}
+
+struct ApplyStreams;
+
+impl CommandStreams for Apply {
+    type StreamSet = ApplyStreams;
+
+    fn read_streams(&self) -> Vec<StreamId> {
+        vec![self.target.clone()]
+    }
+}
+
+impl CommandLogic for Apply {
+    type State = u64;
+    type Event = Applied;
+
+    fn apply(&self, count: &mut u64, _: &StoredEvent<Applied>) {
+        *count += 1;
+    }
+
+    fn handle(
+        &self,
+        read: ReadStreams<ApplyStreams>,
+        count: u64,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<ApplyStreams, Applied>>> {
+        if count + 1 != self.version {
+            return Err(Error::BusinessRuleViolation(format!(
+                "{}: version {} applied after {count} events",
+                self.target, self.version
+            )));
+        }
+        Ok(vec![StreamWrite::new(
+            &read,
+            self.target.clone(),
+            Applied {
+                version: self.version,
+                event_id: self.event_id,
+            },
+        )?])
+    }
+}
+
+/// Executes [`Apply`] for each event; fails for the streams in `failing` and dies (a
+/// panic, as a process that crashes) on `dies_on`.
+#[derive(Debug, Clone, Default)]
+struct Applier {
+    failing: Arc<Mutex<HashSet<String>>>,
+    dies_on: Option<String>,
+}
+
+impl EventHandler for Applier {
+    async fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> Result<()> {
+        let stream = event.stream_id.as_str();
+        assert!(
+            self.dies_on.as_deref() != Some(stream),
+            "the handler dies on `{stream}`"
+        );
+        if self.failing.lock().contains(stream) {
+            return Err(Error::rejected(format!("cannot handle {stream}")));
+        }
+        dispatcher
+            .dispatch(&Apply {
+                target: StreamId::try_new(format!("applied/{}/{stream}", event.service_id))?,
+                version: event.stream_version.value(),
+                event_id: event.event_id,
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn spec() -> SubscriptionSpec {
+    SubscriptionSpec::new(
+        service("consumer"),
+        SubscriptionName::try_new("things").expect("valid"),
+        [topic("things")],
+    )
+}
+
+fn quick_retries() -> ProjectionErrorPolicy {
+    ProjectionErrorPolicy::new()
+        .with_max_attempts(2)
+        .with_initial_delay(std::time::Duration::ZERO)
+        .with_max_delay(std::time::Duration::ZERO)
+        .with_on_failure(OnFailure::Park)
+}
+
+/// Envelopes of `publisher`'s events (source stream, version), at positions
+/// `first_position`, `first_position + 1`, ...
+fn envelopes(
+    publisher: &dyn EventPublisher,
+    events: &[(&str, u64)],
+    first_position: u64,
+) -> Vec<DistributedEvent> {
+    events
+        .iter()
+        .zip(first_position..)
+        .map(|((stream, version), position)| {
+            let recorded = RecordedEvent::new(
+                EventId::new(),
+                StreamId::try_new(*stream).expect("valid"),
+                StreamVersion::new(*version),
+                GlobalPosition::new(position),
+                EventType::try_new("Happened").expect("valid"),
+                EventPayload::from_json("{}").expect("valid"),
+                Arc::new(EventMetadata::new(CorrelationId::new())),
+                chrono::Utc::now(),
+            );
+            DistributedEvent::from_recorded(&recorded, publisher.service(), chrono::Utc::now())
+                .expect("readable")
+        })
+        .collect()
+}
+
+async fn publish(publisher: &dyn EventPublisher, events: &[DistributedEvent]) {
+    let batch: Vec<Publication> = events
+        .iter()
+        .map(|e| Publication::new(topic("things"), e.clone()))
+        .collect();
+    publisher.publish(&batch).await.expect("publishes");
+}
+
+/// A producer with the test topic declared.
+async fn producer(harness: &impl TransportHarness) -> Arc<dyn EventPublisher> {
+    let producer = harness.publisher(&service("producer")).await;
+    producer
+        .declare_topics(&[topic("things")])
+        .await
+        .expect("declares");
+    producer
+}
+
+/// The versions applied per `applied/...` stream, in the order applied.
+async fn applied(store: &impl EventStore) -> BTreeMap<String, Vec<u64>> {
+    let mut applied: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for recorded in store
+        .read_all(&LogQuery::new().with_stream_prefix("applied/"))
+        .await
+        .expect("reads")
+    {
+        let event = recorded.decode::<Applied>().expect("decodes").payload;
+        applied
+            .entry(recorded.stream_id.as_str().to_owned())
+            .or_default()
+            .push(event.version);
+    }
+    applied
+}
+
+/// `applied/producer/<stream>` → `1..=n` for each (stream, n).
+fn each_once(streams: &[(&str, u64)]) -> BTreeMap<String, Vec<u64>> {
+    streams
+        .iter()
+        .map(|(stream, n)| (format!("applied/producer/{stream}"), (1..=*n).collect()))
+        .collect()
+}
+
+fn runner<S: EventStore + Clone>(
+    harness_subscriber: Arc<dyn crate::distributed::EventSubscriber>,
+    store: &S,
+    handler: Applier,
+) -> SubscriptionRunner<Applier> {
+    SubscriptionRunner::new(
+        harness_subscriber,
+        spec(),
+        handler,
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries())
+}
+
+/// A delivery whose effect happened but whose acknowledgement did not (a crash between
+/// the two) comes again, and handling it again writes nothing.
+pub async fn a_redelivered_event_changes_nothing(harness: impl TransportHarness) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(
+        &*producer,
+        &[("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)],
+        1,
+    );
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let mut runner = runner(subscriber.clone(), &store, Applier::default());
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    for (n, expected) in sent.iter().enumerate() {
+        let delivery = subscription.next().await.expect("delivers");
+        assert_eq!(delivery.event.event_id, expected.event_id);
+        assert_eq!(
+            runner.process(&delivery).await.expect("processes"),
+            Processed::Handled
+        );
+        if n % 2 == 0 {
+            // The process dies before it acknowledges.
+            drop(subscription);
+            subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+            let again = subscription.next().await.expect("delivers again");
+            assert_eq!(again.event.event_id, expected.event_id);
+            assert!(again.attempt >= 2, "{}", again.attempt);
+            assert_eq!(
+                runner.process(&again).await.expect("processes"),
+                Processed::Handled
+            );
+            subscription.ack(&again).await.expect("acknowledges");
+        } else {
+            subscription.ack(&delivery).await.expect("acknowledges");
+        }
+    }
+    assert_eq!(applied(&store).await, each_once(&[("a", 3), ("b", 2)]));
+    assert!(runner.parked().await.expect("reads").is_empty());
+}
+
+/// A handler that keeps failing on an event: it is parked in the subscriber's store,
+/// later events of its source stream are held behind it while other streams flow, and
+/// re-driving after the fix handles them in order, once.
+pub async fn a_failing_event_is_parked_and_holds_its_stream_while_others_flow_until_redriven(
+    harness: impl TransportHarness,
+) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(
+        &*producer,
+        &[("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)],
+        1,
+    );
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let applier = Applier::default();
+    applier.failing.lock().insert("a".to_owned());
+    let mut runner = runner(subscriber.clone(), &store, applier.clone());
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    let mut outcomes = Vec::new();
+    for _ in &sent {
+        let delivery = subscription.next().await.expect("delivers");
+        outcomes.push(runner.process(&delivery).await.expect("processes"));
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Processed::Parked,
+            Processed::Handled,
+            Processed::Held,
+            Processed::Handled,
+            Processed::Held
+        ]
+    );
+    assert_eq!(
+        applied(&store).await,
+        each_once(&[("b", 2)]),
+        "the other stream flowed"
+    );
+    let parked = runner.parked().await.expect("reads");
+    let listed: Vec<(u64, bool)> = parked
+        .iter()
+        .map(|p| (p.event.stream_version.value(), p.error.is_some()))
+        .collect();
+    assert_eq!(listed, [(1, true), (2, false), (3, false)]);
+    assert!(
+        parked[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot handle a")),
+        "{parked:?}"
+    );
+    let stream = StreamId::try_new("a").expect("valid");
+    assert!(matches!(
+        runner.redrive(&service("producer"), &stream).await,
+        Err(Error::ProjectionFailed { .. })
+    ));
+    assert_eq!(runner.parked().await.expect("reads").len(), 3, "kept");
+    applier.failing.lock().clear();
+    assert_eq!(
+        runner
+            .redrive(&service("producer"), &stream)
+            .await
+            .expect("redrives"),
+        3
+    );
+    assert!(runner.parked().await.expect("reads").is_empty());
+    publish(&*producer, &envelopes(&*producer, &[("a", 4)], 6)).await;
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(
+        runner.process(&delivery).await.expect("processes"),
+        Processed::Handled
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    assert_eq!(applied(&store).await, each_once(&[("a", 4), ("b", 2)]));
+}
+
+/// An event on which the handling process dies every time (a panic; no outcome is ever
+/// recorded) is parked once it was delivered more than the limit, without running the
+/// handler again, and the subscription goes on.
+pub async fn an_event_that_kills_its_handler_every_time_is_parked_after_the_delivery_limit(
+    harness: impl TransportHarness,
+) {
+    let producer = producer(&harness).await;
+    publish(&*producer, &envelopes(&*producer, &[("a", 1), ("b", 1)], 1)).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let dying = Applier {
+        dies_on: Some("a".to_owned()),
+        ..Applier::default()
+    };
+    for _ in 0..3 {
+        let mut runner = runner(subscriber.clone(), &store, dying.clone()).with_max_deliveries(3);
+        // The panic ends the task, dropping its subscription as a crash does.
+        let crashed = tokio::spawn(async move { runner.run(std::future::pending()).await }).await;
+        assert!(crashed.is_err_and(|e| e.is_panic()), "the handler died");
+    }
+    let mut runner = runner(subscriber.clone(), &store, dying).with_max_deliveries(3);
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(delivery.event.stream_id.as_str(), "a");
+    assert_eq!(delivery.attempt, 4, "one delivery per crash, then this one");
+    assert_eq!(
+        runner.process(&delivery).await.expect("processes"),
+        Processed::Parked
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    let parked = runner.parked().await.expect("reads");
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("delivered 4 times")),
+        "{parked:?}"
+    );
+    let next = subscription.next().await.expect("delivers");
+    assert_eq!(next.event.stream_id.as_str(), "b");
+    assert_eq!(
+        runner.process(&next).await.expect("processes"),
+        Processed::Handled
+    );
+    subscription.ack(&next).await.expect("acknowledges");
+    assert_eq!(applied(&store).await, each_once(&[("b", 1)]));
+}
+
+/// Two instances of the subscribing service run the same subscription at once, on one
+/// store, while events keep coming: each event is applied once, and in its source
+/// stream's order (the effect refuses anything else, which would park).
+pub async fn two_instances_apply_each_event_once_in_source_stream_order(
+    harness: impl TransportHarness,
+) {
+    const STREAMS: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+    const ROUNDS: u64 = 12;
+    let producer = producer(&harness).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut runner = runner(subscriber.clone(), &store, Applier::default());
+        let mut stopped = stopped.clone();
+        instances.push(tokio::spawn(async move {
+            runner
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    let mut position = 1;
+    for round in 1..=ROUNDS {
+        let events: Vec<(&str, u64)> = STREAMS.iter().map(|s| (*s, round)).collect();
+        let sent = envelopes(&*producer, &events, position);
+        position += sent.len() as u64;
+        publish(&*producer, &sent).await;
+    }
+    let total = STREAMS.len() as u64 * ROUNDS;
+    // Wait on the store's own notification until every effect is there.
+    loop {
+        // The head before the count: an effect appended after the count was read is
+        // after the head, so the wait returns for it.
+        let head = store.head_position().await.expect("reads");
+        let count: u64 = applied(&store)
+            .await
+            .values()
+            .map(|versions| versions.len() as u64)
+            .sum();
+        if count >= total {
+            break;
+        }
+        store.wait_for_events(head).await.expect("waits");
+    }
+    stop.send(true).expect("running");
+    for instance in instances {
+        instance.await.expect("joins").expect("ran");
+    }
+    let expected: Vec<(&str, u64)> = STREAMS.iter().map(|s| (*s, ROUNDS)).collect();
+    assert_eq!(applied(&store).await, each_once(&expected));
+    let mut check = runner(subscriber, &store, Applier::default());
+    assert!(
+        check.parked().await.expect("reads").is_empty(),
+        "nothing parked: no effect out of order or repeated"
+    );
+}
+
+/// A broker that lost events the subscriber had applied and acknowledged gets them
+/// again from the publisher and delivers them again: nothing happens twice, and what
+/// follows is applied.
+pub async fn a_broker_that_lost_events_makes_nothing_happen_twice(harness: impl TransportHarness) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(
+        &*producer,
+        &[("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)],
+        1,
+    );
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let mut runner = runner(subscriber.clone(), &store, Applier::default());
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    for _ in &sent {
+        let delivery = subscription.next().await.expect("delivers");
+        assert_eq!(
+            runner.process(&delivery).await.expect("processes"),
+            Processed::Handled
+        );
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    drop(subscription);
+    harness.lose_last_messages(&service("producer"), 3).await;
+    // The publisher finds where the publication ends and publishes the lost ones again.
+    let producer = harness.publisher(&service("producer")).await;
+    assert_eq!(
+        producer.last_published().await.expect("reads"),
+        Some(GlobalPosition::new(3))
+    );
+    publish(&*producer, &sent[3..]).await;
+    let more = envelopes(&*producer, &[("a", 4)], 7);
+    publish(&*producer, &more).await;
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    for expected in sent[3..].iter().chain(&more) {
+        let delivery = subscription.next().await.expect("delivers");
+        assert_eq!(delivery.event.event_id, expected.event_id, "in order");
+        assert_eq!(
+            runner.process(&delivery).await.expect("processes"),
+            Processed::Handled
+        );
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    assert_eq!(applied(&store).await, each_once(&[("a", 4), ("b", 3)]));
+    assert!(runner.parked().await.expect("reads").is_empty());
+}
