@@ -23,4 +23,5 @@ mod projections_postgres;
 mod publisher_memory;
 mod subscriber_memory;
 mod transport_memory;
+mod transport_nats;
 mod two_services;

@@ -3,6 +3,7 @@
 
 pub mod bank;
 pub mod ecommerce;
+pub mod nats;
 pub mod postgres;
 pub mod proxy;
 pub mod two_services;

@@ -1,0 +1,607 @@
+//! [`NatsPublisher`]: one service's publication as one JetStream stream, published in
+//! chained, pipelined batches.
+
+use std::collections::HashSet;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_trait::async_trait;
+use eventcore::GlobalPosition;
+use eventcore::distributed::{EventPublisher, Publication, ServiceId, Topic, TransportError};
+use tracing::Instrument;
+
+use crate::subject::Names;
+use crate::{NatsConfig, Storage, rejected, unavailable};
+
+/// The headers every message carries besides `Nats-Msg-Id` (the event id): the
+/// envelope's identity, for tools and filters. The body is the whole envelope.
+pub(crate) mod header {
+    pub(crate) const EVENT_ID: &str = "Eventcore-Event-Id";
+    pub(crate) const EVENT_TYPE: &str = "Eventcore-Event-Type";
+    pub(crate) const SERVICE: &str = "Eventcore-Service";
+    pub(crate) const STREAM: &str = "Eventcore-Stream";
+    pub(crate) const STREAM_VERSION: &str = "Eventcore-Stream-Version";
+    pub(crate) const POSITION: &str = "Eventcore-Global-Position";
+    pub(crate) const TRACEPARENT: &str = "traceparent";
+    pub(crate) const TRACESTATE: &str = "tracestate";
+}
+
+/// Where this handle last saw the publication end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct End {
+    /// The stream's last sequence (0: empty).
+    sequence: u64,
+    /// The source position of the event stored there.
+    position: Option<GlobalPosition>,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    /// `None` until the handle asked the stream (on its first publish, or
+    /// [`EventPublisher::last_published`]).
+    end: Option<End>,
+    /// Topics this handle has seen in its stream's subjects.
+    topics: HashSet<Topic>,
+}
+
+/// The [`EventPublisher`] of one service on NATS JetStream (see the crate docs).
+///
+/// Like every chained publisher, a handle expects the stream to end where it last saw
+/// it end: after another handle published, or after the broker lost messages, its next
+/// publish is refused with [`TransportError::OutOfOrder`] until it asks
+/// [`EventPublisher::last_published`]. Publishes on one handle are serialized.
+#[derive(Debug)]
+pub struct NatsPublisher {
+    context: jetstream::Context,
+    config: NatsConfig,
+    names: Names,
+    service: ServiceId,
+    stream: String,
+    view: tokio::sync::Mutex<View>,
+}
+
+impl NatsPublisher {
+    pub(crate) fn new(context: jetstream::Context, config: NatsConfig, service: ServiceId) -> Self {
+        let names = Names::new(config.prefix());
+        let stream = names.stream(&service);
+        NatsPublisher {
+            context,
+            config,
+            names,
+            service,
+            stream,
+            view: tokio::sync::Mutex::new(View::default()),
+        }
+    }
+
+    /// The name of the JetStream stream of this publication.
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    /// The stream, or `None` when it does not exist yet.
+    async fn get_stream(&self) -> Result<Option<stream::Stream>, TransportError> {
+        match self.context.get_stream(&self.stream).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(error) => match error.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(None)
+                }
+                jetstream::context::GetStreamErrorKind::Request => {
+                    Err(unavailable("reading the publication stream", error))
+                }
+                _ => Err(rejected("reading the publication stream", error)),
+            },
+        }
+    }
+
+    /// The service whose stream captures `topic`'s subjects, if any.
+    async fn owner_of(&self, topic: &Topic) -> Result<Option<ServiceId>, TransportError> {
+        let probe = format!("{}.{topic}.x", self.config.prefix());
+        match self.context.stream_by_subject(probe).await {
+            Ok(name) => Ok(Some(self.names.service_of_stream(&name).ok_or_else(
+                || {
+                    TransportError::rejected(
+                        format!(
+                            "topic `{topic}`'s subjects are captured by stream `{name}`, which is \
+                         not an EventCore publication under prefix `{}`",
+                            self.config.prefix()
+                        ),
+                        None,
+                    )
+                },
+            )?)),
+            Err(error) => match error.kind() {
+                jetstream::context::GetStreamByNameErrorKind::NotFound => Ok(None),
+                _ => Err(unavailable("looking up the owner of a topic", error)),
+            },
+        }
+    }
+
+    fn stream_config(&self, subjects: Vec<String>) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects,
+            retention: stream::RetentionPolicy::Limits,
+            storage: match self.config.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            num_replicas: self.config.replicas,
+            duplicate_window: self.config.duplicate_window,
+            allow_direct: true,
+            description: Some(format!(
+                "EventCore: the publication of service `{}`",
+                self.service
+            )),
+            ..Default::default()
+        }
+    }
+
+    /// Creates the stream with `topics`' subjects, or adds the missing ones; refuses a
+    /// topic another service's stream captures.
+    async fn ensure_topics(&self, topics: &[Topic]) -> Result<(), TransportError> {
+        for topic in topics {
+            if let Some(owner) = self.owner_of(topic).await?
+                && owner != self.service
+            {
+                return Err(TransportError::TopicOwnedByAnother {
+                    topic: topic.clone(),
+                    owner,
+                    service: self.service.clone(),
+                });
+            }
+        }
+        // Two instances may start at once: create, or update what the other created.
+        for _ in 0..5 {
+            let outcome = match self.get_stream().await? {
+                None => {
+                    let subjects = topics.iter().map(|t| self.names.topic_filter(t)).collect();
+                    self.context
+                        .create_stream(self.stream_config(subjects))
+                        .await
+                        .map(|_| ())
+                        .map_err(|error| {
+                            match error.kind() {
+                                jetstream::context::CreateStreamErrorKind::JetStream(api) => {
+                                    Some(api.error_code())
+                                }
+                                _ => None,
+                            }
+                            .map_or_else(
+                                || Err(unavailable("creating the publication stream", error)),
+                                Ok,
+                            )
+                        })
+                }
+                Some(mut stream) => {
+                    let info = stream
+                        .info()
+                        .await
+                        .map_err(|e| unavailable("reading the publication stream", e))?;
+                    let mut config = info.config.clone();
+                    let missing: Vec<String> = topics
+                        .iter()
+                        .map(|t| self.names.topic_filter(t))
+                        .filter(|s| !config.subjects.contains(s))
+                        .collect();
+                    if missing.is_empty() {
+                        return Ok(());
+                    }
+                    config.subjects.extend(missing);
+                    self.context
+                        .update_stream(config)
+                        .await
+                        .map(|_| ())
+                        .map_err(|error| {
+                            match error.kind() {
+                                jetstream::context::CreateStreamErrorKind::JetStream(api) => {
+                                    Some(api.error_code())
+                                }
+                                _ => None,
+                            }
+                            .map_or_else(
+                                || Err(unavailable("updating the publication stream", error)),
+                                Ok,
+                            )
+                        })
+                }
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(Err(error)) => return Err(error),
+                // Created or changed meanwhile by another instance: look again.
+                Err(Ok(
+                    jetstream::ErrorCode::STREAM_NAME_EXIST
+                    | jetstream::ErrorCode::STREAM_NOT_FOUND,
+                )) => continue,
+                Err(Ok(jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP)) => {
+                    for topic in topics {
+                        if let Some(owner) = self.owner_of(topic).await?
+                            && owner != self.service
+                        {
+                            return Err(TransportError::TopicOwnedByAnother {
+                                topic: topic.clone(),
+                                owner,
+                                service: self.service.clone(),
+                            });
+                        }
+                    }
+                    continue;
+                }
+                Err(Ok(code)) => {
+                    return Err(TransportError::rejected(
+                        format!(
+                            "JetStream refused the publication stream `{}` (error {})",
+                            self.stream, code.0
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
+        Err(TransportError::unavailable(
+            format!(
+                "the publication stream `{}` kept changing while its topics were declared",
+                self.stream
+            ),
+            None,
+        ))
+    }
+
+    /// Where the stream ends now.
+    async fn read_end(&self) -> Result<End, TransportError> {
+        let Some(mut stream) = self.get_stream().await? else {
+            return Ok(End {
+                sequence: 0,
+                position: None,
+            });
+        };
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the publication stream", e))?;
+        let sequence = info.state.last_sequence;
+        if info.state.messages == 0 {
+            return Ok(End {
+                sequence,
+                position: None,
+            });
+        }
+        let message = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| unavailable("reading the last message of the publication", e))?;
+        let position = message
+            .headers
+            .get(header::POSITION)
+            .and_then(|value| value.as_str().parse::<u64>().ok())
+            .ok_or_else(|| TransportError::Undecodable {
+                service: self.service.clone(),
+                sequence,
+                message: format!("no valid `{}` header", header::POSITION),
+            })?;
+        Ok(End {
+            sequence,
+            position: Some(GlobalPosition::new(position)),
+        })
+    }
+
+    /// Whether the stream holds `event`, at or before `end`: a binary search by source
+    /// position (the publication is in position order), then the event id compared.
+    async fn holds(
+        &self,
+        event: &eventcore::distributed::DistributedEvent,
+        end: End,
+    ) -> Result<bool, TransportError> {
+        let Some(mut stream) = self.get_stream().await? else {
+            return Ok(false);
+        };
+        let first = stream
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the publication stream", e))?
+            .state
+            .first_sequence;
+        let wanted = event.global_position.value();
+        let (mut low, mut high) = (first.max(1), end.sequence);
+        while low <= high {
+            let middle = low + (high - low) / 2;
+            let message = stream
+                .get_raw_message(middle)
+                .await
+                .map_err(|e| unavailable("reading the publication", e))?;
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|value| value.as_str().to_owned())
+            };
+            let position = header(header::POSITION)
+                .and_then(|value| value.parse::<u64>().ok())
+                .ok_or_else(|| TransportError::Undecodable {
+                    service: self.service.clone(),
+                    sequence: middle,
+                    message: format!("no valid `{}` header", header::POSITION),
+                })?;
+            match position.cmp(&wanted) {
+                std::cmp::Ordering::Equal => {
+                    return Ok(header(header::EVENT_ID) == Some(event.event_id.to_string()));
+                }
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle - 1,
+            }
+        }
+        Ok(false)
+    }
+
+    /// Checks that every topic of `batch` is captured by this service's stream.
+    async fn check_topics(
+        &self,
+        view: &mut View,
+        batch: &[Publication],
+    ) -> Result<(), TransportError> {
+        for publication in batch {
+            if publication.event.service_id != self.service {
+                return Err(TransportError::rejected(
+                    format!(
+                        "event {} was published by `{}`, not by `{}`",
+                        publication.event.event_id, publication.event.service_id, self.service
+                    ),
+                    None,
+                ));
+            }
+            if view.topics.contains(&publication.topic) {
+                continue;
+            }
+            match self.owner_of(&publication.topic).await? {
+                Some(owner) if owner == self.service => {
+                    view.topics.insert(publication.topic.clone());
+                }
+                Some(owner) => {
+                    return Err(TransportError::TopicOwnedByAnother {
+                        topic: publication.topic.clone(),
+                        owner,
+                        service: self.service.clone(),
+                    });
+                }
+                None => {
+                    return Err(TransportError::unavailable(
+                        format!(
+                            "topic `{}` is not declared yet (the publisher declares its topics \
+                             when it starts)",
+                            publication.topic
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn message(
+        &self,
+        publication: &Publication,
+        expected_last: u64,
+    ) -> Result<(String, jetstream::message::PublishMessage), TransportError> {
+        let event = &publication.event;
+        let body = serde_json::to_vec(event).map_err(|e| rejected("encoding the envelope", e))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::EVENT_ID, event.event_id.to_string().as_str());
+        headers.insert(header::EVENT_TYPE, event.event_type.as_str());
+        headers.insert(header::SERVICE, event.service_id.as_str());
+        headers.insert(header::STREAM, event.stream_id.as_str());
+        headers.insert(
+            header::STREAM_VERSION,
+            event.stream_version.value().to_string().as_str(),
+        );
+        headers.insert(
+            header::POSITION,
+            event.global_position.value().to_string().as_str(),
+        );
+        if let Some(context) = &event.trace_context {
+            headers.insert(header::TRACEPARENT, context.traceparent());
+            if let Some(state) = context.tracestate() {
+                headers.insert(header::TRACESTATE, state);
+            }
+        }
+        let message = jetstream::message::PublishMessage::build()
+            .headers(headers)
+            .payload(body.into())
+            .message_id(event.event_id.to_string())
+            .expected_stream(&self.stream)
+            .expected_last_sequence(expected_last);
+        Ok((
+            self.names.subject(&publication.topic, &event.stream_id),
+            message,
+        ))
+    }
+}
+
+/// What became of one pipelined publish.
+enum Acked {
+    Stored(u64),
+    Duplicate,
+    WrongLastSequence,
+    Failed(TransportError),
+}
+
+fn publish_error(error: jetstream::context::PublishError) -> Acked {
+    match error.kind() {
+        PublishErrorKind::WrongLastSequence => Acked::WrongLastSequence,
+        PublishErrorKind::StreamNotFound => Acked::Failed(TransportError::unavailable(
+            format!("no stream captures the subject: {error}"),
+            Some(Box::new(error)),
+        )),
+        PublishErrorKind::MaxPayloadExceeded => Acked::Failed(rejected(
+            "the event is larger than the server accepts",
+            error,
+        )),
+        PublishErrorKind::Other => Acked::Failed(rejected("JetStream refused a publish", error)),
+        _ => Acked::Failed(unavailable("publishing", error)),
+    }
+}
+
+#[async_trait]
+impl EventPublisher for NatsPublisher {
+    fn service(&self) -> &ServiceId {
+        &self.service
+    }
+
+    async fn declare_topics(&self, topics: &[Topic]) -> Result<(), TransportError> {
+        let span = tracing::info_span!("eventcore.nats.declare_topics", service = %self.service, stream = %self.stream);
+        async {
+            self.ensure_topics(topics).await?;
+            self.view.lock().await.topics.extend(topics.iter().cloned());
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn publish(&self, batch: &[Publication]) -> Result<(), TransportError> {
+        let mut view = self.view.lock().await;
+        self.check_topics(&mut view, batch).await?;
+        let mut end = match view.end {
+            Some(end) => end,
+            None => {
+                let end = self.read_end().await?;
+                view.end = Some(end);
+                end
+            }
+        };
+        let mut next = 0;
+        while next < batch.len() {
+            let window = &batch[next..(next + self.config.publish_window).min(batch.len())];
+            // Sequences are predicted: a new event is stored right after the previous
+            // one. An event at or below the last position held can only be a repeat:
+            // JetStream checks expectations before its dedup window, so it is not sent
+            // but looked up (the publication is ordered by position), and refused
+            // unless the stream holds it.
+            let mut pending = Vec::with_capacity(window.len());
+            let mut predicted = end;
+            let mut send_failure = None;
+            for publication in window {
+                let position = publication.event.global_position;
+                if predicted.position.is_some_and(|last| position <= last) {
+                    if predicted != end {
+                        // Behind an event of this window: out of order in the batch.
+                        break;
+                    }
+                    if !self.holds(&publication.event, end).await? {
+                        return Err(TransportError::OutOfOrder {
+                            message: format!(
+                                "event {} at position {position} comes at or before position \
+                                 {} already held, and the publication does not hold it",
+                                publication.event.event_id,
+                                end.position.map_or(0, GlobalPosition::value)
+                            ),
+                        });
+                    }
+                    pending.push(None);
+                    continue;
+                }
+                let (subject, message) = self.message(publication, predicted.sequence)?;
+                match self.context.send_publish(subject, message).await {
+                    Ok(ack) => pending.push(Some((ack, position))),
+                    Err(error) => {
+                        send_failure = Some(error);
+                        break;
+                    }
+                }
+                predicted = End {
+                    sequence: predicted.sequence + 1,
+                    position: Some(position),
+                };
+            }
+            // Every acknowledgement is awaited, in order, whatever happened before it.
+            let sent = pending.len();
+            let mut outcomes = Vec::with_capacity(sent);
+            for entry in pending {
+                let outcome = match entry {
+                    None => None,
+                    Some((ack, position)) => Some((
+                        match ack.await {
+                            Ok(ack) if ack.duplicate => Acked::Duplicate,
+                            Ok(ack) => Acked::Stored(ack.sequence),
+                            Err(error) => publish_error(error),
+                        },
+                        position,
+                    )),
+                };
+                outcomes.push(outcome);
+            }
+            let mut restart = None;
+            let mut failure = None;
+            for (index, outcome) in outcomes.into_iter().enumerate() {
+                let Some((outcome, position)) = outcome else {
+                    // A repeat the stream holds.
+                    continue;
+                };
+                match outcome {
+                    Acked::Stored(sequence) => {
+                        end = End {
+                            sequence,
+                            position: Some(position),
+                        };
+                        view.end = Some(end);
+                    }
+                    // Held already (the dedup window knew it) though after the last
+                    // position seen: the predictions after it are one too far.
+                    Acked::Duplicate => {
+                        view.end = None;
+                        restart = Some(next + index + 1);
+                        break;
+                    }
+                    Acked::WrongLastSequence => {
+                        failure = Some(TransportError::OutOfOrder {
+                            message: format!(
+                                "the publication stream `{}` does not end at sequence {} as this \
+                                 publisher last saw it (another publisher, or a broker that \
+                                 lost messages): ask where it ends and publish from there",
+                                self.stream, end.sequence
+                            ),
+                        });
+                        break;
+                    }
+                    Acked::Failed(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            if let Some(error) = send_failure {
+                return Err(unavailable("publishing", error));
+            }
+            if let Some(restart) = restart {
+                end = self.read_end().await?;
+                view.end = Some(end);
+                next = restart;
+            } else if sent < window.len() {
+                // Stopped at an event out of order within the batch.
+                return Err(TransportError::OutOfOrder {
+                    message: format!(
+                        "event {} does not come after the events before it in the batch",
+                        batch[next + sent].event.event_id
+                    ),
+                });
+            } else {
+                next += window.len();
+            }
+        }
+        Ok(())
+    }
+
+    async fn last_published(&self) -> Result<Option<GlobalPosition>, TransportError> {
+        let mut view = self.view.lock().await;
+        let end = self.read_end().await?;
+        view.end = Some(end);
+        Ok(end.position)
+    }
+}

@@ -1,0 +1,172 @@
+//! Names at the broker: subjects, stream and consumer names, derived from EventCore's
+//! names so that every valid one maps to a valid NATS name, reversibly.
+
+use eventcore::StreamId;
+use eventcore::distributed::{ServiceId, SubscriptionName, Topic};
+
+/// The escape character of [`escape_token`]; never produced by the characters kept.
+const ESCAPE: char = '~';
+
+/// Whether `byte` stands for itself in a subject token.
+fn kept(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'
+}
+
+/// Escapes `text` into one subject token: ASCII letters, digits, `-` and `_` stand for
+/// themselves, every other byte of the UTF-8 text is `~` and two uppercase hex digits.
+/// The result never contains `.`, `*`, `>`, whitespace or control characters, is never
+/// empty for a non-empty text, and [`unescape_token`] gives the text back.
+pub(crate) fn escape_token(text: &str) -> String {
+    let mut token = String::with_capacity(text.len());
+    for &byte in text.as_bytes() {
+        if kept(byte) {
+            token.push(char::from(byte));
+        } else {
+            token.push(ESCAPE);
+            token.push_str(&format!("{byte:02X}"));
+        }
+    }
+    token
+}
+
+/// The text [`escape_token`] escaped into `token`; `None` when `token` is not one of its
+/// results.
+pub(crate) fn unescape_token(token: &str) -> Option<String> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'~' => {
+                let hex = token.get(i + 1..i + 3)?;
+                if !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+                {
+                    return None;
+                }
+                let byte = u8::from_str_radix(hex, 16).ok()?;
+                if kept(byte) {
+                    // Not what the escaping produces: one text, one token.
+                    return None;
+                }
+                out.push(byte);
+                i += 3;
+            }
+            byte if kept(byte) => {
+                out.push(byte);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The names one deployment uses at the broker, under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Names {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The JetStream stream holding `service`'s publication.
+    pub(crate) fn stream(&self, service: &ServiceId) -> String {
+        format!("{}-{service}", self.prefix)
+    }
+
+    /// The service whose publication stream `name` is, if it is one of ours.
+    pub(crate) fn service_of_stream(&self, name: &str) -> Option<ServiceId> {
+        let service = name.strip_prefix(&self.prefix)?.strip_prefix('-')?;
+        ServiceId::try_new(service).ok()
+    }
+
+    /// The subject of an event of `stream` published under `topic`:
+    /// `<prefix>.<topic>.<escaped stream id>`.
+    pub(crate) fn subject(&self, topic: &Topic, stream: &StreamId) -> String {
+        format!("{}.{topic}.{}", self.prefix, escape_token(stream.as_str()))
+    }
+
+    /// Every subject of `topic`: what its publishing stream captures and a
+    /// subscription's consumer filters.
+    pub(crate) fn topic_filter(&self, topic: &Topic) -> String {
+        format!("{}.{topic}.>", self.prefix)
+    }
+
+    /// The topic and source stream of a subject made by [`Names::subject`].
+    pub(crate) fn parse_subject(&self, subject: &str) -> Option<(Topic, StreamId)> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
+        let (topic, stream) = rest.split_once('.')?;
+        let topic = Topic::try_new(topic).ok()?;
+        let stream = StreamId::try_new(unescape_token(stream)?).ok()?;
+        Some((topic, stream))
+    }
+
+    /// The durable consumer of subscription `name` of `service`, on each stream it
+    /// reads. `~` appears in neither name, so the pair is unambiguous.
+    pub(crate) fn consumer(&self, service: &ServiceId, name: &SubscriptionName) -> String {
+        format!("{service}~{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_keeps_plain_names_and_escapes_the_rest_reversibly() {
+        for (text, token) in [
+            ("order-42", "order-42"),
+            ("a_b", "a_b"),
+            ("orders/42", "orders~2F42"),
+            ("a.b*c>d e", "a~2Eb~2Ac~3Ed~20e"),
+            ("~", "~7E"),
+            ("été", "~C3~A9t~C3~A9"),
+        ] {
+            assert_eq!(escape_token(text), token);
+            assert_eq!(unescape_token(token).as_deref(), Some(text));
+        }
+    }
+
+    #[test]
+    fn tokens_the_escaping_cannot_produce_are_refused() {
+        for token in ["a.b", "~2", "~zz", "~41", "~2f", "a b", "~C3"] {
+            assert_eq!(unescape_token(token), None, "{token}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Every valid stream id becomes one valid subject token and comes back.
+        #[test]
+        fn every_stream_id_is_one_token_and_comes_back(text in "\\PC{1,80}|[ -~]{1,80}") {
+            if let Ok(stream) = StreamId::try_new(text.clone()) {
+                let token = escape_token(stream.as_str());
+                proptest::prop_assert!(!token.is_empty());
+                proptest::prop_assert!(token.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>')));
+                proptest::prop_assert_eq!(unescape_token(&token), Some(text));
+            }
+        }
+    }
+
+    #[test]
+    fn subjects_round_trip() {
+        let names = Names::new("ec");
+        let topic = Topic::try_new("order-events").expect("valid");
+        let stream = StreamId::try_new("orders/2024.1 *x").expect("valid");
+        let subject = names.subject(&topic, &stream);
+        assert_eq!(subject.split('.').count(), 3);
+        assert_eq!(names.parse_subject(&subject), Some((topic, stream)));
+        assert_eq!(names.parse_subject("other.order-events.x"), None);
+        let service = ServiceId::try_new("orders").expect("valid");
+        assert_eq!(
+            names.service_of_stream(&names.stream(&service)),
+            Some(service)
+        );
+    }
+}
