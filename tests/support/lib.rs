@@ -4,6 +4,7 @@
 pub mod bank;
 pub mod ecommerce;
 pub mod nats;
+pub mod nats_server;
 pub mod postgres;
 pub mod proxy;
 pub mod two_services;

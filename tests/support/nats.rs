@@ -95,3 +95,39 @@ pub async fn lose_last_messages(transport: &NatsTransport, service: &ServiceId, 
             .expect("recreates the consumer");
     }
 }
+
+/// The (event id, source position) of every message `service`'s publication stream
+/// holds, in stream order.
+///
+/// # Panics
+///
+/// When the server refuses a read or a message has no position header.
+pub async fn published(transport: &NatsTransport, service: &ServiceId) -> Vec<(String, u64)> {
+    let context = transport.context();
+    let mut stream = context
+        .get_stream(transport.config().stream_name(service))
+        .await
+        .expect("the stream exists");
+    let state = stream.info().await.expect("stream info").state.clone();
+    let mut held = Vec::new();
+    for sequence in state.first_sequence.max(1)..=state.last_sequence {
+        let message = stream
+            .get_raw_message(sequence)
+            .await
+            .expect("a stored message");
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|value| value.as_str().to_owned())
+                .unwrap_or_else(|| panic!("message {sequence} has no {name}"))
+        };
+        held.push((
+            header("Eventcore-Event-Id"),
+            header("Eventcore-Global-Position")
+                .parse()
+                .expect("a position"),
+        ));
+    }
+    held
+}

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use eventcore::distributed::{
-    DistributedEvent, EventHandler, EventSubscriber, Processed, PublicationPolicy, PublicationRule,
-    PublisherRunner, ServiceId, SubscriptionName, SubscriptionRunner, SubscriptionSpec, Topic,
+    DistributedEvent, EventHandler, EventPublisher, EventSubscriber, Processed, PublicationPolicy,
+    PublicationRule, PublisherRunner, ServiceId, SubscriptionName, SubscriptionRunner,
+    SubscriptionSpec, Topic,
 };
 use eventcore::{
     CheckpointStore, Command, CommandExecutor, CommandLogic, CommandResult, Dispatcher, Event,
@@ -187,34 +188,50 @@ pub fn spec() -> SubscriptionSpec {
     )
 }
 
-/// The orders service's publisher.
+/// The orders service's publisher on the in-memory broker.
 pub fn publisher(
     orders: &Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
     broker: &InMemoryBroker,
+) -> PublisherRunner {
+    publisher_on(
+        orders,
+        checkpoints,
+        Arc::new(broker.publisher(orders_service())),
+    )
+}
+
+/// The orders service's publisher through `transport`.
+pub fn publisher_on(
+    orders: &Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    transport: Arc<dyn EventPublisher>,
 ) -> PublisherRunner {
     let policy = PublicationPolicy::new([PublicationRule::new(
         Topic::try_new("order-events").expect("valid"),
     )
     .with_stream_prefix("order-")])
     .expect("valid policy");
-    PublisherRunner::new(
-        orders.clone(),
-        checkpoints,
-        Arc::new(broker.publisher(orders_service())),
-        policy,
-    )
-    .expect("valid runner")
-    .with_batch_size(5)
+    PublisherRunner::new(orders.clone(), checkpoints, transport, policy)
+        .expect("valid runner")
+        .with_batch_size(5)
 }
 
-/// Billing's subscription runner.
+/// Billing's subscription runner on the in-memory broker.
 pub fn subscriber(
     billing: &Arc<dyn EventStore>,
     broker: &InMemoryBroker,
 ) -> SubscriptionRunner<Billing> {
+    subscriber_on(billing, Arc::new(broker.clone()))
+}
+
+/// Billing's subscription runner through `transport`.
+pub fn subscriber_on(
+    billing: &Arc<dyn EventStore>,
+    transport: Arc<dyn EventSubscriber>,
+) -> SubscriptionRunner<Billing> {
     SubscriptionRunner::new(
-        Arc::new(broker.clone()),
+        transport,
         spec(),
         Billing,
         CommandExecutor::new(billing.clone()),
@@ -433,5 +450,28 @@ pub async fn check_billing(billing: &Arc<dyn EventStore>, expected: &BTreeMap<St
             ),
             "order {order}: opened once with its amount, then confirmed once"
         );
+    }
+}
+
+/// Waits (on the billing store's own notification) until it holds at least `effects`
+/// invoice events.
+///
+/// # Panics
+///
+/// When the store fails.
+pub async fn wait_for_invoices(billing: &Arc<dyn EventStore>, effects: usize) {
+    loop {
+        // The head before the count: an effect appended after the count was read is
+        // after the head, so the wait returns for it.
+        let head = billing.head_position().await.expect("reads");
+        let count = billing
+            .read_all(&LogQuery::new().with_stream_prefix("invoice-"))
+            .await
+            .expect("reads")
+            .len();
+        if count >= effects {
+            return;
+        }
+        billing.wait_for_events(head).await.expect("waits");
     }
 }
