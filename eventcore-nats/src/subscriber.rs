@@ -2,6 +2,7 @@
 //! flight.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
@@ -211,6 +212,29 @@ struct Offered {
     message: jetstream::Message,
 }
 
+/// What a pump offers: a message, or a failure during call `call` of `next`.
+enum Offer {
+    Message(Box<Offered>),
+    Failed { call: u64, error: TransportError },
+}
+
+/// What the handle tells a pump about the message it offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    /// Acknowledged by the handle: forget it.
+    Acked,
+    /// Hand it back to the broker (the pump sends the NAK, so a cancelled `next` cannot
+    /// lose it, and it goes out before the pump's next pull).
+    Nak,
+}
+
+/// Whether the handle waits in `next`, and which call of it this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Asking {
+    waiting: bool,
+    call: u64,
+}
+
 /// The delivery this handle holds, not yet acknowledged.
 struct Held {
     source: usize,
@@ -232,10 +256,10 @@ struct Held {
 struct NatsSubscription {
     client: async_nats::Client,
     services: Vec<ServiceId>,
-    offers: mpsc::Receiver<Result<Offered, TransportError>>,
-    waiting: watch::Sender<bool>,
-    /// Per source: the handle is done with the message its pump offered.
-    done: Vec<mpsc::UnboundedSender<()>>,
+    offers: mpsc::Receiver<Offer>,
+    asking: Arc<watch::Sender<Asking>>,
+    /// Per source: what became of the message its pump offered.
+    done: Vec<mpsc::UnboundedSender<Done>>,
     held: Option<Held>,
     names: Names,
 }
@@ -248,6 +272,11 @@ impl std::fmt::Debug for NatsSubscription {
             .finish_non_exhaustive()
     }
 }
+
+/// How long after the broker's expiry a pull request is given up: the client's clock
+/// starts when the request is queued, which can be well before the broker gets it
+/// during a reconnect.
+const PULL_GRACE: Duration = Duration::from_secs(2);
 
 /// Asks `consumer` for one message, waiting at most `expiry` at the broker.
 async fn pull_one(
@@ -263,9 +292,8 @@ async fn pull_one(
         .map_err(|e| unavailable("asking for the next event", e))?;
     // The client gives up on a request only seconds after the broker's expiry; a
     // request lost with a connection (a server restart) would stall the pump that
-    // long. Give up shortly after the broker would have: the request has expired there
-    // by then, so nothing can be delivered to it after it is dropped.
-    let waited = tokio::time::timeout(expiry + Duration::from_millis(500), batch.next()).await;
+    // long. Give up a grace period after the broker would have.
+    let waited = tokio::time::timeout(expiry + PULL_GRACE, batch.next()).await;
     let Ok(pulled) = waited else {
         return Ok(None);
     };
@@ -291,43 +319,75 @@ async fn pump(
     consumer: consumer::PullConsumer,
     expiry: Duration,
     keep_alive: Duration,
-    offers: mpsc::Sender<Result<Offered, TransportError>>,
-    mut waiting: watch::Receiver<bool>,
-    mut done: mpsc::UnboundedReceiver<()>,
+    offers: mpsc::Sender<Offer>,
+    mut asking: watch::Receiver<Asking>,
+    mut done: mpsc::UnboundedReceiver<Done>,
 ) {
+    // The call of `next` this pump last reported a failure to: not again in it.
+    let mut failed_in = None;
     loop {
-        if waiting.wait_for(|waiting| *waiting).await.is_err() {
-            return;
-        }
+        let now = match asking
+            .wait_for(|asking| asking.waiting && Some(asking.call) != failed_in)
+            .await
+        {
+            Ok(now) => *now,
+            Err(_) => return,
+        };
         let message = match pull_one(&consumer, expiry).await {
             Ok(Some(message)) => message,
             Ok(None) => continue,
             Err(error) => {
-                if offers.send(Err(error)).await.is_err() {
-                    return;
-                }
-                // Once per call of `next`: wait until the handle asks again.
-                if waiting.wait_for(|waiting| !*waiting).await.is_err() {
-                    return;
+                // Reported to the call that is waiting, if it still is; dropped when
+                // the channel is full (the handle then has other offers to take).
+                let current = *asking.borrow();
+                if current.waiting && current.call == now.call {
+                    match offers.try_send(Offer::Failed {
+                        call: now.call,
+                        error,
+                    }) {
+                        Ok(()) => failed_in = Some(now.call),
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        // Not reported: pull again after a pause (a retry backoff).
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
                 }
                 continue;
             }
         };
-        let offered = Offered {
+        let offered = Offer::Message(Box::new(Offered {
             source,
             message: message.clone(),
-        };
-        if offers.send(Ok(offered)).await.is_err() {
-            nak(&message).await;
-            return;
+        }));
+        // Offered, and kept alive meanwhile (the handle may be busy with another
+        // source's event).
+        let mut sending = std::pin::pin!(offers.send(offered));
+        loop {
+            tokio::select! {
+                sent = &mut sending => {
+                    if sent.is_err() {
+                        nak(&message).await;
+                        return;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(keep_alive) => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
         }
         loop {
             tokio::select! {
                 finished = done.recv() => {
-                    if finished.is_none() {
+                    match finished {
+                        Some(Done::Acked) => {}
+                        Some(Done::Nak) => nak(&message).await,
                         // The handle is gone (a crash, or dropped): hand it back now.
-                        nak(&message).await;
-                        return;
+                        None => {
+                            nak(&message).await;
+                            return;
+                        }
                     }
                     break;
                 }
@@ -341,12 +401,12 @@ async fn pump(
     }
 }
 
-/// Sets `waiting` back to false when `next` returns or is cancelled.
-struct Waiting<'a>(&'a watch::Sender<bool>);
+/// Marks the handle as no longer waiting when `next` returns or is cancelled.
+struct Waiting(Arc<watch::Sender<Asking>>);
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.send_replace(false);
+        self.0.send_modify(|asking| asking.waiting = false);
     }
 }
 
@@ -359,7 +419,10 @@ impl NatsSubscription {
         ack_wait: Duration,
     ) -> Self {
         let (offer, offers) = mpsc::channel(consumers.len() * 2);
-        let (waiting, _) = watch::channel(false);
+        let (asking, _) = watch::channel(Asking {
+            waiting: false,
+            call: 0,
+        });
         let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
         let mut services = Vec::with_capacity(consumers.len());
         let mut done = Vec::with_capacity(consumers.len());
@@ -371,7 +434,7 @@ impl NatsSubscription {
                 expiry,
                 keep_alive,
                 offer.clone(),
-                waiting.subscribe(),
+                asking.subscribe(),
                 finishes,
             ));
             services.push(service);
@@ -381,24 +444,54 @@ impl NatsSubscription {
             client,
             services,
             offers,
-            waiting,
+            asking: Arc::new(asking),
             done,
             held: None,
             names,
         }
     }
 
-    /// Tells `source`'s pump the handle is done with its message.
-    fn finish(&self, source: usize) {
-        let _ = self.done[source].send(());
+    /// Tells `source`'s pump what became of its message.
+    fn finish(&self, source: usize, done: Done) {
+        let _ = self.done[source].send(done);
     }
 
-    /// Hands the held delivery back to the broker, for this handle or another.
-    async fn release(&mut self) {
+    /// Hands the held delivery back to the broker (through its pump), for this handle
+    /// or another.
+    fn release(&mut self) {
         if let Some(held) = self.held.take() {
-            self.finish(held.source);
-            nak(&held.message).await;
+            self.finish(held.source, Done::Nak);
         }
+    }
+
+    /// The next message a pump offers during call `call`: a message queued before a
+    /// failure wins over it, and failures of earlier calls are stale.
+    async fn next_offer(&mut self, call: u64) -> Result<Offered, TransportError> {
+        let mut failure = None;
+        loop {
+            let offer = if failure.is_some() {
+                match self.offers.try_recv() {
+                    Ok(offer) => offer,
+                    Err(_) => break,
+                }
+            } else {
+                match self.offers.recv().await {
+                    Some(offer) => offer,
+                    None => {
+                        return Err(TransportError::unavailable(
+                            "the subscription's sources stopped",
+                            None,
+                        ));
+                    }
+                }
+            };
+            match offer {
+                Offer::Message(offered) => return Ok(*offered),
+                Offer::Failed { call: at, error } if at == call => failure = Some(error),
+                Offer::Failed { .. } => {}
+            }
+        }
+        Err(failure.unwrap_or_else(|| TransportError::unavailable("no offer", None)))
     }
 
     fn delivery(
@@ -439,22 +532,18 @@ impl NatsSubscription {
 #[async_trait]
 impl Subscription for NatsSubscription {
     async fn next(&mut self) -> Result<Delivery, TransportError> {
-        self.release().await;
+        self.release();
         let offered = {
-            self.waiting.send_replace(true);
-            let _waiting = Waiting(&self.waiting);
-            self.offers.recv().await
+            let mut call = 0;
+            self.asking.send_modify(|asking| {
+                asking.call += 1;
+                asking.waiting = true;
+                call = asking.call;
+            });
+            let _waiting = Waiting(self.asking.clone());
+            self.next_offer(call).await?
         };
-        let Offered { source, message } = match offered {
-            Some(Ok(offered)) => offered,
-            Some(Err(error)) => return Err(error),
-            None => {
-                return Err(TransportError::unavailable(
-                    "the subscription's sources stopped",
-                    None,
-                ));
-            }
-        };
+        let Offered { source, message } = offered;
         let service = self.services[source].clone();
         match self.delivery(&service, &message) {
             Ok((delivery, sequence)) => {
@@ -468,8 +557,7 @@ impl Subscription for NatsSubscription {
             }
             Err(error) => {
                 // Not skipped: handed back, and the subscription stops at it.
-                self.finish(source);
-                nak(&message).await;
+                self.finish(source, Done::Nak);
                 Err(error)
             }
         }
@@ -481,7 +569,7 @@ impl Subscription for NatsSubscription {
                 if held.service == delivery.event.service_id
                     && held.sequence == delivery.sequence =>
             {
-                self.finish(held.source);
+                self.finish(held.source, Done::Acked);
                 let Some(reply) = held.message.reply.clone() else {
                     return Err(TransportError::rejected(
                         "the delivery has no acknowledgement subject",
