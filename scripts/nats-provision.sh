@@ -54,23 +54,7 @@ nats_find_server() {
     echo "$local_bin"
 }
 
-# Prefers one fixed port, so that NATS_URL is the same from run to run and cargo does
-# not rebuild the tests (their build script watches NATS_URL); any free port otherwise.
-nats_free_port() {
-    python3 - <<'PY'
-import socket
-for port in (42229, 0):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        s.close()
-        continue
-    print(s.getsockname()[1])
-    s.close()
-    break
-PY
-}
+source "$(dirname "${BASH_SOURCE[0]}")/free-port.sh"
 
 NATS_TMPDIR=""
 NATS_PID=""
@@ -95,7 +79,7 @@ nats_provision() {
         return 0
     fi
     NATS_TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/eventcore-nats.XXXXXX")
-    port=$(nats_free_port) || nats_fail "could not find a free TCP port."
+    port=$(free_port 42229) || nats_fail "could not find a free TCP port."
     "$server" -js -a 127.0.0.1 -p "$port" -sd "$NATS_TMPDIR/store" >"$NATS_TMPDIR/server.log" 2>&1 &
     NATS_PID=$!
     # Wait until it listens (a start-up wait, bounded; no test depends on timing).

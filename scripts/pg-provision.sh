@@ -24,24 +24,7 @@ pg_find_bin() {
     echo "$found"
 }
 
-# Prefers one fixed port, so that DATABASE_URL is the same from run to run and cargo
-# does not rebuild the tests (their build script watches DATABASE_URL); any free port
-# otherwise.
-pg_free_port() {
-    python3 - <<'PY'
-import socket
-for port in (54329, 0):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        s.close()
-        continue
-    print(s.getsockname()[1])
-    s.close()
-    break
-PY
-}
+source "$(dirname "${BASH_SOURCE[0]}")/free-port.sh"
 
 pg_as_owner() {
     if [ "$(id -u)" = 0 ]; then
@@ -78,7 +61,7 @@ pg_provision() {
     chmod 755 "$PG_TMPDIR"
     [ "$(id -u)" = 0 ] && chown postgres: "$PG_TMPDIR"
     local port
-    port=$(pg_free_port) || pg_fail "could not find a free TCP port."
+    port=$(free_port 54329) || pg_fail "could not find a free TCP port."
 
     pg_as_owner "$initdb" -D "$PG_TMPDIR/data" -U eventcore --auth=trust -E UTF8 --locale=C.UTF-8 \
         >"$PG_TMPDIR/initdb.log" 2>&1 || { cat "$PG_TMPDIR/initdb.log" >&2; pg_fail "initdb failed."; }

@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use eventcore::distributed::{EventPublisher, Publication, ServiceId, Topic, TransportError};
-use eventcore::{CommandExecutor, EventStore, GlobalPosition, LogQuery, StreamId};
+use eventcore::testing::transport_conformance::AnswerLost;
+use eventcore::{CommandExecutor, EventStore, LogQuery, StreamId};
 use eventcore_memory::InMemoryEventStore;
 use eventcore_nats::{NatsConfig, NatsTransport};
 use eventcore_tests::nats::{fresh_prefix, published};
@@ -150,29 +149,6 @@ async fn a_server_killed_and_restarted_under_load_loses_nothing_and_applies_noth
         "nothing parked"
     );
     assert_published_once(&nats, &orders).await;
-}
-
-/// Publishes through the transport, then loses the answer.
-struct AnswerLost(Arc<dyn EventPublisher>);
-
-#[async_trait]
-impl EventPublisher for AnswerLost {
-    fn service(&self) -> &ServiceId {
-        self.0.service()
-    }
-
-    async fn declare_topics(&self, topics: &[Topic]) -> Result<(), TransportError> {
-        self.0.declare_topics(topics).await
-    }
-
-    async fn publish(&self, batch: &[Publication]) -> Result<(), TransportError> {
-        self.0.publish(batch).await?;
-        Err(TransportError::unavailable("the answer was lost", None))
-    }
-
-    async fn last_published(&self) -> Result<Option<GlobalPosition>, TransportError> {
-        self.0.last_published().await
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

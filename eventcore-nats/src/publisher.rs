@@ -166,18 +166,7 @@ impl NatsPublisher {
                         .create_stream(self.stream_config(subjects))
                         .await
                         .map(|_| ())
-                        .map_err(|error| {
-                            match error.kind() {
-                                jetstream::context::CreateStreamErrorKind::JetStream(api) => {
-                                    Some(api.clone())
-                                }
-                                _ => None,
-                            }
-                            .map_or_else(
-                                || Err(unavailable("creating the publication stream", error)),
-                                Ok,
-                            )
-                        })
+                        .map_err(|error| refusal("creating the publication stream", error))
                 }
                 Some(mut stream) => {
                     let info = stream
@@ -200,18 +189,7 @@ impl NatsPublisher {
                         .update_stream(config)
                         .await
                         .map(|_| ())
-                        .map_err(|error| {
-                            match error.kind() {
-                                jetstream::context::CreateStreamErrorKind::JetStream(api) => {
-                                    Some(api.clone())
-                                }
-                                _ => None,
-                            }
-                            .map_or_else(
-                                || Err(unavailable("updating the publication stream", error)),
-                                Ok,
-                            )
-                        })
+                        .map_err(|error| refusal("updating the publication stream", error))
                 }
             };
             match outcome {
@@ -431,6 +409,19 @@ impl NatsPublisher {
             self.names.subject(&publication.topic, &event.stream_id),
             message,
         ))
+    }
+}
+
+/// A failed stream creation or update: `Ok` with the server's refusal to decide on
+/// (a race with another instance, a subject overlap), `Err` when the broker could not
+/// be asked.
+fn refusal(
+    what: &str,
+    error: jetstream::context::CreateStreamError,
+) -> Result<jetstream::Error, TransportError> {
+    match error.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(api) => Ok(api.clone()),
+        _ => Err(unavailable(what, error)),
     }
 }
 

@@ -205,9 +205,16 @@ async fn not_held(store: &impl EventStore, held: Option<GlobalPosition>) -> u64 
         .count() as u64
 }
 
-/// Publishes through the transport, then loses the answer: the events are held, but the
-/// runner hears of a failure (a crash after the publish, before the checkpoint).
-struct AnswerLost(Arc<dyn EventPublisher>);
+/// A fault wrapper for tests: publishes through the wrapped transport, then loses the
+/// answer. The events are held, but the caller hears of a failure, as a publisher that
+/// crashed after the publish and before its checkpoint would (had it lived).
+pub struct AnswerLost(pub Arc<dyn EventPublisher>);
+
+impl std::fmt::Debug for AnswerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AnswerLost").field(self.0.service()).finish()
+    }
+}
 
 #[async_trait]
 impl EventPublisher for AnswerLost {
