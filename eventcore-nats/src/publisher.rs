@@ -143,9 +143,9 @@ impl NatsPublisher {
         }
     }
 
-    /// Creates the stream with `topics`' subjects, or adds the missing ones; refuses a
-    /// topic another service's stream captures.
-    async fn ensure_topics(&self, topics: &[Topic]) -> Result<(), TransportError> {
+    /// [`TransportError::TopicOwnedByAnother`] for the first of `topics` another
+    /// service's stream captures.
+    async fn refuse_foreign_topics(&self, topics: &[Topic]) -> Result<(), TransportError> {
         for topic in topics {
             if let Some(owner) = self.owner_of(topic).await?
                 && owner != self.service
@@ -157,6 +157,13 @@ impl NatsPublisher {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Creates the stream with `topics`' subjects, or adds the missing ones; refuses a
+    /// topic another service's stream captures.
+    async fn ensure_topics(&self, topics: &[Topic]) -> Result<(), TransportError> {
+        self.refuse_foreign_topics(topics).await?;
         // Two instances may start at once: create, or update what the other created.
         for _ in 0..5 {
             let outcome = match self.get_stream().await? {
@@ -208,17 +215,7 @@ impl NatsPublisher {
                 Err(Ok(api))
                     if api.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP =>
                 {
-                    for topic in topics {
-                        if let Some(owner) = self.owner_of(topic).await?
-                            && owner != self.service
-                        {
-                            return Err(TransportError::TopicOwnedByAnother {
-                                topic: topic.clone(),
-                                owner,
-                                service: self.service.clone(),
-                            });
-                        }
-                    }
+                    self.refuse_foreign_topics(topics).await?;
                     // A stream that is not an EventCore publication captures it.
                     return Err(api_error(
                         &format!("declaring the publication stream `{}`", self.stream),
