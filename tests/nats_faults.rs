@@ -1,6 +1,6 @@
 //! Fault tests against real `nats-server` processes of the tests' own: the server
-//! killed (SIGKILL) and restarted under load, and a dedup window shorter than an
-//! outage. Two services with separate stores, orders and billing (the
+//! killed (SIGKILL) and restarted under load, a node of a 3-node cluster killed and
+//! restarted under load, and a dedup window shorter than an outage. Two services with separate stores, orders and billing (the
 //! `two_services` fixtures); checked at the end: billing holds exactly one opening and
 //! one confirmation per order, nothing is parked, and the broker holds every public
 //! event once, in log order.
@@ -14,7 +14,7 @@ use eventcore::{CommandExecutor, EventStore, LogQuery, StreamId};
 use eventcore_memory::InMemoryEventStore;
 use eventcore_nats::{NatsConfig, NatsTransport};
 use eventcore_tests::nats::{fresh_prefix, published};
-use eventcore_tests::nats_server::NatsServer;
+use eventcore_tests::nats_server::{NatsCluster, NatsServer};
 use eventcore_tests::two_services::{
     self, PlaceOrder, check_billing, orders_service, wait_for_invoices,
 };
@@ -29,7 +29,7 @@ fn order_count() -> usize {
 
 /// A client that reconnects quickly and forever, and a transport on it whose waits are
 /// short, so a restart costs the test seconds, not minutes.
-async fn transport(url: &str, config: NatsConfig) -> NatsTransport {
+async fn transport(url: impl async_nats::ToServerAddrs, config: NatsConfig) -> NatsTransport {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .reconnect_delay_callback(|attempts| {
@@ -142,6 +142,116 @@ async fn a_server_killed_and_restarted_under_load_loses_nothing_and_applies_noth
         instance.await.expect("joins").expect("subscribed");
     }
     println!("nats-server killed {kills} times during {total} orders");
+    check_billing(&billing, &expected).await;
+    let mut check = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
+    assert!(
+        check.parked().await.expect("reads").is_empty(),
+        "nothing parked"
+    );
+    assert_published_once(&nats, &orders).await;
+}
+
+/// The node leading `service`'s publication stream.
+async fn stream_leader(nats: &NatsTransport, cluster: &NatsCluster) -> usize {
+    let name = nats.config().stream_name(&orders_service());
+    let mut stream = nats.context().get_stream(&name).await.expect("the stream");
+    let info = stream.info().await.expect("stream info");
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a replicated stream with a leader");
+    assert_eq!(
+        info.config.num_replicas, 3,
+        "the publication stream is replicated on all three nodes"
+    );
+    cluster.index_of(&leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(nats_tests),
+    ignore = "set NATS_URL and NATS_SERVER_BIN (scripts/test does) to run the NATS fault tests"
+)]
+async fn a_cluster_node_killed_and_restarted_under_load_loses_nothing_and_applies_nothing_twice() {
+    let mut cluster = NatsCluster::start().await;
+    let config = quick_config().with_replicas(3).expect("valid");
+    let nats = transport(cluster.urls(), config).await;
+    let orders_store = InMemoryEventStore::new();
+    let orders: Arc<dyn EventStore> = Arc::new(orders_store.clone());
+    let billing: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut publisher = two_services::publisher_on(
+        &orders,
+        Arc::new(orders_store.clone()),
+        Arc::new(nats.publisher(orders_service())),
+    );
+    publisher
+        .publish_available()
+        .await
+        .expect("declares the topic");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let publishing = tokio::spawn({
+        let stopped = stopped.clone();
+        async move { publisher.run(until_stopped(stopped)).await }
+    });
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut runner = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
+        let stopped = stopped.clone();
+        instances.push(tokio::spawn(async move {
+            runner.run(until_stopped(stopped)).await
+        }));
+    }
+    let executor = CommandExecutor::new(orders.clone());
+    let mut expected = BTreeMap::new();
+    let total = order_count();
+    let mut killed = Vec::new();
+    for n in 0..total {
+        if n == total / 4 {
+            // The stream's leader first: the hardest node to lose.
+            eventcore::testing::within_hang_guard(
+                "billing keeps up before the first kill",
+                wait_for_invoices(&billing, 2 * n),
+            )
+            .await;
+            let leader = stream_leader(&nats, &cluster).await;
+            cluster.nodes[leader].kill().await;
+            killed.push(leader);
+        }
+        if n == total / 2 {
+            // Two nodes of three carried publication and consumption meanwhile.
+            eventcore::testing::within_hang_guard(
+                "billing keeps up with one node down",
+                wait_for_invoices(&billing, 2 * n),
+            )
+            .await;
+            // Healthy means every replica it holds has caught up with its leader.
+            cluster.nodes[killed[0]].restart().await;
+        }
+        if n == total * 3 / 4 {
+            // Then another node: what remains is the restarted node and one other, so
+            // the restarted node's copy is now needed for a quorum.
+            let other = (0..3).find(|i| *i != killed[0]).expect("three nodes");
+            cluster.nodes[other].kill().await;
+            killed.push(other);
+        }
+        place(&executor, n, &mut expected).await;
+    }
+    eventcore::testing::within_hang_guard(
+        "billing catches up with the restarted node and one other",
+        wait_for_invoices(&billing, 2 * total),
+    )
+    .await;
+    cluster.nodes[killed[1]].restart().await;
+    stop.send(true).expect("running");
+    publishing.await.expect("joins").expect("published");
+    for instance in instances {
+        instance.await.expect("joins").expect("subscribed");
+    }
+    println!("cluster nodes killed (in order): {killed:?} during {total} orders");
     check_billing(&billing, &expected).await;
     let mut check = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
     assert!(
