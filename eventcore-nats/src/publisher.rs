@@ -16,14 +16,17 @@ use crate::{NatsConfig, Storage, api_error, rejected, unavailable};
 /// The headers every message carries besides `Nats-Msg-Id` (the event id): the
 /// envelope's identity, for tools and filters. The body is the whole envelope.
 pub(crate) mod header {
-    pub(crate) const EVENT_ID: &str = "Eventcore-Event-Id";
-    pub(crate) const EVENT_TYPE: &str = "Eventcore-Event-Type";
-    pub(crate) const SERVICE: &str = "Eventcore-Service";
-    pub(crate) const STREAM: &str = "Eventcore-Stream";
-    pub(crate) const STREAM_VERSION: &str = "Eventcore-Stream-Version";
-    pub(crate) const POSITION: &str = "Eventcore-Global-Position";
-    pub(crate) const TRACEPARENT: &str = "traceparent";
-    pub(crate) const TRACESTATE: &str = "tracestate";
+    // Names built once: a name from a `&str` is validated and allocated per message.
+    use async_nats::header::HeaderName;
+    /// The event id travels as the server's own dedup id (`Nats-Msg-Id`), once.
+    pub(crate) const EVENT_ID: HeaderName = async_nats::header::NATS_MESSAGE_ID;
+    pub(crate) const EVENT_TYPE: HeaderName = HeaderName::from_static("Eventcore-Event-Type");
+    pub(crate) const STREAM: HeaderName = HeaderName::from_static("Eventcore-Stream");
+    pub(crate) const STREAM_VERSION: HeaderName =
+        HeaderName::from_static("Eventcore-Stream-Version");
+    pub(crate) const POSITION: HeaderName = HeaderName::from_static("Eventcore-Global-Position");
+    pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub(crate) const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 }
 
 /// Where this handle last saw the publication end.
@@ -301,7 +304,7 @@ impl NatsPublisher {
                 .get_raw_message(middle)
                 .await
                 .map_err(|e| unavailable("reading the publication", e))?;
-            let header = |name: &str| {
+            let header = |name: async_nats::header::HeaderName| {
                 message
                     .headers
                     .get(name)
@@ -376,19 +379,22 @@ impl NatsPublisher {
         expected_last: u64,
     ) -> Result<(String, jetstream::message::PublishMessage), TransportError> {
         let event = &publication.event;
-        let body = serde_json::to_vec(event).map_err(|e| rejected("encoding the envelope", e))?;
+        // Sized for the envelope at once: grown from serde_json's default, the body was
+        // reallocated several times per event.
+        let mut body = Vec::with_capacity(event.payload.len() + 768);
+        serde_json::to_writer(&mut body, event)
+            .map_err(|e| rejected("encoding the envelope", e))?;
+        let id = event.event_id.to_string();
         let mut headers = HeaderMap::new();
-        headers.insert(header::EVENT_ID, event.event_id.to_string().as_str());
         headers.insert(header::EVENT_TYPE, event.event_type.as_str());
-        headers.insert(header::SERVICE, event.service_id.as_str());
         headers.insert(header::STREAM, event.stream_id.as_str());
         headers.insert(
             header::STREAM_VERSION,
-            event.stream_version.value().to_string().as_str(),
+            async_nats::HeaderValue::from(event.stream_version.value()),
         );
         headers.insert(
             header::POSITION,
-            event.global_position.value().to_string().as_str(),
+            async_nats::HeaderValue::from(event.global_position.value()),
         );
         if let Some(context) = &event.trace_context {
             headers.insert(header::TRACEPARENT, context.traceparent());
@@ -399,7 +405,7 @@ impl NatsPublisher {
         let message = jetstream::message::PublishMessage::build()
             .headers(headers)
             .payload(body.into())
-            .message_id(event.event_id.to_string())
+            .message_id(id)
             .expected_stream(&self.stream)
             .expected_last_sequence(expected_last);
         Ok((
@@ -420,6 +426,16 @@ fn refusal(
         jetstream::context::CreateStreamErrorKind::JetStream(api) => Ok(api.clone()),
         _ => Err(unavailable(what, error)),
     }
+}
+
+/// Why a window stopped sending.
+enum Stop {
+    /// A publish failed or was refused.
+    Failed(TransportError),
+    /// A duplicate acknowledgement: go on from this index after reading the end.
+    Restart(usize),
+    /// The event at this index is not after the ones before it.
+    OutOfOrder(usize),
 }
 
 /// What became of one pipelined publish.
@@ -482,128 +498,148 @@ impl EventPublisher for NatsPublisher {
                 end
             }
         };
+        // Until this call knows where the stream ends again, nobody may trust the view.
+        view.end = None;
         let mut next = 0;
         while next < batch.len() {
-            let window = &batch[next..next
-                .saturating_add(self.config.publish_window)
-                .min(batch.len())];
-            // Sequences are predicted: a new event is stored right after the previous
-            // one. An event at or below the last position held can only be a repeat:
-            // JetStream checks expectations before its dedup window, so it is not sent
-            // but looked up (the publication is ordered by position), and refused
-            // unless the stream holds it.
-            let mut pending = Vec::with_capacity(window.len());
+            // A sliding window: up to `publish_window` publishes in flight, their
+            // acknowledgements taken in order as they come, each awaited. Sequences
+            // are predicted: a new event is stored right after the previous one, and
+            // each publish expects it, so after a lost or refused one every later one
+            // is refused too: the stream never holds a gap or a reordering.
+            let mut in_flight = futures::stream::FuturesOrdered::new();
             let mut predicted = end;
-            let mut send_failure = None;
-            for publication in window {
-                let position = publication.event.global_position;
-                if predicted.position.is_some_and(|last| position <= last) {
-                    if predicted != end {
-                        // Behind an event of this window: out of order in the batch.
-                        break;
+            // Why sending stopped early: the answers to what was sent still count.
+            let mut unsent = None;
+            // Why the answers stopped counting: the ones after it are awaited only.
+            let mut halt = None;
+            let mut index = next;
+            while index < batch.len() || !in_flight.is_empty() {
+                let sending = unsent.is_none() && halt.is_none() && index < batch.len();
+                if sending && in_flight.len() < self.config.publish_window {
+                    let publication = &batch[index];
+                    let position = publication.event.global_position;
+                    if predicted.position.is_some_and(|last| position <= last) {
+                        // An event at or below the last position held can only be a
+                        // repeat: JetStream checks expectations before its dedup
+                        // window, so it is not sent but looked up (the publication is
+                        // ordered by position), and refused unless the stream holds it.
+                        if predicted != end || !in_flight.is_empty() {
+                            unsent = Some(Stop::OutOfOrder(index));
+                            continue;
+                        }
+                        if !self.holds(&publication.event, end).await? {
+                            return Err(TransportError::OutOfOrder {
+                                message: format!(
+                                    "event {} at position {position} comes at or before \
+                                     position {} already held, and the publication does not \
+                                     hold it",
+                                    publication.event.event_id,
+                                    end.position.map_or(0, GlobalPosition::value)
+                                ),
+                            });
+                        }
+                        index += 1;
+                        continue;
                     }
-                    if !self.holds(&publication.event, end).await? {
-                        return Err(TransportError::OutOfOrder {
-                            message: format!(
-                                "event {} at position {position} comes at or before position \
-                                 {} already held, and the publication does not hold it",
-                                publication.event.event_id,
-                                end.position.map_or(0, GlobalPosition::value)
-                            ),
-                        });
+                    let (subject, message) = match self.message(publication, predicted.sequence) {
+                        Ok(built) => built,
+                        Err(error) => {
+                            unsent = Some(Stop::Failed(error));
+                            continue;
+                        }
+                    };
+                    match self.context.send_publish(subject, message).await {
+                        Ok(ack) => {
+                            // Polled from now on with the others: their timeouts run at
+                            // once (one after another, a dead connection would cost a
+                            // timeout per message).
+                            in_flight.push_back(async move {
+                                let outcome = match ack.await {
+                                    Ok(ack) if ack.duplicate => Acked::Duplicate,
+                                    Ok(ack) => Acked::Stored(ack.sequence),
+                                    Err(error) => publish_error(error),
+                                };
+                                (outcome, position, index)
+                            });
+                        }
+                        Err(error) => {
+                            unsent = Some(Stop::Failed(match publish_error(error) {
+                                Acked::Failed(error) => error,
+                                _ => TransportError::unavailable("publishing failed", None),
+                            }));
+                            continue;
+                        }
                     }
-                    pending.push(None);
+                    predicted = End {
+                        sequence: predicted.sequence + 1,
+                        position: Some(position),
+                    };
+                    index += 1;
                     continue;
                 }
-                let (subject, message) = self.message(publication, predicted.sequence)?;
-                match self.context.send_publish(subject, message).await {
-                    Ok(ack) => pending.push(Some((ack, position))),
-                    Err(error) => {
-                        send_failure = Some(error);
-                        break;
-                    }
-                }
-                predicted = End {
-                    sequence: predicted.sequence + 1,
-                    position: Some(position),
+                // The window is full, or nothing more is to be sent: the oldest answer.
+                let Some((outcome, position, at)) = futures::StreamExt::next(&mut in_flight).await
+                else {
+                    break;
                 };
-            }
-            // Every acknowledgement is awaited, in order, whatever happened before it.
-            // Together, so their timeouts run at once (one after another, a dead
-            // connection would cost a timeout per message).
-            let sent = pending.len();
-            let outcomes = futures::future::join_all(pending.into_iter().map(|entry| async move {
-                let (ack, position) = entry?;
-                let outcome = match ack.await {
-                    Ok(ack) if ack.duplicate => Acked::Duplicate,
-                    Ok(ack) => Acked::Stored(ack.sequence),
-                    Err(error) => publish_error(error),
-                };
-                Some((outcome, position))
-            }))
-            .await;
-            let mut restart = None;
-            let mut failure = None;
-            for (index, outcome) in outcomes.into_iter().enumerate() {
-                let Some((outcome, position)) = outcome else {
-                    // A repeat the stream holds.
+                if halt.is_some() {
+                    // Awaited all the same; what it says is learnt by asking the stream.
                     continue;
-                };
+                }
                 match outcome {
                     Acked::Stored(sequence) => {
                         end = End {
                             sequence,
                             position: Some(position),
                         };
-                        view.end = Some(end);
                     }
                     // Held already (the dedup window knew it) though after the last
                     // position seen: the predictions after it are one too far.
-                    Acked::Duplicate => {
-                        view.end = None;
-                        restart = Some(next + index + 1);
-                        break;
-                    }
+                    Acked::Duplicate => halt = Some(Stop::Restart(at + 1)),
                     Acked::WrongLastSequence => {
-                        failure = Some(TransportError::OutOfOrder {
+                        halt = Some(Stop::Failed(TransportError::OutOfOrder {
                             message: format!(
-                                "the publication stream `{}` does not end at sequence {} as this \
-                                 publisher last saw it (another publisher, or a broker that \
-                                 lost messages): ask where it ends and publish from there",
+                                "the publication stream `{}` does not end at sequence {} as \
+                                 this publisher last saw it (another publisher, or a broker \
+                                 that lost messages): ask where it ends and publish from there",
                                 self.stream, end.sequence
                             ),
-                        });
-                        break;
+                        }));
                     }
-                    Acked::Failed(error) => {
-                        failure = Some(error);
-                        break;
-                    }
+                    Acked::Failed(error) => halt = Some(Stop::Failed(error)),
                 }
             }
-            if let Some(error) = failure {
-                return Err(error);
-            }
-            if let Some(error) = send_failure {
-                return Err(match publish_error(error) {
-                    Acked::Failed(error) => error,
-                    _ => TransportError::unavailable("publishing failed", None),
-                });
-            }
-            if let Some(restart) = restart {
-                end = self.read_end().await?;
-                view.end = Some(end);
-                next = restart;
-            } else if sent < window.len() {
-                // Stopped at an event out of order within the batch.
-                return Err(TransportError::OutOfOrder {
-                    message: format!(
-                        "event {} does not come after the events before it in the batch",
-                        batch[next + sent].event.event_id
-                    ),
-                });
-            } else {
-                next += window.len();
+            // Without a halt, every answer was counted: `end` is where the stream ends.
+            let halt_was_none = halt.is_none();
+            match halt.or(unsent) {
+                None => {
+                    view.end = Some(end);
+                    next = batch.len();
+                }
+                Some(Stop::Restart(at)) => {
+                    end = self.read_end().await?;
+                    view.end = Some(end);
+                    next = at;
+                }
+                Some(Stop::Failed(error)) => {
+                    if halt_was_none {
+                        view.end = Some(end);
+                    }
+                    // Else what followed the failure may have been stored or not: the
+                    // next call asks the stream.
+                    return Err(error);
+                }
+                Some(Stop::OutOfOrder(at)) => {
+                    // Everything before it was stored in order.
+                    view.end = Some(end);
+                    return Err(TransportError::OutOfOrder {
+                        message: format!(
+                            "event {} does not come after the events before it in the batch",
+                            batch[at].event.event_id
+                        ),
+                    });
+                }
             }
         }
         Ok(())

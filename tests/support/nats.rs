@@ -123,7 +123,7 @@ pub async fn published(transport: &NatsTransport, service: &ServiceId) -> Vec<(S
                 .unwrap_or_else(|| panic!("message {sequence} has no {name}"))
         };
         held.push((
-            header("Eventcore-Event-Id"),
+            header("Nats-Msg-Id"),
             header("Eventcore-Global-Position")
                 .parse()
                 .expect("a position"),
