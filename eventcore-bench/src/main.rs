@@ -3,15 +3,23 @@
 //! ```text
 //! cargo run --release -p eventcore-bench -- --backend memory --workload w2 --concurrency 8
 //! cargo run --release -p eventcore-bench -- --backend postgres --workload w1 --database-url postgres://...
+//! cargo run --release -p eventcore-bench -- --backend postgres --broker nats --workload w7 --nats-url nats://...
 //! cargo run --release -p eventcore-bench -- --all --duration 10
 //! ```
 //!
-//! Each run prints one JSON line (`backend, workload, concurrency, duration_s, ops_per_s,
-//! events_per_s, p50_ms, p99_ms, max_ms, retries_per_op, failed, invariant_ok`) and, at
-//! the end, a table. A broken invariant makes the process exit non-zero. PostgreSQL runs
-//! use a fresh schema each, with the server's default durability settings.
+//! Each run prints one JSON line (`backend, broker, workload, concurrency, duration_s,
+//! ops_per_s, events_per_s, p50_ms, p99_ms, max_ms, retries_per_op, failed,
+//! invariant_ok, rate, lag`) and, at the end, a table. A broken invariant makes the
+//! process exit non-zero. PostgreSQL runs use a fresh schema each, with the server's
+//! default durability settings; NATS runs a fresh subject prefix, file storage, one
+//! replica.
+//!
+//! W6 on NATS is preceded by the broker's own limit (`nats-floor` rows: the same
+//! messages straight through async-nats). W7 runs at `--rate` first, then, with
+//! `--max-rate`, searches the highest rate B keeps up with.
 
 mod bank;
+mod distributed;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +37,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::bank::{AccountEvent, Deposit, Open, Transfer, account, balance};
+use crate::distributed::Broker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +54,8 @@ enum Workload {
     W3,
     W4,
     W5,
+    W6,
+    W7,
 }
 
 /// Benchmarks EventCore on the standard workloads.
@@ -75,16 +86,31 @@ struct Args {
     /// PostgreSQL URL (default: the DATABASE_URL environment variable).
     #[arg(long)]
     database_url: Option<String>,
-    /// The whole matrix: W1, W2, W5 at C=1 and 8, W3 at C=8, W4; both backends
-    /// (PostgreSQL when a URL is known).
+    /// The broker of W6 and W7 (default: memory with the memory store, nats with
+    /// PostgreSQL).
+    #[arg(long, value_enum)]
+    broker: Option<Broker>,
+    /// NATS URL (default: the NATS_URL environment variable).
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// W7: the fixed rate of A's deposits, per second.
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// W7: after the run at `--rate`, search the highest rate B keeps up with.
+    #[arg(long)]
+    max_rate: bool,
+    /// The whole matrix: W1, W2, W5 at C=1 and 8, W3 at C=8, W4, W6, W7; both backends
+    /// (PostgreSQL when a URL is known, with NATS when its URL is known).
     #[arg(long)]
     all: bool,
 }
 
 /// One JSON line per run, with exactly these keys.
 #[derive(Debug, Serialize)]
-struct Report {
+pub(crate) struct Report {
     backend: Backend,
+    /// W6 and W7: the broker.
+    broker: Option<Broker>,
     workload: Workload,
     concurrency: usize,
     duration_s: f64,
@@ -96,9 +122,13 @@ struct Report {
     retries_per_op: Option<f64>,
     failed: Option<u64>,
     invariant_ok: Option<bool>,
+    /// W7: the rate A was asked to keep, per second.
+    rate: Option<f64>,
+    /// W7: events A had written that B had not handled when A stopped.
+    lag: Option<u64>,
 }
 
-struct Run {
+pub(crate) struct Run {
     backend: Backend,
     workload: Workload,
     concurrency: usize,
@@ -108,10 +138,10 @@ struct Run {
 }
 
 /// A large initial balance, so that no transfer fails for lack of funds.
-const INITIAL: i64 = 1_000_000_000;
+pub(crate) const INITIAL: i64 = 1_000_000_000;
 
 /// A fresh store, as the event store and as the checkpoint store.
-type Stores = (Arc<dyn EventStore>, Arc<dyn CheckpointStore>);
+pub(crate) type Stores = (Arc<dyn EventStore>, Arc<dyn CheckpointStore>);
 
 async fn open_store(backend: Backend, url: Option<&str>) -> Result<Stores, String> {
     match backend {
@@ -224,7 +254,9 @@ async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, S
                             Err(_) => (false, 0, 0),
                         }
                     }
-                    Workload::W4 => unreachable!("W4 is not a command workload"),
+                    Workload::W4 | Workload::W6 | Workload::W7 => {
+                        unreachable!("not a command workload")
+                    }
                 };
                 let finished = Instant::now();
                 if finished < measure_from || finished > end {
@@ -267,6 +299,7 @@ async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, S
     let ms = |micros: u64| micros as f64 / 1_000.0;
     Ok(Report {
         backend: run.backend,
+        broker: None,
         workload: run.workload,
         concurrency: run.concurrency,
         duration_s: seconds,
@@ -278,16 +311,20 @@ async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, S
         retries_per_op: (ops > 0).then(|| retries as f64 / ops as f64),
         failed: Some(failed),
         invariant_ok,
+        rate: None,
+        lag: None,
     })
 }
 
-/// W4: load `events` events (accounts × events/accounts), then time a projection that
-/// counts events and sums amounts per account from the start of the log to its end.
-async fn run_catch_up(run: &Run, stores: Stores, events: usize) -> Result<Report, String> {
-    let (store, checkpoints) = stores;
-    let accounts = run.accounts.max(1);
+/// Loads `events` events (accounts × events/accounts) into `store`, many at a time:
+/// W4's and W6's data.
+pub(crate) async fn load(
+    store: &dyn EventStore,
+    accounts: usize,
+    events: usize,
+) -> Result<(), String> {
+    let accounts = accounts.max(1);
     let per_account = events.div_ceil(accounts);
-    // Loading is not measured: appends of many events to many streams at once.
     let mut written = 0;
     let mut n = 0;
     while written < events {
@@ -318,6 +355,15 @@ async fn run_catch_up(run: &Run, stores: Stores, events: usize) -> Result<Report
             .await
             .map_err(|e| format!("loading: {e}"))?;
     }
+    Ok(())
+}
+
+/// W4: load `events` events (accounts × events/accounts), then time a projection that
+/// counts events and sums amounts per account from the start of the log to its end.
+async fn run_catch_up(run: &Run, stores: Stores, events: usize) -> Result<Report, String> {
+    let (store, checkpoints) = stores;
+    // Loading is not measured.
+    load(&*store, run.accounts, events).await?;
     let projection = bank::Totals::default();
     let mut runner =
         ProjectionRunner::new(projection, store.clone(), checkpoints).with_batch_size(5_000);
@@ -327,6 +373,7 @@ async fn run_catch_up(run: &Run, stores: Stores, events: usize) -> Result<Report
     let counted = runner.projection().count();
     Ok(Report {
         backend: run.backend,
+        broker: None,
         workload: run.workload,
         concurrency: 1,
         duration_s: seconds,
@@ -338,10 +385,15 @@ async fn run_catch_up(run: &Run, stores: Stores, events: usize) -> Result<Report
         retries_per_op: None,
         failed: Some(0),
         invariant_ok: Some(counted == events as u64 && summary.applied == events as u64),
+        rate: None,
+        lag: None,
     })
 }
 
-fn matrix(postgres: bool) -> Vec<(Backend, Workload, usize)> {
+/// One run of the matrix: backend, broker (W6 and W7), workload, concurrency.
+type Planned = (Backend, Option<Broker>, Workload, usize);
+
+fn matrix(postgres: bool, nats: bool) -> Vec<Planned> {
     let mut runs = Vec::new();
     let backends: &[Backend] = if postgres {
         &[Backend::Memory, Backend::Postgres]
@@ -350,11 +402,19 @@ fn matrix(postgres: bool) -> Vec<(Backend, Workload, usize)> {
     };
     for &backend in backends {
         for workload in [Workload::W1, Workload::W2, Workload::W5] {
-            runs.push((backend, workload, 1));
-            runs.push((backend, workload, 8));
+            runs.push((backend, None, workload, 1));
+            runs.push((backend, None, workload, 8));
         }
-        runs.push((backend, Workload::W3, 8));
-        runs.push((backend, Workload::W4, 1));
+        runs.push((backend, None, Workload::W3, 8));
+        runs.push((backend, None, Workload::W4, 1));
+        let broker = match backend {
+            Backend::Memory => Some(Broker::Memory),
+            Backend::Postgres => nats.then_some(Broker::Nats),
+        };
+        if let Some(broker) = broker {
+            runs.push((backend, Some(broker), Workload::W6, 1));
+            runs.push((backend, Some(broker), Workload::W7, 1));
+        }
     }
     runs
 }
@@ -364,8 +424,9 @@ fn print_table(reports: &[Report]) {
         |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
     println!();
     println!(
-        "{:<9} {:<4} {:>3} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
+        "{:<9} {:<10} {:<4} {:>4} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>7}",
         "backend",
+        "broker",
         "work",
         "C",
         "ops/s",
@@ -375,12 +436,16 @@ fn print_table(reports: &[Report]) {
         "max ms",
         "retry/op",
         "failed",
-        "invariant"
+        "invariant",
+        "rate",
+        "lag"
     );
     for r in reports {
         println!(
-            "{:<9} {:<4} {:>3} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
+            "{:<9} {:<10} {:<4} {:>4} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>7}",
             format!("{:?}", r.backend).to_lowercase(),
+            r.broker
+                .map_or("-".to_owned(), |b| format!("{b:?}").to_lowercase()),
             format!("{:?}", r.workload).to_lowercase(),
             r.concurrency,
             cell(r.ops_per_s, 0),
@@ -391,29 +456,145 @@ fn print_table(reports: &[Report]) {
             cell(r.retries_per_op, 3),
             r.failed.map_or("-".to_owned(), |f| f.to_string()),
             r.invariant_ok.map_or("-".to_owned(), |ok| ok.to_string()),
+            cell(r.rate, 0),
+            r.lag.map_or("-".to_owned(), |l| l.to_string()),
         );
     }
+}
+
+/// The settings every run shares.
+struct Settings {
+    database_url: Option<String>,
+    nats_url: Option<String>,
+    events: usize,
+    rate: f64,
+    max_rate: bool,
+}
+
+/// Runs one planned run (W6 on NATS: the floor first; W7 with `--max-rate`: the
+/// search after it), giving its reports.
+async fn execute(
+    run: &Run,
+    broker: Option<Broker>,
+    settings: &Settings,
+) -> Result<Vec<Report>, String> {
+    let url = settings.database_url.as_deref();
+    let nats = settings.nats_url.as_deref();
+    let broker = broker.unwrap_or(match run.backend {
+        Backend::Memory => Broker::Memory,
+        Backend::Postgres => Broker::Nats,
+    });
+    match run.workload {
+        Workload::W4 => Ok(vec![
+            run_catch_up(run, open_store(run.backend, url).await?, settings.events).await?,
+        ]),
+        Workload::W6 => {
+            let mut reports = Vec::new();
+            if broker == Broker::Nats {
+                for (window, chained) in [(256, false), (1_024, false), (1_024, true)] {
+                    reports.push(
+                        distributed::nats_floor(run, nats, settings.events, window, chained)
+                            .await?,
+                    );
+                }
+            }
+            let stores = open_store(run.backend, url).await?;
+            reports.push(
+                distributed::run_publication(run, stores, broker, nats, settings.events).await?,
+            );
+            Ok(reports)
+        }
+        Workload::W7 => {
+            let end_to_end = |rate: f64| async move {
+                let a = open_store(run.backend, url).await?;
+                let b = open_store(run.backend, url).await?;
+                distributed::run_end_to_end(run, a, b, broker, nats, rate).await
+            };
+            let mut reports = vec![end_to_end(settings.rate).await?];
+            if settings.max_rate {
+                // Doubling until B falls behind, then two halvings of the interval.
+                let (mut kept, mut lost) = (None, None);
+                let mut rate = settings.rate;
+                if distributed::kept_up(&reports[0]) {
+                    kept = Some(rate);
+                } else {
+                    lost = Some(rate);
+                }
+                while lost.is_none() && rate < 1_000_000.0 {
+                    rate *= 2.0;
+                    let report = end_to_end(rate).await?;
+                    if distributed::kept_up(&report) {
+                        kept = Some(rate);
+                    } else {
+                        lost = Some(rate);
+                    }
+                    print_line(&report);
+                    reports.push(report);
+                }
+                for _ in 0..2 {
+                    let (Some(low), Some(high)) = (kept.or(Some(0.0)), lost) else {
+                        break;
+                    };
+                    rate = (low + high) / 2.0;
+                    let report = end_to_end(rate).await?;
+                    if distributed::kept_up(&report) {
+                        kept = Some(rate);
+                    } else {
+                        lost = Some(rate);
+                    }
+                    print_line(&report);
+                    reports.push(report);
+                }
+                eprintln!(
+                    "eventcore-bench: w7 on {:?}/{broker:?}: B keeps up with {} events/s; not with {}",
+                    run.backend,
+                    kept.map_or("none measured".to_owned(), |r| format!("{r:.0}")),
+                    lost.map_or("any measured".to_owned(), |r| format!("{r:.0}")),
+                );
+            }
+            Ok(reports)
+        }
+        _ => Ok(vec![
+            run_workload(run, open_store(run.backend, url).await?.0).await?,
+        ]),
+    }
+}
+
+fn print_line(report: &Report) {
+    // A report is numbers, booleans and enum names: it always serializes (serde_json
+    // writes non-finite floats as null).
+    println!("{}", serde_json::to_string(report).expect("serializable"));
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let url = args
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok());
+    let settings = Settings {
+        database_url: args
+            .database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok()),
+        nats_url: args
+            .nats_url
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok()),
+        events: args.events,
+        rate: args.rate.max(1.0),
+        max_rate: args.max_rate,
+    };
     let runs = if args.all {
-        matrix(url.is_some())
+        matrix(settings.database_url.is_some(), settings.nats_url.is_some())
     } else {
         match (args.backend, args.workload) {
-            (Some(backend), Some(workload)) => vec![(backend, workload, args.concurrency)],
+            (Some(backend), Some(workload)) => {
+                vec![(backend, args.broker, workload, args.concurrency)]
+            }
             _ => unreachable!("clap requires --backend and --workload without --all"),
         }
     };
 
     let mut reports = Vec::new();
-    let mut broken = false;
-    for (backend, workload, concurrency) in runs {
+    for (backend, broker, workload, concurrency) in runs {
         let run = Run {
             backend,
             workload,
@@ -425,25 +606,15 @@ async fn main() -> ExitCode {
             duration: Duration::from_secs_f64(args.duration.max(0.1)),
             warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
         };
-        let store = match open_store(backend, url.as_deref()).await {
-            Ok(store) => store,
-            Err(error) => {
-                eprintln!("eventcore-bench: {error}");
-                return ExitCode::from(2);
-            }
-        };
-        let result = if workload == Workload::W4 {
-            run_catch_up(&run, store, args.events).await
-        } else {
-            run_workload(&run, store.0).await
-        };
-        match result {
-            Ok(report) => {
-                // A report is numbers, booleans and two enum names: it always serializes
-                // (serde_json writes non-finite floats as null).
-                println!("{}", serde_json::to_string(&report).expect("serializable"));
-                broken |= report.invariant_ok == Some(false);
-                reports.push(report);
+        match execute(&run, broker, &settings).await {
+            Ok(done) => {
+                for report in done {
+                    if !matches!(report.rate, Some(rate) if rate != settings.rate) {
+                        // The search's lines were printed as they came.
+                        print_line(&report);
+                    }
+                    reports.push(report);
+                }
             }
             Err(error) => {
                 eprintln!("eventcore-bench: {error}");
@@ -452,7 +623,7 @@ async fn main() -> ExitCode {
         }
     }
     print_table(&reports);
-    if broken {
+    if reports.iter().any(|r| r.invariant_ok == Some(false)) {
         eprintln!("eventcore-bench: an invariant was broken");
         return ExitCode::FAILURE;
     }
