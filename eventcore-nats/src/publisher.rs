@@ -498,8 +498,11 @@ impl EventPublisher for NatsPublisher {
                 end
             }
         };
-        // Until this call knows where the stream ends again, nobody may trust the view.
-        view.end = None;
+        // The view follows the last message the stream confirmed, answer by answer, on
+        // every exit (a cancelled call included). Where the stream has moved past it
+        // (an answer lost, a timeout on a stored message) or lost what it confirmed,
+        // the next publish's expectation is refused, so the handle never silently
+        // resynchronises: the caller asks where the stream ends (`last_published`).
         let mut next = 0;
         while next < batch.len() {
             // A sliding window: up to `publish_window` publishes in flight, their
@@ -593,6 +596,7 @@ impl EventPublisher for NatsPublisher {
                             sequence,
                             position: Some(position),
                         };
+                        view.end = Some(end);
                     }
                     // Held already (the dedup window knew it) though after the last
                     // position seen: the predictions after it are one too far.
@@ -610,29 +614,15 @@ impl EventPublisher for NatsPublisher {
                     Acked::Failed(error) => halt = Some(Stop::Failed(error)),
                 }
             }
-            // Without a halt, every answer was counted: `end` is where the stream ends.
-            let halt_was_none = halt.is_none();
             match halt.or(unsent) {
-                None => {
-                    view.end = Some(end);
-                    next = batch.len();
-                }
+                None => next = batch.len(),
                 Some(Stop::Restart(at)) => {
                     end = self.read_end().await?;
                     view.end = Some(end);
                     next = at;
                 }
-                Some(Stop::Failed(error)) => {
-                    if halt_was_none {
-                        view.end = Some(end);
-                    }
-                    // Else what followed the failure may have been stored or not: the
-                    // next call asks the stream.
-                    return Err(error);
-                }
+                Some(Stop::Failed(error)) => return Err(error),
                 Some(Stop::OutOfOrder(at)) => {
-                    // Everything before it was stored in order.
-                    view.end = Some(end);
                     return Err(TransportError::OutOfOrder {
                         message: format!(
                             "event {} does not come after the events before it in the batch",

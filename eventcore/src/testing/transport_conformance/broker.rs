@@ -142,15 +142,21 @@ pub async fn a_publisher_handle_ahead_of_a_broker_that_lost_events_is_refused(
         .expect("declares");
     let sent = publish_some(&*orders, "order-events", 1, 4).await;
     harness.lose_last_messages(&service("orders"), 2).await;
-    let refused = orders
-        .publish(&[Publication::new(
-            topic("order-events"),
-            event(orders.service(), "late", 1, 5),
-        )])
-        .await;
+    let late = [Publication::new(
+        topic("order-events"),
+        event(orders.service(), "late", 1, 5),
+    )];
+    let refused = orders.publish(&late).await;
     assert!(
         matches!(refused, Err(TransportError::OutOfOrder { .. })),
         "a publish after a gap was accepted: {refused:?}"
+    );
+    // Refused until the handle is asked where the publication ends: a refusal does not
+    // quietly move the handle to the broker's end (the retry would leave the gap).
+    let retried = orders.publish(&late).await;
+    assert!(
+        matches!(retried, Err(TransportError::OutOfOrder { .. })),
+        "a publish retried after a refusal was accepted: {retried:?}"
     );
     assert_eq!(
         orders.last_published().await.expect("reads"),
