@@ -79,6 +79,61 @@ async fn assert_published_once(transport: &NatsTransport, orders: &Arc<dyn Event
     );
 }
 
+/// Orders and billing on separate in-memory stores, running live over `nats`: the
+/// orders publisher and two billing subscriber instances, until stopped.
+struct Live {
+    orders: Arc<dyn EventStore>,
+    billing: Arc<dyn EventStore>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<eventcore::Result<()>>>,
+}
+
+impl Live {
+    async fn start(nats: &NatsTransport) -> Live {
+        let orders_store = InMemoryEventStore::new();
+        let orders: Arc<dyn EventStore> = Arc::new(orders_store.clone());
+        let billing: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        let mut publisher = two_services::publisher_on(
+            &orders,
+            Arc::new(orders_store),
+            Arc::new(nats.publisher(orders_service())),
+        );
+        publisher
+            .publish_available()
+            .await
+            .expect("declares the topic");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let mut tasks = vec![tokio::spawn({
+            let stopped = stopped.clone();
+            async move { publisher.run(until_stopped(stopped)).await }
+        })];
+        for _ in 0..2 {
+            let mut runner = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
+            let stopped = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                runner.run(until_stopped(stopped)).await
+            }));
+        }
+        Live {
+            orders,
+            billing,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops the publisher and the subscribers; each must have ended without an error.
+    async fn stop(self) {
+        self.stop.send(true).expect("running");
+        for task in self.tasks {
+            task.await.expect("joins").expect("ran without an error");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(nats_tests),
@@ -87,34 +142,8 @@ async fn assert_published_once(transport: &NatsTransport, orders: &Arc<dyn Event
 async fn a_server_killed_and_restarted_under_load_loses_nothing_and_applies_nothing_twice() {
     let mut server = NatsServer::start().await;
     let nats = transport(&server.url(), quick_config()).await;
-    let orders_store = InMemoryEventStore::new();
-    let orders: Arc<dyn EventStore> = Arc::new(orders_store.clone());
-    let billing: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-    let mut publisher = two_services::publisher_on(
-        &orders,
-        Arc::new(orders_store.clone()),
-        Arc::new(nats.publisher(orders_service())),
-    );
-    publisher
-        .publish_available()
-        .await
-        .expect("declares the topic");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    let publishing = tokio::spawn({
-        let stopped = stopped.clone();
-        async move { publisher.run(until_stopped(stopped)).await }
-    });
-    let mut instances = Vec::new();
-    for _ in 0..2 {
-        let mut runner = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
-        let stopped = stopped.clone();
-        instances.push(tokio::spawn(async move {
-            runner.run(until_stopped(stopped)).await
-        }));
-    }
+    let live = Live::start(&nats).await;
+    let (orders, billing) = (live.orders.clone(), live.billing.clone());
     let executor = CommandExecutor::new(orders.clone());
     let mut expected = BTreeMap::new();
     let total = order_count();
@@ -136,11 +165,7 @@ async fn a_server_killed_and_restarted_under_load_loses_nothing_and_applies_noth
         wait_for_invoices(&billing, 2 * total),
     )
     .await;
-    stop.send(true).expect("running");
-    publishing.await.expect("joins").expect("published");
-    for instance in instances {
-        instance.await.expect("joins").expect("subscribed");
-    }
+    live.stop().await;
     println!("nats-server killed {kills} times during {total} orders");
     check_billing(&billing, &expected).await;
     let mut check = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
@@ -177,34 +202,8 @@ async fn a_cluster_node_killed_and_restarted_under_load_loses_nothing_and_applie
     let mut cluster = NatsCluster::start().await;
     let config = quick_config().with_replicas(3).expect("valid");
     let nats = transport(cluster.urls(), config).await;
-    let orders_store = InMemoryEventStore::new();
-    let orders: Arc<dyn EventStore> = Arc::new(orders_store.clone());
-    let billing: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-    let mut publisher = two_services::publisher_on(
-        &orders,
-        Arc::new(orders_store.clone()),
-        Arc::new(nats.publisher(orders_service())),
-    );
-    publisher
-        .publish_available()
-        .await
-        .expect("declares the topic");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    let publishing = tokio::spawn({
-        let stopped = stopped.clone();
-        async move { publisher.run(until_stopped(stopped)).await }
-    });
-    let mut instances = Vec::new();
-    for _ in 0..2 {
-        let mut runner = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
-        let stopped = stopped.clone();
-        instances.push(tokio::spawn(async move {
-            runner.run(until_stopped(stopped)).await
-        }));
-    }
+    let live = Live::start(&nats).await;
+    let (orders, billing) = (live.orders.clone(), live.billing.clone());
     let executor = CommandExecutor::new(orders.clone());
     let mut expected = BTreeMap::new();
     let total = order_count();
@@ -246,11 +245,7 @@ async fn a_cluster_node_killed_and_restarted_under_load_loses_nothing_and_applie
     )
     .await;
     cluster.nodes[killed[1]].restart().await;
-    stop.send(true).expect("running");
-    publishing.await.expect("joins").expect("published");
-    for instance in instances {
-        instance.await.expect("joins").expect("subscribed");
-    }
+    live.stop().await;
     println!("cluster nodes killed (in order): {killed:?} during {total} orders");
     check_billing(&billing, &expected).await;
     let mut check = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));

@@ -513,29 +513,22 @@ async fn execute(
             let mut reports = vec![end_to_end(settings.rate).await?];
             if settings.max_rate {
                 // Doubling until B falls behind, then two halvings of the interval.
-                let (mut kept, mut lost) = (None, None);
                 let mut rate = settings.rate;
-                if distributed::kept_up(&reports[0]) {
-                    kept = Some(rate);
+                let (mut kept, mut lost) = if distributed::kept_up(&reports[0]) {
+                    (Some(rate), None)
                 } else {
-                    lost = Some(rate);
-                }
-                while lost.is_none() && rate < 1_000_000.0 {
-                    rate *= 2.0;
-                    let report = end_to_end(rate).await?;
-                    if distributed::kept_up(&report) {
-                        kept = Some(rate);
-                    } else {
-                        lost = Some(rate);
-                    }
-                    print_line(&report);
-                    reports.push(report);
-                }
-                for _ in 0..2 {
-                    let (Some(low), Some(high)) = (kept.or(Some(0.0)), lost) else {
-                        break;
+                    (None, Some(rate))
+                };
+                let mut halvings = 0;
+                loop {
+                    rate = match lost {
+                        None if rate < 1_000_000.0 => rate * 2.0,
+                        Some(high) if halvings < 2 => {
+                            halvings += 1;
+                            (kept.unwrap_or(0.0) + high) / 2.0
+                        }
+                        _ => break,
                     };
-                    rate = (low + high) / 2.0;
                     let report = end_to_end(rate).await?;
                     if distributed::kept_up(&report) {
                         kept = Some(rate);
