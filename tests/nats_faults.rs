@@ -79,6 +79,23 @@ async fn assert_published_once(transport: &NatsTransport, orders: &Arc<dyn Event
     );
 }
 
+/// Billing holds each order's effects once and parked nothing, and the broker holds
+/// every public event of orders once, in log order.
+async fn assert_delivered_once(
+    nats: &NatsTransport,
+    orders: &Arc<dyn EventStore>,
+    billing: &Arc<dyn EventStore>,
+    expected: &BTreeMap<String, u64>,
+) {
+    check_billing(billing, expected).await;
+    let mut check = two_services::subscriber_on(billing, Arc::new(nats.subscriber()));
+    assert!(
+        check.parked().await.expect("reads").is_empty(),
+        "nothing parked"
+    );
+    assert_published_once(nats, orders).await;
+}
+
 /// Orders and billing on separate in-memory stores, running live over `nats`: the
 /// orders publisher and two billing subscriber instances, until stopped.
 struct Live {
@@ -167,13 +184,7 @@ async fn a_server_killed_and_restarted_under_load_loses_nothing_and_applies_noth
     .await;
     live.stop().await;
     println!("nats-server killed {kills} times during {total} orders");
-    check_billing(&billing, &expected).await;
-    let mut check = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
-    assert!(
-        check.parked().await.expect("reads").is_empty(),
-        "nothing parked"
-    );
-    assert_published_once(&nats, &orders).await;
+    assert_delivered_once(&nats, &orders, &billing, &expected).await;
 }
 
 /// The node leading `service`'s publication stream.
@@ -247,13 +258,7 @@ async fn a_cluster_node_killed_and_restarted_under_load_loses_nothing_and_applie
     cluster.nodes[killed[1]].restart().await;
     live.stop().await;
     println!("cluster nodes killed (in order): {killed:?} during {total} orders");
-    check_billing(&billing, &expected).await;
-    let mut check = two_services::subscriber_on(&billing, Arc::new(nats.subscriber()));
-    assert!(
-        check.parked().await.expect("reads").is_empty(),
-        "nothing parked"
-    );
-    assert_published_once(&nats, &orders).await;
+    assert_delivered_once(&nats, &orders, &billing, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

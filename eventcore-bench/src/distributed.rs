@@ -326,34 +326,22 @@ impl Timings {
         }
     }
 
-    /// A's side: its append of `event` returned at `sent`.
-    fn sent(&self, event: EventId, sent: Instant) {
-        let done = {
+    /// One side's moment for `event`: recorded as a latency when the other side's is
+    /// there, kept for it otherwise (the first of a side is kept: a redelivery to B
+    /// does not move B's moment).
+    fn meet(&self, event: EventId, moment: Moment) {
+        let pair = {
             let mut moments = self.moments.lock();
-            match moments.remove(&event) {
-                Some(Moment::Done(done)) => done,
-                _ => {
-                    moments.insert(event, Moment::Sent(sent));
+            match (moments.remove(&event), moment) {
+                (Some(Moment::Sent(sent)), Moment::Done(done))
+                | (Some(Moment::Done(done)), Moment::Sent(sent)) => (sent, done),
+                (earlier, moment) => {
+                    moments.insert(event, earlier.unwrap_or(moment));
                     return;
                 }
             }
         };
-        self.record(sent, done);
-    }
-
-    /// B's side: its command for `event` returned at `done`.
-    fn done(&self, event: EventId, done: Instant) {
-        let sent = {
-            let mut moments = self.moments.lock();
-            match moments.remove(&event) {
-                Some(Moment::Sent(sent)) => sent,
-                _ => {
-                    moments.insert(event, Moment::Done(done));
-                    return;
-                }
-            }
-        };
-        self.record(sent, done);
+        self.record(pair.0, pair.1);
     }
 
     fn handled(&self) -> u64 {
@@ -390,7 +378,8 @@ impl EventHandler for Mirror {
                 amount: 1,
             })
             .await?;
-        self.timings.done(event.event_id, Instant::now());
+        self.timings
+            .meet(event.event_id, Moment::Done(Instant::now()));
         self.timings.handled.send_modify(|n| *n += 1);
         Ok(())
     }
@@ -509,7 +498,7 @@ pub(crate) async fn run_end_to_end(
                         if measured {
                             offered.fetch_add(1, Ordering::Relaxed);
                             for event in &result.events_written {
-                                timings.sent(event.event_id, returned);
+                                timings.meet(event.event_id, Moment::Sent(returned));
                             }
                         }
                     }
