@@ -1,0 +1,50 @@
+//! The benchmark must not rot: every workload runs for a second on the in-memory store
+//! and broker, and a broken invariant (or any failure) fails the test. The figures are
+//! not checked (a test is no place for timings; `docs/benchmarks.md` says how to
+//! measure).
+//!
+//! Built by `cargo test` with the rest of the workspace, so it shares that build instead
+//! of compiling the dependencies again for the benchmark alone.
+
+use std::process::Command;
+
+#[test]
+fn every_workload_runs_on_the_in_memory_store_with_its_invariant_holding() {
+    let output = Command::new(env!("CARGO_BIN_EXE_eventcore-bench"))
+        .args(["--all", "--duration", "1", "--warmup", "0"])
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .output()
+        .expect("the benchmark starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the benchmark failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    // One JSON line per run, each with its invariant held.
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("a report line is JSON"))
+        .collect();
+    let workloads: std::collections::BTreeSet<String> = reports
+        .iter()
+        .filter_map(|report| report["workload"].as_str().map(str::to_owned))
+        .collect();
+    for workload in ["w1", "w2", "w3", "w4", "w5", "w6", "w7"] {
+        assert!(
+            workloads.contains(workload),
+            "no report for {workload}:\n{stdout}"
+        );
+    }
+    for report in &reports {
+        assert_ne!(
+            report["invariant_ok"],
+            serde_json::Value::Bool(false),
+            "an invariant broke: {report}"
+        );
+        assert_eq!(report["backend"], "memory", "{report}");
+    }
+}
