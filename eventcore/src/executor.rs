@@ -305,12 +305,15 @@ impl CommandExecutor {
         loop {
             attempt += 1;
             span.record("attempt", attempt);
+            // The first attempt leaves the key to the append (see `attempt`).
+            let look_up_first = attempt > 1;
             let result = self
                 .attempt(
                     command,
                     &declared,
                     &metadata,
                     options.idempotency_key.as_ref(),
+                    look_up_first,
                 )
                 .await;
             match result {
@@ -382,21 +385,56 @@ impl CommandExecutor {
 
     /// One read–fold–decide–append cycle. Every attempt starts from the declared
     /// streams: streams resolved from a state that turned out stale are not carried over.
+    ///
+    /// With an idempotency key, the key's earlier outcome (a redelivery, or an earlier
+    /// attempt whose answer was lost) is what the caller gets, never a decision taken
+    /// again on state that includes it. `look_up_first` asks the store before deciding
+    /// (every retry does). Without it (a first attempt, almost always the key's first
+    /// use), the lookup is left to the append, which checks the key before any version
+    /// and answers with the stored outcome (the store contract, in the conformance
+    /// suite): one round trip less. Only a decision that fails is then followed by the
+    /// lookup, since the failure may come from the key's own earlier effect.
     async fn attempt<C: Command>(
         &self,
         command: &C,
         declared: &[StreamId],
         metadata: &EventMetadata,
         idempotency_key: Option<&IdempotencyKey>,
+        look_up_first: bool,
     ) -> Result<AppendOutcome> {
-        // Checked on every attempt, not just the first: if an earlier attempt's append
-        // committed but its answer was lost (a dropped connection), this attempt must
-        // return that outcome instead of deciding again on state that includes it.
-        if let Some(key) = idempotency_key
-            && let Some(outcome) = self.store.idempotent_outcome(key).await?
-        {
+        let Some(key) = idempotency_key else {
+            return self
+                .decide_and_append(command, declared, metadata, None)
+                .await;
+        };
+        if look_up_first && let Some(outcome) = self.store.idempotent_outcome(key).await? {
             return Ok(outcome);
         }
+        match self
+            .decide_and_append(command, declared, metadata, Some(key))
+            .await
+        {
+            Err(error)
+                if !look_up_first
+                    && !error.is_retryable()
+                    && !matches!(error, Error::OutcomeUnknown { .. }) =>
+            {
+                match self.store.idempotent_outcome(key).await? {
+                    Some(outcome) => Ok(outcome),
+                    None => Err(error),
+                }
+            }
+            result => result,
+        }
+    }
+
+    async fn decide_and_append<C: Command>(
+        &self,
+        command: &C,
+        declared: &[StreamId],
+        metadata: &EventMetadata,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
         if let Some(ops) = command.state_cache().ops
             && self.states.capacity > 0
             && let Some(outcome) = self

@@ -774,6 +774,38 @@ async fn an_idempotency_key_makes_a_second_execution_return_the_first_outcome() 
     assert_eq!(store.len(), 3);
 }
 
+/// The first attempt leaves the key to the append; a decision that fails because the
+/// state includes the key's own earlier effect (the whole balance already moved) must
+/// still answer with that effect, not with the business error.
+#[tokio::test]
+async fn a_repeated_key_whose_decision_now_fails_returns_the_first_outcome() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(10)]).await;
+    let options = ExecutionOptions::new()
+        .with_idempotency_key(IdempotencyKey::try_new("all-of-it").expect("valid"));
+    let first = CommandExecutor::new(store.clone())
+        .execute_with(&transfer(&a, &b, 10), options.clone())
+        .await
+        .expect("first");
+    let second = CommandExecutor::new(store.clone())
+        .execute_with(&transfer(&a, &b, 10), options)
+        .await
+        .expect("the repeat answers with the first outcome, not insufficient funds");
+    assert!(second.deduplicated);
+    assert_eq!(second.events_written, first.events_written);
+    assert_eq!(balance(&store, &b).await, 10, "moved once");
+    // Without the key the same repeat is the business error.
+    let error = CommandExecutor::new(store.clone())
+        .execute(&transfer(&a, &b, 10))
+        .await
+        .expect_err("nothing left to move");
+    assert!(
+        matches!(error, Error::BusinessRuleViolation(_)),
+        "{error:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_executions_with_one_key_write_once() {
     let store = InMemoryEventStore::new();
