@@ -56,6 +56,9 @@ struct State {
     fail_after: Option<u32>,
     /// Broker-wide arrival counter, to interleave services fairly.
     arrivals: u64,
+    /// Broker-wide delivery counter: every delivery's id (never reused, so an id from
+    /// before a subscription was dropped and made again matches nothing after).
+    deliveries: u64,
 }
 
 #[derive(Default)]
@@ -82,6 +85,9 @@ struct Consumer {
     in_flight: Option<InFlight>,
     /// Deliveries so far of the message in flight (kept across redeliveries).
     attempts: HashMap<(ServiceId, u64), u32>,
+    /// Per publishing service: the id of the last delivery of its events (to any
+    /// handle), from the broker-wide `State::deliveries`.
+    last_delivery: HashMap<ServiceId, u64>,
 }
 
 #[derive(Clone)]
@@ -426,6 +432,7 @@ impl EventSubscriber for InMemoryBroker {
                         acked: HashMap::new(),
                         in_flight: None,
                         attempts: HashMap::new(),
+                        last_delivery: HashMap::new(),
                     },
                 );
             }
@@ -438,6 +445,8 @@ impl EventSubscriber for InMemoryBroker {
             key,
             handle,
             changed: self.shared.changed.subscribe(),
+            in_hand: None,
+            acked: HashMap::new(),
         }))
     }
 }
@@ -448,16 +457,21 @@ struct InMemorySubscription {
     key: (ServiceId, SubscriptionName),
     handle: u64,
     changed: watch::Receiver<u64>,
+    /// The id of the delivery this handle holds, and its service.
+    in_hand: Option<(ServiceId, u64)>,
+    /// Per publishing service: the id of the last delivery this handle acknowledged.
+    acked: HashMap<ServiceId, u64>,
 }
 
 impl InMemorySubscription {
     /// The next delivery if one can be made now.
-    fn try_next(&self) -> Option<Delivery> {
+    fn try_next(&mut self) -> Option<Delivery> {
         let mut state = self.broker.shared.state.lock();
         let State {
             logs,
             consumers,
             owners,
+            deliveries,
             ..
         } = &mut *state;
         let consumer = consumers.get_mut(&self.key)?;
@@ -499,12 +513,19 @@ impl InMemorySubscription {
             .entry((flight.service.clone(), flight.sequence))
             .or_insert(0);
         *attempt += 1;
+        *deliveries += 1;
+        let id = *deliveries;
+        let previous = consumer.last_delivery.insert(flight.service.clone(), id);
+        let consecutive =
+            previous.is_some() && previous == self.acked.get(&flight.service).copied();
+        self.in_hand = Some((flight.service.clone(), id));
         let delivery = Delivery::new(
             message.event.clone(),
             message.topic.clone(),
             message.sequence,
             *attempt,
-        );
+        )
+        .with_consecutive(consecutive);
         consumer.in_flight = Some(InFlight {
             handle: Some(self.handle),
             ..flight
@@ -545,6 +566,14 @@ impl Subscription for InMemorySubscription {
                     .attempts
                     .remove(&(service.clone(), delivery.sequence));
                 consumer.in_flight = None;
+                match self.in_hand.take() {
+                    Some((held, id)) if &held == service => {
+                        self.acked.insert(held, id);
+                    }
+                    _ => {
+                        self.acked.remove(service);
+                    }
+                }
             }
             // Already acknowledged (a repeat): nothing to do.
             _ if consumer

@@ -240,6 +240,8 @@ struct Held {
     source: usize,
     service: ServiceId,
     sequence: u64,
+    /// The consumer's delivery sequence of this delivery.
+    delivered_as: u64,
     message: jetstream::Message,
 }
 
@@ -261,6 +263,11 @@ struct NatsSubscription {
     /// Per source: what became of the message its pump offered.
     done: Vec<mpsc::UnboundedSender<Done>>,
     held: Option<Held>,
+    /// Per source: the consumer's delivery sequence of the last delivery this handle
+    /// acknowledged (`None` after a failure). The broker numbers every delivery of a
+    /// consumer, to any handle: a first delivery numbered right after it went to no
+    /// other handle in between ([`Delivery::consecutive`]).
+    acked: Vec<Option<u64>>,
     names: Names,
 }
 
@@ -440,6 +447,7 @@ impl NatsSubscription {
             services.push(service);
             done.push(finished);
         }
+        let acked = vec![None; services.len()];
         NatsSubscription {
             client,
             services,
@@ -447,6 +455,7 @@ impl NatsSubscription {
             asking: Arc::new(asking),
             done,
             held: None,
+            acked,
             names,
         }
     }
@@ -494,11 +503,14 @@ impl NatsSubscription {
         Err(failure.unwrap_or_else(|| TransportError::unavailable("no offer", None)))
     }
 
+    /// The delivery of `message` from `source`, with its stream sequence and the
+    /// consumer's delivery sequence.
     fn delivery(
         &self,
+        source: usize,
         service: &ServiceId,
         message: &jetstream::Message,
-    ) -> Result<(Delivery, u64), TransportError> {
+    ) -> Result<(Delivery, u64, u64), TransportError> {
         let info = message
             .info()
             .map_err(|error| TransportError::Undecodable {
@@ -525,7 +537,11 @@ impl NatsSubscription {
                 event.service_id, event.stream_id
             )));
         }
-        Ok((Delivery::new(event, topic, sequence, attempt), sequence))
+        let delivered_as = info.consumer_sequence;
+        let consecutive =
+            self.acked[source].is_some_and(|acked| acked.checked_add(1) == Some(delivered_as));
+        let delivery = Delivery::new(event, topic, sequence, attempt).with_consecutive(consecutive);
+        Ok((delivery, sequence, delivered_as))
     }
 }
 
@@ -541,16 +557,24 @@ impl Subscription for NatsSubscription {
                 call = asking.call;
             });
             let _waiting = Waiting(self.asking.clone());
-            self.next_offer(call).await?
+            match self.next_offer(call).await {
+                Ok(offered) => offered,
+                Err(error) => {
+                    // What happened meanwhile is unknown.
+                    self.acked.fill(None);
+                    return Err(error);
+                }
+            }
         };
         let Offered { source, message } = offered;
         let service = self.services[source].clone();
-        match self.delivery(&service, &message) {
-            Ok((delivery, sequence)) => {
+        match self.delivery(source, &service, &message) {
+            Ok((delivery, sequence, delivered_as)) => {
                 self.held = Some(Held {
                     source,
                     service,
                     sequence,
+                    delivered_as,
                     message,
                 });
                 Ok(delivery)
@@ -578,16 +602,17 @@ impl Subscription for NatsSubscription {
                 };
                 // A request: returns once the broker recorded the acknowledgement, and
                 // fails (no responders) when no consumer leader took it.
-                self.client
+                let acked = self
+                    .client
                     .request(reply, bytes::Bytes::from_static(b"+ACK"))
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| {
-                        TransportError::unavailable(
-                            format!("acknowledging; the event may come again: {error}"),
-                            Some(Box::new(error)),
-                        )
-                    })
+                    .await;
+                self.acked[held.source] = acked.is_ok().then_some(held.delivered_as);
+                acked.map(|_| ()).map_err(|error| {
+                    TransportError::unavailable(
+                        format!("acknowledging; the event may come again: {error}"),
+                        Some(Box::new(error)),
+                    )
+                })
             }
             other => {
                 self.held = other;

@@ -322,8 +322,14 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// [`Error::ProjectionFailed`] when the handler kept failing and the policy says
     /// [`OnFailure::Stop`]; the store's errors while parking or holding.
     pub async fn process(&mut self, delivery: &Delivery) -> Result<Processed> {
-        self.refresh_inbox().await?;
+        // Only the handling of this service's events elsewhere could have parked one of
+        // its streams since the last read; a consecutive delivery says there was none.
+        // (Re-drives run on parked streams, which the folded inbox already knows: when
+        // it says "held", it is read again before holding.)
         let event = &delivery.event;
+        if !delivery.consecutive || self.inbox.holds(event) {
+            self.refresh_inbox().await?;
+        }
         if self.inbox.holds(event) {
             tracing::info!(subscription = %self.spec.name, event_id = %event.event_id, stream = %event.stream_id, "held behind a parked event");
             let key = format!("{}/hold/{}", self.key, event.event_id);

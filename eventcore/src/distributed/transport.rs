@@ -195,17 +195,33 @@ pub struct Delivery {
     /// How many times it was delivered to this subscription, this time included (1 the
     /// first time).
     pub attempt: u32,
+    /// Whether this is a first delivery that directly follows the last delivery this
+    /// handle acknowledged of the same publishing service, with no delivery of that
+    /// service's events to any handle in between: nothing of that service was handled
+    /// anywhere else since. The subscription runner then skips re-reading its inbox
+    /// (only another instance's handling could have parked one of that service's
+    /// streams). `false` whenever the transport cannot tell, which is always safe.
+    pub consecutive: bool,
 }
 
 impl Delivery {
-    /// A delivery (for transports).
+    /// A delivery (for transports); not [`Delivery::consecutive`].
     pub fn new(event: DistributedEvent, topic: Topic, sequence: u64, attempt: u32) -> Self {
         Delivery {
             event,
             topic,
             sequence,
             attempt,
+            consecutive: false,
         }
+    }
+
+    /// Marks the delivery [`Delivery::consecutive`] (for transports): only when it is a
+    /// first delivery and the transport knows that no handle received an event of the
+    /// same service since this handle's last acknowledgement.
+    pub fn with_consecutive(mut self, consecutive: bool) -> Self {
+        self.consecutive = consecutive && self.attempt == 1;
+        self
     }
 }
 

@@ -322,6 +322,71 @@ pub async fn two_handles_never_hold_two_events_at_once(harness: impl TransportHa
     assert_eq!(next.event.event_id, sent[1].event_id);
 }
 
+/// [`crate::distributed::Delivery::consecutive`] (the subscription runner then skips
+/// reading its inbox): never on a handle's first delivery, a redelivery, or a delivery
+/// after another handle received one of the same service; and on the first delivery
+/// right after the handle's own acknowledgement (a transport that cannot tell may
+/// always say `false`, which is safe but fails this last part).
+pub async fn a_delivery_is_consecutive_only_after_the_handles_own_acknowledgement(
+    harness: impl TransportHarness,
+) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 5).await;
+    let subscriber = harness.subscriber().await;
+    let subscription_spec = spec("billing", "orders", &["order-events"]);
+    let mut one = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+    let mut two = subscriber
+        .subscribe(&subscription_spec)
+        .await
+        .expect("subscribes");
+
+    let first = next_and_ack(&mut *one).await;
+    assert_eq!(first.event.event_id, sent[0].event_id);
+    assert!(
+        !first.consecutive,
+        "a handle's first delivery follows nothing of its own"
+    );
+    let second = next_and_ack(&mut *one).await;
+    assert_eq!(second.event.event_id, sent[1].event_id);
+    assert!(
+        second.consecutive,
+        "right after the handle's own acknowledgement"
+    );
+
+    let elsewhere = next_and_ack(&mut *two).await;
+    assert_eq!(elsewhere.event.event_id, sent[2].event_id);
+    assert!(
+        !elsewhere.consecutive,
+        "the other handle acknowledged nothing yet"
+    );
+
+    let after_other = one.next().await.expect("delivers");
+    assert_eq!(after_other.event.event_id, sent[3].event_id);
+    assert!(
+        !after_other.consecutive,
+        "another handle received an event in between"
+    );
+    let again = next_and_ack(&mut *one).await;
+    assert_eq!(again.event.event_id, sent[3].event_id);
+    assert!(
+        again.attempt >= 2 && !again.consecutive,
+        "a redelivery is never consecutive"
+    );
+    let last = next_and_ack(&mut *one).await;
+    assert_eq!(last.event.event_id, sent[4].event_id);
+    assert!(
+        last.consecutive,
+        "right after the handle's own acknowledgement"
+    );
+}
+
 /// Dropping every handle and subscribing again resumes after the last acknowledged
 /// event.
 pub async fn a_subscription_resumes_after_its_last_acknowledgement(harness: impl TransportHarness) {

@@ -341,6 +341,60 @@ pub async fn a_failing_event_is_parked_and_holds_its_stream_while_others_flow_un
     assert_eq!(applied(&store).await, each_once(&[("a", 4), ("b", 2)]));
 }
 
+/// Two instances of a service: one parks an event of stream `a`, and the other, whose
+/// previous delivery it acknowledged itself, must still hold the next event of `a`
+/// behind it (it learns of the park from the store, since another handle was delivered
+/// an event in between).
+pub async fn an_event_parked_by_one_instance_holds_its_stream_on_the_other(
+    harness: impl TransportHarness,
+) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(&*producer, &[("b", 1), ("a", 1), ("a", 2), ("b", 2)], 1);
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let failing = Applier::default();
+    failing.failing.lock().insert("a".to_owned());
+    let mut parking = runner(subscriber.clone(), &store, failing);
+    let mut other = runner(subscriber.clone(), &store, Applier::default());
+    let mut parking_handle = subscriber.subscribe(&spec()).await.expect("subscribes");
+    let mut other_handle = subscriber.subscribe(&spec()).await.expect("subscribes");
+    let step =
+        async |runner: &mut SubscriptionRunner<Applier>,
+               handle: &mut Box<dyn crate::distributed::Subscription>| {
+            let delivery = handle.next().await.expect("delivers");
+            let processed = runner.process(&delivery).await.expect("processes");
+            handle.ack(&delivery).await.expect("acknowledges");
+            (delivery.event.event_id, processed)
+        };
+    assert_eq!(
+        step(&mut other, &mut other_handle).await,
+        (sent[0].event_id, Processed::Handled)
+    );
+    assert_eq!(
+        step(&mut parking, &mut parking_handle).await,
+        (sent[1].event_id, Processed::Parked)
+    );
+    assert_eq!(
+        step(&mut other, &mut other_handle).await,
+        (sent[2].event_id, Processed::Held),
+        "the other instance handled a's next event past the parked one"
+    );
+    assert_eq!(
+        step(&mut other, &mut other_handle).await,
+        (sent[3].event_id, Processed::Handled)
+    );
+    assert_eq!(applied(&store).await, each_once(&[("b", 2)]));
+    let waiting: Vec<u64> = other
+        .parked()
+        .await
+        .expect("reads")
+        .iter()
+        .map(|p| p.event.stream_version.value())
+        .collect();
+    assert_eq!(waiting, [1, 2]);
+}
+
 /// An event on which the handling process dies every time (a panic; no outcome is ever
 /// recorded) is parked once it was delivered more than the limit, without running the
 /// handler again, and the subscription goes on.
