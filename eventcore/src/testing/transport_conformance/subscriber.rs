@@ -359,14 +359,13 @@ pub async fn an_event_parked_by_one_instance_holds_its_stream_on_the_other(
     let mut other = runner(subscriber.clone(), &store, Applier::default());
     let mut parking_handle = subscriber.subscribe(&spec()).await.expect("subscribes");
     let mut other_handle = subscriber.subscribe(&spec()).await.expect("subscribes");
-    let step =
-        async |runner: &mut SubscriptionRunner<Applier>,
-               handle: &mut Box<dyn crate::distributed::Subscription>| {
-            let delivery = handle.next().await.expect("delivers");
-            let processed = runner.process(&delivery).await.expect("processes");
-            handle.ack(&delivery).await.expect("acknowledges");
-            (delivery.event.event_id, processed)
-        };
+    let step = async |runner: &mut SubscriptionRunner<Applier>,
+                      handle: &mut Box<dyn crate::distributed::Subscription>| {
+        let delivery = handle.next().await.expect("delivers");
+        let processed = runner.process(&delivery).await.expect("processes");
+        handle.ack(&delivery).await.expect("acknowledges");
+        (delivery.event.event_id, processed)
+    };
     assert_eq!(
         step(&mut other, &mut other_handle).await,
         (sent[0].event_id, Processed::Handled)
