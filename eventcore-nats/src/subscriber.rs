@@ -263,11 +263,14 @@ struct NatsSubscription {
     /// Per source: what became of the message its pump offered.
     done: Vec<mpsc::UnboundedSender<Done>>,
     held: Option<Held>,
-    /// Per source: the consumer's delivery sequence of the last delivery this handle
-    /// acknowledged (`None` after a failure). The broker numbers every delivery of a
-    /// consumer, to any handle: a first delivery numbered right after it went to no
-    /// other handle in between ([`Delivery::consecutive`]).
-    acked: Vec<Option<u64>>,
+    /// Per source: the consumer's delivery sequence and the stream sequence of the last
+    /// delivery this handle acknowledged (`None` after a failure). The broker numbers
+    /// every delivery of a consumer, to any handle: a first delivery numbered right
+    /// after it went to no other handle in between ([`Delivery::consecutive`]). The
+    /// stream sequence must have moved forward too: a consumer deleted and made again
+    /// under the same name (by an operator, or by `subscribe` after a broker lost it)
+    /// numbers its deliveries from 1 again, from the start of the stream.
+    acked: Vec<Option<(u64, u64)>>,
     names: Names,
 }
 
@@ -538,8 +541,9 @@ impl NatsSubscription {
             )));
         }
         let delivered_as = info.consumer_sequence;
-        let consecutive =
-            self.acked[source].is_some_and(|acked| acked.checked_add(1) == Some(delivered_as));
+        let consecutive = self.acked[source].is_some_and(|(delivery, stream)| {
+            delivery.checked_add(1) == Some(delivered_as) && sequence > stream
+        });
         let delivery = Delivery::new(event, topic, sequence, attempt).with_consecutive(consecutive);
         Ok((delivery, sequence, delivered_as))
     }
@@ -606,7 +610,8 @@ impl Subscription for NatsSubscription {
                     .client
                     .request(reply, bytes::Bytes::from_static(b"+ACK"))
                     .await;
-                self.acked[held.source] = acked.is_ok().then_some(held.delivered_as);
+                self.acked[held.source] =
+                    acked.is_ok().then_some((held.delivered_as, held.sequence));
                 acked.map(|_| ()).map_err(|error| {
                     TransportError::unavailable(
                         format!("acknowledging; the event may come again: {error}"),

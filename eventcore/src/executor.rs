@@ -424,6 +424,11 @@ impl CommandExecutor {
                     None => Err(error),
                 }
             }
+            // A decision with no streams and nothing to write reaches no append (there
+            // is nothing to guard), so nothing checked the key: ask.
+            Ok(outcome) if !look_up_first && outcome.events.is_empty() && !outcome.deduplicated => {
+                Ok(self.store.idempotent_outcome(key).await?.unwrap_or(outcome))
+            }
             result => result,
         }
     }

@@ -286,6 +286,7 @@ macro_rules! transport_conformance_tests {
             a_broker_that_lost_acknowledged_events_gets_them_again_in_order,
             a_running_publisher_republishes_lost_events_before_newer_ones,
             a_live_publisher_republishes_lost_events_before_newer_ones,
+            a_live_publisher_republishes_lost_events_while_only_private_ones_come,
             a_redelivered_event_changes_nothing,
             a_failing_event_is_parked_and_holds_its_stream_while_others_flow_until_redriven,
             an_event_parked_by_one_instance_holds_its_stream_on_the_other,

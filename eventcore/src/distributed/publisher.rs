@@ -137,9 +137,10 @@ impl PublisherRunner {
     }
 
     /// How often [`PublisherRunner::run`] asks the broker whether its publication still
-    /// ends where it should while the store is quiet (default 10 s): a broker that lost
-    /// acknowledged events in a crash gets them again within this interval even when the
-    /// service writes nothing new.
+    /// ends where it should (default 10 s): a broker that lost acknowledged events in a
+    /// crash gets them again within this interval even when the service writes nothing
+    /// new, or only private events. (A new public event finds the loss sooner: its
+    /// publish is refused, and the run reconciles.)
     pub fn with_reconcile_interval(mut self, interval: std::time::Duration) -> Self {
         self.reconcile_interval = interval;
         self
@@ -280,10 +281,19 @@ impl PublisherRunner {
     pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failures = 0;
-        // The first pass, and each after a quiet reconcile interval, asks the broker
-        // first (see `pass`).
-        let mut verify = true;
+        // The first pass asks the broker first (see `pass`), and then one pass per
+        // reconcile interval, whatever the log does meanwhile: a deadline, not a timer
+        // re-armed on every wake-up (private events alone publish nothing, so no
+        // refused publish would reveal a loss while they keep coming).
+        let mut next_check = tokio::time::Instant::now();
         loop {
+            let now = tokio::time::Instant::now();
+            let verify = now >= next_check;
+            if verify {
+                next_check = now
+                    .checked_add(self.reconcile_interval)
+                    .unwrap_or_else(|| now + std::time::Duration::from_secs(60 * 60 * 24 * 365));
+            }
             // Cancelling a pass at shutdown is safe: what the broker acknowledged is
             // found again by the next start, which asks the broker.
             let passed = tokio::select! {
@@ -294,14 +304,8 @@ impl PublisherRunner {
                 Ok(()) => {
                     let after = self.cursor.flatten();
                     tokio::select! {
-                        waited = self.store.wait_for_events(after) => {
-                            verify = false;
-                            waited
-                        }
-                        () = tokio::time::sleep(self.reconcile_interval) => {
-                            verify = true;
-                            Ok(())
-                        }
+                        waited = self.store.wait_for_events(after) => waited,
+                        () = tokio::time::sleep_until(next_check) => Ok(()),
                         () = &mut shutdown => return Ok(()),
                     }
                 }

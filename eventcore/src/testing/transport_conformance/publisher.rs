@@ -536,3 +536,66 @@ pub async fn a_live_publisher_republishes_lost_events_before_newer_ones(
     running.await.expect("joins").expect("the run ends cleanly");
     assert_complete(&harness, &store, "live").await;
 }
+
+/// Live, the broker loses its last events and then only private events come, faster
+/// than the reconcile interval: they publish nothing, so no refused publish reveals the
+/// loss, and the interval must still bring it to light (a deadline, not a timer each
+/// new event starts again).
+pub async fn a_live_publisher_republishes_lost_events_while_only_private_ones_come(
+    harness: impl TransportHarness,
+) {
+    let interval = std::time::Duration::from_millis(300);
+    let store = harness.store().await;
+    let mut publisher = runner(&store, harness.publisher(&orders()).await)
+        .with_reconcile_interval(interval)
+        .with_retry_policy(
+            crate::RetryPolicy::new()
+                .with_initial_delay(std::time::Duration::from_millis(1))
+                .with_max_delay(std::time::Duration::from_millis(10)),
+        );
+    let metrics = publisher.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        publisher
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    fill(&store, 0, 5).await;
+    let last_public = public_events(&store)
+        .await
+        .last()
+        .map(|e| e.global_position)
+        .expect("public events");
+    while metrics.position() < last_public.value() {
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    harness.lose_last_messages(&orders(), 3).await;
+    let broker = harness.publisher(&orders()).await;
+    // Private events, one after another as soon as the runner passed the previous one.
+    let mut n = 100;
+    while broker.last_published().await.expect("reads") != Some(last_public) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost events were not published again while private events kept coming"
+        );
+        append(&store, "ledger", "Booked", n).await;
+        n += 1;
+        let written = store
+            .read_all(&LogQuery::new())
+            .await
+            .expect("reads")
+            .last()
+            .map_or(0, |e| e.global_position.value());
+        while metrics.position() < written {
+            assert!(tokio::time::Instant::now() < deadline, "the runner stopped");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    let _ = stop.send(());
+    running.await.expect("joins").expect("the run ends cleanly");
+    assert_complete(&harness, &store, "private").await;
+}
