@@ -210,6 +210,10 @@ impl EventSubscriber for NatsSubscriber {
 struct Offered {
     source: usize,
     message: jetstream::Message,
+    /// A pull or a progress acknowledgement failed since the pump's previous offer
+    /// (the consumer may have been deleted and made again): the handle's record of
+    /// its last acknowledged delivery no longer says anything.
+    after_failure: bool,
 }
 
 /// What a pump offers: a message, or a failure during call `call` of `next`.
@@ -335,6 +339,8 @@ async fn pump(
 ) {
     // The call of `next` this pump last reported a failure to: not again in it.
     let mut failed_in = None;
+    // Whether a pull or a progress acknowledgement failed since the last offer.
+    let mut failed = false;
     loop {
         let now = match asking
             .wait_for(|asking| asking.waiting && Some(asking.call) != failed_in)
@@ -347,6 +353,7 @@ async fn pump(
             Ok(Some(message)) => message,
             Ok(None) => continue,
             Err(error) => {
+                failed = true;
                 // Reported to the call that is waiting, if it still is; dropped when
                 // the channel is full (the handle then has other offers to take).
                 let current = *asking.borrow();
@@ -369,6 +376,7 @@ async fn pump(
         let offered = Offer::Message(Box::new(Offered {
             source,
             message: message.clone(),
+            after_failure: std::mem::take(&mut failed),
         }));
         // Offered, and kept alive meanwhile (the handle may be busy with another
         // source's event).
@@ -383,7 +391,9 @@ async fn pump(
                     break;
                 }
                 () = tokio::time::sleep(keep_alive) => {
-                    let _ = message.ack_with(AckKind::Progress).await;
+                    if message.ack_with(AckKind::Progress).await.is_err() {
+                        failed = true;
+                    }
                 }
             }
         }
@@ -403,6 +413,7 @@ async fn pump(
                 }
                 () = tokio::time::sleep(keep_alive) => {
                     if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        failed = true;
                         tracing::debug!(%error, "could not extend the acknowledgement wait");
                     }
                 }
@@ -570,7 +581,14 @@ impl Subscription for NatsSubscription {
                 }
             }
         };
-        let Offered { source, message } = offered;
+        let Offered {
+            source,
+            message,
+            after_failure,
+        } = offered;
+        if after_failure {
+            self.acked[source] = None;
+        }
         let service = self.services[source].clone();
         match self.delivery(source, &service, &message) {
             Ok((delivery, sequence, delivered_as)) => {
