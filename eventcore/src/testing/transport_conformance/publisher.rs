@@ -495,22 +495,8 @@ pub async fn a_live_publisher_republishes_lost_events_before_newer_ones(
     harness: impl TransportHarness,
 ) {
     let store = harness.store().await;
-    let mut publisher = runner(&store, harness.publisher(&orders()).await)
-        .with_reconcile_interval(std::time::Duration::from_secs(3600))
-        .with_retry_policy(
-            crate::RetryPolicy::new()
-                .with_initial_delay(std::time::Duration::from_millis(1))
-                .with_max_delay(std::time::Duration::from_millis(10)),
-        );
-    let metrics = publisher.metrics();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        publisher
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let live = Live::start(&harness, &store, std::time::Duration::from_secs(3600)).await;
+    let metrics = live.metrics.clone();
     // Waits (bounded) until every public event of the store is behind the runner.
     let caught_up = async |what: &str| {
         let last = public_events(&store)
@@ -532,8 +518,7 @@ pub async fn a_live_publisher_republishes_lost_events_before_newer_ones(
     harness.lose_last_messages(&orders(), 3).await;
     fill(&store, 5, 5).await;
     caught_up("past the loss").await;
-    let _ = stop.send(());
-    running.await.expect("joins").expect("the run ends cleanly");
+    live.stop().await;
     assert_complete(&harness, &store, "live").await;
 }
 
@@ -546,22 +531,8 @@ pub async fn a_live_publisher_republishes_lost_events_while_only_private_ones_co
 ) {
     let interval = std::time::Duration::from_millis(300);
     let store = harness.store().await;
-    let mut publisher = runner(&store, harness.publisher(&orders()).await)
-        .with_reconcile_interval(interval)
-        .with_retry_policy(
-            crate::RetryPolicy::new()
-                .with_initial_delay(std::time::Duration::from_millis(1))
-                .with_max_delay(std::time::Duration::from_millis(10)),
-        );
-    let metrics = publisher.metrics();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        publisher
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let live = Live::start(&harness, &store, interval).await;
+    let metrics = live.metrics.clone();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     fill(&store, 0, 5).await;
     let last_public = public_events(&store)
@@ -595,7 +566,53 @@ pub async fn a_live_publisher_republishes_lost_events_while_only_private_ones_co
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
-    let _ = stop.send(());
-    running.await.expect("joins").expect("the run ends cleanly");
+    live.stop().await;
     assert_complete(&harness, &store, "private").await;
+}
+
+/// A publisher runner following the log in a task of its own (quick retries, the
+/// given reconcile interval), until [`Live::stop`].
+struct Live {
+    metrics: crate::distributed::PublisherMetrics,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<crate::Result<()>>,
+}
+
+impl Live {
+    async fn start<H: TransportHarness>(
+        harness: &H,
+        store: &H::Store,
+        reconcile_interval: std::time::Duration,
+    ) -> Self {
+        let mut publisher = runner(store, harness.publisher(&orders()).await)
+            .with_reconcile_interval(reconcile_interval)
+            .with_retry_policy(
+                crate::RetryPolicy::new()
+                    .with_initial_delay(std::time::Duration::from_millis(1))
+                    .with_max_delay(std::time::Duration::from_millis(10)),
+            );
+        let metrics = publisher.metrics();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(async move {
+            publisher
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Live {
+            metrics,
+            stop,
+            running,
+        }
+    }
+
+    /// Stops the runner; it must end cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running
+            .await
+            .expect("joins")
+            .expect("the run ends cleanly");
+    }
 }
