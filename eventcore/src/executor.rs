@@ -424,8 +424,10 @@ impl CommandExecutor {
                     None => Err(error),
                 }
             }
-            // A decision with no streams and nothing to write reaches no append (there
-            // is nothing to guard), so nothing checked the key: ask.
+            // Nothing written: with no streams at all the decision reached no append
+            // (there is nothing to guard), so nothing checked the key: ask. (A
+            // check-only append also lands here; it did check, and the question only
+            // costs a round trip on that rare path.)
             Ok(outcome) if !look_up_first && outcome.events.is_empty() && !outcome.deduplicated => {
                 Ok(self.store.idempotent_outcome(key).await?.unwrap_or(outcome))
             }
