@@ -424,13 +424,6 @@ impl CommandExecutor {
                     None => Err(error),
                 }
             }
-            // Nothing written: with no streams at all the decision reached no append
-            // (there is nothing to guard), so nothing checked the key: ask. (A
-            // check-only append also lands here; it did check, and the question only
-            // costs a round trip on that rare path.)
-            Ok(outcome) if !look_up_first && outcome.events.is_empty() && !outcome.deduplicated => {
-                Ok(self.store.idempotent_outcome(key).await?.unwrap_or(outcome))
-            }
             result => result,
         }
     }
@@ -490,9 +483,17 @@ impl CommandExecutor {
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<AppendOutcome> {
         // Nothing to write and nothing to remember: no append. A key with no streams at
-        // all has nothing to guard either.
-        if writes.is_empty() && (idempotency_key.is_none() || streams.is_empty()) {
-            return Ok(AppendOutcome::written(Vec::new()));
+        // all has nothing to guard either, so no append checks it: its earlier outcome,
+        // if any, is looked up here.
+        if writes.is_empty() {
+            match idempotency_key {
+                None => return Ok(AppendOutcome::written(Vec::new())),
+                Some(key) if streams.is_empty() => {
+                    let earlier = self.store.idempotent_outcome(key).await?;
+                    return Ok(earlier.unwrap_or_else(|| AppendOutcome::written(Vec::new())));
+                }
+                Some(_) => {}
+            }
         }
         let mut request = build_request(streams, snapshot, writes, metadata)?;
         request.idempotency_key = idempotency_key.cloned();

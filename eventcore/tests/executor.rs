@@ -774,6 +774,57 @@ async fn an_idempotency_key_makes_a_second_execution_return_the_first_outcome() 
     assert_eq!(store.len(), 3);
 }
 
+/// Reads no stream and decides to write nothing (written by hand: the derive needs a
+/// stream).
+struct Nothing {}
+
+struct NoStreams;
+
+impl eventcore::CommandStreams for Nothing {
+    type StreamSet = NoStreams;
+
+    fn read_streams(&self) -> Vec<StreamId> {
+        Vec::new()
+    }
+}
+
+impl CommandLogic for Nothing {
+    type State = ();
+    type Event = Ledger;
+
+    fn apply(&self, _: &mut (), _: &StoredEvent<Ledger>) {}
+
+    fn handle(
+        &self,
+        _: ReadStreams<Self::StreamSet>,
+        _: (),
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A command with no streams reaches no append, so nothing else checks its key: a key
+/// used before still answers with its first outcome.
+#[tokio::test]
+async fn a_key_used_before_answers_a_command_with_no_streams() {
+    let store = InMemoryEventStore::new();
+    let (a, b) = (id("acc-a"), id("acc-b"));
+    seed(&store, &a, vec![credit(10)]).await;
+    let options = ExecutionOptions::new()
+        .with_idempotency_key(IdempotencyKey::try_new("one-key").expect("valid"));
+    let first = CommandExecutor::new(store.clone())
+        .execute_with(&transfer(&a, &b, 4), options.clone())
+        .await
+        .expect("first");
+    let second = CommandExecutor::new(store.clone())
+        .execute_with(&Nothing {}, options)
+        .await
+        .expect("second");
+    assert!(second.deduplicated);
+    assert_eq!(second.events_written, first.events_written);
+}
+
 /// The first attempt leaves the key to the append; a decision that fails because the
 /// state includes the key's own earlier effect (the whole balance already moved) must
 /// still answer with that effect, not with the business error.
