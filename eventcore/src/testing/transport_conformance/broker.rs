@@ -254,25 +254,12 @@ pub async fn an_unacknowledged_delivery_comes_again(harness: impl TransportHarne
 /// A handle dropped with a delivery in flight (a crashed consumer) hands it to the next
 /// handle of the subscription.
 pub async fn a_dropped_handle_hands_its_delivery_to_the_next(harness: impl TransportHarness) {
-    let orders = harness.publisher(&service("orders")).await;
-    orders
-        .declare_topics(&[topic("order-events")])
-        .await
-        .expect("declares");
-    let sent = publish_some(&*orders, "order-events", 1, 2).await;
-    let subscriber = harness.subscriber().await;
-    let subscription_spec = spec("billing", "orders", &["order-events"]);
-    let mut crashing = subscriber
-        .subscribe(&subscription_spec)
-        .await
-        .expect("subscribes");
+    let (sent, billing) = orders_for_billing(&harness, 2).await;
+    let mut crashing = billing.subscribe().await;
     let taken = crashing.next().await.expect("delivers");
     assert_eq!(taken.event.event_id, sent[0].event_id);
     drop(crashing);
-    let mut survivor = subscriber
-        .subscribe(&subscription_spec)
-        .await
-        .expect("subscribes");
+    let mut survivor = billing.subscribe().await;
     let redelivered = next_and_ack(&mut *survivor).await;
     assert_eq!(redelivered.event.event_id, sent[0].event_id);
     assert!(redelivered.attempt >= 2, "{}", redelivered.attempt);
@@ -285,22 +272,8 @@ pub async fn a_dropped_handle_hands_its_delivery_to_the_next(harness: impl Trans
 /// Two handles on one subscription (two instances of a service): while one holds a
 /// delivery, the other gets nothing; after the acknowledgement, it gets the next event.
 pub async fn two_handles_never_hold_two_events_at_once(harness: impl TransportHarness) {
-    let orders = harness.publisher(&service("orders")).await;
-    orders
-        .declare_topics(&[topic("order-events")])
-        .await
-        .expect("declares");
-    let sent = publish_some(&*orders, "order-events", 1, 2).await;
-    let subscriber = harness.subscriber().await;
-    let subscription_spec = spec("billing", "orders", &["order-events"]);
-    let mut one = subscriber
-        .subscribe(&subscription_spec)
-        .await
-        .expect("subscribes");
-    let mut two = subscriber
-        .subscribe(&subscription_spec)
-        .await
-        .expect("subscribes");
+    let (sent, billing) = orders_for_billing(&harness, 2).await;
+    let (mut one, mut two) = (billing.subscribe().await, billing.subscribe().await);
     let held = one.next().await.expect("delivers");
     assert_eq!(held.event.event_id, sent[0].event_id);
     // The other handle asks meanwhile; what it gets must come after the
@@ -330,22 +303,8 @@ pub async fn two_handles_never_hold_two_events_at_once(harness: impl TransportHa
 pub async fn a_delivery_is_consecutive_only_after_the_handles_own_acknowledgement(
     harness: impl TransportHarness,
 ) {
-    let orders = harness.publisher(&service("orders")).await;
-    orders
-        .declare_topics(&[topic("order-events")])
-        .await
-        .expect("declares");
-    let sent = publish_some(&*orders, "order-events", 1, 5).await;
-    let subscriber = harness.subscriber().await;
-    let subscription_spec = spec("billing", "orders", &["order-events"]);
-    let mut one = subscriber
-        .subscribe(&subscription_spec)
-        .await
-        .expect("subscribes");
-    let mut two = subscriber
-        .subscribe(&subscription_spec)
-        .await
-        .expect("subscribes");
+    let (sent, billing) = orders_for_billing(&harness, 5).await;
+    let (mut one, mut two) = (billing.subscribe().await, billing.subscribe().await);
 
     let first = next_and_ack(&mut *one).await;
     assert_eq!(first.event.event_id, sent[0].event_id);
@@ -473,4 +432,35 @@ pub async fn a_subscription_receives_only_its_topics(harness: impl TransportHarn
     let last = publish_some(&*users, "user-events", 3, 1).await;
     let delivery = next_and_ack(&mut *subscription).await;
     assert_eq!(delivery.event.event_id, last[0].event_id);
+}
+
+/// Billing's subscription to the orders service's `order-events`.
+struct Billing {
+    subscriber: Arc<dyn crate::distributed::EventSubscriber>,
+}
+
+impl Billing {
+    /// A new handle on the subscription (another instance of billing).
+    async fn subscribe(&self) -> Box<dyn crate::distributed::Subscription> {
+        self.subscriber
+            .subscribe(&spec("billing", "orders", &["order-events"]))
+            .await
+            .expect("subscribes")
+    }
+}
+
+/// `count` events published by orders under `order-events`, and billing's subscription
+/// to them.
+async fn orders_for_billing(
+    harness: &impl TransportHarness,
+    count: u64,
+) -> (Vec<crate::distributed::DistributedEvent>, Billing) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, count).await;
+    let subscriber = harness.subscriber().await;
+    (sent, Billing { subscriber })
 }
