@@ -391,7 +391,7 @@ const IN_FLIGHT: usize = 256;
 
 /// One W7 run at `rate` events per second: A deposits at that fixed rate (open loop,
 /// the schedule kept whatever the latency), its publisher and B's subscription run
-/// live. The invariant: after the run, B has handled each of A's public events exactly
+/// live, split into `run.concurrency` partitions (one runner each). The invariant: after the run, B has handled each of A's public events exactly
 /// once (its store holds one mirror event per event of A).
 pub(crate) async fn run_end_to_end(
     run: &Run,
@@ -421,19 +421,26 @@ pub(crate) async fn run_end_to_end(
         SubscriptionName::try_new("deposits").expect("valid"),
         [topic()],
     );
-    let mut subscription = SubscriptionRunner::new(
-        transport.subscriber(),
-        spec,
-        Mirror {
-            timings: timings.clone(),
-        },
-        CommandExecutor::from_shared(b.0.clone()),
-    )
-    .map_err(|e| e.to_string())?;
-    let subscribing = tokio::spawn({
+    // B's subscription split `concurrency` ways, one runner per partition.
+    let partitions = u32::try_from(run.concurrency)
+        .map_err(|e| e.to_string())
+        .and_then(|count| spec.split(count).map_err(|e| e.to_string()))?;
+    let mut subscribing = Vec::new();
+    for partition in partitions {
+        let mut subscription = SubscriptionRunner::new(
+            transport.subscriber(),
+            partition,
+            Mirror {
+                timings: timings.clone(),
+            },
+            CommandExecutor::from_shared(b.0.clone()),
+        )
+        .map_err(|e| e.to_string())?;
         let stopped = stopped.clone();
-        async move { subscription.run(until_stopped(stopped)).await }
-    });
+        subscribing.push(tokio::spawn(async move {
+            subscription.run(until_stopped(stopped)).await
+        }));
+    }
 
     // Set-up, not measured: the accounts opened in A and mirrored by B.
     let executor = CommandExecutor::from_shared(a.0.clone());
@@ -526,10 +533,12 @@ pub(crate) async fn run_end_to_end(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("publishing: {e}"))?;
-    subscribing
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("subscribing: {e}"))?;
+    for partition in subscribing {
+        partition
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("subscribing: {e}"))?;
+    }
     drained?;
     let mirrored = count(&*b.0, "mirror-").await?;
     transport.clean_up(&bank()).await;
@@ -543,7 +552,6 @@ pub(crate) async fn run_end_to_end(
     let ms = |micros: u64| micros as f64 / 1_000.0;
     let measured = !histogram.is_empty();
     let mut report = report(run, broker);
-    report.concurrency = 1;
     report.duration_s = seconds;
     report.rate = Some(rate);
     report.ops_per_s = Some(offered.load(Ordering::Relaxed) as f64 / seconds);

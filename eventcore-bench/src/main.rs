@@ -16,7 +16,8 @@
 //!
 //! W6 on NATS is preceded by the broker's own limit (`nats-floor` rows: the same
 //! messages straight through async-nats). W7 runs at `--rate` first, then, with
-//! `--max-rate`, searches the highest rate B keeps up with.
+//! `--max-rate`, searches the highest rate B keeps up with; B's subscription is split
+//! into `--concurrency` partitions, one runner each.
 
 mod bank;
 mod distributed;
@@ -68,7 +69,8 @@ struct Args {
     /// The workload (see docs/benchmarks.md).
     #[arg(long, value_enum, required_unless_present = "all")]
     workload: Option<Workload>,
-    /// Concurrent tasks issuing commands back to back.
+    /// Concurrent tasks issuing commands back to back; for W7, the partitions of B's
+    /// subscription (1, 2, 4, ... 64), one runner each.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// Measured seconds, after the warm-up.
@@ -414,6 +416,7 @@ fn matrix(postgres: bool, nats: bool) -> Vec<Planned> {
         if let Some(broker) = broker {
             runs.push((backend, Some(broker), Workload::W6, 1));
             runs.push((backend, Some(broker), Workload::W7, 1));
+            runs.push((backend, Some(broker), Workload::W7, 8));
         }
     }
     runs

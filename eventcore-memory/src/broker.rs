@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use eventcore::distributed::{
-    Delivery, DistributedEvent, EventPublisher, EventSubscriber, Publication, ServiceId,
-    Subscription, SubscriptionName, SubscriptionSpec, Topic, TransportError,
+    Delivery, DistributedEvent, EventPublisher, EventSubscriber, Partition, Publication, ServiceId,
+    Subscription, SubscriptionName, SubscriptionSpec, Topic, TransportError, slot_of,
 };
 use eventcore::{Clock, EventId, GlobalPosition, SystemClock};
 use parking_lot::Mutex;
@@ -29,6 +29,8 @@ use tokio::sync::watch;
 ///   at a time**, at least once: the unacknowledged event comes again to the next
 ///   [`Subscription::next`] call, or to another handle when its handle is dropped (a
 ///   crash).
+/// - A split subscription ([`SubscriptionSpec::split`]) is one such subscription per
+///   partition, each delivering the events of its partition's source streams only.
 /// - Faults can be injected ([`InMemoryBroker::fail_after`],
 ///   [`InMemoryBroker::crash`]), so tests force each interleaving without timing.
 ///
@@ -50,7 +52,8 @@ struct Shared {
 struct State {
     logs: HashMap<ServiceId, Log>,
     owners: BTreeMap<Topic, ServiceId>,
-    consumers: HashMap<(ServiceId, SubscriptionName), Consumer>,
+    /// Per subscription partition (a subscription not split is [`Partition::WHOLE`]).
+    consumers: HashMap<ConsumerKey, Consumer>,
     next_handle: u64,
     /// Fault injection: messages still to store before the next one fails.
     fail_after: Option<u32>,
@@ -70,10 +73,15 @@ struct Log {
     unsynced: usize,
 }
 
+/// A durable subscription's partition: whose, which, which part.
+type ConsumerKey = (ServiceId, SubscriptionName, Partition);
+
 struct Message {
     sequence: u64,
     arrival: u64,
     topic: Topic,
+    /// The source stream's [`slot_of`].
+    slot: u32,
     event: DistributedEvent,
     stored_at: DateTime<Utc>,
 }
@@ -356,6 +364,7 @@ impl EventPublisher for InMemoryPublisher {
                 sequence,
                 arrival,
                 topic: publication.topic.clone(),
+                slot: slot_of(&publication.event.stream_id),
                 event: publication.event.clone(),
                 stored_at: now,
             });
@@ -412,7 +421,24 @@ impl EventSubscriber for InMemoryBroker {
                 None,
             ));
         }
-        let key = (spec.service.clone(), spec.name.clone());
+        // Split one way for the subscription's whole life.
+        if let Some((_, _, other)) = state.consumers.keys().find(|(service, name, partition)| {
+            service == &spec.service
+                && name == &spec.name
+                && partition.count() != spec.partition.count()
+        }) {
+            return Err(TransportError::rejected(
+                format!(
+                    "subscription `{}` of `{}` exists split into {} partitions, not {}",
+                    spec.name,
+                    spec.service,
+                    other.count(),
+                    spec.partition.count()
+                ),
+                None,
+            ));
+        }
+        let key = (spec.service.clone(), spec.name.clone(), spec.partition);
         match state.consumers.get(&key) {
             Some(consumer) if consumer.topics != spec.topics => {
                 return Err(TransportError::rejected(
@@ -454,7 +480,7 @@ impl EventSubscriber for InMemoryBroker {
 /// A handle on a durable subscription of an [`InMemoryBroker`].
 struct InMemorySubscription {
     broker: InMemoryBroker,
-    key: (ServiceId, SubscriptionName),
+    key: ConsumerKey,
     handle: u64,
     changed: watch::Receiver<u64>,
     /// The id of the delivery this handle holds, and its service.
@@ -483,16 +509,20 @@ impl InMemorySubscription {
             None => {
                 // The oldest message, across the publishing services, after each one's
                 // acknowledged position and of a subscribed topic.
+                let partition = self.key.2;
                 let next = consumer
                     .topics
                     .iter()
                     .filter_map(|topic| owners.get(topic))
                     .filter_map(|service| {
                         let acked = consumer.acked.get(service).copied().unwrap_or(0);
-                        logs.get(service)?
-                            .messages
+                        let messages = &logs.get(service)?.messages;
+                        let after = messages.partition_point(|m| m.sequence <= acked);
+                        messages[after..]
                             .iter()
-                            .find(|m| m.sequence > acked && consumer.topics.contains(&m.topic))
+                            .find(|m| {
+                                partition.holds_slot(m.slot) && consumer.topics.contains(&m.topic)
+                            })
                             .map(|m| (m.arrival, service.clone(), m.sequence))
                     })
                     .min_by_key(|(arrival, _, _)| *arrival)?;

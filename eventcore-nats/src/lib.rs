@@ -9,8 +9,10 @@
 //!   `<prefix>-<service>`, capturing the subjects of the topics it declared,
 //!   `<prefix>.<topic>.>`. JetStream refuses a subject captured by two streams, so a
 //!   topic belongs to one service ([`TransportError::TopicOwnedByAnother`]).
-//! - An event is one message on `<prefix>.<topic>.<stream>`, the source stream id
-//!   escaped into one token (letters, digits, `-` and `_` kept, every other byte `~XX`),
+//! - An event is one message on `<prefix>.<topic>.<slot>.<stream>`: the source stream's
+//!   slot ([`eventcore::distributed::slot_of`], 0 to 63, for split subscriptions) and
+//!   its id escaped into one token (letters, digits, `-` and `_` kept, every other byte
+//!   `~XX`),
 //!   with the envelope as the body (JSON) and the event id as `Nats-Msg-Id`; headers
 //!   repeat its identity, type, source stream, version, position and W3C trace context
 //!   for tools (`nats stream view`).
@@ -21,7 +23,8 @@
 //!   its own memory, because JetStream acknowledges before it syncs to disk. Every
 //!   publish acknowledgement is awaited.
 //! - A subscription is a durable pull consumer per publishing stream, named
-//!   `<service>~<name>`, with explicit acks, `max_ack_pending` 1 (a redelivery can then
+//!   `<service>~<name>` (`<service>~<name>~<index>of<count>` for a partition of a split
+//!   subscription, filtering the subjects of its slots), with explicit acks, `max_ack_pending` 1 (a redelivery can then
 //!   never overtake a newer message) and no `max_deliver` (the subscription runner
 //!   counts deliveries and parks; the broker never drops a message on its own). A handle
 //!   pulls only while its caller waits in [`Subscription::next`], keeps what it received

@@ -2,7 +2,7 @@
 //! names so that every valid one maps to a valid NATS name, reversibly.
 
 use eventcore::StreamId;
-use eventcore::distributed::{ServiceId, SubscriptionName, Topic};
+use eventcore::distributed::{Partition, ServiceId, SubscriptionName, Topic, slot_of};
 
 /// The escape character of [`escape_token`]; never produced by the characters kept.
 const ESCAPE: char = '~';
@@ -88,30 +88,81 @@ impl Names {
     }
 
     /// The subject of an event of `stream` published under `topic`:
-    /// `<prefix>.<topic>.<escaped stream id>`.
+    /// `<prefix>.<topic>.<slot>.<escaped stream id>`, the slot ([`slot_of`]) in decimal,
+    /// so that a subscription's partition is a set of subject filters.
     pub(crate) fn subject(&self, topic: &Topic, stream: &StreamId) -> String {
-        format!("{}.{topic}.{}", self.prefix, escape_token(stream.as_str()))
+        format!(
+            "{}.{topic}.{}.{}",
+            self.prefix,
+            slot_of(stream),
+            escape_token(stream.as_str())
+        )
     }
 
-    /// Every subject of `topic`: what its publishing stream captures and a
-    /// subscription's consumer filters.
+    /// Every subject of `topic`: what its publishing stream captures.
     pub(crate) fn topic_filter(&self, topic: &Topic) -> String {
         format!("{}.{topic}.>", self.prefix)
     }
 
-    /// The topic and source stream of a subject made by [`Names::subject`].
-    pub(crate) fn parse_subject(&self, subject: &str) -> Option<(Topic, StreamId)> {
-        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
-        let (topic, stream) = rest.split_once('.')?;
-        let topic = Topic::try_new(topic).ok()?;
-        let stream = StreamId::try_new(unescape_token(stream)?).ok()?;
-        Some((topic, stream))
+    /// The subjects of `topic` that `partition` receives: the whole topic, or one
+    /// filter per slot of the partition.
+    pub(crate) fn partition_filters(&self, topic: &Topic, partition: Partition) -> Vec<String> {
+        if partition.is_whole() {
+            return vec![self.topic_filter(topic)];
+        }
+        partition
+            .slots()
+            .map(|slot| format!("{}.{topic}.{slot}.*", self.prefix))
+            .collect()
     }
 
-    /// The durable consumer of subscription `name` of `service`, on each stream it
-    /// reads. `~` appears in neither name, so the pair is unambiguous.
-    pub(crate) fn consumer(&self, service: &ServiceId, name: &SubscriptionName) -> String {
-        format!("{service}~{name}")
+    /// The topic and source stream of a subject made by [`Names::subject`] (whose slot
+    /// must be the stream's).
+    pub(crate) fn parse_subject(&self, subject: &str) -> Option<(Topic, StreamId)> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
+        let (topic, rest) = rest.split_once('.')?;
+        let (slot, stream) = rest.split_once('.')?;
+        let topic = Topic::try_new(topic).ok()?;
+        let stream = StreamId::try_new(unescape_token(stream)?).ok()?;
+        (slot == slot_of(&stream).to_string()).then_some((topic, stream))
+    }
+
+    /// The durable consumer of partition `partition` of subscription `name` of
+    /// `service`, on each stream it reads: `<service>~<name>` for a subscription not
+    /// split, `<service>~<name>~<index>of<count>` for a partition. `~` appears in
+    /// neither name, so the parts are unambiguous.
+    pub(crate) fn consumer(
+        &self,
+        service: &ServiceId,
+        name: &SubscriptionName,
+        partition: Partition,
+    ) -> String {
+        if partition.is_whole() {
+            format!("{service}~{name}")
+        } else {
+            format!(
+                "{service}~{name}~{}of{}",
+                partition.index(),
+                partition.count()
+            )
+        }
+    }
+
+    /// The partition whose consumer `consumer` is, if it is one of subscription `name`
+    /// of `service` (as [`Names::consumer`] names them).
+    pub(crate) fn partition_of_consumer(
+        &self,
+        consumer: &str,
+        service: &ServiceId,
+        name: &SubscriptionName,
+    ) -> Option<Partition> {
+        let whole = self.consumer(service, name, Partition::WHOLE);
+        let rest = consumer.strip_prefix(&whole)?;
+        if rest.is_empty() {
+            return Some(Partition::WHOLE);
+        }
+        let (index, count) = rest.strip_prefix('~')?.split_once("of")?;
+        Partition::new(index.parse().ok()?, count.parse().ok()?).ok()
     }
 }
 
@@ -155,14 +206,74 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_filters_exactly_its_streams_subjects() {
+        let names = Names::new("ec");
+        let topic = Topic::try_new("t").expect("valid");
+        let matches = |filter: &str, subject: &str| {
+            let (f, s): (Vec<&str>, Vec<&str>) =
+                (filter.split('.').collect(), subject.split('.').collect());
+            f.len() == s.len() && f.iter().zip(&s).all(|(f, s)| *f == "*" || f == s)
+        };
+        let partitions = Partition::all(8).expect("valid");
+        for n in 0..200 {
+            let stream = StreamId::try_new(format!("account-{n}")).expect("valid");
+            let subject = names.subject(&topic, &stream);
+            for partition in &partitions {
+                let filters = names.partition_filters(&topic, *partition);
+                assert_eq!(filters.len(), 8);
+                assert_eq!(
+                    filters.iter().any(|f| matches(f, &subject)),
+                    partition.contains(&stream),
+                    "{subject} in {partition}"
+                );
+            }
+        }
+        assert_eq!(
+            names.partition_filters(&topic, Partition::WHOLE),
+            ["ec.t.>"]
+        );
+    }
+
+    #[test]
+    fn consumer_names_say_their_partition() {
+        let names = Names::new("ec");
+        let service = ServiceId::try_new("billing").expect("valid");
+        let name = SubscriptionName::try_new("orders").expect("valid");
+        let other = SubscriptionName::try_new("orders-2").expect("valid");
+        for partition in [Partition::WHOLE, Partition::new(3, 8).expect("valid")] {
+            let consumer = names.consumer(&service, &name, partition);
+            assert_eq!(
+                names.partition_of_consumer(&consumer, &service, &name),
+                Some(partition)
+            );
+            assert_eq!(
+                names.partition_of_consumer(&consumer, &service, &other),
+                None
+            );
+        }
+        assert_eq!(
+            names.consumer(&service, &name, Partition::WHOLE),
+            "billing~orders"
+        );
+        assert_eq!(
+            names.partition_of_consumer("billing~orders-2", &service, &name),
+            None
+        );
+    }
+
+    #[test]
     fn subjects_round_trip() {
         let names = Names::new("ec");
         let topic = Topic::try_new("order-events").expect("valid");
         let stream = StreamId::try_new("orders/2024.1 *x").expect("valid");
         let subject = names.subject(&topic, &stream);
-        assert_eq!(subject.split('.').count(), 3);
-        assert_eq!(names.parse_subject(&subject), Some((topic, stream)));
-        assert_eq!(names.parse_subject("other.order-events.x"), None);
+        assert_eq!(subject.split('.').count(), 4);
+        assert_eq!(names.parse_subject(&subject), Some((topic.clone(), stream)));
+        assert_eq!(names.parse_subject("other.order-events.0.x"), None);
+        // The slot must be the stream's (`a` is in slot 27).
+        assert!(names.parse_subject("ec.order-events.27.a").is_some());
+        assert_eq!(names.parse_subject("ec.order-events.26.a"), None);
+        assert_eq!(names.parse_subject("ec.order-events.a"), None);
         let service = ServiceId::try_new("orders").expect("valid");
         assert_eq!(
             names.service_of_stream(&names.stream(&service)),

@@ -144,6 +144,7 @@ impl NatsSubscriber {
                 }
                 Err(error) => match error.kind() {
                     jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                        self.refuse_another_split(&stream, spec).await?;
                         // Another instance may create it at the same moment: an
                         // identical creation succeeds, and a failed one looks again.
                         if stream
@@ -168,6 +169,40 @@ impl NatsSubscriber {
     }
 }
 
+impl NatsSubscriber {
+    /// Refuses to create a partition of `spec` next to a consumer of the same
+    /// subscription split another way: both would deliver the same streams.
+    async fn refuse_another_split(
+        &self,
+        stream: &jetstream::stream::Stream<()>,
+        spec: &SubscriptionSpec,
+    ) -> Result<(), TransportError> {
+        let mut names = stream.consumer_names();
+        while let Some(consumer) = names.next().await {
+            let consumer = consumer.map_err(|e| unavailable("listing the subscriptions", e))?;
+            if let Some(other) =
+                self.names
+                    .partition_of_consumer(&consumer, &spec.service, &spec.name)
+                && other.count() != spec.partition.count()
+            {
+                return Err(TransportError::rejected(
+                    format!(
+                        "subscription `{}` of `{}` exists split into {} partitions (consumer \
+                         `{consumer}`), not {}; to split it another way, stop its runners and \
+                         delete its consumers first",
+                        spec.name,
+                        spec.service,
+                        other.count(),
+                        spec.partition.count()
+                    ),
+                    None,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl EventSubscriber for NatsSubscriber {
     async fn subscribe(
@@ -187,9 +222,11 @@ impl EventSubscriber for NatsSubscriber {
                 .entry(stream)
                 .or_insert_with(|| (service, Vec::new()))
                 .1
-                .push(self.names.topic_filter(topic));
+                .extend(self.names.partition_filters(topic, spec.partition));
         }
-        let name = self.names.consumer(&spec.service, &spec.name);
+        let name = self
+            .names
+            .consumer(&spec.service, &spec.name, spec.partition);
         let mut consumers = Vec::with_capacity(by_stream.len());
         for (stream, (service, mut filters)) in by_stream {
             filters.sort();

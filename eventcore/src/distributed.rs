@@ -20,6 +20,7 @@
 
 mod envelope;
 mod names;
+mod partition;
 mod policy;
 mod projection;
 mod publisher;
@@ -30,6 +31,7 @@ pub use self::envelope::DistributedEvent;
 pub use self::names::{
     InvalidDistributedName, MAX_TOKEN_LEN, NameKind, ServiceId, SubscriptionName, Topic,
 };
+pub use self::partition::{InvalidPartition, Partition, SLOTS, slot_of};
 pub use self::policy::{PublicationPolicy, PublicationRule};
 pub use self::projection::ProjectionHandler;
 pub use self::publisher::{PublishSummary, PublisherMetrics, PublisherRunner};

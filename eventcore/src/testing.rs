@@ -277,6 +277,9 @@ macro_rules! transport_conformance_tests {
             a_delivery_is_consecutive_only_after_the_handles_own_acknowledgement,
             a_subscription_resumes_after_its_last_acknowledgement,
             a_subscription_receives_only_its_topics,
+            a_split_subscription_delivers_each_stream_to_its_partition_in_order,
+            the_partitions_of_a_subscription_hold_an_event_each_at_once,
+            a_subscription_split_another_way_is_refused,
             a_publisher_handle_behind_the_publication_is_refused,
             a_publisher_handle_ahead_of_a_broker_that_lost_events_is_refused,
             the_publisher_publishes_the_public_events_in_log_order,
@@ -292,6 +295,7 @@ macro_rules! transport_conformance_tests {
             an_event_parked_by_one_instance_holds_its_stream_on_the_other,
             an_event_that_kills_its_handler_every_time_is_parked_after_the_delivery_limit,
             two_instances_apply_each_event_once_in_source_stream_order,
+            a_split_subscription_applies_each_event_once_in_order_across_its_runners,
             a_broker_that_lost_events_makes_nothing_happen_twice,
         }
     };

@@ -168,6 +168,12 @@ fn push_once(waiting: &mut Vec<ParkedDelivery>, event: DistributedEvent, error: 
 ///
 /// Several instances of a service may run the same subscription: the transport keeps
 /// one event in flight across them, and the keys make every effect happen once.
+///
+/// **Concurrency.** One runner handles one event at a time. To handle several source
+/// streams at once, split the subscription ([`SubscriptionSpec::split`]) and run one
+/// runner per partition (each with its own handler): every source stream belongs to one
+/// partition, so its events stay in order, and the partitions share the subscription's
+/// keys and inbox ([`SubscriptionRunner::parked`] lists every partition's).
 pub struct SubscriptionRunner<H> {
     subscriber: Arc<dyn EventSubscriber>,
     spec: SubscriptionSpec,
@@ -289,6 +295,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             let span = tracing::info_span!(
                 "eventcore.handle",
                 subscription = %self.spec.name,
+                partition = %self.spec.partition,
                 service = %event.service_id,
                 event_id = %event.event_id,
                 event_type = %event.event_type,
@@ -324,6 +331,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     pub async fn process(&mut self, delivery: &Delivery) -> Result<Processed> {
         // Only the handling of this service's events elsewhere could have parked one of
         // its streams since the last read; a consecutive delivery says there was none.
+        // (Other partitions' runners park only their own streams, never this one's.)
         // (Re-drives run on parked streams, which the folded inbox already knows: when
         // it says "held", it is read again before holding.)
         let event = &delivery.event;

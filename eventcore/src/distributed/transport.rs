@@ -5,6 +5,7 @@ use async_trait::async_trait;
 
 use super::envelope::DistributedEvent;
 use super::names::{ServiceId, SubscriptionName, Topic};
+use super::partition::{InvalidPartition, Partition};
 use crate::error::BoxError;
 use crate::types::GlobalPosition;
 
@@ -152,7 +153,8 @@ pub trait EventPublisher: Send + Sync + 'static {
     async fn last_published(&self) -> Result<Option<GlobalPosition>, TransportError>;
 }
 
-/// What a subscription is: whose, called what, over which topics.
+/// What a subscription is: whose, called what, over which topics, and which partition
+/// of it a handle receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SubscriptionSpec {
@@ -162,6 +164,9 @@ pub struct SubscriptionSpec {
     pub name: SubscriptionName,
     /// The topics it receives (of one or several publishing services).
     pub topics: Vec<Topic>,
+    /// The part of the subscription's source streams this spec receives
+    /// ([`Partition::WHOLE`] unless split with [`SubscriptionSpec::split`]).
+    pub partition: Partition,
 }
 
 impl SubscriptionSpec {
@@ -178,7 +183,32 @@ impl SubscriptionSpec {
             service,
             name,
             topics,
+            partition: Partition::WHOLE,
         }
+    }
+
+    /// The same subscription, partition `partition` of it.
+    pub fn with_partition(mut self, partition: Partition) -> Self {
+        self.partition = partition;
+        self
+    }
+
+    /// The subscription split `count` ways: one spec per partition, in index order.
+    /// Run one [`crate::distributed::SubscriptionRunner`] on each (in one process or
+    /// spread over instances): each source stream's events are handled in order by the
+    /// runner of its partition, and the partitions go on at once, `count` events in
+    /// flight. A subscription keeps the count it was first opened with (see
+    /// [`Partition`]).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidPartition::Count`] unless `count` is a power of two up to
+    /// [`super::partition::SLOTS`].
+    pub fn split(&self, count: u32) -> Result<Vec<SubscriptionSpec>, InvalidPartition> {
+        Ok(Partition::all(count)?
+            .into_iter()
+            .map(|partition| self.clone().with_partition(partition))
+            .collect())
     }
 }
 
@@ -197,8 +227,8 @@ pub struct Delivery {
     pub attempt: u32,
     /// Whether this is a first delivery that directly follows the last delivery this
     /// handle acknowledged of the same publishing service, with no delivery of that
-    /// service's events to any handle in between: nothing of that service was handled
-    /// anywhere else since. The subscription runner then skips re-reading its inbox
+    /// service's events to any handle (of the same partition) in between: nothing of
+    /// that service was handled anywhere else since. The subscription runner then skips re-reading its inbox
     /// (only another instance's handling could have parked one of that service's
     /// streams). `false` whenever the transport cannot tell, which is always safe.
     pub consecutive: bool,
@@ -233,12 +263,17 @@ pub trait EventSubscriber: Send + Sync + 'static {
     /// subscription at once, in one process or several (instances of a service): they
     /// share its position, and each event is in flight to one handle at a time.
     ///
+    /// A split subscription ([`SubscriptionSpec::partition`]) is one durable
+    /// subscription per partition, each with its own position and its own event in
+    /// flight, receiving only the events of the source streams its partition contains
+    /// ([`Partition::contains`]); everything above holds per partition.
+    ///
     /// # Errors
     ///
     /// A [`TransportError`]: the broker cannot be reached, or a topic is not declared
     /// yet by its publisher ([`TransportError::Unavailable`]: it exists once the
     /// publishing service has started), or the subscription exists with other topics
-    /// ([`TransportError::Rejected`]).
+    /// or split another way ([`TransportError::Rejected`]).
     async fn subscribe(
         &self,
         spec: &SubscriptionSpec,

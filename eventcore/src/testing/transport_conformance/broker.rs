@@ -1,10 +1,11 @@
 //! The transport alone: order, dedup, chaining, topic ownership, redelivery, one event
-//! in flight, resumption, topic selection.
+//! in flight, resumption, topic selection, split subscriptions.
 
 use std::sync::Arc;
 
 use super::{TransportHarness, event, next_and_ack, publish_some, service, spec, topic};
-use crate::distributed::{Publication, TransportError};
+use crate::distributed::{Partition, Publication, TransportError};
+use crate::names::StreamId;
 use crate::types::{EventId, GlobalPosition};
 
 /// The envelope arrives as it was published (payload bytes, metadata, trace context),
@@ -463,4 +464,168 @@ async fn orders_for_billing(
     let sent = publish_some(&*orders, "order-events", 1, count).await;
     let subscriber = harness.subscriber().await;
     (sent, Billing { subscriber })
+}
+
+/// The first `count` streams `s0`, `s1`, ... that `partition` contains.
+fn streams_of(partition: Partition, count: usize) -> Vec<String> {
+    (0..)
+        .map(|n| format!("s{n}"))
+        .filter(|id| partition.contains(&StreamId::try_new(id.as_str()).expect("valid")))
+        .take(count)
+        .collect()
+}
+
+/// Publishes `rounds` events on each of `streams` (round by round) under
+/// `order-events`, from position `first_position`; returns them in order.
+async fn publish_rounds(
+    publisher: &dyn crate::distributed::EventPublisher,
+    streams: &[String],
+    rounds: u64,
+    first_position: u64,
+) -> Vec<crate::distributed::DistributedEvent> {
+    let mut position = first_position;
+    let mut events = Vec::new();
+    for round in 1..=rounds {
+        for stream in streams {
+            events.push(event(publisher.service(), stream, round, position));
+            position += 1;
+        }
+    }
+    let batch: Vec<Publication> = events
+        .iter()
+        .map(|e| Publication::new(topic("order-events"), e.clone()))
+        .collect();
+    publisher.publish(&batch).await.expect("publishes");
+    events
+}
+
+/// A subscription split four ways: each partition receives the events of its own
+/// source streams and no others, in the publication's order; together they receive
+/// every event once.
+pub async fn a_split_subscription_delivers_each_stream_to_its_partition_in_order(
+    harness: impl TransportHarness,
+) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let partitions = spec("billing", "orders", &["order-events"])
+        .split(4)
+        .expect("valid");
+    // Two streams in each partition, interleaved in the publication.
+    let mut streams: Vec<String> = Vec::new();
+    for part in &partitions {
+        streams.extend(streams_of(part.partition, 2));
+    }
+    streams.sort();
+    let sent = publish_rounds(&*orders, &streams, 3, 1).await;
+    let subscriber = harness.subscriber().await;
+    let mut handles = Vec::new();
+    for part in &partitions {
+        handles.push(subscriber.subscribe(part).await.expect("subscribes"));
+    }
+    for (part, handle) in partitions.iter().zip(handles.iter_mut()) {
+        let expected: Vec<EventId> = sent
+            .iter()
+            .filter(|e| part.partition.contains(&e.stream_id))
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(expected.len(), 6, "two streams of three events each");
+        let mut got = Vec::new();
+        for _ in 0..expected.len() {
+            got.push(next_and_ack(&mut **handle).await.event.event_id);
+        }
+        assert_eq!(
+            got, expected,
+            "partition {}: its streams, in order",
+            part.partition
+        );
+    }
+    // Nothing else was delivered to any partition: the next delivery of each is the
+    // next event of its own streams.
+    let more = publish_rounds(&*orders, &streams, 1, sent.len() as u64 + 1).await;
+    for (part, handle) in partitions.iter().zip(handles.iter_mut()) {
+        let delivery = next_and_ack(&mut **handle).await;
+        let first_of_its_own = more
+            .iter()
+            .find(|e| part.partition.contains(&e.stream_id))
+            .expect("each partition has streams");
+        assert_eq!(delivery.event.event_id, first_of_its_own.event_id);
+    }
+}
+
+/// The partitions of a subscription are handled at once: each holds an event of its
+/// own streams while the others hold theirs, none acknowledged.
+pub async fn the_partitions_of_a_subscription_hold_an_event_each_at_once(
+    harness: impl TransportHarness,
+) {
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events")])
+        .await
+        .expect("declares");
+    let partitions = spec("billing", "orders", &["order-events"])
+        .split(2)
+        .expect("valid");
+    let streams: Vec<String> = partitions
+        .iter()
+        .flat_map(|part| streams_of(part.partition, 1))
+        .collect();
+    let sent = publish_rounds(&*orders, &streams, 2, 1).await;
+    let subscriber = harness.subscriber().await;
+    let mut held = Vec::new();
+    for part in &partitions {
+        let mut handle = subscriber.subscribe(part).await.expect("subscribes");
+        // A transport that kept one event in flight for the whole subscription would
+        // never deliver the second partition's: the check fails instead of hanging.
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(30), handle.next())
+            .await
+            .expect("a partition waited for another partition's acknowledgement")
+            .expect("delivers");
+        let first_of_its_own = sent
+            .iter()
+            .find(|e| part.partition.contains(&e.stream_id))
+            .expect("each partition has a stream");
+        assert_eq!(delivery.event.event_id, first_of_its_own.event_id);
+        held.push((handle, delivery));
+    }
+    for (handle, delivery) in &mut held {
+        handle.ack(delivery).await.expect("acknowledges");
+    }
+}
+
+/// A subscription is split one way for its life: a partition of another count (or the
+/// whole subscription) is refused while it exists; another partition of the same
+/// count opens.
+pub async fn a_subscription_split_another_way_is_refused(harness: impl TransportHarness) {
+    let (_, billing) = orders_for_billing(&harness, 1).await;
+    let whole = spec("billing", "orders", &["order-events"]);
+    let halves = whole.split(2).expect("valid");
+    let _first = billing
+        .subscriber
+        .subscribe(&halves[0])
+        .await
+        .expect("subscribes");
+    for other in [whole.split(4).expect("valid")[0].clone(), whole.clone()] {
+        let refused = billing.subscriber.subscribe(&other).await;
+        assert!(
+            matches!(refused, Err(TransportError::Rejected { .. })),
+            "partition {} opened next to partition {}: {:?}",
+            other.partition,
+            halves[0].partition,
+            refused.err()
+        );
+    }
+    billing
+        .subscriber
+        .subscribe(&halves[1])
+        .await
+        .expect("the other half opens");
+    // Another subscription of the same service is its own.
+    billing
+        .subscriber
+        .subscribe(&spec("billing", "audit", &["order-events"]))
+        .await
+        .expect("subscribes");
 }

@@ -503,6 +503,69 @@ pub async fn two_instances_apply_each_event_once_in_source_stream_order(
     );
 }
 
+/// A subscription split four ways, one runner per partition, while events keep coming:
+/// each event is applied once and in its source stream's order, and nothing parks.
+pub async fn a_split_subscription_applies_each_event_once_in_order_across_its_runners(
+    harness: impl TransportHarness,
+) {
+    const STREAMS: [&str; 8] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+    const ROUNDS: u64 = 8;
+    let producer = producer(&harness).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut partitions = Vec::new();
+    for part in spec().split(4).expect("valid") {
+        let mut runner = SubscriptionRunner::new(
+            subscriber.clone(),
+            part,
+            Applier::default(),
+            CommandExecutor::new(store.clone()),
+        )
+        .expect("valid")
+        .with_error_policy(quick_retries());
+        let mut stopped = stopped.clone();
+        partitions.push(tokio::spawn(async move {
+            runner
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    let mut position = 1;
+    for round in 1..=ROUNDS {
+        let events: Vec<(&str, u64)> = STREAMS.iter().map(|s| (*s, round)).collect();
+        let sent = envelopes(&*producer, &events, position);
+        position += sent.len() as u64;
+        publish(&*producer, &sent).await;
+    }
+    let total = STREAMS.len() as u64 * ROUNDS;
+    loop {
+        let head = store.head_position().await.expect("reads");
+        let count: u64 = applied(&store)
+            .await
+            .values()
+            .map(|versions| versions.len() as u64)
+            .sum();
+        if count >= total {
+            break;
+        }
+        store.wait_for_events(head).await.expect("waits");
+    }
+    stop.send(true).expect("running");
+    for partition in partitions {
+        partition.await.expect("joins").expect("ran");
+    }
+    let expected: Vec<(&str, u64)> = STREAMS.iter().map(|s| (*s, ROUNDS)).collect();
+    assert_eq!(applied(&store).await, each_once(&expected));
+    let mut check = runner(subscriber, &store, Applier::default());
+    assert!(
+        check.parked().await.expect("reads").is_empty(),
+        "nothing parked: no effect out of order or repeated"
+    );
+}
+
 /// A broker that lost events the subscriber had applied and acknowledged gets them
 /// again from the publisher and delivers them again: nothing happens twice, and what
 /// follows is applied.
