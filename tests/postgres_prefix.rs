@@ -856,3 +856,201 @@ async fn every_read_of_the_sequence_is_atomic() {
         "reads of global_position_seq that are not atomic: {offenders:?}"
     );
 }
+
+/// A trigger on the store's events table that, for events of `stream`, waits for the
+/// advisory lock `gate` (held by the test) and then lets the insert go on: the append
+/// holds its mark and its positions while it waits, and commits.
+async fn install_pause(conn: &mut PgConnection, schema: &SchemaName, stream: &StreamId, gate: i64) {
+    exec(
+        conn,
+        &format!(
+            "CREATE FUNCTION \"{schema}\".test_pause() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM pg_advisory_xact_lock_shared({gate});
+                 RETURN NEW;
+             END $$"
+        ),
+    )
+    .await;
+    exec(
+        conn,
+        &format!(
+            "CREATE TRIGGER test_pause BEFORE INSERT ON \"{schema}\".events FOR EACH ROW
+             WHEN (NEW.stream_id = '{}') EXECUTE FUNCTION \"{schema}\".test_pause()",
+            stream.as_str()
+        ),
+    )
+    .await;
+}
+
+/// A store in `schema` whose live readers would poll only once a day: a reader that
+/// returns did so because it was told.
+async fn store_without_polling(schema: &SchemaName) -> PostgresEventStore {
+    let store = PostgresEventStore::connect_with(
+        eventcore_tests::postgres::config(schema)
+            .with_fallback_poll_interval(eventcore_postgres::MAX_WAIT),
+    )
+    .await
+    .expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Waits until `reader` has found committed events held back `times` times (its
+/// counter, not the time, ends the wait).
+async fn held_back(reader: &PostgresEventStore, times: u64) {
+    let wait = async {
+        while reader.live_wait_metrics().held_back < times {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, wait)
+        .await
+        .expect("the reader never found events held back");
+}
+
+/// Starts `store`'s listening (a live read starts it) and waits until it listens.
+async fn listening(store: &PostgresEventStore) {
+    let starting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_events(None).await })
+    };
+    let wait = async {
+        while !store.live_wait_metrics().listening {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, wait)
+        .await
+        .expect("the store never listened");
+    starting.abort();
+}
+
+/// Waits until a notification announcing `position` reached `reader`.
+async fn notified(reader: &PostgresEventStore, position: u64) {
+    let wait = async {
+        while reader.live_wait_metrics().notified_position < position {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, wait)
+        .await
+        .expect("no notification announced the position");
+}
+
+/// The held-back scenario: `writer` appends to `s`, which pauses (or fails, with
+/// `fail`) at a gate holding position 2, while an append to `b` commits at position 3;
+/// `reader` waits for events after position 1, is held back, and the gate opens. The
+/// reader must return, told by the append's end, never by a timer.
+async fn held_back_scenario(reader: &PostgresEventStore, writer: &PostgresEventStore, fail: bool) {
+    let schema = writer.schema().clone();
+    let (a, b, s) = (stream("a"), stream("b"), stream("s"));
+    // The reader listens before anything is appended.
+    listening(reader).await;
+    writer
+        .append(AppendRequest::single(
+            a,
+            ExpectedVersion::Any,
+            vec![deposit(1)],
+        ))
+        .await
+        .expect("first");
+    let mut control = raw_connection().await;
+    let gate: i64 = rand::random();
+    if fail {
+        install_gate(&mut control, &schema, &s, gate).await;
+    } else {
+        install_pause(&mut control, &schema, &s, gate).await;
+    }
+    let mut gate_holder = raw_connection().await;
+    exec(&mut gate_holder, "BEGIN").await;
+    exec(
+        &mut gate_holder,
+        &format!("SELECT pg_advisory_xact_lock({gate})"),
+    )
+    .await;
+    let paused = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .append(AppendRequest::single(
+                    s,
+                    ExpectedVersion::Any,
+                    vec![deposit(2)],
+                ))
+                .await
+        })
+    };
+    backend_waiting_for(&mut control, gate).await;
+    writer
+        .append(AppendRequest::single(
+            b,
+            ExpectedVersion::Any,
+            vec![deposit(3)],
+        ))
+        .await
+        .expect("third");
+    // Every notification sent so far has reached the reader: from here on, only the
+    // paused append's end can tell it anything.
+    notified(reader, 3).await;
+    assert_eq!(
+        reader.head_position().await.expect("head"),
+        Some(GlobalPosition::new(1)),
+        "position 3 is committed but held back behind position 2"
+    );
+
+    let before = reader.live_wait_metrics();
+    let waiting = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.wait_for_events(Some(GlobalPosition::new(1))).await })
+    };
+    held_back(reader, before.held_back + 1).await;
+    exec(&mut gate_holder, "COMMIT").await;
+    let appended = tokio::time::timeout(HANG_GUARD, paused)
+        .await
+        .expect("the paused append ends")
+        .expect("task");
+    assert_eq!(appended.is_err(), fail, "{appended:?}");
+    tokio::time::timeout(HANG_GUARD, waiting)
+        .await
+        .expect("the held-back reader was never told the append ended")
+        .expect("task")
+        .expect("waits");
+    let after = reader.live_wait_metrics();
+    assert_eq!(
+        after.found_by_poll, before.found_by_poll,
+        "the reader found the events on a timer: {after:?}"
+    );
+    let visible = reader.head_position().await.expect("head");
+    assert_eq!(
+        visible,
+        Some(GlobalPosition::new(3)),
+        "position 2 committed or rolled back, position 3 is visible"
+    );
+}
+
+/// A live reader held back by an older append of its own process is woken by that
+/// append's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+async fn a_reader_held_back_by_its_own_process_wakes_when_the_append_commits() {
+    let store = store_without_polling(&fresh_schema()).await;
+    held_back_scenario(&store, &store, false).await;
+}
+
+/// A live reader held back by an older append of another process is woken, through
+/// that process's notification, when the append rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+async fn a_reader_held_back_by_another_process_wakes_when_the_append_rolls_back() {
+    let schema = fresh_schema();
+    let writer = store_in(&schema).await;
+    let reader = store_without_polling(&schema).await;
+    held_back_scenario(&reader, &writer, true).await;
+}

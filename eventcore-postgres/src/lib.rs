@@ -58,7 +58,7 @@ pub use crate::config::{MAX_WAIT, PostgresConfig, SchemaName};
 pub use crate::election::PostgresLeaderElection;
 pub use crate::error::Error;
 pub use crate::migrate::{MIGRATOR, migrate};
-pub use crate::store::PostgresEventStore;
+pub use crate::store::{LiveWaitMetrics, PostgresEventStore};
 pub use crate::transactional::{TransactionalProjection, TransactionalProjectionRunner};
 
 /// The sqlx crate this store is built on, for building connect options and pools.

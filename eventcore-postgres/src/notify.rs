@@ -3,14 +3,19 @@
 //! Appends do not NOTIFY inside their own transaction: PostgreSQL serializes the commits
 //! of notifying transactions on a global lock held until the commit is durable, which
 //! would stop concurrent appends from sharing a WAL flush. Instead a notifier task sends
-//! one NOTIFY after commit for the newest position this process appended, coalescing
-//! bursts and at most one per `PostgresConfig::with_notify_interval`, on a connection of its own that does not wait for WAL flushes. A listener task turns notifications into a wake-up counter. A lost
-//! notification (the process died between commit and NOTIFY, the listening connection
-//! dropped) only delays readers until their fallback poll.
+//! one NOTIFY after appends of this process ended (committed or not: an append that
+//! rolled back releases its mark too, and readers held back by it may go on), with the
+//! newest position this process appended, coalescing bursts and at most one per
+//! `PostgresConfig::with_notify_interval`, on a connection of its own that does not
+//! wait for WAL flushes. A listener task turns notifications into a wake-up counter. A
+//! lost notification (the process died between commit and NOTIFY, the listening
+//! connection dropped) only delays readers until their fallback poll.
 //!
 //! Each task uses one connection of its own, outside the store's pool: a store opens at
 //! most `max_connections + 2` connections.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -19,6 +24,25 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+/// What this process's appends did: for its own live readers (woken at once) and for
+/// the notifier task (which tells other processes').
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Appends {
+    /// The newest position appended.
+    pub(crate) last_position: u64,
+    /// How many appends ended, committed or not (wrapping).
+    pub(crate) ended: u64,
+}
+
+/// What the listener task shows of itself.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerState {
+    /// Whether it listens now.
+    pub(crate) listening: AtomicBool,
+    /// The newest position a notification announced.
+    pub(crate) notified: AtomicU64,
+}
 
 /// The background tasks of one store; aborted when the store is dropped.
 pub(crate) struct Tasks {
@@ -31,10 +55,11 @@ impl Tasks {
         pool: PgPool,
         channel: String,
         interval: Duration,
-        appended: watch::Receiver<u64>,
+        appended: watch::Receiver<Appends>,
         wake: watch::Sender<u64>,
+        listener: Arc<ListenerState>,
     ) -> Self {
-        let listener = runtime.spawn(listen(pool.clone(), channel.clone(), wake));
+        let listener = runtime.spawn(listen(pool.clone(), channel.clone(), wake, listener));
         let notifier = runtime.spawn(notify(pool, channel, interval, appended));
         Tasks {
             handles: vec![listener, notifier],
@@ -52,7 +77,12 @@ impl Drop for Tasks {
 
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
-async fn listen(pool: PgPool, channel: String, wake: watch::Sender<u64>) {
+async fn listen(
+    pool: PgPool,
+    channel: String,
+    wake: watch::Sender<u64>,
+    state: Arc<ListenerState>,
+) {
     let bump = || wake.send_modify(|n| *n = n.wrapping_add(1));
     // The listener keeps its connection for good: it gets a pool of one of its own so
     // that it never takes a connection from the store's pool.
@@ -73,15 +103,22 @@ async fn listen(pool: PgPool, channel: String, wake: watch::Sender<u64>) {
             tokio::time::sleep(RECONNECT_DELAY).await;
             continue;
         }
+        state.listening.store(true, Ordering::Relaxed);
         // Whatever was notified while we were not listening is unknown: wake everyone to
         // look.
         bump();
         loop {
             match listener.try_recv().await {
-                Ok(Some(_)) => bump(),
+                Ok(Some(notification)) => {
+                    if let Ok(position) = notification.payload().parse::<u64>() {
+                        state.notified.fetch_max(position, Ordering::Relaxed);
+                    }
+                    bump();
+                }
                 // The connection was lost; the next call reconnects and listens again.
                 Ok(None) => bump(),
                 Err(error) => {
+                    state.listening.store(false, Ordering::Relaxed);
                     tracing::warn!(%error, "eventcore: the LISTEN connection failed; reconnecting");
                     bump();
                     break;
@@ -96,8 +133,9 @@ async fn notify(
     pool: PgPool,
     channel: String,
     interval: Duration,
-    mut appended: watch::Receiver<u64>,
+    mut appended: watch::Receiver<Appends>,
 ) {
+    // The count of ended appends the last notification covered.
     let mut sent = 0;
     let mut last_sent: Option<Instant> = None;
     let mut connection: Option<PgConnection> = None;
@@ -112,8 +150,11 @@ async fn notify(
                 None => tokio::time::sleep(interval).await,
             }
         }
-        let position = *appended.borrow_and_update();
-        if position <= sent {
+        let Appends {
+            last_position,
+            ended,
+        } = *appended.borrow_and_update();
+        if ended == sent {
             continue;
         }
         if connection.is_none() {
@@ -124,12 +165,12 @@ async fn notify(
         };
         match sqlx::query("SELECT pg_notify($1, $2)")
             .bind(&channel)
-            .bind(position.to_string())
+            .bind(last_position.to_string())
             .execute(&mut *conn)
             .await
         {
             Ok(_) => {
-                sent = position;
+                sent = ended;
                 last_sent = Some(Instant::now());
             }
             Err(error) => {

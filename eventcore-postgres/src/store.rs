@@ -33,6 +33,7 @@ use crate::config::{DEFAULT_NOTIFY_INTERVAL, PostgresConfig, SchemaName};
 use crate::error::{Error, map_sqlx_error};
 use crate::notify;
 
+pub use live::LiveWaitMetrics;
 pub(crate) use read::prefix_param;
 pub(crate) use rows::log_read_from_rows;
 pub(crate) use sql::Sql;
@@ -73,11 +74,13 @@ struct Inner {
     channel: String,
     fallback_poll_interval: Duration,
     notify_interval: Duration,
-    /// The last position this process appended, for the notifier task.
-    appended: watch::Sender<u64>,
+    /// What this process's appends did, for its live readers and the notifier task.
+    appended: watch::Sender<notify::Appends>,
     /// Bumped by the listener task on every notification (and reconnection).
     wake: watch::Sender<u64>,
     background: OnceLock<notify::Tasks>,
+    /// How live readers found out about new events.
+    live: live::LiveCounters,
 }
 
 impl PostgresEventStore {
@@ -167,9 +170,10 @@ impl PostgresEventStore {
                 channel,
                 fallback_poll_interval,
                 notify_interval,
-                appended: watch::Sender::new(0),
+                appended: watch::Sender::new(notify::Appends::default()),
                 wake: watch::Sender::new(0),
                 background: OnceLock::new(),
+                live: live::LiveCounters::default(),
             }),
         }
     }
@@ -201,6 +205,12 @@ impl PostgresEventStore {
     /// The schema the store's tables live in.
     pub fn schema(&self) -> &SchemaName {
         &self.inner.schema
+    }
+
+    /// How this store's live readers have found out about new events so far: how often
+    /// they looked, and how often only a poll found them (see [`LiveWaitMetrics`]).
+    pub fn live_wait_metrics(&self) -> LiveWaitMetrics {
+        self.live_wait_metrics_impl()
     }
 
     /// A connection for one statement (see `kept.rs`).

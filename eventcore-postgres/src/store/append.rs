@@ -156,6 +156,28 @@ impl PostgresEventStore {
         request: AppendRequest,
     ) -> eventcore::Result<AppendOutcome> {
         request.validate()?;
+        let result = self.append_validated(request).await;
+        // Every append that ended, committed or not, may have let the log's visible head
+        // move (its mark is gone): live readers held back by it look again, here at once
+        // and in other processes through the notifier.
+        if self.ensure_background() {
+            let position = result
+                .as_ref()
+                .ok()
+                .filter(|outcome| !outcome.deduplicated)
+                .and_then(|outcome| outcome.events.last())
+                .map(|event| event.global_position.value());
+            self.inner.appended.send_modify(|appends| {
+                appends.ended = appends.ended.wrapping_add(1);
+                if let Some(position) = position {
+                    appends.last_position = appends.last_position.max(position);
+                }
+            });
+        }
+        result
+    }
+
+    async fn append_validated(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
         // Stored with the key, so that after a lost answer this call can tell its own
         // write from an earlier call's.
         let attempt = Uuid::new_v4();
@@ -193,21 +215,6 @@ impl PostgresEventStore {
                 return Err(map_sqlx_error(error, "appending", Some(&request)));
             }
         }?;
-        if outcome.deduplicated {
-            return Ok(outcome);
-        }
-        if let Some(last) = outcome.events.last() {
-            let position = last.global_position.value();
-            if self.ensure_background() {
-                self.inner.appended.send_if_modified(|current| {
-                    let moved = position > *current;
-                    if moved {
-                        *current = position;
-                    }
-                    moved
-                });
-            }
-        }
         Ok(outcome)
     }
 
