@@ -421,48 +421,46 @@ impl EventSubscriber for InMemoryBroker {
                 None,
             ));
         }
-        // Split one way for the subscription's whole life.
-        if let Some((_, _, other)) = state.consumers.keys().find(|(service, name, partition)| {
-            service == &spec.service
-                && name == &spec.name
-                && partition.count() != spec.partition.count()
-        }) {
-            return Err(TransportError::rejected(
-                format!(
-                    "subscription `{}` of `{}` exists split into {} partitions, not {}",
-                    spec.name,
-                    spec.service,
-                    other.count(),
-                    spec.partition.count()
-                ),
-                None,
-            ));
-        }
-        let key = (spec.service.clone(), spec.name.clone(), spec.partition);
-        match state.consumers.get(&key) {
-            Some(consumer) if consumer.topics != spec.topics => {
+        // Split one way for the subscription's whole life, every partition with the
+        // same topics.
+        for ((service, name, other), consumer) in &state.consumers {
+            if service != &spec.service || name != &spec.name {
+                continue;
+            }
+            if other.count() != spec.partition.count() {
                 return Err(TransportError::rejected(
                     format!(
-                        "subscription `{}` of `{}` exists with other topics",
-                        spec.name, spec.service
+                        "subscription `{}` of `{}` exists split into {} partitions, not {}",
+                        spec.name,
+                        spec.service,
+                        other.count(),
+                        spec.partition.count()
                     ),
                     None,
                 ));
             }
-            Some(_) => {}
-            None => {
-                state.consumers.insert(
-                    key.clone(),
-                    Consumer {
-                        topics: spec.topics.clone(),
-                        acked: HashMap::new(),
-                        in_flight: None,
-                        attempts: HashMap::new(),
-                        last_delivery: HashMap::new(),
-                    },
-                );
+            if consumer.topics != spec.topics {
+                return Err(TransportError::rejected(
+                    format!(
+                        "subscription `{}` of `{}` exists with other topics (partition {})",
+                        spec.name, spec.service, other
+                    ),
+                    None,
+                ));
             }
         }
+        let key = (spec.service.clone(), spec.name.clone(), spec.partition);
+        // (A consumer under this very key has the same topics: checked above.)
+        state
+            .consumers
+            .entry(key.clone())
+            .or_insert_with(|| Consumer {
+                topics: spec.topics.clone(),
+                acked: HashMap::new(),
+                in_flight: None,
+                attempts: HashMap::new(),
+                last_delivery: HashMap::new(),
+            });
         state.next_handle += 1;
         let handle = state.next_handle;
         drop(state);

@@ -17,6 +17,18 @@ use tokio::sync::{mpsc, watch};
 use crate::subject::Names;
 use crate::{NatsConfig, unavailable};
 
+/// The consumer metadata key holding the subscription's topics (all of them, sorted,
+/// comma-separated): how partitions of one subscription check they agree.
+const TOPICS_KEY: &str = "eventcore-topics";
+
+fn topics_of(spec: &SubscriptionSpec) -> String {
+    spec.topics
+        .iter()
+        .map(Topic::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The [`EventSubscriber`] on NATS JetStream (see the crate docs).
 #[derive(Debug, Clone)]
 pub struct NatsSubscriber {
@@ -70,8 +82,14 @@ impl NatsSubscriber {
         }
     }
 
-    fn consumer_config(&self, name: &str, filters: Vec<String>) -> consumer::pull::Config {
+    fn consumer_config(
+        &self,
+        name: &str,
+        filters: Vec<String>,
+        spec: &SubscriptionSpec,
+    ) -> consumer::pull::Config {
         consumer::pull::Config {
+            metadata: [(TOPICS_KEY.to_owned(), topics_of(spec))].into(),
             durable_name: Some(name.to_owned()),
             description: Some("EventCore subscription".to_owned()),
             deliver_policy: consumer::DeliverPolicy::All,
@@ -135,6 +153,10 @@ impl NatsSubscriber {
                             None,
                         ));
                     }
+                    // Checked on every open, not only at creation: two deployments
+                    // creating partitions split differently at the same moment both
+                    // pass a check made before creating, and must not go on.
+                    self.refuse_mismatched_partitions(&stream, spec).await?;
                     return stream.get_consumer(name).await.map_err(|error| {
                         TransportError::unavailable(
                             format!("opening a subscription: {error}"),
@@ -144,11 +166,11 @@ impl NatsSubscriber {
                 }
                 Err(error) => match error.kind() {
                     jetstream::context::ConsumerInfoErrorKind::NotFound => {
-                        self.refuse_another_split(&stream, spec).await?;
+                        self.refuse_mismatched_partitions(&stream, spec).await?;
                         // Another instance may create it at the same moment: an
                         // identical creation succeeds, and a failed one looks again.
                         if stream
-                            .create_consumer(self.consumer_config(name, filters.clone()))
+                            .create_consumer(self.consumer_config(name, filters.clone(), spec))
                             .await
                             .is_ok()
                         {
@@ -170,21 +192,28 @@ impl NatsSubscriber {
 }
 
 impl NatsSubscriber {
-    /// Refuses to create a partition of `spec` next to a consumer of the same
-    /// subscription split another way: both would deliver the same streams.
-    async fn refuse_another_split(
+    /// Refuses `spec` next to a consumer of another partition of the same subscription
+    /// split another way (both would deliver the same streams) or opened with other
+    /// topics (some events would reach no partition).
+    async fn refuse_mismatched_partitions(
         &self,
         stream: &jetstream::stream::Stream<()>,
         spec: &SubscriptionSpec,
     ) -> Result<(), TransportError> {
+        let ours = self
+            .names
+            .consumer(&spec.service, &spec.name, spec.partition);
+        let topics = topics_of(spec);
         let mut names = stream.consumer_names();
         while let Some(consumer) = names.next().await {
             let consumer = consumer.map_err(|e| unavailable("listing the subscriptions", e))?;
-            if let Some(other) =
+            let Some(other) =
                 self.names
                     .partition_of_consumer(&consumer, &spec.service, &spec.name)
-                && other.count() != spec.partition.count()
-            {
+            else {
+                continue;
+            };
+            if other.count() != spec.partition.count() {
                 return Err(TransportError::rejected(
                     format!(
                         "subscription `{}` of `{}` exists split into {} partitions (consumer \
@@ -194,6 +223,32 @@ impl NatsSubscriber {
                         spec.service,
                         other.count(),
                         spec.partition.count()
+                    ),
+                    None,
+                ));
+            }
+            if consumer == ours {
+                continue;
+            }
+            let info = match stream.consumer_info(&consumer).await {
+                Ok(info) => info,
+                // Deleted meanwhile: nothing to compare.
+                Err(error)
+                    if error.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(error) => return Err(unavailable("reading a subscription", error)),
+            };
+            if let Some(theirs) = info.config.metadata.get(TOPICS_KEY)
+                && theirs != &topics
+            {
+                return Err(TransportError::rejected(
+                    format!(
+                        "partition {other} of subscription `{}` of `{}` receives topics \
+                         [{theirs}], not [{topics}]: every partition of a subscription has \
+                         the same topics",
+                        spec.name, spec.service
                     ),
                     None,
                 ));

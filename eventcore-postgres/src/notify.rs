@@ -77,6 +77,10 @@ impl Drop for Tasks {
 
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
+/// The first pause before a notification that could not be sent is tried again
+/// (doubling up to `RECONNECT_DELAY` while the server cannot be reached).
+const RETRY_DELAY: Duration = Duration::from_millis(50);
+
 async fn listen(
     pool: PgPool,
     channel: String,
@@ -110,13 +114,18 @@ async fn listen(
         loop {
             match listener.try_recv().await {
                 Ok(Some(notification)) => {
+                    state.listening.store(true, Ordering::Relaxed);
                     if let Ok(position) = notification.payload().parse::<u64>() {
                         state.notified.fetch_max(position, Ordering::Relaxed);
                     }
                     bump();
                 }
-                // The connection was lost; the next call reconnects and listens again.
-                Ok(None) => bump(),
+                // The connection was lost; the next call reconnects and listens again
+                // (shown as listening once a notification arrives).
+                Ok(None) => {
+                    state.listening.store(false, Ordering::Relaxed);
+                    bump();
+                }
                 Err(error) => {
                     state.listening.store(false, Ordering::Relaxed);
                     tracing::warn!(%error, "eventcore: the LISTEN connection failed; reconnecting");
@@ -139,7 +148,18 @@ async fn notify(
     let mut sent = 0;
     let mut last_sent: Option<Instant> = None;
     let mut connection: Option<PgConnection> = None;
-    while appended.changed().await.is_ok() {
+    // A notification that could not be sent is tried again after a pause, not only
+    // when another append ends: held-back readers elsewhere may wait for it.
+    let mut retry = false;
+    let mut retry_delay = RETRY_DELAY;
+    loop {
+        if retry {
+            tokio::time::sleep(retry_delay).await;
+            retry_delay = (retry_delay * 2).min(RECONNECT_DELAY);
+        } else if appended.changed().await.is_err() {
+            return;
+        }
+        retry = false;
         // Rate, not synchronisation: appends arriving before the interval is over share
         // the next notification.
         if let Some(last) = last_sent {
@@ -161,6 +181,7 @@ async fn notify(
             connection = notifier_connection(&pool).await;
         }
         let Some(conn) = connection.as_mut() else {
+            retry = true;
             continue;
         };
         match sqlx::query("SELECT pg_notify($1, $2)")
@@ -172,10 +193,12 @@ async fn notify(
             Ok(_) => {
                 sent = ended;
                 last_sent = Some(Instant::now());
+                retry_delay = RETRY_DELAY;
             }
             Err(error) => {
-                tracing::debug!(%error, "eventcore: NOTIFY failed; readers will poll");
+                tracing::debug!(%error, "eventcore: NOTIFY failed; trying again");
                 connection = None;
+                retry = true;
             }
         }
     }

@@ -150,29 +150,48 @@ pub(super) fn expected_code(expected: ExpectedVersion) -> i64 {
     }
 }
 
+/// Tells this process's live readers and its notifier that an append ended, when
+/// dropped (see `append_traced`).
+struct AppendEnded<'a> {
+    appended: &'a tokio::sync::watch::Sender<crate::notify::Appends>,
+    /// The newest position it wrote, if it wrote.
+    position: Option<u64>,
+}
+
+impl Drop for AppendEnded<'_> {
+    fn drop(&mut self) {
+        let position = self.position;
+        self.appended.send_modify(|appends| {
+            appends.ended = appends.ended.wrapping_add(1);
+            if let Some(position) = position {
+                appends.last_position = appends.last_position.max(position);
+            }
+        });
+    }
+}
+
 impl PostgresEventStore {
     pub(super) async fn append_traced(
         &self,
         request: AppendRequest,
     ) -> eventcore::Result<AppendOutcome> {
         request.validate()?;
+        // Every append that ends, committed or not, may let the log's visible head move
+        // (its mark is gone): live readers held back by it look again, here at once and
+        // in other processes through the notifier. Said on drop, so an append whose
+        // future is cancelled says it too.
+        let mut ended = self.ensure_background().then(|| AppendEnded {
+            appended: &self.inner.appended,
+            position: None,
+        });
         let result = self.append_validated(request).await;
-        // Every append that ended, committed or not, may have let the log's visible head
-        // move (its mark is gone): live readers held back by it look again, here at once
-        // and in other processes through the notifier.
-        if self.ensure_background() {
-            let position = result
+        if let Some(ended) = ended.as_mut() {
+            ended.position = result
                 .as_ref()
                 .ok()
                 .filter(|outcome| !outcome.deduplicated)
                 .and_then(|outcome| outcome.events.last())
                 .map(|event| event.global_position.value());
-            self.inner.appended.send_modify(|appends| {
-                appends.ended = appends.ended.wrapping_add(1);
-                if let Some(position) = position {
-                    appends.last_position = appends.last_position.max(position);
-                }
-            });
         }
         result
     }

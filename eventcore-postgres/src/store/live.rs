@@ -166,7 +166,8 @@ pub struct LiveWaitMetrics {
     /// The newest position a notification received announced (from any process
     /// appending to the store's schema, this one included); 0 before the first.
     pub notified_position: u64,
-    /// Whether the store listens for notifications now (its listening connection is
-    /// up; it starts with the first live read or append).
+    /// Whether the store listens for notifications now: set once its listening
+    /// connection is up (it starts with the first live read or append), cleared when
+    /// that connection is lost, and set again by the next notification after it.
     pub listening: bool,
 }

@@ -596,10 +596,16 @@ pub async fn the_partitions_of_a_subscription_hold_an_event_each_at_once(
 }
 
 /// A subscription is split one way for its life: a partition of another count (or the
-/// whole subscription) is refused while it exists; another partition of the same
-/// count opens.
+/// whole subscription), or one with other topics, is refused while it exists; another
+/// partition of the same count and topics opens.
 pub async fn a_subscription_split_another_way_is_refused(harness: impl TransportHarness) {
     let (_, billing) = orders_for_billing(&harness, 1).await;
+    harness
+        .publisher(&service("orders"))
+        .await
+        .declare_topics(&[topic("order-events"), topic("order-notes")])
+        .await
+        .expect("declares");
     let whole = spec("billing", "orders", &["order-events"]);
     let halves = whole.split(2).expect("valid");
     let _first = billing
@@ -607,12 +613,18 @@ pub async fn a_subscription_split_another_way_is_refused(harness: impl Transport
         .subscribe(&halves[0])
         .await
         .expect("subscribes");
-    for other in [whole.split(4).expect("valid")[0].clone(), whole.clone()] {
+    let with_notes = spec("billing", "orders", &["order-events", "order-notes"]);
+    for other in [
+        whole.split(4).expect("valid")[0].clone(),
+        whole.clone(),
+        with_notes.split(2).expect("valid")[1].clone(),
+    ] {
         let refused = billing.subscriber.subscribe(&other).await;
         assert!(
             matches!(refused, Err(TransportError::Rejected { .. })),
-            "partition {} opened next to partition {}: {:?}",
+            "partition {} of {:?} opened next to partition {}: {:?}",
             other.partition,
+            other.topics,
             halves[0].partition,
             refused.err()
         );

@@ -94,6 +94,8 @@ impl CommandLogic for Apply {
 struct Applier {
     failing: Arc<Mutex<HashSet<String>>>,
     dies_on: Option<String>,
+    /// The source streams of the events handed to it.
+    seen: Arc<Mutex<HashSet<StreamId>>>,
 }
 
 impl EventHandler for Applier {
@@ -103,6 +105,7 @@ impl EventHandler for Applier {
         dispatcher: &mut Dispatcher<'_>,
     ) -> Result<()> {
         let stream = event.stream_id.as_str();
+        self.seen.lock().insert(event.stream_id.clone());
         assert!(
             self.dies_on.as_deref() != Some(stream),
             "the handler dies on `{stream}`"
@@ -515,11 +518,14 @@ pub async fn a_split_subscription_applies_each_event_once_in_order_across_its_ru
     let subscriber = harness.subscriber().await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut partitions = Vec::new();
+    let mut seen = Vec::new();
     for part in spec().split(4).expect("valid") {
+        let applier = Applier::default();
+        seen.push((part.partition, applier.seen.clone()));
         let mut runner = SubscriptionRunner::new(
             subscriber.clone(),
             part,
-            Applier::default(),
+            applier,
             CommandExecutor::new(store.clone()),
         )
         .expect("valid")
@@ -559,6 +565,13 @@ pub async fn a_split_subscription_applies_each_event_once_in_order_across_its_ru
     }
     let expected: Vec<(&str, u64)> = STREAMS.iter().map(|s| (*s, ROUNDS)).collect();
     assert_eq!(applied(&store).await, each_once(&expected));
+    for (partition, seen) in &seen {
+        let seen = seen.lock();
+        assert!(
+            seen.iter().all(|stream| partition.contains(stream)),
+            "partition {partition}'s runner was handed events of other partitions: {seen:?}"
+        );
+    }
     let mut check = runner(subscriber, &store, Applier::default());
     assert!(
         check.parked().await.expect("reads").is_empty(),
