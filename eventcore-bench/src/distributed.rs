@@ -239,10 +239,18 @@ pub(crate) async fn nats_floor(
     let filler = "x".repeat(removed.saturating_sub("X-Filler".len() + 36 + "Nats-Msg-Id".len()));
     headers.insert("X-Filler", filler.as_str());
     let mut outstanding = VecDeque::with_capacity(window);
+    // Fresh ids as long as an event id, without a random draw each (a system call per
+    // id would be the floor's own cost, not the broker's).
+    let ids = uuid::Uuid::now_v7().as_u128();
     let started = Instant::now();
     for n in 0..events {
         let mut headers = headers.clone();
-        headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            uuid::Uuid::from_u128(ids.wrapping_add(n as u128))
+                .to_string()
+                .as_str(),
+        );
         if chained {
             // Each publish expects its predecessor, as EventCore's publisher does.
             headers.insert("Nats-Expected-Last-Sequence", n.to_string().as_str());

@@ -625,3 +625,9 @@ async fn main() -> ExitCode {
     }
     ExitCode::SUCCESS
 }
+
+/// With feature `mimalloc`, the benchmark's allocator (the floors in the same binary use
+/// it too); the system's otherwise.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -384,8 +384,12 @@ impl NatsPublisher {
         let mut body = Vec::with_capacity(event.payload.len() + 768);
         serde_json::to_writer(&mut body, event)
             .map_err(|e| rejected("encoding the envelope", e))?;
-        let id = event.event_id.to_string();
         let mut headers = HeaderMap::new();
+        // The id moved in, not copied again by `message_id`.
+        headers.insert(
+            header::EVENT_ID,
+            async_nats::HeaderValue::from(event.event_id.to_string()),
+        );
         headers.insert(header::EVENT_TYPE, event.event_type.as_str());
         headers.insert(header::STREAM, event.stream_id.as_str());
         headers.insert(
@@ -405,7 +409,6 @@ impl NatsPublisher {
         let message = jetstream::message::PublishMessage::build()
             .headers(headers)
             .payload(body.into())
-            .message_id(id)
             .expected_stream(&self.stream)
             .expected_last_sequence(expected_last);
         Ok((

@@ -4,7 +4,7 @@
 use eventcore::StreamId;
 use eventcore::distributed::{Partition, ServiceId, SubscriptionName, Topic, slot_of};
 
-/// The escape character of [`escape_token`]; never produced by the characters kept.
+/// The escape character of [`escape_into`]; never produced by the characters kept.
 const ESCAPE: char = '~';
 
 /// Whether `byte` stands for itself in a subject token.
@@ -12,24 +12,33 @@ fn kept(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'
 }
 
-/// Escapes `text` into one subject token: ASCII letters, digits, `-` and `_` stand for
-/// themselves, every other byte of the UTF-8 text is `~` and two uppercase hex digits.
-/// The result never contains `.`, `*`, `>`, whitespace or control characters, is never
-/// empty for a non-empty text, and [`unescape_token`] gives the text back.
+/// [`escape_into`] into a new string.
+#[cfg(test)]
 pub(crate) fn escape_token(text: &str) -> String {
     let mut token = String::with_capacity(text.len());
-    for &byte in text.as_bytes() {
-        if kept(byte) {
-            token.push(char::from(byte));
-        } else {
-            token.push(ESCAPE);
-            token.push_str(&format!("{byte:02X}"));
-        }
-    }
+    escape_into(&mut token, text);
     token
 }
 
-/// The text [`escape_token`] escaped into `token`; `None` when `token` is not one of its
+/// Escapes `text` into one subject token, appended to `out`: ASCII letters, digits, `-`
+/// and `_` stand for themselves, every other byte of the UTF-8 text is `~` and two
+/// uppercase hex digits. The token never contains `.`, `*`, `>`, whitespace or control
+/// characters, is never empty for a non-empty text, and [`unescape_token`] gives the
+/// text back.
+fn escape_into(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &byte in text.as_bytes() {
+        if kept(byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push(ESCAPE);
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+    }
+}
+
+/// The text [`escape_into`] escaped into `token`; `None` when `token` is not one of its
 /// results.
 pub(crate) fn unescape_token(token: &str) -> Option<String> {
     let bytes = token.as_bytes();
@@ -91,12 +100,23 @@ impl Names {
     /// `<prefix>.<topic>.<slot>.<escaped stream id>`, the slot ([`slot_of`]) in decimal,
     /// so that a subscription's partition is a set of subject filters.
     pub(crate) fn subject(&self, topic: &Topic, stream: &StreamId) -> String {
-        format!(
-            "{}.{topic}.{}.{}",
-            self.prefix,
-            slot_of(stream),
-            escape_token(stream.as_str())
-        )
+        // Built by hand, once per published event: `format!` and a separate escaped
+        // token cost a tenth of the message's building (W6 profile).
+        let id = stream.as_str();
+        let mut subject =
+            String::with_capacity(self.prefix.len() + topic.as_str().len() + id.len() + 8);
+        subject.push_str(&self.prefix);
+        subject.push('.');
+        subject.push_str(topic.as_str());
+        subject.push('.');
+        let slot = slot_of(stream);
+        if slot >= 10 {
+            subject.push(char::from(b'0' + (slot / 10) as u8));
+        }
+        subject.push(char::from(b'0' + (slot % 10) as u8));
+        subject.push('.');
+        escape_into(&mut subject, id);
+        subject
     }
 
     /// Every subject of `topic`: what its publishing stream captures.
@@ -259,6 +279,21 @@ mod tests {
             names.partition_of_consumer("billing~orders-2", &service, &name),
             None
         );
+    }
+
+    #[test]
+    fn the_slot_token_is_the_slot_in_decimal() {
+        let names = Names::new("ec");
+        let topic = Topic::try_new("t").expect("valid");
+        let mut slots = std::collections::BTreeSet::new();
+        for n in 0..2_000 {
+            let stream = StreamId::try_new(format!("s{n}")).expect("valid");
+            let subject = names.subject(&topic, &stream);
+            let slot = slot_of(&stream);
+            assert_eq!(subject, format!("ec.t.{slot}.s{n}"));
+            slots.insert(slot);
+        }
+        assert_eq!(slots.len(), 64, "every slot, one and two digits, was built");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use chrono::Utc;
 use tracing::Instrument;
 
 use super::envelope::DistributedEvent;
+use super::names::ServiceId;
 use super::policy::PublicationPolicy;
 use super::transport::{EventPublisher, Publication};
 use crate::error::Result;
@@ -113,7 +114,7 @@ impl PublisherRunner {
             publisher,
             policy,
             key,
-            batch_size: 500,
+            batch_size: 5_000,
             retry: RetryPolicy::default(),
             cursor: None,
             last_public: None,
@@ -122,8 +123,11 @@ impl PublisherRunner {
         })
     }
 
-    /// The most events read from the log and published per batch (default 500; at
-    /// least 1).
+    /// The most events read from the log and published per batch (default 5,000; at
+    /// least 1). Each batch is one wait for the broker's acknowledgements, overlapped
+    /// with the read of the next page and the save of the last checkpoint: larger
+    /// batches keep a broker's publish window full for longer (W6: 500 a batch gave
+    /// 65% of the throughput of 5,000), at the cost of holding a batch in memory.
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
         self
@@ -144,6 +148,44 @@ impl PublisherRunner {
     pub fn with_reconcile_interval(mut self, interval: std::time::Duration) -> Self {
         self.reconcile_interval = interval;
         self
+    }
+
+    /// The log's next page after `after`, as far as the store lets readers see.
+    async fn read_page(&self, after: Option<GlobalPosition>) -> Result<crate::store::LogRead> {
+        self.store
+            .read_log(
+                &LogQuery::new()
+                    .with_after(after)
+                    .with_limit(self.batch_size),
+            )
+            .await
+    }
+
+    /// Publishes `batch` (nothing when it is empty).
+    async fn publish_batch(&self, service: &ServiceId, batch: &[Publication]) -> Result<()> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return Ok(());
+        };
+        let span = tracing::info_span!(
+            "eventcore.publish",
+            service = %service,
+            events = batch.len(),
+            first = first.event.global_position.value(),
+            last = last.event.global_position.value(),
+        );
+        Ok(self.publisher.publish(batch).instrument(span).await?)
+    }
+
+    /// Saves the checkpoint at `position` (every public event up to it acknowledged).
+    async fn save_checkpoint(&self, position: GlobalPosition) -> Result<()> {
+        self.checkpoints
+            .save_checkpoint(&self.key, position)
+            .await?;
+        self.metrics
+            .inner
+            .position
+            .store(position.value(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// The live figures.
@@ -219,20 +261,13 @@ impl PublisherRunner {
             None => self.reconcile().await?,
         };
         let mut published = 0;
-        loop {
-            let read = self
-                .store
-                .read_log(
-                    &LogQuery::new()
-                        .with_after(cursor)
-                        .with_limit(self.batch_size),
-                )
-                .await?;
-            let Some(scanned) = read.scanned else {
-                break;
-            };
-            let now = Utc::now();
+        let mut read = self.read_page(cursor).await?;
+        // The page published before this one, when its checkpoint is saved while this
+        // one is published (it never passes what the broker acknowledged).
+        let mut unsaved: Option<GlobalPosition> = None;
+        while let Some(scanned) = read.scanned {
             let service = self.publisher.service().clone();
+            let now = Utc::now();
             let mut batch = Vec::new();
             for event in &read.events {
                 if let Some(topic) = self.policy.topic_of(event) {
@@ -240,30 +275,50 @@ impl PublisherRunner {
                     batch.push(Publication::new(topic.clone(), envelope));
                 }
             }
-            if !batch.is_empty() {
-                let span = tracing::info_span!(
-                    "eventcore.publish",
-                    service = %service,
-                    events = batch.len(),
-                    first = batch[0].event.global_position.value(),
-                    last = batch[batch.len() - 1].event.global_position.value(),
+            // A full page means more is waiting (catching up): the broker is kept busy,
+            // the next page read and the last checkpoint saved while this one is
+            // published. At the head of the log (a live pass), one step after another:
+            // the next read then sees what committed during this publish.
+            let next = if read.events.len() >= self.batch_size {
+                let save = async {
+                    match unsaved {
+                        Some(position) => self.save_checkpoint(position).await,
+                        None => Ok(()),
+                    }
+                };
+                let (sent, next, saved) = tokio::join!(
+                    self.publish_batch(&service, &batch),
+                    self.read_page(Some(scanned)),
+                    save
                 );
-                self.publisher.publish(&batch).instrument(span).await?;
-                self.last_public = Some(batch[batch.len() - 1].event.global_position);
+                sent?;
+                saved?;
+                unsaved = Some(scanned);
+                Some(next)
+            } else {
+                self.publish_batch(&service, &batch).await?;
+                // Everything public up to `scanned` is acknowledged now.
+                self.save_checkpoint(scanned).await?;
+                unsaved = None;
+                None
+            };
+            if let Some(last) = batch.last() {
+                self.last_public = Some(last.event.global_position);
                 published += batch.len() as u64;
                 self.metrics
                     .inner
                     .published
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
-            // Everything public up to `scanned` is acknowledged now.
-            self.checkpoints.save_checkpoint(&self.key, scanned).await?;
-            self.metrics
-                .inner
-                .position
-                .store(scanned.value(), Ordering::Relaxed);
             cursor = Some(scanned);
             self.cursor = Some(cursor);
+            read = match next {
+                Some(next) => next?,
+                None => self.read_page(Some(scanned)).await?,
+            };
+        }
+        if let Some(position) = unsaved {
+            self.save_checkpoint(position).await?;
         }
         Ok(PublishSummary {
             published,
