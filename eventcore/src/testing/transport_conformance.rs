@@ -10,7 +10,9 @@
 //!   instead of leaving a gap; `last_published` is where the publication ends; a topic
 //!   belongs to one service; an unacknowledged delivery comes again, to another handle
 //!   when its handle is dropped; one event is in flight per subscription; a
-//!   subscription resumes after its last acknowledgement and receives its topics only.
+//!   subscription resumes after its last acknowledgement and receives its topics only;
+//!   a split subscription's partitions receive their own streams, in order, at once, and
+//!   are split one way.
 //! - `transport_conformance/publisher.rs`: the [`crate::distributed::PublisherRunner`]
 //!   on the transport. Only public events, in log order; a restarted publisher, a crash
 //!   between publish and checkpoint, a publish failing inside a batch and a broker that
@@ -20,8 +22,9 @@
 //!   [`crate::distributed::SubscriptionRunner`] on the transport. A redelivered event
 //!   changes nothing; a failing event is parked and holds its source stream while others
 //!   flow; an event that kills its handler is parked after the delivery limit; two
-//!   instances apply each event once in source-stream order; a broker that lost events
-//!   makes nothing happen twice.
+//!   instances apply each event once in source-stream order, and so do the runners of a
+//!   split subscription; a hold racing a re-drive strands nothing; a broker that lost
+//!   events makes nothing happen twice.
 //!
 //! The runner checks need a store per service; any backend does (the harness says
 //! which): they check the transport, the store conformance suites check the stores.

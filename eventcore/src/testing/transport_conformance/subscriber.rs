@@ -344,6 +344,197 @@ pub async fn a_failing_event_is_parked_and_holds_its_stream_while_others_flow_un
     assert_eq!(applied(&store).await, each_once(&[("a", 4), ("b", 2)]));
 }
 
+/// A runner that read the inbox before a re-drive released a stream, and recorded its
+/// hold after (a live runner racing a re-drive): the held event has nothing parked in
+/// front of it, and its delivery was acknowledged. The stream's next event handles it
+/// first, in order, and nothing stays held.
+pub async fn an_event_held_after_its_stream_was_released_is_handled_before_the_next(
+    harness: impl TransportHarness,
+) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(&*producer, &[("a", 1), ("a", 2), ("a", 3)], 1);
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let applier = Applier::default();
+    applier.failing.lock().insert("a".to_owned());
+    let mut runner = runner(subscriber.clone(), &store, applier.clone());
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    for expected in [Processed::Parked, Processed::Held] {
+        let delivery = subscription.next().await.expect("delivers");
+        assert_eq!(
+            runner.process(&delivery).await.expect("processes"),
+            expected
+        );
+        subscription.ack(&delivery).await.expect("acknowledges");
+    }
+    applier.failing.lock().clear();
+    let stream = StreamId::try_new("a").expect("valid");
+    assert_eq!(
+        runner
+            .redrive(&service("producer"), &stream)
+            .await
+            .expect("redrives"),
+        2
+    );
+    // The late hold of `a` 3, by a runner that still saw the stream parked; its
+    // delivery is acknowledged, so the broker never brings it again.
+    let mut late = self::runner(subscriber.clone(), &store, Applier::default());
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(delivery.event.event_id, sent[2].event_id);
+    late.record_hold(&delivery.event).await.expect("holds");
+    subscription.ack(&delivery).await.expect("acknowledges");
+    assert_eq!(applied(&store).await, each_once(&[("a", 2)]));
+
+    // The stream's next event comes to the same runner (the handle that acknowledged
+    // the last one).
+    publish(&*producer, &envelopes(&*producer, &[("a", 4)], 4)).await;
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(
+        late.process(&delivery).await.expect("processes"),
+        Processed::Handled,
+        "nothing parks the stream any more"
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    assert_eq!(
+        applied(&store).await,
+        each_once(&[("a", 4)]),
+        "the held event first, then the next, each once"
+    );
+    assert!(runner.parked().await.expect("reads").is_empty());
+}
+
+/// The same race, the other way round: the runner processing the next event of a
+/// parked stream reads its inbox (parked), a re-drive then releases the stream and
+/// reads for the last time, and only then is the hold written. The runner finds the
+/// stream released once its hold is written, and handles what waits itself.
+pub async fn a_hold_that_finds_its_stream_released_handles_it_at_once(
+    harness: impl TransportHarness,
+) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(&*producer, &[("a", 1), ("a", 2)], 1);
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let applier = Applier::default();
+    applier.failing.lock().insert("a".to_owned());
+    let gate = Arc::new(Mutex::new(None));
+    let gated = PausedAfterRead {
+        inner: store.clone(),
+        gate: gate.clone(),
+    };
+    let mut runner = SubscriptionRunner::new(
+        subscriber.clone(),
+        spec(),
+        applier.clone(),
+        CommandExecutor::new(gated),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries());
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(
+        runner.process(&delivery).await.expect("processes"),
+        Processed::Parked
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    applier.failing.lock().clear();
+
+    // The runner's next read of its inbox (`a` parked) pauses before it goes on.
+    let (reached, reaching) = tokio::sync::oneshot::channel();
+    let (go, going) = tokio::sync::oneshot::channel();
+    *gate.lock() = Some((reached, going));
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(delivery.event.event_id, sent[1].event_id);
+    let processing = tokio::spawn(async move {
+        let processed = runner.process(&delivery).await;
+        (runner, delivery, processed)
+    });
+    reaching.await.expect("the runner reads its inbox");
+    let mut other = self::runner(subscriber.clone(), &store, applier.clone());
+    let stream = StreamId::try_new("a").expect("valid");
+    assert_eq!(
+        other
+            .redrive(&service("producer"), &stream)
+            .await
+            .expect("redrives"),
+        1
+    );
+    go.send(()).expect("the runner waits");
+    let (mut runner, delivery, processed) = processing.await.expect("joins");
+    assert_eq!(
+        processed.expect("processes"),
+        Processed::Handled,
+        "the stream was released before the hold was written"
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    assert_eq!(applied(&store).await, each_once(&[("a", 2)]));
+    assert!(runner.parked().await.expect("reads").is_empty());
+}
+
+/// A store whose next [`EventStore::read_streams_after`], once armed, reads and then
+/// says so and waits before it answers: the read's view is then stale while others go
+/// on.
+struct PausedAfterRead<S> {
+    inner: S,
+    #[allow(clippy::type_complexity)]
+    gate: Arc<
+        Mutex<
+            Option<(
+                tokio::sync::oneshot::Sender<()>,
+                tokio::sync::oneshot::Receiver<()>,
+            )>,
+        >,
+    >,
+}
+
+#[async_trait::async_trait]
+impl<S: EventStore> EventStore for PausedAfterRead<S> {
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<crate::StreamsSnapshot> {
+        self.inner.read_streams(streams).await
+    }
+
+    async fn read_streams_after(
+        &self,
+        streams: &[(StreamId, StreamVersion)],
+    ) -> Result<crate::StreamsSnapshot> {
+        let read = self.inner.read_streams_after(streams).await;
+        let armed = self.gate.lock().take();
+        if let Some((reached, go)) = armed {
+            let _ = reached.send(());
+            let _ = go.await;
+        }
+        read
+    }
+
+    async fn append(&self, request: crate::AppendRequest) -> Result<crate::AppendOutcome> {
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn read_log(&self, query: &LogQuery) -> Result<crate::LogRead> {
+        self.inner.read_log(query).await
+    }
+
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &crate::IdempotencyKey,
+    ) -> Result<Option<crate::AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
 /// Two instances of a service: one parks an event of stream `a`, and the other, whose
 /// previous delivery it acknowledged itself, must still hold the next event of `a`
 /// behind it (it learns of the park from the store, since another handle was delivered
