@@ -202,8 +202,9 @@ impl NatsConfig {
         Ok(self)
     }
 
-    /// The largest publish window: a quarter of the acknowledgements async-nats keeps
-    /// in flight per connection by default, so four publishers can share one.
+    /// The largest publish window: a fifth of the acknowledgements async-nats keeps in
+    /// flight per JetStream context by default (5,000). Publishers sharing a context
+    /// beyond that bound wait for room, taking their answers meanwhile.
     pub const MAX_PUBLISH_WINDOW: usize = 1_024;
 
     /// How many publishes a publisher keeps in flight before it awaits their
@@ -256,6 +257,14 @@ impl NatsTransport {
             context: jetstream::new(client),
             config,
         }
+    }
+
+    /// The transport over a JetStream context built by the application (its API
+    /// prefix or domain, request timeout, or bound on publishes in flight:
+    /// `async_nats::jetstream::ContextBuilder`). Publishers sharing a context share that
+    /// bound; each takes its answers while it waits for room, so none waits for good.
+    pub fn with_context(context: jetstream::Context, config: NatsConfig) -> Self {
+        NatsTransport { context, config }
     }
 
     /// The publisher of `service`'s publication. Each call returns a new handle with

@@ -295,6 +295,7 @@ macro_rules! transport_conformance_tests {
             an_event_parked_by_one_instance_holds_its_stream_on_the_other,
             an_event_held_after_its_stream_was_released_is_handled_before_the_next,
             a_hold_that_finds_its_stream_released_handles_it_at_once,
+            an_event_left_held_is_parked_unhandled_past_the_delivery_limit,
             an_event_that_kills_its_handler_every_time_is_parked_after_the_delivery_limit,
             two_instances_apply_each_event_once_in_source_stream_order,
             a_split_subscription_applies_each_event_once_in_order_across_its_runners,

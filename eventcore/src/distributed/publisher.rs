@@ -124,10 +124,12 @@ impl PublisherRunner {
     }
 
     /// The most events read from the log and published per batch (default 5,000; at
-    /// least 1). Each batch is one wait for the broker's acknowledgements, overlapped
-    /// with the read of the next page and the save of the last checkpoint: larger
-    /// batches keep a broker's publish window full for longer (W6: 500 a batch gave
-    /// 65% of the throughput of 5,000), at the cost of holding a batch in memory.
+    /// least 1). Each batch is one wait for the broker's acknowledgements; while
+    /// catching up it overlaps the read of the next page and the save of the last
+    /// checkpoint. Larger batches keep a broker's publish window full for longer (W6 in
+    /// `docs/performance.md`), at the cost of memory: two pages of events and one batch
+    /// of envelopes are held at once (with 10 KiB payloads and the default, some
+    /// 150 MB). Lower it for large events.
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
         self

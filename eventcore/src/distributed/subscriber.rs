@@ -143,6 +143,13 @@ impl Inbox {
             .contains_key(&(event.service_id.clone(), event.stream_id.clone()))
     }
 
+    /// Whether `event` itself waits in the inbox.
+    fn waits(&self, event: &DistributedEvent) -> bool {
+        self.pending
+            .get(&(event.service_id.clone(), event.stream_id.clone()))
+            .is_some_and(|waiting| waiting.iter().any(|p| p.event.event_id == event.event_id))
+    }
+
     /// Whether `event`'s stream is parked: one of its events waits after a failure.
     /// Events held with none parked are left over from a hold recorded after a re-drive
     /// had released the stream (it read the inbox before the hold was written); nothing
@@ -359,28 +366,40 @@ impl<H: EventHandler> SubscriptionRunner<H> {
         if !delivery.consecutive || self.inbox.holds(event) {
             self.refresh_inbox().await?;
         }
+        // Delivered this often without an outcome: the process handling it ended each
+        // time (a panic, an abort). No handler runs again: the event, or the oldest one
+        // waiting before it, is parked.
+        let exhausted = (delivery.attempt > self.max_deliveries).then(|| {
+            format!(
+                "delivered {} times without an outcome (more than {}): the process handling \
+                 it ended each time",
+                delivery.attempt, self.max_deliveries
+            )
+        });
         if self.inbox.holds(event) && !self.inbox.parks(event) {
             // Left over, released meanwhile: what waits goes first, in order.
-            if self.drain(event).await? == Processed::Parked {
-                return self.hold(event).await;
+            if let Some(message) = exhausted {
+                return self.park_oldest_waiting(event, message).await;
+            }
+            let waiting_itself = self.inbox.waits(event);
+            match self.drain(event).await? {
+                Processed::Handled if waiting_itself => return Ok(Processed::Handled),
+                Processed::Handled => {}
+                _ => return self.hold(event).await,
             }
         }
         if self.inbox.holds(event) {
             let held = self.hold(event).await?;
             if !self.inbox.parks(event) {
                 // Released by a re-drive between this runner's read and its hold.
+                if let Some(message) = exhausted {
+                    return self.park_oldest_waiting(event, message).await;
+                }
                 return self.drain(event).await;
             }
             return Ok(held);
         }
-        if delivery.attempt > self.max_deliveries {
-            // Delivered this often without an outcome: the process handling it ended
-            // each time (a panic, an abort). Parked without running the handler again.
-            let message = format!(
-                "delivered {} times without an outcome (more than {}): the process handling \
-                 it ended each time",
-                delivery.attempt, self.max_deliveries
-            );
+        if let Some(message) = exhausted {
             return self.park(event, message).await;
         }
         match self.handle_with_retries(event).await {
@@ -470,9 +489,37 @@ impl<H: EventHandler> SubscriptionRunner<H> {
         self.hold(event).await.map(|_| ())
     }
 
+    /// Parks the oldest event of `event`'s stream waiting in the inbox, without
+    /// handling it, and keeps `event` behind it (or `event` itself when it is the
+    /// oldest).
+    async fn park_oldest_waiting(
+        &mut self,
+        event: &DistributedEvent,
+        message: String,
+    ) -> Result<Processed> {
+        let oldest = self
+            .inbox
+            .pending
+            .get(&(event.service_id.clone(), event.stream_id.clone()))
+            .and_then(|waiting| waiting.iter().min_by_key(|p| p.event.global_position))
+            .map(|p| p.event.clone());
+        match oldest {
+            Some(oldest) if oldest.event_id != event.event_id => {
+                self.park(&oldest, message).await?;
+                self.hold(event).await
+            }
+            _ => self.park(event, message).await,
+        }
+    }
+
     async fn park(&mut self, event: &DistributedEvent, message: String) -> Result<Processed> {
         tracing::error!(subscription = %self.spec.name, event_id = %event.event_id, stream = %event.stream_id, %message, "parking an event");
-        let key = format!("{}/park/{}", self.key, event.event_id);
+        // Unique per park (the inbox's version moves with every record): an event
+        // released and later parked again is parked again.
+        let key = format!(
+            "{}/park/{}/{}",
+            self.key, event.event_id, self.inbox.version
+        );
         self.record(
             InboxEvent::Parked {
                 event: Box::new(event.clone()),
@@ -574,7 +621,8 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// # Errors
     ///
     /// [`Error::ProjectionFailed`] when the handler fails again on one of them (after
-    /// its retries): it and what follows stay in the inbox; the store's errors.
+    /// its retries): it stays in the inbox, parked, and what follows stays held behind
+    /// it; the store's errors.
     pub async fn redrive(&mut self, service: &ServiceId, stream: &StreamId) -> Result<usize> {
         let mut handled = 0;
         // Events may be held behind the stream while it is re-driven (another instance
@@ -610,6 +658,11 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                     Outcome::Failed(message, error) => {
                         if let Some(through) = through {
                             self.release(service, stream, &through.clone()).await?;
+                        }
+                        if parked.error.is_none() {
+                            // A held event that fails is parked: the stream stays parked
+                            // at it, not left held with nothing in front.
+                            self.park(&parked.event, message.clone()).await?;
                         }
                         return Err(Error::ProjectionFailed {
                             projection: self.key.clone(),

@@ -404,6 +404,72 @@ pub async fn an_event_held_after_its_stream_was_released_is_handled_before_the_n
     assert!(runner.parked().await.expect("reads").is_empty());
 }
 
+/// An event left held (as above) whose stream's next delivery has passed the delivery
+/// limit (the process died each time, perhaps on the held event): no handler runs
+/// again; the held event is parked and the delivery kept behind it.
+pub async fn an_event_left_held_is_parked_unhandled_past_the_delivery_limit(
+    harness: impl TransportHarness,
+) {
+    let producer = producer(&harness).await;
+    let sent = envelopes(&*producer, &[("a", 1), ("a", 2)], 1);
+    publish(&*producer, &sent).await;
+    let store = harness.store().await;
+    let subscriber = harness.subscriber().await;
+    let applier = Applier::default();
+    applier.failing.lock().insert("a".to_owned());
+    let mut runner = runner(subscriber.clone(), &store, applier.clone());
+    let mut subscription = subscriber.subscribe(&spec()).await.expect("subscribes");
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(
+        runner.process(&delivery).await.expect("processes"),
+        Processed::Parked
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    applier.failing.lock().clear();
+    let stream = StreamId::try_new("a").expect("valid");
+    runner
+        .redrive(&service("producer"), &stream)
+        .await
+        .expect("redrives");
+    // `a` 2 is held by a runner with a stale view, and acknowledged.
+    let delivery = subscription.next().await.expect("delivers");
+    let mut late = self::runner(subscriber.clone(), &store, Applier::default());
+    late.record_hold(&delivery.event).await.expect("holds");
+    subscription.ack(&delivery).await.expect("acknowledges");
+
+    // `a` 3 comes a second time to a runner allowing one delivery, whose handler would
+    // die on `a`.
+    publish(&*producer, &envelopes(&*producer, &[("a", 3)], 3)).await;
+    let first = subscription.next().await.expect("delivers");
+    let again = subscription.next().await.expect("delivers again");
+    assert_eq!(first.event.event_id, again.event.event_id);
+    assert!(again.attempt >= 2, "{}", again.attempt);
+    let dying = Applier {
+        dies_on: Some("a".to_owned()),
+        ..Applier::default()
+    };
+    let mut limited = self::runner(subscriber.clone(), &store, dying).with_max_deliveries(1);
+    assert_eq!(
+        limited.process(&again).await.expect("processes"),
+        Processed::Held
+    );
+    subscription.ack(&again).await.expect("acknowledges");
+    let parked = limited.parked().await.expect("reads");
+    let listed: Vec<(u64, bool)> = parked
+        .iter()
+        .map(|p| (p.event.stream_version.value(), p.error.is_some()))
+        .collect();
+    assert_eq!(listed, [(2, true), (3, false)], "{parked:?}");
+    assert!(
+        parked[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("delivered")),
+        "{parked:?}"
+    );
+    assert_eq!(applied(&store).await, each_once(&[("a", 1)]));
+}
+
 /// The same race, the other way round: the runner processing the next event of a
 /// parked stream reads its inbox (parked), a re-drive then releases the stream and
 /// reads for the last time, and only then is the hold written. The runner finds the
