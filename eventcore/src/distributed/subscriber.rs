@@ -143,6 +143,20 @@ impl Inbox {
             .contains_key(&(event.service_id.clone(), event.stream_id.clone()))
     }
 
+    /// What waits for `stream` of `service`, in the stream's order, each event once,
+    /// whatever order they were kept in (a republished event can be held after a later
+    /// one).
+    fn in_order(&self, service: &ServiceId, stream: &StreamId) -> Vec<ParkedDelivery> {
+        let mut waiting = self
+            .pending
+            .get(&(service.clone(), stream.clone()))
+            .cloned()
+            .unwrap_or_default();
+        waiting.sort_by_key(|p| p.event.global_position);
+        waiting.dedup_by_key(|p| p.event.event_id);
+        waiting
+    }
+
     /// Whether `event` itself waits in the inbox.
     fn waits(&self, event: &DistributedEvent) -> bool {
         self.pending
@@ -439,14 +453,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// stays held behind it).
     async fn drain(&mut self, event: &DistributedEvent) -> Result<Processed> {
         let (service, stream) = (event.service_id.clone(), event.stream_id.clone());
-        let mut waiting = self
-            .inbox
-            .pending
-            .get(&(service.clone(), stream.clone()))
-            .cloned()
-            .unwrap_or_default();
-        waiting.sort_by_key(|p| p.event.global_position);
-        waiting.dedup_by_key(|p| p.event.event_id);
+        let waiting = self.inbox.in_order(&service, &stream);
         tracing::info!(subscription = %self.spec.name, stream = %stream, events = waiting.len(), "handling events left held after a re-drive");
         let mut through: Option<DistributedEvent> = None;
         for kept in waiting {
@@ -629,19 +636,10 @@ impl<H: EventHandler> SubscriptionRunner<H> {
         // still receiving): go again until none waits, a bounded number of times.
         for _ in 0..16 {
             self.refresh_inbox().await?;
-            let mut waiting = self
-                .inbox
-                .pending
-                .get(&(service.clone(), stream.clone()))
-                .cloned()
-                .unwrap_or_default();
+            let waiting = self.inbox.in_order(service, stream);
             if waiting.is_empty() {
                 break;
             }
-            // In the stream's order, whatever order they were kept in (a republished
-            // event can be held after a later one).
-            waiting.sort_by_key(|p| p.event.global_position);
-            waiting.dedup_by_key(|p| p.event.event_id);
             let mut through: Option<&DistributedEvent> = None;
             for parked in &waiting {
                 match self.handle_with_retries(&parked.event).await {
