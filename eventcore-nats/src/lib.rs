@@ -112,7 +112,7 @@ pub struct NatsConfig {
 impl Default for NatsConfig {
     /// Prefix `eventcore`, one replica on file storage, a dedup window of 2 minutes
     /// (JetStream's), an acknowledgement wait of 30 s, pulls renewed every 5 s, and up
-    /// to 256 publishes in flight.
+    /// to 1,024 publishes in flight.
     fn default() -> Self {
         NatsConfig {
             prefix: "eventcore".to_owned(),
@@ -121,7 +121,7 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             ack_wait: Duration::from_secs(30),
             pull_expiry: Duration::from_secs(5),
-            publish_window: 256,
+            publish_window: Self::MAX_PUBLISH_WINDOW,
         }
     }
 }
@@ -202,15 +202,14 @@ impl NatsConfig {
         Ok(self)
     }
 
-    /// The largest publish window: a quarter of the acknowledgements async-nats keeps
-    /// in flight per connection by default, so four publishers can share one.
+    /// The largest publish window: a fifth of the acknowledgements async-nats keeps in
+    /// flight per JetStream context by default (5,000). Publishers sharing a context
+    /// beyond that bound wait for room, taking their answers meanwhile.
     pub const MAX_PUBLISH_WINDOW: usize = 1_024;
 
     /// How many publishes a publisher keeps in flight before it awaits their
-    /// acknowledgements (default 256, at most [`NatsConfig::MAX_PUBLISH_WINDOW`]; W6 in
-    /// `docs/performance.md` was measured at 1,024). Publishers sharing one client
-    /// share async-nats' bound of 5,000 publishes in flight: keep the sum of their
-    /// windows below it.
+    /// acknowledgements (default and most [`NatsConfig::MAX_PUBLISH_WINDOW`]; W6 in
+    /// `docs/performance.md` measured 256 against it).
     ///
     /// # Errors
     ///
@@ -258,6 +257,14 @@ impl NatsTransport {
             context: jetstream::new(client),
             config,
         }
+    }
+
+    /// The transport over a JetStream context built by the application (its API
+    /// prefix or domain, request timeout, or bound on publishes in flight:
+    /// `async_nats::jetstream::ContextBuilder`). Publishers sharing a context share that
+    /// bound; each takes its answers while it waits for room, so none waits for good.
+    pub fn with_context(context: jetstream::Context, config: NatsConfig) -> Self {
+        NatsTransport { context, config }
     }
 
     /// The publisher of `service`'s publication. Each call returns a new handle with

@@ -431,6 +431,44 @@ fn refusal(
     }
 }
 
+/// Takes the oldest answer of a window: the stream's end moves to what it stored, or
+/// the window halts (after which answers are awaited only; what they say is learnt by
+/// asking the stream).
+fn take_answer(
+    (outcome, position, at): (Acked, GlobalPosition, usize),
+    halt: &mut Option<Stop>,
+    end: &mut End,
+    view: &mut View,
+    stream: &str,
+) {
+    if halt.is_some() {
+        return;
+    }
+    match outcome {
+        Acked::Stored(sequence) => {
+            *end = End {
+                sequence,
+                position: Some(position),
+            };
+            view.end = Some(*end);
+        }
+        // Held already (the dedup window knew it) though after the last position
+        // seen: the predictions after it are one too far.
+        Acked::Duplicate => *halt = Some(Stop::Restart(at + 1)),
+        Acked::WrongLastSequence => {
+            *halt = Some(Stop::Failed(TransportError::OutOfOrder {
+                message: format!(
+                    "the publication stream `{stream}` does not end at sequence {} as this \
+                     publisher last saw it (another publisher, or a broker that lost \
+                     messages): ask where it ends and publish from there",
+                    end.sequence
+                ),
+            }));
+        }
+        Acked::Failed(error) => *halt = Some(Stop::Failed(error)),
+    }
+}
+
 /// Why a window stopped sending.
 enum Stop {
     /// A publish failed or was refused.
@@ -555,7 +593,23 @@ impl EventPublisher for NatsPublisher {
                             continue;
                         }
                     };
-                    match self.context.send_publish(subject, message).await {
+                    // Answers are taken while waiting to send: the context's publishes
+                    // in flight are bounded (shared by every publisher on the client),
+                    // and an answer not taken keeps its place.
+                    let sent = {
+                        let mut sending =
+                            std::pin::pin!(self.context.send_publish(subject, message));
+                        loop {
+                            tokio::select! {
+                                biased;
+                                sent = &mut sending => break sent,
+                                Some(answer) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                                    take_answer(answer, &mut halt, &mut end, &mut view, &self.stream);
+                                }
+                            }
+                        }
+                    };
+                    match sent {
                         Ok(ack) => {
                             // Polled from now on with the others: their timeouts run at
                             // once (one after another, a dead connection would cost a
@@ -585,37 +639,10 @@ impl EventPublisher for NatsPublisher {
                     continue;
                 }
                 // The window is full, or nothing more is to be sent: the oldest answer.
-                let Some((outcome, position, at)) = futures::StreamExt::next(&mut in_flight).await
-                else {
+                let Some(answer) = futures::StreamExt::next(&mut in_flight).await else {
                     break;
                 };
-                if halt.is_some() {
-                    // Awaited all the same; what it says is learnt by asking the stream.
-                    continue;
-                }
-                match outcome {
-                    Acked::Stored(sequence) => {
-                        end = End {
-                            sequence,
-                            position: Some(position),
-                        };
-                        view.end = Some(end);
-                    }
-                    // Held already (the dedup window knew it) though after the last
-                    // position seen: the predictions after it are one too far.
-                    Acked::Duplicate => halt = Some(Stop::Restart(at + 1)),
-                    Acked::WrongLastSequence => {
-                        halt = Some(Stop::Failed(TransportError::OutOfOrder {
-                            message: format!(
-                                "the publication stream `{}` does not end at sequence {} as \
-                                 this publisher last saw it (another publisher, or a broker \
-                                 that lost messages): ask where it ends and publish from there",
-                                self.stream, end.sequence
-                            ),
-                        }));
-                    }
-                    Acked::Failed(error) => halt = Some(Stop::Failed(error)),
-                }
+                take_answer(answer, &mut halt, &mut end, &mut view, &self.stream);
             }
             match halt.or(unsent) {
                 None => next = batch.len(),
