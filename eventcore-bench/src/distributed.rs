@@ -112,6 +112,7 @@ fn publisher(stores: &Stores, transport: &Transport) -> Result<PublisherRunner, 
         transport.publisher(bank()),
         policy,
     )
+    .map(|r| match std::env::var("XBATCH").ok().and_then(|v| v.parse().ok()) { Some(b) => r.with_batch_size(b), None => r })
     .map_err(|e| e.to_string())
 }
 
