@@ -112,7 +112,6 @@ fn publisher(stores: &Stores, transport: &Transport) -> Result<PublisherRunner, 
         transport.publisher(bank()),
         policy,
     )
-    .map(|r| match std::env::var("XBATCH").ok().and_then(|v| v.parse().ok()) { Some(b) => r.with_batch_size(b), None => r })
     .map_err(|e| e.to_string())
 }
 
@@ -171,8 +170,9 @@ pub(crate) async fn run_publication(
 }
 
 /// The broker's own limit for W6: as many messages, each exactly as large as one W6
-/// message (its body and headers, with a unique `Nats-Msg-Id`), published to a stream
-/// of the same configuration straight through async-nats, at most `window`
+/// message (its body and headers, with a unique `Nats-Msg-Id`) and on the same subject
+/// as the event it stands for, published to a stream of the same configuration
+/// straight through async-nats, at most `window`
 /// acknowledgements outstanding, each awaited in order. No framework, no store.
 /// `chained`: each message also carries the expectations EventCore's publisher sends
 /// (`Nats-Expected-Stream`, `Nats-Expected-Last-Sequence`), which cost the server
@@ -214,14 +214,19 @@ pub(crate) async fn nats_floor(
         .config
         .clone();
     let _ = context.delete_stream(&source).await;
+    // The same subjects as W6's messages (one per account, as the load wrote them),
+    // captured by a stream of the same configuration (the sample's was deleted).
     let name = format!("{}-floor", nats.config().prefix());
     config.name = name.clone();
-    config.subjects = vec![format!("{name}.>")];
     context
         .create_stream(config)
         .await
         .map_err(|e| e.to_string())?;
-    let subject = format!("{name}.account-events.account-0");
+    let accounts = run.accounts.max(1);
+    let per_account = events.div_ceil(accounts);
+    let subjects: Vec<String> = (0..accounts)
+        .map(|n| nats.config().subject(&topic(), &account(n)))
+        .collect();
     let payload = template.payload.clone();
     // The framework's headers, less its expectations (which name the other stream)
     // and its message id (one per message below), with a filler of their size.
@@ -259,7 +264,7 @@ pub(crate) async fn nats_floor(
         }
         let ack = context
             .send_publish(
-                subject.clone(),
+                subjects[n / per_account].clone(),
                 jetstream::message::PublishMessage::build()
                     .headers(headers)
                     .payload(payload.clone()),

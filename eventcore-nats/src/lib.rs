@@ -227,6 +227,17 @@ impl NatsConfig {
         &self.prefix
     }
 
+    /// The subject an event of `stream` published under `topic` goes to:
+    /// `<prefix>.<topic>.<slot>.<escaped stream id>` (see `docs/distributed.md`), for
+    /// tools that read or watch the broker.
+    pub fn subject(
+        &self,
+        topic: &eventcore::distributed::Topic,
+        stream: &eventcore::StreamId,
+    ) -> String {
+        Names::new(&self.prefix).subject(topic, stream)
+    }
+
     /// The name of the JetStream stream holding `service`'s publication.
     pub fn stream_name(&self, service: &eventcore::distributed::ServiceId) -> String {
         Names::new(&self.prefix).stream(service)

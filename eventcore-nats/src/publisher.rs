@@ -1,7 +1,9 @@
 //! [`NatsPublisher`]: one service's publication as one JetStream stream, published in
 //! chained, pipelined batches.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::task::Poll;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
@@ -431,6 +433,35 @@ fn refusal(
     }
 }
 
+/// A publish waiting for its acknowledgement, with its event's position and index in
+/// the batch.
+type InFlight = (
+    <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
+    GlobalPosition,
+    usize,
+);
+
+/// The answer to the oldest publish in flight (of a non-empty window).
+fn oldest(
+    in_flight: &mut VecDeque<InFlight>,
+) -> impl Future<Output = (Acked, GlobalPosition, usize)> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some((ack, position, index)) = in_flight.front_mut() else {
+            // Callers ask only when something is in flight.
+            return Poll::Pending;
+        };
+        let outcome = match ack.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(ack)) if ack.duplicate => Acked::Duplicate,
+            Poll::Ready(Ok(ack)) => Acked::Stored(ack.sequence),
+            Poll::Ready(Err(error)) => publish_error(error),
+        };
+        let answer = (outcome, *position, *index);
+        in_flight.pop_front();
+        Poll::Ready(answer)
+    })
+}
+
 /// Takes the oldest answer of a window: the stream's end moves to what it stored, or
 /// the window halts (after which answers are awaited only; what they say is learnt by
 /// asking the stream).
@@ -551,7 +582,7 @@ impl EventPublisher for NatsPublisher {
             // are predicted: a new event is stored right after the previous one, and
             // each publish expects it, so after a lost or refused one every later one
             // is refused too: the stream never holds a gap or a reordering.
-            let mut in_flight = futures::stream::FuturesOrdered::new();
+            let mut in_flight = VecDeque::with_capacity(self.config.publish_window);
             let mut predicted = end;
             // Why sending stopped early: the answers to what was sent still count.
             let mut unsent = None;
@@ -603,7 +634,7 @@ impl EventPublisher for NatsPublisher {
                             tokio::select! {
                                 biased;
                                 sent = &mut sending => break sent,
-                                Some(answer) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                                answer = oldest(&mut in_flight), if !in_flight.is_empty() => {
                                     take_answer(answer, &mut halt, &mut end, &mut view, &self.stream);
                                 }
                             }
@@ -611,17 +642,10 @@ impl EventPublisher for NatsPublisher {
                     };
                     match sent {
                         Ok(ack) => {
-                            // Polled from now on with the others: their timeouts run at
-                            // once (one after another, a dead connection would cost a
-                            // timeout per message).
-                            in_flight.push_back(async move {
-                                let outcome = match ack.await {
-                                    Ok(ack) if ack.duplicate => Acked::Duplicate,
-                                    Ok(ack) => Acked::Stored(ack.sequence),
-                                    Err(error) => publish_error(error),
-                                };
-                                (outcome, position, index)
-                            });
+                            // Answers come in the order of the publishes: only the oldest
+                            // is polled (its timeout runs from then), the others wait
+                            // their turn with their answers kept by the connection.
+                            in_flight.push_back((ack.into_future(), position, index));
                         }
                         Err(error) => {
                             unsent = Some(Stop::Failed(match publish_error(error) {
@@ -638,10 +662,18 @@ impl EventPublisher for NatsPublisher {
                     index += 1;
                     continue;
                 }
-                // The window is full, or nothing more is to be sent: the oldest answer.
-                let Some(answer) = futures::StreamExt::next(&mut in_flight).await else {
+                if in_flight.is_empty() {
                     break;
-                };
+                }
+                if halt.is_some() {
+                    // The rest are awaited all the same, at once (on a dead connection
+                    // one timeout, not one each); what they say is learnt by asking the
+                    // stream.
+                    futures::future::join_all(in_flight.drain(..).map(|(ack, _, _)| ack)).await;
+                    break;
+                }
+                // The window is full, or nothing more is to be sent: the oldest answer.
+                let answer = oldest(&mut in_flight).await;
                 take_answer(answer, &mut halt, &mut end, &mut view, &self.stream);
             }
             match halt.or(unsent) {
