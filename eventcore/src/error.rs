@@ -284,6 +284,43 @@ pub enum Error {
 }
 
 impl Error {
+    /// A stable snake_case name of the error's variant: the `kind` label of
+    /// [`crate::metrics::COMMAND_ERRORS_TOTAL`], for logs and dashboards. A
+    /// [`Error::RetriesExhausted`] is `retries_exhausted` whatever the last error was.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidStreamId(_) => "invalid_stream_id",
+            Error::InvalidEventType(_) => "invalid_event_type",
+            Error::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            Error::InvalidPayload { .. } => "invalid_payload",
+            Error::InvalidMetadata { .. } => "invalid_metadata",
+            Error::AppendTooLarge { .. } => "append_too_large",
+            Error::InvalidPosition { .. } => "invalid_position",
+            Error::InvalidParkedEvent { .. } => "invalid_parked_event",
+            Error::UnreadableEvent { .. } => "unreadable_event",
+            Error::InvalidAppend { .. } => "invalid_append",
+            Error::VersionConflict { .. } => "version_conflict",
+            Error::Deserialization { .. } => "deserialization",
+            Error::Serialization { .. } => "serialization",
+            Error::UndeclaredStream { .. } => "undeclared_stream",
+            Error::TooManyStreamResolutions { .. } => "too_many_stream_resolutions",
+            Error::BusinessRuleViolation(_) => "business_rule_violation",
+            Error::Rejected(_) => "rejected",
+            Error::RetriesExhausted { .. } => "retries_exhausted",
+            Error::ProjectionFailed { .. } => "projection_failed",
+            Error::InvalidProjectionName(_) => "invalid_projection_name",
+            Error::InvalidSaga { .. } => "invalid_saga",
+            Error::OutcomeUnknown { .. } => "outcome_unknown",
+            #[cfg(feature = "distributed")]
+            Error::InvalidDistributedName(_) => "invalid_distributed_name",
+            #[cfg(feature = "distributed")]
+            Error::InvalidPublicationPolicy { .. } => "invalid_publication_policy",
+            #[cfg(feature = "distributed")]
+            Error::Transport(_) => "transport",
+            Error::Backend { .. } => "backend",
+        }
+    }
+
     /// Whether the same operation may succeed if tried again: version conflicts and
     /// retryable backend failures. Business errors and bad input never are.
     pub fn is_retryable(&self) -> bool {

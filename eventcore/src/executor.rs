@@ -280,7 +280,10 @@ impl CommandExecutor {
             events_written = field::Empty,
             deduplicated = field::Empty,
         );
-        self.run(command, options).instrument(span).await
+        let started = std::time::Instant::now();
+        let result = self.run(command, options).instrument(span).await;
+        crate::metrics::command_finished(command.command_name(), &result, started.elapsed());
+        result
     }
 
     async fn run<C: Command>(
@@ -351,6 +354,10 @@ impl CommandExecutor {
                     }
                     let delay = self.retry_policy.delay_before_retry(attempt);
                     tracing::warn!(attempt, %error, ?delay, "outcome unknown; asking again under the idempotency key");
+                    crate::metrics::command_retried(
+                        command.command_name(),
+                        crate::metrics::RetryReason::OutcomeUnknown,
+                    );
                     unknown
                         .get_or_insert((Vec::new(), error))
                         .0
@@ -360,6 +367,7 @@ impl CommandExecutor {
                     }
                 }
                 Err(error) if error.is_retryable() => {
+                    crate::metrics::attempt_failed(command.command_name(), &error);
                     if attempt >= self.retry_policy.max_attempts() {
                         tracing::warn!(attempt, %error, "giving up");
                         // An earlier attempt may have written: say so, not "nothing
@@ -374,6 +382,14 @@ impl CommandExecutor {
                     }
                     let delay = self.retry_policy.delay_before_retry(attempt);
                     tracing::debug!(attempt, %error, ?delay, "retrying");
+                    crate::metrics::command_retried(
+                        command.command_name(),
+                        if matches!(error, Error::VersionConflict { .. }) {
+                            crate::metrics::RetryReason::VersionConflict
+                        } else {
+                            crate::metrics::RetryReason::Backend
+                        },
+                    );
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }

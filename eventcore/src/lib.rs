@@ -152,6 +152,7 @@ mod json;
 mod leadership;
 pub mod limits;
 mod metadata;
+pub mod metrics;
 mod names;
 mod process;
 mod projection;

@@ -175,7 +175,19 @@ impl PublisherRunner {
             first = first.event.global_position.value(),
             last = last.event.global_position.value(),
         );
-        Ok(self.publisher.publish(batch).instrument(span).await?)
+        self.publisher.publish(batch).instrument(span).await?;
+        // Counted per run of one topic (a page is mostly one topic or a few).
+        let service = service.as_str();
+        let mut from = 0;
+        while let Some(first) = batch.get(from) {
+            let run = batch[from..]
+                .iter()
+                .take_while(|p| p.topic == first.topic)
+                .count();
+            crate::metrics::events_published(service, first.topic.as_str(), run as u64);
+            from += run;
+        }
+        Ok(())
     }
 
     /// Saves the checkpoint at `position` (every public event up to it acknowledged).

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::envelope::DistributedEvent;
-use super::names::ServiceId;
+use super::names::{ServiceId, Topic};
 use super::transport::{Delivery, EventSubscriber, Subscription, SubscriptionSpec};
 use crate::error::{Error, Result, error_chain};
 use crate::event::{Event, EventData};
@@ -226,6 +226,27 @@ pub struct SubscriptionRunner<H> {
     inbox_stream: StreamId,
     inbox: Inbox,
     max_deliveries: u32,
+    labels: Labels,
+}
+
+/// The metric labels of a runner, built once: a label from a `&str` is allocated at
+/// every emission.
+#[derive(Debug)]
+struct Labels {
+    service: Arc<str>,
+    subscription: Arc<str>,
+    topics: Vec<(Topic, Arc<str>)>,
+}
+
+impl Labels {
+    fn topic(&mut self, topic: &Topic) -> Arc<str> {
+        if let Some((_, label)) = self.topics.iter().find(|(known, _)| known == topic) {
+            return Arc::clone(label);
+        }
+        let label: Arc<str> = Arc::from(topic.as_str());
+        self.topics.push((topic.clone(), Arc::clone(&label)));
+        label
+    }
 }
 
 impl<H: EventHandler> SubscriptionRunner<H> {
@@ -255,6 +276,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             "eventcore/subscription/{}/{}/inbox",
             spec.service, spec.name
         ))?;
+        let (spec_service, spec_name) = (spec.service.clone(), spec.name.clone());
         Ok(SubscriptionRunner {
             subscriber,
             spec,
@@ -265,6 +287,11 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             inbox_stream,
             inbox: Inbox::default(),
             max_deliveries: 10,
+            labels: Labels {
+                service: Arc::from(spec_service.as_str()),
+                subscription: Arc::from(spec_name.as_str()),
+                topics: Vec::new(),
+            },
         })
     }
 
@@ -535,6 +562,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             key,
         )
         .await?;
+        crate::metrics::event_parked(&self.labels.service, &self.labels.subscription);
         Ok(Processed::Parked)
     }
 
@@ -586,9 +614,9 @@ impl<H: EventHandler> SubscriptionRunner<H> {
             // A store outage: the same delivery again after a pause, in place (asking
             // the transport again would count as another delivery).
             let mut outage = 0;
-            loop {
+            let processed = loop {
                 match self.process(&delivery).await {
-                    Ok(_) => break,
+                    Ok(processed) => break processed,
                     Err(error) if error.is_retryable() => {
                         outage += 1;
                         tracing::warn!(subscription = %self.spec.name, event_id = %delivery.event.event_id, error = %error_chain(&error), "the store failed; retrying");
@@ -599,12 +627,28 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                     }
                     Err(error) => return Err(error),
                 }
-            }
-            if let Err(error) = open.ack(&delivery).await {
-                if !error.is_retryable() {
-                    return Err(error.into());
+            };
+            match open.ack(&delivery).await {
+                Ok(()) => {
+                    if matches!(processed, Processed::Handled) {
+                        let topic = self.labels.topic(&delivery.topic);
+                        let lag = (chrono::Utc::now() - delivery.event.occurred_at)
+                            .to_std()
+                            .ok();
+                        crate::metrics::event_consumed(
+                            &self.labels.service,
+                            &self.labels.subscription,
+                            &topic,
+                            lag,
+                        );
+                    }
                 }
-                tracing::warn!(subscription = %self.spec.name, event_id = %delivery.event.event_id, %error, "acknowledgement failed; the event will come again");
+                Err(error) => {
+                    if !error.is_retryable() {
+                        return Err(error.into());
+                    }
+                    tracing::warn!(subscription = %self.spec.name, event_id = %delivery.event.event_id, %error, "acknowledgement failed; the event will come again");
+                }
             }
         }
     }

@@ -1,0 +1,310 @@
+//! The metrics EventCore emits (`eventcore::metrics`), read back through
+//! `metrics-util`'s debugging recorder: names, labels and values for commands (success,
+//! refusal, a real version conflict and its retry), publication and consumption.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use eventcore::metrics::{
+    COMMAND_DURATION_SECONDS, COMMAND_ERRORS_TOTAL, COMMAND_RETRIES_TOTAL, COMMANDS_TOTAL,
+    EVENT_LAG_SECONDS, EVENTS_APPENDED_TOTAL, EVENTS_CONSUMED_TOTAL, EVENTS_PUBLISHED_TOTAL,
+    VERSION_CONFLICTS_TOTAL,
+};
+use eventcore::{
+    AppendOutcome, AppendRequest, CommandExecutor, EventData, EventMetadata, EventStore,
+    ExpectedVersion, GlobalPosition, IdempotencyKey, LogQuery, RecordedEvent, StreamAppend,
+    StreamId, StreamsSnapshot,
+};
+use eventcore_memory::{InMemoryBroker, InMemoryEventStore};
+use eventcore_tests::bank::{BankEvent, Open, Transfer, account};
+use eventcore_tests::two_services::{self, PlaceOrder};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+/// Every metric of a snapshot: (name, sorted labels) → value.
+type Seen = BTreeMap<(String, Vec<(String, String)>), DebugValue>;
+
+fn seen(snapshotter: &Snapshotter) -> Seen {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let mut labels: Vec<(String, String)> = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            labels.sort();
+            ((key.name().to_owned(), labels), value)
+        })
+        .collect()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut labels: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    labels
+}
+
+fn counter(seen: &Seen, name: &str, pairs: &[(&str, &str)]) -> Option<u64> {
+    match seen.get(&(name.to_owned(), labels(pairs))) {
+        Some(DebugValue::Counter(n)) => Some(*n),
+        Some(other) => panic!("{name} is not a counter: {other:?}"),
+        None => None,
+    }
+}
+
+fn histogram(seen: &Seen, name: &str, pairs: &[(&str, &str)]) -> Vec<f64> {
+    match seen.get(&(name.to_owned(), labels(pairs))) {
+        Some(DebugValue::Histogram(values)) => values.iter().map(|v| v.0).collect(),
+        Some(other) => panic!("{name} is not a histogram: {other:?}"),
+        None => Vec::new(),
+    }
+}
+
+/// Runs `test` on a current-thread runtime with `recorder` as this thread's recorder:
+/// every task of the runtime emits into it, and no other test's metrics do.
+fn with_recorder<F: std::future::Future<Output = ()>>(
+    recorder: &DebuggingRecorder,
+    test: impl FnOnce() -> F,
+) {
+    metrics::with_local_recorder(recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(test());
+    });
+}
+
+/// A store in which another writer appends to a stream right after the first read of
+/// it: the command that read it meets a real version conflict, then retries.
+#[derive(Debug, Clone)]
+struct Interleaved {
+    inner: InMemoryEventStore,
+    stream: StreamId,
+    done: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl EventStore for Interleaved {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        let snapshot = self.inner.read_streams(streams).await?;
+        if streams.contains(&self.stream) && !self.done.swap(true, Ordering::SeqCst) {
+            let deposit = EventData::from_event(
+                &BankEvent::Deposited { amount: 1 },
+                EventMetadata::default(),
+            )?;
+            self.inner
+                .append(AppendRequest::new().with_stream(StreamAppend::new(
+                    self.stream.clone(),
+                    ExpectedVersion::Any,
+                    vec![deposit],
+                )))
+                .await?;
+        }
+        Ok(snapshot)
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
+#[test]
+fn commands_are_counted_timed_and_their_errors_conflicts_and_retries_named() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    with_recorder(&recorder, || async {
+        let store = Interleaved {
+            inner: InMemoryEventStore::new(),
+            stream: account(0),
+            done: Arc::new(AtomicBool::new(true)),
+        };
+        let executor = CommandExecutor::new(Arc::new(store.clone()));
+        for n in 0..2 {
+            executor
+                .execute(&Open {
+                    account: account(n),
+                    initial: 100,
+                })
+                .await
+                .expect("opens");
+        }
+        // Opened already: a business rule refuses it.
+        let refused = executor
+            .execute(&Open {
+                account: account(0),
+                initial: 1,
+            })
+            .await
+            .expect_err("already open");
+        assert_eq!(refused.kind(), "business_rule_violation");
+        // Another writer gets in between the transfer's read and its append.
+        store.done.store(false, Ordering::SeqCst);
+        let moved = executor
+            .execute(&Transfer {
+                from: account(0),
+                to: account(1),
+                amount: 10,
+            })
+            .await
+            .expect("transfers on the second attempt");
+        assert_eq!(moved.attempts, 2, "the interleaving forced one conflict");
+    });
+    let seen = seen(&snapshotter);
+    let open = std::any::type_name::<Open>();
+    let transfer = std::any::type_name::<Transfer>();
+    assert_eq!(
+        counter(
+            &seen,
+            COMMANDS_TOTAL,
+            &[("command", open), ("outcome", "success")]
+        ),
+        Some(2)
+    );
+    assert_eq!(
+        counter(
+            &seen,
+            COMMANDS_TOTAL,
+            &[("command", open), ("outcome", "error")]
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        counter(
+            &seen,
+            COMMAND_ERRORS_TOTAL,
+            &[("command", open), ("kind", "business_rule_violation")]
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        counter(
+            &seen,
+            COMMANDS_TOTAL,
+            &[("command", transfer), ("outcome", "success")]
+        ),
+        Some(1),
+        "a command is counted once, whatever its attempts"
+    );
+    assert_eq!(
+        counter(&seen, VERSION_CONFLICTS_TOTAL, &[("command", transfer)]),
+        Some(1)
+    );
+    assert_eq!(
+        counter(
+            &seen,
+            COMMAND_RETRIES_TOTAL,
+            &[("command", transfer), ("reason", "version_conflict")]
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        counter(&seen, EVENTS_APPENDED_TOTAL, &[("command", open)]),
+        Some(2)
+    );
+    assert_eq!(
+        counter(&seen, EVENTS_APPENDED_TOTAL, &[("command", transfer)]),
+        Some(2)
+    );
+    let durations = histogram(&seen, COMMAND_DURATION_SECONDS, &[("command", open)]);
+    assert_eq!(durations.len(), 3, "every execution timed: {durations:?}");
+    assert!(durations.iter().all(|d| d.is_finite() && *d >= 0.0));
+    assert_eq!(
+        histogram(&seen, COMMAND_DURATION_SECONDS, &[("command", transfer)]).len(),
+        1
+    );
+}
+
+#[test]
+fn publication_and_consumption_are_counted_per_service_topic_and_subscription() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let orders_placed = 7;
+    with_recorder(&recorder, || async move {
+        let broker = InMemoryBroker::new();
+        let orders_store = InMemoryEventStore::new();
+        let orders: Arc<dyn EventStore> = Arc::new(orders_store.clone());
+        let billing: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        let executor = CommandExecutor::new(orders.clone());
+        for n in 0..orders_placed {
+            executor
+                .execute(&PlaceOrder {
+                    order: StreamId::try_new(format!("order-o{n}")).expect("valid"),
+                    id: format!("o{n}"),
+                    amount: 10 + n as u64,
+                })
+                .await
+                .expect("places");
+        }
+        let mut publisher =
+            two_services::publisher(&orders, Arc::new(orders_store.clone()), &broker);
+        publisher.publish_available().await.expect("publishes");
+        let mut runner = two_services::subscriber(&billing, &broker);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(async move {
+            runner
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        // Two events per order (placed, confirmed), one effect each.
+        two_services::wait_for_invoices(&billing, 2 * orders_placed).await;
+        stop.send(true).expect("running");
+        running.await.expect("joins").expect("ran");
+    });
+    let seen = seen(&snapshotter);
+    assert_eq!(
+        counter(
+            &seen,
+            EVENTS_PUBLISHED_TOTAL,
+            &[("service", "orders"), ("topic", "order-events")]
+        ),
+        Some(2 * orders_placed as u64)
+    );
+    // The runner sees the stop only between deliveries, so the last one was
+    // acknowledged (and counted) before it returned.
+    let consumed = counter(
+        &seen,
+        EVENTS_CONSUMED_TOTAL,
+        &[
+            ("service", "billing"),
+            ("subscription", "invoices"),
+            ("topic", "order-events"),
+        ],
+    );
+    assert_eq!(consumed, Some(2 * orders_placed as u64));
+    let lags = histogram(
+        &seen,
+        EVENT_LAG_SECONDS,
+        &[("service", "billing"), ("subscription", "invoices")],
+    );
+    assert_eq!(lags.len(), 2 * orders_placed, "one lag per event consumed");
+    assert!(lags.iter().all(|lag| lag.is_finite() && *lag >= 0.0));
+}
