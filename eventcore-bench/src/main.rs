@@ -105,6 +105,10 @@ struct Args {
     /// (PostgreSQL when a URL is known, with NATS when its URL is known).
     #[arg(long)]
     all: bool,
+    /// Install a Prometheus recorder (`metrics-exporter-prometheus`, no HTTP listener)
+    /// first, so every metric EventCore emits is recorded: the cost of metrics.
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// One JSON line per run, with exactly these keys.
@@ -565,6 +569,17 @@ fn print_line(report: &Report) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let prometheus = if args.metrics {
+        match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(error) => {
+                eprintln!("installing the Prometheus recorder: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let settings = Settings {
         database_url: args
             .database_url
@@ -619,6 +634,16 @@ async fn main() -> ExitCode {
         }
     }
     print_table(&reports);
+    if let Some(prometheus) = prometheus {
+        // What was recorded, to show the recorder saw the runs.
+        let rendered = prometheus.render();
+        let mut families: Vec<&str> = rendered
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .collect();
+        families.sort_unstable();
+        eprintln!("metrics recorded: {}", families.join(", "));
+    }
     if reports.iter().any(|r| r.invariant_ok == Some(false)) {
         eprintln!("eventcore-bench: an invariant was broken");
         return ExitCode::FAILURE;
