@@ -175,6 +175,31 @@ fn commands_are_counted_timed_and_their_errors_conflicts_and_retries_named() {
             .await
             .expect("transfers on the second attempt");
         assert_eq!(moved.attempts, 2, "the interleaving forced one conflict");
+        // Another writer while the transfer's state is kept: its cached state is behind,
+        // and the append from it meets a conflict inside the attempt.
+        store
+            .inner
+            .append(AppendRequest::new().with_stream(StreamAppend::new(
+                account(0),
+                ExpectedVersion::Any,
+                vec![
+                    EventData::from_event(
+                        &BankEvent::Deposited { amount: 1 },
+                        EventMetadata::default(),
+                    )
+                    .expect("an event"),
+                ],
+            )))
+            .await
+            .expect("appends");
+        executor
+            .execute(&Transfer {
+                from: account(0),
+                to: account(1),
+                amount: 10,
+            })
+            .await
+            .expect("transfers");
     });
     let seen = seen(&snapshotter);
     let open = std::any::type_name::<Open>();
@@ -209,12 +234,13 @@ fn commands_are_counted_timed_and_their_errors_conflicts_and_retries_named() {
             COMMANDS_TOTAL,
             &[("command", transfer), ("outcome", "success")]
         ),
-        Some(1),
+        Some(2),
         "a command is counted once, whatever its attempts"
     );
     assert_eq!(
         counter(&seen, VERSION_CONFLICTS_TOTAL, &[("command", transfer)]),
-        Some(1)
+        Some(2),
+        "the retried conflict and the kept state's"
     );
     assert_eq!(
         counter(
@@ -230,14 +256,14 @@ fn commands_are_counted_timed_and_their_errors_conflicts_and_retries_named() {
     );
     assert_eq!(
         counter(&seen, EVENTS_APPENDED_TOTAL, &[("command", transfer)]),
-        Some(2)
+        Some(4)
     );
     let durations = histogram(&seen, COMMAND_DURATION_SECONDS, &[("command", open)]);
     assert_eq!(durations.len(), 3, "every execution timed: {durations:?}");
     assert!(durations.iter().all(|d| d.is_finite() && *d >= 0.0));
     assert_eq!(
         histogram(&seen, COMMAND_DURATION_SECONDS, &[("command", transfer)]).len(),
-        1
+        2
     );
 }
 

@@ -274,6 +274,8 @@ impl NatsTransport {
     /// prefix or domain, request timeout, or bound on publishes in flight:
     /// `async_nats::jetstream::ContextBuilder`). Publishers sharing a context share that
     /// bound; each takes its answers while it waits for room, so none waits for good.
+    /// The context must wait for room (`backpressure_on_inflight(true)`, async-nats'
+    /// default): without it a publish beyond the bound fails, retryably.
     pub fn with_context(context: jetstream::Context, config: NatsConfig) -> Self {
         NatsTransport { context, config }
     }

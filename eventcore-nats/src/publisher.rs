@@ -582,7 +582,8 @@ impl EventPublisher for NatsPublisher {
             // are predicted: a new event is stored right after the previous one, and
             // each publish expects it, so after a lost or refused one every later one
             // is refused too: the stream never holds a gap or a reordering.
-            let mut in_flight = VecDeque::with_capacity(self.config.publish_window);
+            let mut in_flight =
+                VecDeque::with_capacity(self.config.publish_window.min(batch.len() - next));
             let mut predicted = end;
             // Why sending stopped early: the answers to what was sent still count.
             let mut unsent = None;
@@ -631,14 +632,23 @@ impl EventPublisher for NatsPublisher {
                         let mut sending =
                             std::pin::pin!(self.context.send_publish(subject, message));
                         loop {
+                            if halt.is_some() {
+                                // Not sent (waiting for a place and sending to the
+                                // connection task are both cancel-safe): its answer
+                                // would not count.
+                                break None;
+                            }
                             tokio::select! {
                                 biased;
-                                sent = &mut sending => break sent,
+                                sent = &mut sending => break Some(sent),
                                 answer = oldest(&mut in_flight), if !in_flight.is_empty() => {
                                     take_answer(answer, &mut halt, &mut end, &mut view, &self.stream);
                                 }
                             }
                         }
+                    };
+                    let Some(sent) = sent else {
+                        continue;
                     };
                     match sent {
                         Ok(ack) => {
@@ -667,8 +677,8 @@ impl EventPublisher for NatsPublisher {
                 }
                 if halt.is_some() {
                     // The rest are awaited all the same, at once (on a dead connection
-                    // one timeout, not one each); what they say is learnt by asking the
-                    // stream.
+                    // two timeouts in all, the oldest's then the others' together, not
+                    // one each); what they say is learnt by asking the stream.
                     futures::future::join_all(in_flight.drain(..).map(|(ack, _, _)| ack)).await;
                     break;
                 }

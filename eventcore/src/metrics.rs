@@ -17,6 +17,11 @@
 //! | [`EVENT_LAG_SECONDS`] `eventcore_event_lag_seconds` | histogram | `service`, `subscription` | from the source store recording an event (`occurred_at`) to its handling; clocks of two machines included (feature `distributed`) |
 //! | [`EVENTS_PARKED_TOTAL`] `eventcore_events_parked_total` | counter | `service`, `subscription` | events a subscription parked (feature `distributed`) |
 //!
+//! Not counted as consumed yet: events handled from a subscription's inbox when a
+//! parked stream is re-driven or drained (only the delivery being processed counts).
+//! A command whose state is cached and was behind meets a version conflict inside its
+//! attempt: counted in [`VERSION_CONFLICTS_TOTAL`], not as a retry.
+//!
 //! `command` is [`crate::CommandLogic::command_name`] (by default the type's path): keep
 //! the number of command types bounded, as every label value is a time series.
 

@@ -142,7 +142,8 @@ impl CommandExecutor {
                 )
                 .await
             {
-                Err(Error::VersionConflict { .. }) => {
+                Err(conflict @ Error::VersionConflict { .. }) => {
+                    crate::metrics::attempt_failed(command.command_name(), &conflict);
                     tracing::debug!(
                         command = command.command_name(),
                         "kept state was behind; reading what is new"
