@@ -334,3 +334,115 @@ fn publication_and_consumption_are_counted_per_service_topic_and_subscription() 
     assert_eq!(lags.len(), 2 * orders_placed, "one lag per event consumed");
     assert!(lags.iter().all(|lag| lag.is_finite() && *lag >= 0.0));
 }
+
+#[test]
+fn circuit_breaker_state_changes_state_and_calls_are_counted() {
+    use eventcore::circuit_breaker::{
+        CALLS_TOTAL, CircuitBreaker, CircuitBreakerConfig, STATE, STATE_CHANGES_TOTAL,
+    };
+    use std::time::Duration;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let counters = std::cell::RefCell::new(BTreeMap::<(String, Vec<(String, String)>), u64>::new());
+    with_recorder(&recorder, || async {
+        let clock = eventcore::ManualClock::default();
+        let breaker = CircuitBreaker::with_clock(
+            "card-gateway",
+            CircuitBreakerConfig::new(2, Duration::from_secs(30), Duration::from_secs(5))
+                .expect("valid"),
+            Arc::new(clock.clone()),
+        );
+        // A snapshot takes the counters' values (and resets them): keep their sums.
+        let gauge_now = |snapshotter: &Snapshotter| {
+            let now = seen(snapshotter);
+            let mut counters = counters.borrow_mut();
+            for (key, value) in &now {
+                if let DebugValue::Counter(n) = value {
+                    *counters.entry(key.clone()).or_insert(0) += n;
+                }
+            }
+            match now.get(&(STATE.to_owned(), labels(&[("breaker", "card-gateway")]))) {
+                Some(DebugValue::Gauge(value)) => value.0,
+                other => panic!("{STATE} is not a gauge: {other:?}"),
+            }
+        };
+        assert_eq!(gauge_now(&snapshotter), 0.0, "closed from the start");
+        for _ in 0..2 {
+            let _ = breaker.call(|| async { Err::<(), _>("down") }).await;
+        }
+        let _ = breaker.call(|| async { Ok::<_, &str>(()) }).await;
+        clock.advance(Duration::from_secs(30));
+        breaker
+            .call(|| async { Ok::<_, &str>(()) })
+            .await
+            .expect("the trial succeeds");
+        // A snapshot resets a gauge to 0: read it only where the state set last is not
+        // the one before it (half-open, 2, before this close; closed, 0, before the
+        // next open).
+        assert_eq!(gauge_now(&snapshotter), 0.0, "closed again");
+        for _ in 0..2 {
+            let _ = breaker.call(|| async { Err::<(), _>("down") }).await;
+        }
+        assert_eq!(gauge_now(&snapshotter), 1.0, "open again");
+    });
+    let counters = counters.into_inner();
+    let count = |name: &str, pairs: &[(&str, &str)]| {
+        counters.get(&(name.to_owned(), labels(pairs))).copied()
+    };
+    let breaker = ("breaker", "card-gateway");
+    for (from, to, n) in [
+        ("closed", "open", 2),
+        ("open", "half_open", 1),
+        ("half_open", "closed", 1),
+    ] {
+        assert_eq!(
+            count(STATE_CHANGES_TOTAL, &[breaker, ("from", from), ("to", to)]),
+            Some(n),
+            "{from} -> {to}"
+        );
+    }
+    for (outcome, n) in [("failure", 4), ("rejected", 1), ("success", 1)] {
+        assert_eq!(
+            count(CALLS_TOTAL, &[breaker, ("outcome", outcome)]),
+            Some(n),
+            "{outcome}"
+        );
+    }
+    assert_eq!(count(CALLS_TOTAL, &[breaker, ("outcome", "timeout")]), None);
+}
+
+/// The executor keeps its metric handles, registered with the recorder in effect when
+/// it first ran a command type, and registers them again when another one is in effect:
+/// a recorder installed after the first commands ran (here: none, then local ones that
+/// all live at once, so at distinct addresses) sees what follows.
+#[test]
+fn an_executor_emits_into_the_recorder_in_effect_even_after_it_changes() {
+    let executor = CommandExecutor::new(InMemoryEventStore::new());
+    let open = |n| Open {
+        account: account(n),
+        initial: 100,
+    };
+    let success = [
+        ("command", std::any::type_name::<Open>()),
+        ("outcome", "success"),
+    ];
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(executor.execute(&open(0)))
+        .expect("opens without a recorder");
+    let recorders: Vec<DebuggingRecorder> = (0..3).map(|_| DebuggingRecorder::new()).collect();
+    for (n, recorder) in recorders.iter().enumerate() {
+        let snapshotter = recorder.snapshotter();
+        with_recorder(recorder, || async {
+            executor.execute(&open(n + 1)).await.expect("opens");
+        });
+        let seen = seen(&snapshotter);
+        assert_eq!(
+            counter(&seen, COMMANDS_TOTAL, &success),
+            Some(1),
+            "recorder {n} sees its command, not the handles of an earlier one"
+        );
+    }
+}

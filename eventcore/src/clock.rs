@@ -45,6 +45,58 @@ impl Clock for SystemClock {
     }
 }
 
+/// The system's time as Tokio's timer sees it: it starts at the wall-clock time of its
+/// creation and moves with [`tokio::time::Instant`], so under `tokio::time::pause` it
+/// stands still and jumps with `tokio::time::advance` (and with the paused runtime's
+/// auto-advance). The default clock of the [`crate::circuit_breaker::CircuitBreaker`],
+/// which tests drive with paused time. Copies share the origin.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    origin_utc: DateTime<Utc>,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading the wall-clock time now, and moving with Tokio's timer from here.
+    pub fn new() -> Self {
+        TokioClock {
+            origin_utc: Utc::now(),
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.origin);
+        chrono::Duration::from_std(elapsed)
+            .ok()
+            .and_then(|elapsed| self.origin_utc.checked_add_signed(elapsed))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    fn sleep_until(&self, deadline: DateTime<Utc>) -> SleepFuture<'_> {
+        let at = match (deadline - self.origin_utc).to_std() {
+            // Before the origin: due already.
+            Err(_) => return Box::pin(std::future::ready(())),
+            Ok(after) => self.origin.checked_add(after),
+        };
+        Box::pin(async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                // Beyond what the timer can represent: never.
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
 /// A clock that only moves when told to: tests advance it past a deadline instead of
 /// sleeping. Clones share the time.
 #[derive(Debug, Clone)]

@@ -177,6 +177,7 @@ pub struct CommandExecutor {
     retry_policy: RetryPolicy,
     max_stream_resolutions: u32,
     states: Arc<StateCacheMap>,
+    metrics: Arc<crate::metrics::CommandMetrics>,
 }
 
 impl CommandExecutor {
@@ -199,6 +200,7 @@ impl CommandExecutor {
             retry_policy: RetryPolicy::default(),
             max_stream_resolutions: Self::DEFAULT_MAX_STREAM_RESOLUTIONS,
             states: Arc::new(StateCacheMap::new(Self::DEFAULT_STATE_CACHE_CAPACITY)),
+            metrics: Arc::default(),
         }
     }
 
@@ -282,7 +284,8 @@ impl CommandExecutor {
         );
         let started = std::time::Instant::now();
         let result = self.run(command, options).instrument(span).await;
-        crate::metrics::command_finished(command.command_name(), &result, started.elapsed());
+        self.metrics
+            .command_finished(command.command_name(), &result, started.elapsed());
         result
     }
 

@@ -141,6 +141,7 @@
 //! The user manual lives in the repository's `docs/` directory; design decisions are in
 //! `docs/adr/`.
 
+pub mod circuit_breaker;
 mod clock;
 mod command;
 #[cfg(feature = "distributed")]
@@ -172,7 +173,7 @@ pub mod __private;
 
 pub use eventcore_macros::{Command, Event};
 
-pub use crate::clock::{Clock, ManualClock, SleepFuture, SystemClock};
+pub use crate::clock::{Clock, ManualClock, SleepFuture, SystemClock, TokioClock};
 
 pub use crate::command::{
     Command, CommandLogic, CommandStreams, ReadStreams, StateCache, StreamResolver, StreamWrite,

@@ -16,20 +16,30 @@
 //! | [`EVENTS_CONSUMED_TOTAL`] `eventcore_events_consumed_total` | counter | `service`, `subscription`, `topic` | events a subscription handled and acknowledged (feature `distributed`) |
 //! | [`EVENT_LAG_SECONDS`] `eventcore_event_lag_seconds` | histogram | `service`, `subscription` | from the source store recording an event (`occurred_at`) to its handling; clocks of two machines included (feature `distributed`) |
 //! | [`EVENTS_PARKED_TOTAL`] `eventcore_events_parked_total` | counter | `service`, `subscription` | events a subscription parked (feature `distributed`) |
+//! | [`crate::circuit_breaker::STATE_CHANGES_TOTAL`] `eventcore_circuit_breaker_state_changes_total` | counter | `breaker`, `from`, `to` (`closed`, `open`, `half_open`) | a circuit breaker's state changes |
+//! | [`crate::circuit_breaker::STATE`] `eventcore_circuit_breaker_state` | gauge | `breaker` | 0 closed, 1 open, 2 half-open |
+//! | [`crate::circuit_breaker::CALLS_TOTAL`] `eventcore_circuit_breaker_calls_total` | counter | `breaker`, `outcome` (`success`, `failure`, `timeout`, `rejected`) | calls through a breaker, `rejected` ones not made |
 //!
 //! Not counted as consumed yet: events handled from a subscription's inbox when a
 //! parked stream is re-driven or drained (only the delivery being processed counts).
 //! A command whose state is cached and was behind meets a version conflict inside its
 //! attempt: counted in [`VERSION_CONFLICTS_TOTAL`], not as a retry.
 //!
+//! An executor keeps the handles of its commands' success metrics, registered with the
+//! recorder in effect when it first ran each command type, and registers them again
+//! when the recorder in effect is another one (told apart by address: one installed
+//! after the first commands ran is seen). A local recorder
+//! (`metrics::with_local_recorder`) that takes the place in memory of an earlier,
+//! dropped one is taken for it: give each such recorder its own executor.
+//!
 //! `command` is [`crate::CommandLogic::command_name`] (by default the type's path): keep
 //! the number of command types bounded, as every label value is a time series.
 
-#[cfg(feature = "distributed")]
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ::metrics::{counter, histogram};
+use ::metrics::{Counter, Histogram, counter, histogram};
 
 use crate::ExecutionResult;
 use crate::error::{Error, Result};
@@ -75,24 +85,78 @@ impl RetryReason {
     }
 }
 
-/// A command's end: counted, timed, its events or its error counted.
-pub(crate) fn command_finished(
-    command: &'static str,
-    result: &Result<ExecutionResult>,
-    took: Duration,
-) {
-    let outcome = if result.is_ok() { "success" } else { "error" };
-    counter!(COMMANDS_TOTAL, "command" => command, "outcome" => outcome).increment(1);
-    histogram!(COMMAND_DURATION_SECONDS, "command" => command).record(took.as_secs_f64());
-    match result {
-        Ok(done) if !done.events_written.is_empty() => {
-            counter!(EVENTS_APPENDED_TOTAL, "command" => command)
-                .increment(done.events_written.len() as u64);
+/// The handles of one command type's success-path metrics, registered with one
+/// recorder.
+#[derive(Debug)]
+struct CommandHandles {
+    /// The recorder they were registered with (its address).
+    recorder: usize,
+    succeeded: Counter,
+    duration: Histogram,
+    appended: Counter,
+}
+
+/// An executor's metric handles by command name, so that a command's end costs three
+/// atomic updates rather than three registry lookups (each a key built and hashed, and
+/// a lock taken, in the recorder). Handles are registered again when the recorder in
+/// effect is not the one they were registered with (a recorder installed later, a
+/// test's local one).
+#[derive(Debug, Default)]
+pub(crate) struct CommandMetrics {
+    handles: RwLock<HashMap<&'static str, Arc<CommandHandles>>>,
+}
+
+/// The address of the recorder in effect on this thread.
+fn recorder_in_effect() -> usize {
+    ::metrics::with_recorder(|recorder| std::ptr::from_ref(recorder).cast::<()>() as usize)
+}
+
+impl CommandMetrics {
+    fn handles(&self, command: &'static str) -> Arc<CommandHandles> {
+        let recorder = recorder_in_effect();
+        {
+            let handles = self.handles.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(found) = handles.get(command)
+                && found.recorder == recorder
+            {
+                return Arc::clone(found);
+            }
         }
-        Ok(_) => {}
-        Err(error) => {
-            counter!(COMMAND_ERRORS_TOTAL, "command" => command, "kind" => error.kind())
-                .increment(1);
+        let registered = Arc::new(CommandHandles {
+            recorder,
+            succeeded: counter!(COMMANDS_TOTAL, "command" => command, "outcome" => "success"),
+            duration: histogram!(COMMAND_DURATION_SECONDS, "command" => command),
+            appended: counter!(EVENTS_APPENDED_TOTAL, "command" => command),
+        });
+        let mut handles = self.handles.write().unwrap_or_else(|e| e.into_inner());
+        // Command types are few (they are label values): the map stays small.
+        handles.insert(command, Arc::clone(&registered));
+        registered
+    }
+
+    /// A command's end: counted, timed, its events or its error counted.
+    pub(crate) fn command_finished(
+        &self,
+        command: &'static str,
+        result: &Result<ExecutionResult>,
+        took: Duration,
+    ) {
+        match result {
+            Ok(done) => {
+                let handles = self.handles(command);
+                handles.succeeded.increment(1);
+                handles.duration.record(took.as_secs_f64());
+                if !done.events_written.is_empty() {
+                    handles.appended.increment(done.events_written.len() as u64);
+                }
+            }
+            Err(error) => {
+                counter!(COMMANDS_TOTAL, "command" => command, "outcome" => "error").increment(1);
+                histogram!(COMMAND_DURATION_SECONDS, "command" => command)
+                    .record(took.as_secs_f64());
+                counter!(COMMAND_ERRORS_TOTAL, "command" => command, "kind" => error.kind())
+                    .increment(1);
+            }
         }
     }
 }
