@@ -3,7 +3,7 @@
 //! Four services (Order, Inventory, Payment, Shipping) own their streams and talk only
 //! through events and commands; the order saga takes each order through them and
 //! compensates, in reverse order, when a step is refused or does not answer in time. The
-//! example tells seven scenarios, checks each one's final state across the services, and
+//! example tells eight scenarios, checks each one's final state across the services, and
 //! prints an order view built by a projection over all four.
 //!
 //! It uses the in-memory store, so it needs no services. With `DATABASE_URL` set it runs
@@ -69,7 +69,7 @@ async fn main() -> ExitCode {
     let mut narrative = Narrative::printing();
     match run_all(&mut shop, &mut narrative).await {
         Ok(()) => {
-            println!("\nAll seven scenarios ended in the state they should.");
+            println!("\nAll eight scenarios ended in the state they should.");
             ExitCode::SUCCESS
         }
         Err(error) => {

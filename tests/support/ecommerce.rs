@@ -579,7 +579,8 @@ macro_rules! ecommerce_tests {
         $crate::ecommerce_tests!(@scenario [$($attr),*]
             an_order_goes_through_every_service, an_order_short_of_stock_reserves_and_charges_nothing, a_declined_card_releases_the_stock,
             a_refused_shipment_refunds_releases_and_cancels, a_payment_answer_delivered_twice_charges_once, two_orders_racing_for_the_last_unit_sell_it_once,
-            a_payment_that_never_answers_is_compensated_at_the_deadline);
+            a_payment_that_never_answers_is_compensated_at_the_deadline,
+            a_gateway_outage_opens_the_circuit_and_the_deadline_compensates);
 
         $(#[$attr])*
         #[tokio::test]
@@ -592,7 +593,7 @@ macro_rules! ecommerce_tests {
                 let order = &view.orders[id];
                 (order.status, order.stock, order.payment, order.shipping)
             };
-            assert_eq!(view.orders.len(), 8);
+            assert_eq!(view.orders.len(), 13);
             assert_eq!(row("A-1"), ("completed", "reserved", "captured", "shipped"));
             assert_eq!(row("B-1"), ("cancelled", "-", "-", "-"));
             assert_eq!(row("C-1"), ("cancelled", "released", "declined", "-"));
@@ -605,6 +606,10 @@ macro_rules! ecommerce_tests {
                 "F-1 {:?}, F-2 {:?}", row("F-1"), row("F-2")
             );
             assert_eq!(row("G-1"), ("cancelled", "released", "refunded", "-"));
+            for id in ["H-1", "H-2", "H-3", "H-4"] {
+                assert_eq!(row(id), ("cancelled", "released", "voided", "-"), "{id}");
+            }
+            assert_eq!(row("H-5"), ("completed", "reserved", "captured", "shipped"));
             assert!(out.lines().iter().any(|l| l.contains("PaymentRefunded -> StockReleased -> OrderCancelled")));
         }
 

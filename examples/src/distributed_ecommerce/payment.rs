@@ -1,13 +1,19 @@
 //! The Payment service: owns `payment-<order id>`. Asks the card gateway for payments,
 //! records its answers, refunds.
 //!
-//! The gateway is outside the event store: it answers later (or never). Its adapter is a
-//! process manager that reacts to `PaymentRequested`, calls the gateway with the event id
-//! as the gateway's own idempotency key, and records the answer with a command.
+//! The gateway is outside the event store: it answers later (or never), and it can be
+//! down. Its adapter is a process manager that reacts to `PaymentRequested`, calls the
+//! gateway through a circuit breaker with the event id as the gateway's own idempotency
+//! key, and records the answer with a command. While the gateway is down the breaker
+//! opens and the adapter stops calling it; the payments it could not ask for stay
+//! requested, and the order saga's payment deadline compensates them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use eventcore::circuit_breaker::{CircuitBreaker, CircuitBreakerConfig, CircuitBreakerError};
 use eventcore::{
     Command, CommandLogic, CommandResult, Dispatcher, ProcessManager, ProjectionFilter,
     ReadStreams, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
@@ -283,14 +289,32 @@ pub enum CardBehaviour {
     NeverAnswer,
 }
 
+/// The gateway could not be reached: nothing was charged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the card gateway is unavailable")]
+pub struct GatewayUnavailable;
+
 /// A card gateway simulation: charges at most once per idempotency key, as real gateways
 /// do, and counts what it did. Tokens ending in `-decline` are refused, tokens ending in
-/// `-hang` are never answered, the rest are charged.
-#[derive(Debug, Default)]
+/// `-hang` are never answered, the rest are charged; while it is down
+/// ([`FakeGateway::set_available`]) every call fails.
+#[derive(Debug)]
 pub struct FakeGateway {
     /// Charges by idempotency key: (reference, description, amount).
     charges: Mutex<HashMap<String, (String, String, Cents)>>,
     calls: Mutex<u64>,
+    available: AtomicBool,
+}
+
+impl Default for FakeGateway {
+    /// A gateway that is up and has charged nothing.
+    fn default() -> Self {
+        FakeGateway {
+            charges: Mutex::default(),
+            calls: Mutex::default(),
+            available: AtomicBool::new(true),
+        }
+    }
 }
 
 impl FakeGateway {
@@ -305,23 +329,31 @@ impl FakeGateway {
         }
     }
 
+    /// Brings the gateway down (`false`) or back up (`true`).
+    pub fn set_available(&self, available: bool) {
+        self.available.store(available, Ordering::SeqCst);
+    }
+
     /// Charges `amount` to `card` once per `key`, with `description` on the statement;
-    /// `None` when it never answers.
+    /// `None` when it never answers, [`GatewayUnavailable`] while it is down.
     pub fn charge(
         &self,
         key: &str,
         description: &str,
         card: &str,
         amount: Cents,
-    ) -> Option<GatewayAnswer> {
+    ) -> Result<Option<GatewayAnswer>, GatewayUnavailable> {
         *self.calls.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        match Self::behaviour(card) {
+        if !self.available.load(Ordering::SeqCst) {
+            return Err(GatewayUnavailable);
+        }
+        Ok(match Self::behaviour(card) {
             CardBehaviour::Decline => Some(GatewayAnswer::Declined {
                 reason: format!("card {card} declined"),
             }),
             CardBehaviour::NeverAnswer => None,
             CardBehaviour::Approve => Some(self.capture(key, description, amount)),
-        }
+        })
     }
 
     /// A charge the gateway makes after all, long after it was asked (a hung request
@@ -353,22 +385,40 @@ impl FakeGateway {
     }
 }
 
+/// The gateway adapter's circuit: opens after 3 failed calls in a row, stays open 10 s,
+/// and gives a call 5 s.
+pub fn gateway_circuit() -> CircuitBreakerConfig {
+    CircuitBreakerConfig::new(3, Duration::from_secs(10), Duration::from_secs(5))
+        .expect("a valid circuit breaker setting")
+}
+
 /// The gateway adapter: for every `PaymentRequested`, charges the card through the
 /// gateway (keyed by the event id, so a redelivered request is not charged again) and
-/// records the answer.
+/// records the answer. Calls go through a circuit breaker: while it is open the adapter
+/// does not call the gateway, and a payment it could not ask for is left requested for
+/// the saga's deadline to compensate (a call that failed or timed out may or may not
+/// have charged; a charge that surfaces later is paid back by [`RecordGatewayAnswer`]).
 #[derive(Debug)]
 pub struct PaymentGatewayAdapter {
     gateway: std::sync::Arc<FakeGateway>,
+    breaker: CircuitBreaker,
     filter: ProjectionFilter,
 }
 
 impl PaymentGatewayAdapter {
-    /// An adapter over `gateway`.
-    pub fn new(gateway: std::sync::Arc<FakeGateway>) -> eventcore::Result<Self> {
+    /// An adapter over `gateway`, calling it through `breaker`.
+    pub fn new(
+        gateway: std::sync::Arc<FakeGateway>,
+        breaker: CircuitBreaker,
+    ) -> eventcore::Result<Self> {
         let filter = ProjectionFilter::all()
             .with_stream_prefix("payment-")
             .with_event_types(["PaymentRequested"])?;
-        Ok(PaymentGatewayAdapter { gateway, filter })
+        Ok(PaymentGatewayAdapter {
+            gateway,
+            breaker,
+            filter,
+        })
     }
 }
 
@@ -397,14 +447,32 @@ impl ProcessManager for PaymentGatewayAdapter {
             return Ok(());
         };
         let key = event.event_id.to_string();
-        if let Some(answer) = self.gateway.charge(&key, order_id, card, *amount) {
-            dispatcher
-                .dispatch(&RecordGatewayAnswer {
-                    payment: event.stream_id.clone(),
-                    order_id: order_id.clone(),
-                    answer,
-                })
-                .await?;
+        let gateway = &self.gateway;
+        let answer = self
+            .breaker
+            .call(|| async { gateway.charge(&key, order_id, card, *amount) })
+            .await;
+        match answer {
+            Ok(Some(answer)) => {
+                dispatcher
+                    .dispatch(&RecordGatewayAnswer {
+                        payment: event.stream_id.clone(),
+                        order_id: order_id.clone(),
+                        answer,
+                    })
+                    .await?;
+            }
+            // Asked; the answer never comes, and the saga's deadline decides.
+            Ok(None) => {}
+            Err(CircuitBreakerError::Open { .. }) => tracing::warn!(
+                order_id,
+                "card gateway circuit open: payment not asked; the saga's deadline decides"
+            ),
+            Err(error) => tracing::warn!(
+                order_id,
+                %error,
+                "card gateway call failed; the saga's deadline decides"
+            ),
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use eventcore::circuit_breaker::CircuitState;
 use eventcore::saga::{SagaPhase, StepStatus};
 use eventcore::{
     AppendOutcome, AppendRequest, CommandExecutor, CorrelationId, Error, EventStore,
@@ -820,6 +821,126 @@ pub async fn a_payment_that_never_answers_is_compensated_at_the_deadline(
     Ok(())
 }
 
+/// The card gateway is down: the adapter's circuit opens after three failed calls and
+/// the next payment is not even asked for; at the deadline the saga compensates every
+/// order; when the gateway is back, the first call is the circuit's trial, and it
+/// closes.
+pub async fn a_gateway_outage_opens_the_circuit_and_the_deadline_compensates(
+    shop: &mut Shop,
+    out: &mut Narrative,
+) -> Result<(), ScenarioError> {
+    const S: &str = "h";
+    const DOWN: [&str; 4] = ["H-1", "H-2", "H-3", "H-4"];
+    out.say("(h) The card gateway goes down");
+    shop.add_stock("lamp-h", 10).await?;
+    shop.gateway().set_available(false);
+    let calls = shop.gateway().calls();
+    let threshold = shop.gateway_breaker().config().failure_threshold();
+    let mut correlations = Vec::new();
+    for (n, order_id) in DOWN.into_iter().enumerate() {
+        let customer = format!("ivy-{n}");
+        let correlation = shop
+            .place_order(
+                order_id,
+                &customer,
+                vec![line("lamp-h", 1, 2_500)],
+                &format!("4242-{customer}"),
+                address("Stockholm", "SE"),
+            )
+            .await?;
+        correlations.push(correlation);
+    }
+    out.say("    the gateway is down; ivy-0 to ivy-3 order H-1 to H-4");
+    shop.settle().await?;
+    let called = shop.gateway().calls() - calls;
+    ensure!(
+        S,
+        called == u64::from(threshold),
+        "the gateway was called {called} times, not {threshold}"
+    );
+    let state = shop.gateway_breaker().state();
+    ensure!(S, state == CircuitState::Open, "the circuit is {state}");
+    for order_id in DOWN {
+        let payment = shop.payment_status(order_id).await?;
+        ensure!(
+            S,
+            matches!(payment, PaymentStatus::Requested { .. }),
+            "{order_id}: payment is {payment:?}"
+        );
+    }
+    out.say(format!(
+        "    {threshold} calls fail, the circuit opens, H-4's payment is not even asked for"
+    ));
+
+    shop.clock()
+        .advance(PAYMENT_TIMEOUT + Duration::from_secs(1));
+    shop.settle().await?;
+    for (order_id, correlation) in DOWN.into_iter().zip(correlations) {
+        let saga = shop.saga(order_id).await?;
+        ensure!(
+            S,
+            saga.phase() == SagaPhase::Aborted,
+            "{order_id}: saga is {:?}",
+            saga.phase()
+        );
+        let payment = shop.payment_status(order_id).await?;
+        ensure!(
+            S,
+            matches!(payment, PaymentStatus::Voided { .. }),
+            "{order_id}: payment is {payment:?}"
+        );
+        ensure!(
+            S,
+            shop.order_status(order_id).await? == OrderStatus::Cancelled,
+            "{order_id}: order not cancelled"
+        );
+        ensure!(
+            S,
+            shop.gateway().charges_for(order_id) == 0,
+            "{order_id} was charged"
+        );
+        check_correlation(shop, S, order_id, correlation).await?;
+    }
+    let lamp = shop.stock("lamp-h").await?;
+    ensure!(S, lamp.available == 10, "lamp-h: {lamp:?}");
+    out.say(format!(
+        "    {} s later the deadlines pass: every payment voided, the stock released, the orders cancelled",
+        (PAYMENT_TIMEOUT + Duration::from_secs(1)).as_secs()
+    ));
+
+    shop.gateway().set_available(true);
+    let calls = shop.gateway().calls();
+    shop.place_order(
+        "H-5",
+        "jo",
+        vec![line("lamp-h", 1, 2_500)],
+        "4242-jo",
+        address("Stockholm", "SE"),
+    )
+    .await?;
+    shop.settle().await?;
+    let state = shop.gateway_breaker().state();
+    ensure!(S, state == CircuitState::Closed, "the circuit is {state}");
+    ensure!(
+        S,
+        shop.gateway().calls() - calls == 1,
+        "the trial was not one call"
+    );
+    ensure!(
+        S,
+        shop.order_status("H-5").await? == OrderStatus::Completed,
+        "H-5 not completed"
+    );
+    ensure!(
+        S,
+        shop.gateway().charges_for("H-5") == 1,
+        "H-5 charged {} times",
+        shop.gateway().charges_for("H-5")
+    );
+    out.say("    the gateway is back: jo's H-5 is the circuit's trial call; it is charged, and the circuit closes");
+    Ok(())
+}
+
 /// Every scenario in turn on one shop, then the order view.
 pub async fn run_all(shop: &mut Shop, out: &mut Narrative) -> Result<(), ScenarioError> {
     an_order_goes_through_every_service(shop, out).await?;
@@ -835,6 +956,8 @@ pub async fn run_all(shop: &mut Shop, out: &mut Narrative) -> Result<(), Scenari
     two_orders_racing_for_the_last_unit_sell_it_once(shop, out).await?;
     out.say("");
     a_payment_that_never_answers_is_compensated_at_the_deadline(shop, out).await?;
+    out.say("");
+    a_gateway_outage_opens_the_circuit_and_the_deadline_compensates(shop, out).await?;
     out.say("");
     out.say("Order view (a projection over the Order, Inventory, Payment and Shipping events):");
     let view = shop.view().await?.to_string();

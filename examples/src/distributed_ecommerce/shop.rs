@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventcore::circuit_breaker::CircuitBreaker;
 use eventcore::saga::{SagaEvent, SagaManager, SagaState, SagaTimer};
 use eventcore::{
     CheckpointStore, CommandExecutor, CorrelationId, EventStore, ExecutionOptions, LogQuery,
@@ -18,7 +19,7 @@ use super::contracts::{
 use super::inventory::AddStock;
 use super::order::{CreateOrder, OrderStatus};
 use super::order_saga::OrderSaga;
-use super::payment::{FakeGateway, PaymentGatewayAdapter, PaymentStatus};
+use super::payment::{FakeGateway, PaymentGatewayAdapter, PaymentStatus, gateway_circuit};
 use super::shipping::ShipmentStatus;
 use super::view::OrderView;
 
@@ -34,6 +35,7 @@ pub struct Shop {
     checkpoints: Arc<dyn CheckpointStore>,
     clock: eventcore::saga::ManualClock,
     gateway: Arc<FakeGateway>,
+    breaker: CircuitBreaker,
     saga: ProcessManagerRunner<SagaManager<OrderSaga>>,
     payments: ProcessManagerRunner<PaymentGatewayAdapter>,
     timer: SagaTimer,
@@ -71,8 +73,15 @@ impl Shop {
         )?;
         let saga = ProcessManagerRunner::new(saga, executor.clone(), Arc::clone(&checkpoints))
             .with_error_policy(policy.clone());
+        // The breaker runs on the shop's clock: the scenarios move it past the open
+        // period as they move it past the saga's deadlines.
+        let breaker = CircuitBreaker::with_clock(
+            "card-gateway",
+            gateway_circuit(),
+            Arc::clone(&shared_clock),
+        );
         let payments = ProcessManagerRunner::new(
-            PaymentGatewayAdapter::new(Arc::clone(&gateway))?,
+            PaymentGatewayAdapter::new(Arc::clone(&gateway), breaker.clone())?,
             executor.clone(),
             Arc::clone(&checkpoints),
         )
@@ -89,6 +98,7 @@ impl Shop {
             checkpoints,
             clock,
             gateway,
+            breaker,
             saga,
             payments,
             timer,
@@ -144,6 +154,12 @@ impl Shop {
     /// The card gateway.
     pub fn gateway(&self) -> &FakeGateway {
         &self.gateway
+    }
+
+    /// The circuit breaker the gateway adapter calls the gateway through (a new, closed
+    /// one after a restart, as in a new process).
+    pub fn gateway_breaker(&self) -> &CircuitBreaker {
+        &self.breaker
     }
 
     /// Puts `quantity` units of `sku` in stock.
