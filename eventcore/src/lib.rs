@@ -149,6 +149,7 @@ pub mod distributed;
 mod error;
 mod event;
 mod executor;
+pub mod health;
 mod json;
 mod leadership;
 pub mod limits;
