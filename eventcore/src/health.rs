@@ -49,8 +49,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::ProjectionName;
-use crate::projection::CheckpointStore;
-use crate::store::{EventStore, LogQuery};
+use crate::projection::{CheckpointStore, ProjectionFilter};
+use crate::store::EventStore;
 use crate::types::GlobalPosition;
 
 /// How a component, or the whole service, stands. Ordered from best to worst.
@@ -95,11 +95,12 @@ pub struct ComponentHealth {
     pub detail: Option<String>,
     /// Global log positions between what it has passed and the store's head: an upper
     /// bound on the events it still has to look at (positions of events it skips, and
-    /// gaps, count too). `None` where it does not apply.
+    /// gaps, count too); 0 when nothing it selects lies beyond. `None` where it does
+    /// not apply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_positions: Option<u64>,
-    /// How long ago the store recorded the oldest event it has not passed; 0 when it is
-    /// caught up. `None` where it does not apply.
+    /// How long ago the store recorded the oldest event it has still to handle; 0 when
+    /// it is caught up. `None` where it does not apply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_seconds: Option<f64>,
 }
@@ -336,10 +337,12 @@ impl HealthCheck for StoreHealth {
 }
 
 /// How far `passed` is behind the store's head: positions, and the age of the first
-/// event after it (0 when there is none).
+/// event after it that `filter` selects. Nothing selected after it: caught up (0, 0),
+/// however many positions of other events lie beyond.
 pub(crate) async fn lag_behind(
     store: &dyn EventStore,
     passed: Option<GlobalPosition>,
+    filter: &ProjectionFilter,
 ) -> crate::Result<(u64, f64)> {
     let head = store.head_position().await?;
     let positions = match (head, passed) {
@@ -350,29 +353,33 @@ pub(crate) async fn lag_behind(
     if positions == 0 {
         return Ok((0, 0.0));
     }
-    let oldest = store
-        .read_all(&LogQuery::new().with_after(passed).with_limit(1))
-        .await?;
-    let seconds = oldest
-        .first()
-        .map(|event| {
+    let oldest = store.read_log(&filter.query(passed, 1)).await?;
+    Ok(match oldest.events.first() {
+        Some(event) => (
+            positions,
             (Utc::now() - event.recorded_at)
                 .to_std()
                 .unwrap_or_default()
-                .as_secs_f64()
-        })
-        .unwrap_or(0.0);
-    Ok((positions, seconds))
+                .as_secs_f64(),
+        ),
+        None => (0, 0.0),
+    })
 }
 
 /// A projection's or process manager's checkpoint against the store's head: down when
-/// either cannot be read, degraded when the oldest event it has not passed is older
-/// than its limit (or more positions behind than its position limit).
+/// either cannot be read, degraded when the oldest event it has still to handle is
+/// older than its limit (or it is more positions behind than its position limit).
+///
+/// Give it the projection's filter ([`CheckpointLag::with_filter`]): a runner saves its
+/// checkpoint at events it handles, so a projection that selects few events keeps a
+/// checkpoint far behind the head while it is in fact caught up; with its filter the
+/// check sees that nothing it selects lies beyond (lag 0).
 #[derive(Clone)]
 pub struct CheckpointLag {
     projection: ProjectionName,
     store: Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
+    filter: ProjectionFilter,
     max_lag: Option<Duration>,
     max_positions: Option<u64>,
 }
@@ -399,9 +406,17 @@ impl CheckpointLag {
             projection,
             store,
             checkpoints,
+            filter: ProjectionFilter::all(),
             max_lag: None,
             max_positions: None,
         }
+    }
+
+    /// Measures against the events `filter` selects (the projection's
+    /// [`crate::Projection::filter`]); every event by default.
+    pub fn with_filter(mut self, filter: ProjectionFilter) -> Self {
+        self.filter = filter;
+        self
     }
 
     /// Degraded when the oldest event not passed was recorded longer ago than `max`.
@@ -456,7 +471,7 @@ impl HealthCheck for CheckpointLag {
                 );
             }
         };
-        match lag_behind(&*self.store, checkpoint).await {
+        match lag_behind(&*self.store, checkpoint, &self.filter).await {
             Ok(lag) => judge_lag(self.name(), lag, self.max_lag, self.max_positions),
             Err(error) => ComponentHealth::down(self.name(), error.to_string()),
         }
@@ -474,11 +489,13 @@ mod publisher {
     /// The broker answers, and what it holds of the service's publication against the
     /// store's head (feature `distributed`): down when the broker or the store does not
     /// answer, degraded past its limits. Positions behind are an upper bound: events
-    /// after the last published one that are not public count too.
+    /// after the last published one that are not public count too; the age is that of
+    /// the oldest event after it that its filter selects.
     #[derive(Clone)]
     pub struct PublisherHealth {
         publisher: Arc<dyn EventPublisher>,
         store: Arc<dyn EventStore>,
+        filter: ProjectionFilter,
         max_lag: Option<Duration>,
         max_positions: Option<u64>,
     }
@@ -499,9 +516,17 @@ mod publisher {
             PublisherHealth {
                 publisher,
                 store,
+                filter: ProjectionFilter::all(),
                 max_lag: None,
                 max_positions: None,
             }
+        }
+
+        /// Measures against the events `filter` selects (those the publication policy
+        /// can publish: a stream prefix, event types); every event by default.
+        pub fn with_filter(mut self, filter: ProjectionFilter) -> Self {
+            self.filter = filter;
+            self
         }
 
         /// Degraded when the oldest event after the last published one was recorded
@@ -534,7 +559,7 @@ mod publisher {
                     );
                 }
             };
-            match lag_behind(&*self.store, published).await {
+            match lag_behind(&*self.store, published, &self.filter).await {
                 Ok(lag) => judge_lag(self.name(), lag, self.max_lag, self.max_positions),
                 Err(error) => ComponentHealth::down(
                     self.name(),

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventcore::circuit_breaker::CircuitBreaker;
+use eventcore::health::{CheckpointLag, HealthChecks, StoreHealth};
 use eventcore::saga::{SagaEvent, SagaManager, SagaState, SagaTimer};
 use eventcore::{
     CheckpointStore, CommandExecutor, CorrelationId, EventStore, ExecutionOptions, LogQuery,
-    ProcessManagerRunner, ProjectionErrorPolicy, ProjectionRunner, RecordedEvent, StreamId,
+    ProcessManager, ProcessManagerRunner, Projection, ProjectionErrorPolicy, ProjectionName,
+    ProjectionRunner, RecordedEvent, StreamId,
 };
 
 use super::contracts::{
@@ -154,6 +156,38 @@ impl Shop {
     /// The card gateway.
     pub fn gateway(&self) -> &FakeGateway {
         &self.gateway
+    }
+
+    /// The shop's health checks: the store answers, and the saga manager, the gateway
+    /// adapter and the order view are at most `max_lag` behind (the age of the oldest
+    /// event each has still to handle).
+    pub fn health_checks(&self, max_lag: Duration) -> eventcore::Result<HealthChecks> {
+        let store = Arc::clone(self.executor.store());
+        let saga = SagaManager::new(
+            OrderSaga {
+                payment_timeout: PAYMENT_TIMEOUT,
+            },
+            Arc::new(self.clock.clone()),
+        )?;
+        let adapter = PaymentGatewayAdapter::new(Arc::clone(&self.gateway), self.breaker.clone())?;
+        let view = OrderView::new()?;
+        let mut checks = HealthChecks::new("shop").with_check(StoreHealth::new(Arc::clone(&store)));
+        for (name, filter) in [
+            (OrderSaga::NAME, ProcessManager::filter(&saga)),
+            ("payment-gateway", ProcessManager::filter(&adapter)),
+            ("order-view", Projection::filter(&view)),
+        ] {
+            checks = checks.with_check(
+                CheckpointLag::new(
+                    ProjectionName::try_new(name)?,
+                    Arc::clone(&store),
+                    Arc::clone(&self.checkpoints),
+                )
+                .with_filter(filter)
+                .with_max_lag(max_lag),
+            );
+        }
+        Ok(checks)
     }
 
     /// The circuit breaker the gateway adapter calls the gateway through (a new, closed
