@@ -282,6 +282,8 @@ impl CommandExecutor {
             events_written = field::Empty,
             deduplicated = field::Empty,
         );
+        #[cfg(feature = "opentelemetry")]
+        let options = trace_command(&span, options);
         let started = std::time::Instant::now();
         let result = self.run(command, options).instrument(span).await;
         self.metrics
@@ -527,6 +529,22 @@ impl std::fmt::Debug for CommandExecutor {
             .field("max_stream_resolutions", &self.max_stream_resolutions)
             .finish_non_exhaustive()
     }
+}
+
+/// With OpenTelemetry: a command given a trace context but run outside any trace (a
+/// traceparent taken from an incoming request, say) continues that trace; and its events
+/// carry the context of the command's own span, so what handles them is a child of it.
+#[cfg(feature = "opentelemetry")]
+fn trace_command(span: &tracing::Span, mut options: ExecutionOptions) -> ExecutionOptions {
+    if let Some(given) = &options.trace_context
+        && !crate::otel::in_trace()
+    {
+        crate::otel::continue_from(span, given);
+    }
+    if let Some(own) = crate::otel::context_of(span) {
+        options.trace_context = Some(own);
+    }
+    options
 }
 
 fn dedup_in_order(streams: &mut Vec<StreamId>) {

@@ -137,6 +137,7 @@
 //! |---|---|
 //! | `testing` | `eventcore::testing`: the public backend conformance suite (`event_store_conformance_tests!`) and the given/when/then command harness (`CommandScenario`) |
 //! | `distributed` | [`distributed`]: events across services (publisher, subscriber, the envelope and the transport traits) |
+//! | `opentelemetry` | one trace across services: a command's events carry its span's W3C context (`tracing-opentelemetry` 0.34 / `opentelemetry` 0.33), and the spans that handle them (subscriptions, process managers, sagas) are its children |
 //!
 //! The user manual lives in the repository's `docs/` directory; design decisions are in
 //! `docs/adr/`.
@@ -156,6 +157,8 @@ pub mod limits;
 mod metadata;
 pub mod metrics;
 mod names;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod process;
 mod projection;
 #[cfg(test)]

@@ -5,12 +5,14 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::event::{Event, StoredEvent};
 use crate::executor::{CommandExecutor, ExecutionOptions, ExecutionResult};
 use crate::leadership::LeaderElection;
+use crate::metadata::EventMetadata;
 use crate::names::{InvalidProjectionName, NameProblem, ProjectionName};
 use crate::projection::{
     CheckpointStore, Projection, ProjectionErrorPolicy, ProjectionFilter, ProjectionMetrics,
@@ -220,6 +222,19 @@ impl<'a> Dispatcher<'a> {
         self
     }
 
+    /// Carries the causing event's custom fields and trace context onto every command
+    /// dispatched from now on (the runners do this for every event they hand over, so a
+    /// tenant or a trace follows a process across its hops); later
+    /// [`Dispatcher::set_custom`] and [`Dispatcher::set_trace_context`] calls override
+    /// them.
+    pub fn inherit_metadata(&mut self, cause: &EventMetadata) -> &mut Self {
+        for (field, value) in &cause.custom {
+            self.custom.insert(field.clone(), value.clone());
+        }
+        self.trace_context = cause.trace_context.clone();
+        self
+    }
+
     /// How many commands were dispatched for this event so far.
     pub fn dispatched(&self) -> u32 {
         self.dispatched
@@ -306,8 +321,23 @@ impl<M: ProcessManager> Projection for Managed<M> {
             event.event_id,
             event.metadata.correlation_id,
         )?;
-        dispatcher.set_trace_context(event.metadata.trace_context.clone());
-        self.manager.handle(event, &mut dispatcher).await
+        dispatcher.inherit_metadata(&event.metadata);
+        let span = tracing::info_span!(
+            "eventcore.process",
+            otel.name = %format_args!("process {}", self.name),
+            otel.kind = "consumer",
+            manager = %self.name,
+            event_id = %event.event_id,
+            stream = %event.stream_id,
+        );
+        #[cfg(feature = "opentelemetry")]
+        if let Some(context) = &event.metadata.trace_context {
+            crate::otel::continue_from(&span, context);
+        }
+        self.manager
+            .handle(event, &mut dispatcher)
+            .instrument(span)
+            .await
     }
 }
 

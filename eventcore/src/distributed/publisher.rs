@@ -168,13 +168,25 @@ impl PublisherRunner {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return Ok(());
         };
+        // OpenTelemetry's messaging conventions: a producer span "send <service>" for
+        // the batch, linked to the context each event was written in.
         let span = tracing::info_span!(
             "eventcore.publish",
+            otel.name = %format_args!("send {service}"),
+            otel.kind = "producer",
+            messaging.operation.type = "send",
+            messaging.batch.message_count = batch.len(),
             service = %service,
             events = batch.len(),
             first = first.event.global_position.value(),
             last = last.event.global_position.value(),
         );
+        #[cfg(feature = "opentelemetry")]
+        for publication in batch {
+            if let Some(context) = &publication.event.trace_context {
+                crate::otel::link_to(&span, context);
+            }
+        }
         self.publisher.publish(batch).instrument(span).await?;
         // Counted per run of one topic (a page is mostly one topic or a few).
         let service = service.as_str();

@@ -360,9 +360,19 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 Ok(dispatcher) => dispatcher,
                 Err(error) => return Outcome::Failed(error_chain(&error), error),
             };
-            dispatcher.set_trace_context(event.trace_context.clone());
+            dispatcher.inherit_metadata(&event.metadata);
+            if event.trace_context.is_some() {
+                dispatcher.set_trace_context(event.trace_context.clone());
+            }
+            // OpenTelemetry's messaging conventions: a consumer span named
+            // "process <subscription>", a child of the context the event was written in.
             let span = tracing::info_span!(
                 "eventcore.handle",
+                otel.name = %format_args!("process {}", self.spec.name),
+                otel.kind = "consumer",
+                messaging.operation.type = "process",
+                messaging.consumer.group.name = %self.spec.name,
+                messaging.message.id = %event.event_id,
                 subscription = %self.spec.name,
                 partition = %self.spec.partition,
                 service = %event.service_id,
@@ -371,6 +381,10 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 stream = %event.stream_id,
                 attempt,
             );
+            #[cfg(feature = "opentelemetry")]
+            if let Some(context) = &event.trace_context {
+                crate::otel::continue_from(&span, context);
+            }
             match self
                 .handler
                 .handle(event, &mut dispatcher)
