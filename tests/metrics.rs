@@ -446,3 +446,194 @@ fn an_executor_emits_into_the_recorder_in_effect_even_after_it_changes() {
         );
     }
 }
+
+/// Every gauge set: (name, sorted labels, value), in order.
+type GaugeSets = Arc<parking_lot::Mutex<Vec<(String, Vec<(String, String)>, f64)>>>;
+
+/// A recorder that keeps every value each gauge was set to, in order (the debugging
+/// recorder keeps only the last one, and resets it when read).
+#[derive(Debug, Default, Clone)]
+struct GaugeHistory {
+    sets: GaugeSets,
+}
+
+#[derive(Debug)]
+struct HistoryGauge {
+    key: metrics::Key,
+    sets: GaugeSets,
+}
+
+impl metrics::GaugeFn for HistoryGauge {
+    fn increment(&self, _: f64) {}
+    fn decrement(&self, _: f64) {}
+    fn set(&self, value: f64) {
+        let mut labels: Vec<(String, String)> = self
+            .key
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        labels.sort();
+        self.sets
+            .lock()
+            .push((self.key.name().to_owned(), labels, value));
+    }
+}
+
+impl metrics::Recorder for GaugeHistory {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::from_arc(Arc::new(HistoryGauge {
+            key: key.clone(),
+            sets: Arc::clone(&self.sets),
+        }))
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+impl GaugeHistory {
+    fn values(&self, name: &str, pairs: &[(&str, &str)]) -> Vec<f64> {
+        let wanted = labels(pairs);
+        self.sets
+            .lock()
+            .iter()
+            .filter(|(n, l, _)| n == name && *l == wanted)
+            .map(|(_, _, v)| *v)
+            .collect()
+    }
+}
+
+/// Projection lag while catching up in batches, then 0; leadership 1 while elected, 0
+/// after; the publisher's position and lag.
+#[test]
+fn projection_lag_leadership_and_publisher_progress_are_gauges() {
+    use eventcore::metrics::{
+        LEADER, PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, PUBLISHER_LAG_SECONDS,
+        PUBLISHER_POSITION,
+    };
+    use eventcore::testing::conformance::ConformanceEvent;
+    use eventcore::testing::projection_conformance::SummingProjection;
+
+    let history = GaugeHistory::default();
+    metrics::with_local_recorder(&history, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async {
+                let store = InMemoryEventStore::new();
+                let data: Vec<EventData> = (1..=5)
+                    .map(|value| {
+                        EventData::from_event(
+                            &ConformanceEvent::Added { value },
+                            EventMetadata::default(),
+                        )
+                        .expect("serializes")
+                    })
+                    .collect();
+                store
+                    .append(eventcore::AppendRequest::single(
+                        StreamId::try_new("acc-1").expect("valid"),
+                        ExpectedVersion::Any,
+                        data,
+                    ))
+                    .await
+                    .expect("appends");
+                let projection = SummingProjection::new("lag-view", "acc-");
+                let mut progress = projection.progress();
+                let mut runner = eventcore::ProjectionRunner::new(
+                    projection,
+                    Arc::new(store.clone()),
+                    Arc::new(store.clone()),
+                )
+                .with_batch_size(2);
+                let election = eventcore_memory::InMemoryLeaderElection::new();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let running = async {
+                    runner
+                        .run_as_leader(&election, async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                };
+                let watch = async {
+                    progress
+                        .wait_for(|n| *n >= 5)
+                        .await
+                        .expect("applies all five");
+                    stop.send(()).expect("running");
+                };
+                let (ran, ()) = tokio::join!(running, watch);
+                ran.expect("runs");
+
+                let orders_store = InMemoryEventStore::new();
+                let orders: Arc<dyn EventStore> = Arc::new(orders_store.clone());
+                let executor = CommandExecutor::new(orders.clone());
+                for n in 0..3 {
+                    executor
+                        .execute(&PlaceOrder {
+                            order: StreamId::try_new(format!("order-o{n}")).expect("valid"),
+                            id: format!("o{n}"),
+                            amount: 1,
+                        })
+                        .await
+                        .expect("places");
+                }
+                let broker = InMemoryBroker::new();
+                let mut publisher =
+                    two_services::publisher(&orders, Arc::new(orders_store.clone()), &broker);
+                publisher.publish_available().await.expect("publishes");
+            });
+    });
+    let view = [("projection", "lag-view")];
+    // Batches of two over five events: 3 behind, 1 behind, then a short batch at the
+    // end; every read that finds nothing new after that says 0 again.
+    let lag = history.values(PROJECTION_LAG_EVENTS, &view);
+    assert_eq!(lag[..3], [3.0, 1.0, 0.0], "{lag:?}");
+    assert!(lag[3..].iter().all(|n| *n == 0.0), "{lag:?}");
+    let seconds = history.values(PROJECTION_LAG_SECONDS, &view);
+    assert_eq!(seconds.len(), lag.len());
+    assert!(seconds[2..].iter().all(|s| *s == 0.0), "{seconds:?}");
+    assert_eq!(
+        history.values(LEADER, &[("role", "projection"), ("name", "lag-view")]),
+        [1.0, 0.0]
+    );
+    // Six events (placed, confirmed per order) in pages of five: the first page full,
+    // the broker then holds up to 5, then all 6.
+    let orders = [("service", "orders")];
+    assert_eq!(
+        history.values(PUBLISHER_POSITION, &orders).last(),
+        Some(&6.0)
+    );
+    let lag = history.values(PUBLISHER_LAG_SECONDS, &orders);
+    assert_eq!(lag.len(), 2, "one per page that published: {lag:?}");
+    assert_eq!(lag[1], 0.0, "the last page reached the head: {lag:?}");
+}

@@ -16,6 +16,11 @@
 //! | [`EVENTS_CONSUMED_TOTAL`] `eventcore_events_consumed_total` | counter | `service`, `subscription`, `topic` | events a subscription handled and acknowledged (feature `distributed`) |
 //! | [`EVENT_LAG_SECONDS`] `eventcore_event_lag_seconds` | histogram | `service`, `subscription` | from the source store recording an event (`occurred_at`) to its handling; clocks of two machines included (feature `distributed`) |
 //! | [`EVENTS_PARKED_TOTAL`] `eventcore_events_parked_total` | counter | `service`, `subscription` | events a subscription parked (feature `distributed`) |
+//! | [`PROJECTION_LAG_EVENTS`] `eventcore_projection_lag_events` | gauge | `projection` | after a batch that did not reach the end (a full one, or one stopped by a failure), log positions between a projection's (or process manager's) last applied event and the store's head (events it skips count); 0 after a batch that did |
+//! | [`PROJECTION_LAG_SECONDS`] `eventcore_projection_lag_seconds` | gauge | `projection` | while behind, the age of the last event it applied (how stale it is); 0 when it caught up |
+//! | [`PUBLISHER_LAG_SECONDS`] `eventcore_publisher_lag_seconds` | gauge | `service` | while catching up, the age of the last event the broker acknowledged; 0 when a pass ends at the head (feature `distributed`) |
+//! | [`PUBLISHER_POSITION`] `eventcore_publisher_position` | gauge | `service` | the log position up to which the broker holds every public event (feature `distributed`) |
+//! | [`LEADER`] `eventcore_leader` | gauge | `role` (`projection`, `publisher`), `name` | 1 while this process is the elected runner, 0 when it is not |
 //! | [`crate::circuit_breaker::STATE_CHANGES_TOTAL`] `eventcore_circuit_breaker_state_changes_total` | counter | `breaker`, `from`, `to` (`closed`, `open`, `half_open`) | a circuit breaker's state changes |
 //! | [`crate::circuit_breaker::STATE`] `eventcore_circuit_breaker_state` | gauge | `breaker` | 0 closed, 1 open, 2 half-open |
 //! | [`crate::circuit_breaker::CALLS_TOTAL`] `eventcore_circuit_breaker_calls_total` | counter | `breaker`, `outcome` (`success`, `failure`, `timeout`, `rejected`) | calls through a breaker, `rejected` ones not made |
@@ -39,7 +44,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ::metrics::{Counter, Histogram, counter, histogram};
+use ::metrics::{Counter, Histogram, counter, gauge, histogram};
+use chrono::{DateTime, Utc};
 
 use crate::ExecutionResult;
 use crate::error::{Error, Result};
@@ -66,6 +72,20 @@ pub const EVENTS_CONSUMED_TOTAL: &str = "eventcore_events_consumed_total";
 pub const EVENT_LAG_SECONDS: &str = "eventcore_event_lag_seconds";
 /// Events parked by a subscription (counter; labels `service`, `subscription`).
 pub const EVENTS_PARKED_TOTAL: &str = "eventcore_events_parked_total";
+
+/// Log positions a projection is behind (gauge; label `projection`).
+pub const PROJECTION_LAG_EVENTS: &str = "eventcore_projection_lag_events";
+/// While behind, the age of a projection's last applied event, in seconds (gauge; label
+/// `projection`).
+pub const PROJECTION_LAG_SECONDS: &str = "eventcore_projection_lag_seconds";
+/// While catching up, the age of the last event the broker acknowledged, in seconds
+/// (gauge; label `service`).
+pub const PUBLISHER_LAG_SECONDS: &str = "eventcore_publisher_lag_seconds";
+/// The position up to which the broker holds every public event (gauge; label
+/// `service`).
+pub const PUBLISHER_POSITION: &str = "eventcore_publisher_position";
+/// Whether this process is the elected runner (gauge 1 or 0; labels `role`, `name`).
+pub const LEADER: &str = "eventcore_leader";
 
 /// Why an attempt was made again: the `reason` label of [`COMMAND_RETRIES_TOTAL`].
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +179,42 @@ impl CommandMetrics {
             }
         }
     }
+}
+
+/// How far a projection is behind after a batch: `positions` up to the head it saw, and
+/// the age of the last event it applied (`None`: caught up).
+pub(crate) fn projection_lag(
+    projection: &str,
+    positions: u64,
+    last_applied: Option<DateTime<Utc>>,
+) {
+    let seconds = match last_applied {
+        Some(at) if positions > 0 => (Utc::now() - at).to_std().unwrap_or_default().as_secs_f64(),
+        _ => 0.0,
+    };
+    gauge!(PROJECTION_LAG_EVENTS, "projection" => projection.to_owned()).set(positions as f64);
+    gauge!(PROJECTION_LAG_SECONDS, "projection" => projection.to_owned()).set(seconds);
+}
+
+/// Whether this process now leads as `role` under `name`.
+pub(crate) fn leadership(role: &'static str, name: &str, leading: bool) {
+    gauge!(LEADER, "role" => role, "name" => name.to_owned()).set(if leading { 1.0 } else { 0.0 });
+}
+
+/// The broker holds everything public of `service` up to `position`.
+#[cfg(feature = "distributed")]
+pub(crate) fn publisher_position(service: &str, position: u64) {
+    gauge!(PUBLISHER_POSITION, "service" => service.to_owned()).set(position as f64);
+}
+
+/// After a publish: `acknowledged` is the recording time of the last event the broker
+/// acknowledged while catching up (`None`: the pass reached the head).
+#[cfg(feature = "distributed")]
+pub(crate) fn publisher_lag(service: &str, acknowledged: Option<DateTime<Utc>>) {
+    let seconds = acknowledged.map_or(0.0, |at| {
+        (Utc::now() - at).to_std().unwrap_or_default().as_secs_f64()
+    });
+    gauge!(PUBLISHER_LAG_SECONDS, "service" => service.to_owned()).set(seconds);
 }
 
 /// An attempt that failed: a version conflict is counted (retried or not).

@@ -668,6 +668,7 @@ impl<P: Projection> ProjectionRunner<P> {
             };
             tracing::info!(projection = %self.name, "elected");
             self.metrics.inner.leading.store(true, Ordering::SeqCst);
+            crate::metrics::leadership("projection", &self.name, true);
             // Another leader may have moved the checkpoint meanwhile.
             self.loaded = false;
             let stopped = {
@@ -680,6 +681,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 };
                 let result = self.run_until(either, &mut summary).await;
                 self.metrics.inner.leading.store(false, Ordering::SeqCst);
+                crate::metrics::leadership("projection", &self.name, false);
                 result?
             };
             if stopped {
@@ -784,6 +786,7 @@ impl<P: Projection> ProjectionRunner<P> {
         }
         if batch.is_empty() {
             self.scanned = read.scanned;
+            crate::metrics::projection_lag(&self.name, 0, None);
             return Ok(false);
         }
         let mut processed = None;
@@ -820,6 +823,22 @@ impl<P: Projection> ProjectionRunner<P> {
                 .last()
                 .map_or(position.value(), |e| e.global_position.value());
             self.metrics.inner.head.fetch_max(head, Ordering::Relaxed);
+            // A short batch read to the end of what it wants: caught up. After a full
+            // one (catching up) or a failure, one read of the head says how far behind.
+            let behind = if failure.is_some() || batch.len() >= self.batch_size {
+                match self.events.head_position().await {
+                    Ok(Some(head)) => head.value().saturating_sub(position.value()),
+                    // Best effort: a failed read of the head leaves the lag unknown.
+                    Ok(None) | Err(_) => 0,
+                }
+            } else {
+                0
+            };
+            let applied_at = batch
+                .iter()
+                .find(|e| e.global_position == position)
+                .map(|e| e.recorded_at);
+            crate::metrics::projection_lag(&self.name, behind, applied_at);
             let seconds = started.elapsed().as_secs_f64().max(1e-9);
             self.metrics
                 .inner

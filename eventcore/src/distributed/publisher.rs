@@ -211,6 +211,7 @@ impl PublisherRunner {
             .inner
             .position
             .store(position.value(), Ordering::Relaxed);
+        crate::metrics::publisher_position(self.publisher.service().as_str(), position.value());
         Ok(())
     }
 
@@ -331,6 +332,11 @@ impl PublisherRunner {
             if let Some(last) = batch.last() {
                 self.last_public = Some(last.event.global_position);
                 published += batch.len() as u64;
+                // More is waiting after a full page: the broker's copy is as old as this.
+                crate::metrics::publisher_lag(
+                    service.as_str(),
+                    next.is_some().then_some(last.event.occurred_at),
+                );
                 self.metrics
                     .inner
                     .published
@@ -441,6 +447,7 @@ impl PublisherRunner {
             failures = 0;
             tracing::info!(service = %self.publisher.service(), "elected publisher");
             self.metrics.inner.leading.store(true, Ordering::Relaxed);
+            crate::metrics::leadership("publisher", self.publisher.service().as_str(), true);
             // Another instance published meanwhile: ask the broker again.
             self.cursor = None;
             let stopped = {
@@ -457,6 +464,7 @@ impl PublisherRunner {
                     stopped = &mut either => Ok(stopped),
                 };
                 self.metrics.inner.leading.store(false, Ordering::Relaxed);
+                crate::metrics::leadership("publisher", self.publisher.service().as_str(), false);
                 result?
             };
             if stopped {
