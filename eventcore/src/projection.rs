@@ -546,6 +546,9 @@ pub struct ProjectionRunner<P: Projection> {
     position: Option<GlobalPosition>,
     /// How far the last empty batch looked: nothing wanted exists up to it.
     scanned: Option<GlobalPosition>,
+    /// The store's head as last read for the lag gauge, and when: read at most once a
+    /// second while catching up.
+    head_probe: Option<(Instant, u64)>,
     loaded: bool,
 }
 
@@ -573,6 +576,7 @@ impl<P: Projection> ProjectionRunner<P> {
             metrics: ProjectionMetrics::default(),
             position: None,
             scanned: None,
+            head_probe: None,
             loaded: false,
         }
     }
@@ -826,11 +830,21 @@ impl<P: Projection> ProjectionRunner<P> {
             // A short batch read to the end of what it wants: caught up. After a full
             // one (catching up) or a failure, one read of the head says how far behind.
             let behind = if failure.is_some() || batch.len() >= self.batch_size {
-                match self.events.head_position().await {
-                    Ok(Some(head)) => head.value().saturating_sub(position.value()),
+                let head = match self.head_probe {
+                    // The head only grows: the one read less than a second ago is a
+                    // lower bound, and saves a read per batch while catching up.
+                    Some((at, head)) if at.elapsed() < Duration::from_secs(1) => Some(head),
                     // Best effort: a failed read of the head leaves the lag unknown.
-                    Ok(None) | Err(_) => 0,
-                }
+                    _ => match self.events.head_position().await {
+                        Ok(head) => {
+                            let head = head.map_or(0, GlobalPosition::value);
+                            self.head_probe = Some((Instant::now(), head));
+                            Some(head)
+                        }
+                        Err(_) => None,
+                    },
+                };
+                head.map_or(0, |head| head.saturating_sub(position.value()))
             } else {
                 0
             };
