@@ -241,4 +241,7 @@ mod manual {
     #[cfg(feature = "distributed")]
     #[doc = include_str!("../../docs/distributed.md")]
     struct Distributed;
+
+    #[doc = include_str!("../../docs/observability.md")]
+    struct Observability;
 }
