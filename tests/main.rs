@@ -25,6 +25,7 @@ mod projections_leadership;
 mod projections_memory;
 mod projections_postgres;
 mod publisher_memory;
+mod registry;
 mod subscriber_memory;
 mod tracing_otel;
 mod transport_memory;

@@ -55,6 +55,8 @@
 mod broker;
 mod chunked;
 mod election;
+#[cfg(feature = "distributed")]
+mod registry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,6 +76,8 @@ use tokio::sync::watch;
 pub use crate::broker::{InMemoryBroker, InMemoryPublisher};
 use crate::chunked::{ChunkedVec, IdIndex};
 pub use crate::election::InMemoryLeaderElection;
+#[cfg(feature = "distributed")]
+pub use crate::registry::InMemoryServiceRegistry;
 
 /// An event store that keeps everything in memory. Cheap to clone; clones share events.
 #[derive(Clone)]

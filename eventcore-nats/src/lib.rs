@@ -48,6 +48,7 @@
 //! ```
 
 mod publisher;
+mod registry;
 mod subject;
 mod subscriber;
 
@@ -57,6 +58,7 @@ use async_nats::jetstream;
 use eventcore::distributed::TransportError;
 
 pub use publisher::NatsPublisher;
+pub use registry::{DEFAULT_DISCOVERY_WINDOW, NatsServiceRegistry};
 pub use subscriber::NatsSubscriber;
 
 #[doc(no_inline)]

@@ -24,6 +24,7 @@ mod partition;
 mod policy;
 mod projection;
 mod publisher;
+pub mod registry;
 mod subscriber;
 mod transport;
 
@@ -35,6 +36,9 @@ pub use self::partition::{InvalidPartition, Partition, SLOTS, slot_of};
 pub use self::policy::{PublicationPolicy, PublicationRule};
 pub use self::projection::ProjectionHandler;
 pub use self::publisher::{PublishSummary, PublisherMetrics, PublisherRunner};
+pub use self::registry::{
+    RegisteredService, RegistryError, ServiceInstance, ServiceRegistration, ServiceRegistry,
+};
 pub use self::subscriber::{EventHandler, ParkedDelivery, Processed, SubscriptionRunner};
 pub use self::transport::{
     Delivery, EventPublisher, EventSubscriber, Publication, Subscription, SubscriptionSpec,

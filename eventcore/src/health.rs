@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ProjectionName;
 use crate::projection::{CheckpointStore, ProjectionFilter};
@@ -54,7 +54,7 @@ use crate::store::EventStore;
 use crate::types::GlobalPosition;
 
 /// How a component, or the whole service, stands. Ordered from best to worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthStatus {
     /// Working and within its limits.
@@ -83,7 +83,7 @@ impl fmt::Display for HealthStatus {
 }
 
 /// What one check found.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ComponentHealth {
     /// What was checked (`store`, `projection order-view`, `publisher orders`, ...).
@@ -144,7 +144,7 @@ impl ComponentHealth {
 }
 
 /// What a service's checks found, all together.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct HealthReport {
     /// The service.
