@@ -631,8 +631,11 @@ impl NatsSubscription {
             sequence,
             message,
         };
-        let event: DistributedEvent = serde_json::from_slice(&message.payload)
+        let mut event: DistributedEvent = serde_json::from_slice(&message.payload)
             .map_err(|e| undecodable(format!("the body is not an envelope: {e}")))?;
+        if let Some(context) = header_trace_context(message.headers.as_ref(), sequence) {
+            event.trace_context = Some(context);
+        }
         let (topic, stream) = self.names.parse_subject(&message.subject).ok_or_else(|| {
             undecodable(format!("subject `{}` is not an event's", message.subject))
         })?;
@@ -740,6 +743,36 @@ impl Subscription for NatsSubscription {
                     None,
                 ))
             }
+        }
+    }
+}
+
+/// The trace context a message carries in its W3C `traceparent` / `tracestate`
+/// headers: what OpenTelemetry's messaging conventions read, and what an intermediary
+/// (a relay, a bridge) may have rewritten to put itself in the trace. `None` when
+/// there is no `traceparent`; a malformed one is logged and ignored, and the
+/// envelope's own copy (written with the event) stands.
+fn header_trace_context(
+    headers: Option<&async_nats::HeaderMap>,
+    sequence: u64,
+) -> Option<eventcore::TraceContext> {
+    let headers = headers?;
+    let traceparent = headers.get(crate::publisher::header::TRACEPARENT)?;
+    let context = eventcore::TraceContext::new(traceparent.as_str()).and_then(|context| {
+        match headers.get(crate::publisher::header::TRACESTATE) {
+            Some(state) => context.with_tracestate(state.as_str()),
+            None => Ok(context),
+        }
+    });
+    match context {
+        Ok(context) => Some(context),
+        Err(error) => {
+            tracing::warn!(
+                sequence,
+                %error,
+                "ignoring the message's trace headers; the envelope's context stands"
+            );
+            None
         }
     }
 }

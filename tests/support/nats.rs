@@ -96,6 +96,50 @@ pub async fn lose_last_messages(transport: &NatsTransport, service: &ServiceId, 
     }
 }
 
+/// Rebuilds `service`'s publication stream with every message passed through
+/// `rewrite` (its headers and body, in place), as a relay between the services would:
+/// same subjects and sequences. Call it before any consumer exists.
+///
+/// # Panics
+///
+/// When the server refuses any step, or the stream has consumers.
+pub async fn rewrite_messages(
+    transport: &NatsTransport,
+    service: &ServiceId,
+    mut rewrite: impl FnMut(&mut async_nats::HeaderMap, &mut bytes::Bytes),
+) {
+    let context = transport.context();
+    let name = transport.config().stream_name(service);
+    let mut stream = context.get_stream(&name).await.expect("the stream exists");
+    let info = stream.info().await.expect("stream info").clone();
+    assert_eq!(info.state.consumer_count, 0, "rewrite before subscribing");
+    let mut messages = Vec::new();
+    for sequence in info.state.first_sequence.max(1)..=info.state.last_sequence {
+        messages.push(
+            stream
+                .get_raw_message(sequence)
+                .await
+                .expect("a stored message"),
+        );
+    }
+    context.delete_stream(&name).await.expect("deletes");
+    context
+        .create_stream(info.config.clone())
+        .await
+        .expect("recreates");
+    for message in messages {
+        let (mut headers, mut payload) = (message.headers, message.payload);
+        rewrite(&mut headers, &mut payload);
+        let ack = context
+            .publish_with_headers(message.subject.clone(), headers, payload)
+            .await
+            .expect("republishes")
+            .await
+            .expect("stored again");
+        assert_eq!(ack.sequence, message.sequence, "same sequences");
+    }
+}
+
 /// The (event id, source position) of every message `service`'s publication stream
 /// holds, in stream order.
 ///
