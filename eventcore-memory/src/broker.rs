@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use eventcore::distributed::{
-    Delivery, DistributedEvent, EventPublisher, EventSubscriber, Partition, Publication, ServiceId,
-    Subscription, SubscriptionName, SubscriptionSpec, Topic, TransportError, slot_of,
+    Backlog, Delivery, DistributedEvent, EventPublisher, EventSubscriber, Partition, Publication,
+    ServiceId, Subscription, SubscriptionName, SubscriptionSpec, Topic, TransportError, slot_of,
 };
 use eventcore::{Clock, EventId, GlobalPosition, SystemClock};
 use parking_lot::Mutex;
@@ -472,6 +472,45 @@ impl EventSubscriber for InMemoryBroker {
             in_hand: None,
             acked: HashMap::new(),
         }))
+    }
+
+    async fn backlog(&self, spec: &SubscriptionSpec) -> Result<Option<Backlog>, TransportError> {
+        let state = self.shared.state.lock();
+        if let Some(unknown) = spec.topics.iter().find(|t| !state.owners.contains_key(*t)) {
+            return Err(TransportError::unavailable(
+                format!(
+                    "no service publishes topic `{unknown}` yet (it exists once its publisher \
+                     declared it)"
+                ),
+                None,
+            ));
+        }
+        let key = (spec.service.clone(), spec.name.clone(), spec.partition);
+        let Some(consumer) = state.consumers.get(&key) else {
+            return Ok(None);
+        };
+        let mut services: Vec<&ServiceId> = consumer
+            .topics
+            .iter()
+            .filter_map(|topic| state.owners.get(topic))
+            .collect();
+        services.sort();
+        services.dedup();
+        let mut backlog = Backlog::default();
+        for service in services {
+            let Some(log) = state.logs.get(service) else {
+                continue;
+            };
+            let acked = consumer.acked.get(service).copied().unwrap_or(0);
+            let after = log.messages.partition_point(|m| m.sequence <= acked);
+            let mut held = log.messages[after..].iter().filter(|m| {
+                spec.partition.holds_slot(m.slot) && consumer.topics.contains(&m.topic)
+            });
+            let oldest = held.next().map(|m| m.event.occurred_at);
+            let events = u64::from(oldest.is_some()) + held.count() as u64;
+            backlog = backlog.merge(Backlog::new(events, oldest));
+        }
+        Ok(Some(backlog))
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer};
 use async_trait::async_trait;
 use eventcore::distributed::{
-    Delivery, DistributedEvent, EventSubscriber, ServiceId, Subscription, SubscriptionSpec, Topic,
-    TransportError,
+    Backlog, Delivery, DistributedEvent, EventSubscriber, ServiceId, Subscription,
+    SubscriptionSpec, Topic, TransportError,
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -296,6 +296,117 @@ impl EventSubscriber for NatsSubscriber {
             self.config.ack_wait,
         )))
     }
+
+    #[tracing::instrument(
+        name = "eventcore.nats.backlog",
+        skip_all,
+        fields(subscription = %spec.name, service = %spec.service)
+    )]
+    async fn backlog(&self, spec: &SubscriptionSpec) -> Result<Option<Backlog>, TransportError> {
+        let mut streams = Vec::new();
+        for topic in &spec.topics {
+            let (stream, _) = self.stream_of(topic).await?;
+            if !streams.contains(&stream) {
+                streams.push(stream);
+            }
+        }
+        let name = self
+            .names
+            .consumer(&spec.service, &spec.name, spec.partition);
+        let mut found: Option<Backlog> = None;
+        for stream in streams {
+            let stream = self
+                .context
+                .get_stream_no_info(&stream)
+                .await
+                .map_err(|e| unavailable("opening a publication stream", e))?;
+            let info = match stream.consumer_info(&name).await {
+                Ok(info) => info,
+                Err(error)
+                    if error.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(error) => return Err(unavailable("reading a subscription", error)),
+            };
+            let held = held_for(&stream, &info).await?;
+            found = Some(found.unwrap_or_default().merge(held));
+        }
+        Ok(found)
+    }
+}
+
+/// What consumer `info` of `stream` has not acknowledged: the message in flight (one
+/// at most: `max_ack_pending` is 1) and those not delivered yet; the oldest is the
+/// one in flight, or else the first after the acknowledged floor that its filters
+/// select.
+async fn held_for(
+    stream: &jetstream::stream::Stream<()>,
+    info: &consumer::Info,
+) -> Result<Backlog, TransportError> {
+    let events = info.num_pending.saturating_add(info.num_ack_pending as u64);
+    if events == 0 {
+        return Ok(Backlog::new(0, None));
+    }
+    let oldest = if info.num_ack_pending > 0 {
+        Some(
+            stream
+                .direct_get(info.delivered.stream_sequence)
+                .await
+                .map_err(|e| unavailable("reading the message in flight", e))?,
+        )
+    } else {
+        let after = info.ack_floor.stream_sequence.saturating_add(1);
+        let mut filters = info.config.filter_subjects.clone();
+        if !info.config.filter_subject.is_empty() {
+            filters.push(info.config.filter_subject.clone());
+        }
+        let firsts = futures::future::join_all(
+            filters
+                .iter()
+                .map(|filter| stream.direct_get_next_for_subject(filter.as_str(), Some(after))),
+        )
+        .await;
+        let mut oldest: Option<jetstream::message::StreamMessage> = None;
+        for first in firsts {
+            match first {
+                Ok(message) => {
+                    if oldest
+                        .as_ref()
+                        .is_none_or(|o| message.sequence < o.sequence)
+                    {
+                        oldest = Some(message);
+                    }
+                }
+                Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {}
+                Err(error) => return Err(unavailable("reading the oldest message held", error)),
+            }
+        }
+        oldest
+    };
+    Ok(Backlog::new(
+        events,
+        oldest.map(|message| occurred_at(&message)),
+    ))
+}
+
+/// When the source store recorded the event `message` carries (the envelope's
+/// `occurred_at`); when the body is not an envelope, when the broker stored it.
+fn occurred_at(message: &jetstream::message::StreamMessage) -> chrono::DateTime<chrono::Utc> {
+    #[derive(serde::Deserialize)]
+    struct Occurred {
+        occurred_at: chrono::DateTime<chrono::Utc>,
+    }
+    serde_json::from_slice::<Occurred>(&message.payload)
+        .map(|o| o.occurred_at)
+        .ok()
+        .or_else(|| {
+            chrono::DateTime::from_timestamp(
+                message.time.unix_timestamp(),
+                message.time.nanosecond(),
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// A message a source's pump received and keeps for the handle.

@@ -41,6 +41,6 @@ pub use self::registry::{
 };
 pub use self::subscriber::{EventHandler, ParkedDelivery, Processed, SubscriptionRunner};
 pub use self::transport::{
-    Delivery, EventPublisher, EventSubscriber, Publication, Subscription, SubscriptionSpec,
-    TransportError,
+    Backlog, Delivery, EventPublisher, EventSubscriber, Publication, Subscription,
+    SubscriptionSpec, TransportError,
 };

@@ -1,6 +1,6 @@
 //! What a service process tells its operators and orchestrator about itself: whether
 //! the event store and the broker answer, and how far behind its projections, process
-//! managers and publisher are.
+//! managers, publisher and subscriptions are.
 //!
 //! A [`HealthChecks`] holds a service's checks ([`HealthCheck`]); [`HealthChecks::report`]
 //! runs them all at once, each under a timeout, and returns a [`HealthReport`] whose
@@ -11,6 +11,9 @@
 //!   store's head: positions behind, and the age of the oldest event it has not passed.
 //! - `PublisherHealth` (feature `distributed`): the broker answers, and what it holds of
 //!   the service's publication against the store's head.
+//! - `SubscriptionHealth` (feature `distributed`): the broker answers, and what a
+//!   subscription of the service has not acknowledged yet, and how old the oldest of
+//!   that is.
 //!
 //! Statuses: [`HealthStatus::Up`]; [`HealthStatus::Degraded`] (working, but behind more
 //! than its limit: ready to serve, worth an alert); [`HealthStatus::Down`] (a dependency
@@ -95,8 +98,9 @@ pub struct ComponentHealth {
     pub detail: Option<String>,
     /// Global log positions between what it has passed and the store's head: an upper
     /// bound on the events it still has to look at (positions of events it skips, and
-    /// gaps, count too); 0 when nothing it selects lies beyond. `None` where it does
-    /// not apply.
+    /// gaps, count too); 0 when nothing it selects lies beyond. For a subscription, the
+    /// events the broker holds for it that it has not acknowledged. `None` where it
+    /// does not apply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_positions: Option<u64>,
     /// How long ago the store recorded the oldest event it has still to handle; 0 when
@@ -380,16 +384,14 @@ pub struct CheckpointLag {
     store: Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
     filter: ProjectionFilter,
-    max_lag: Option<Duration>,
-    max_positions: Option<u64>,
+    limits: LagLimits,
 }
 
 impl fmt::Debug for CheckpointLag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CheckpointLag")
             .field("projection", &self.projection)
-            .field("max_lag", &self.max_lag)
-            .field("max_positions", &self.max_positions)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -407,8 +409,7 @@ impl CheckpointLag {
             store,
             checkpoints,
             filter: ProjectionFilter::all(),
-            max_lag: None,
-            max_positions: None,
+            limits: LagLimits::default(),
         }
     }
 
@@ -421,38 +422,52 @@ impl CheckpointLag {
 
     /// Degraded when the oldest event not passed was recorded longer ago than `max`.
     pub fn with_max_lag(mut self, max: Duration) -> Self {
-        self.max_lag = Some(max);
+        self.limits.max_lag = Some(max);
         self
     }
 
     /// Degraded when more than `max` log positions behind.
     pub fn with_max_positions(mut self, max: u64) -> Self {
-        self.max_positions = Some(max);
+        self.limits.max_positions = Some(max);
         self
     }
 }
 
-/// Applies the limits to a lag.
-pub(crate) fn judge_lag(
-    name: String,
-    (positions, seconds): (u64, f64),
-    max_lag: Option<Duration>,
-    max_positions: Option<u64>,
-) -> ComponentHealth {
-    let too_old = max_lag.filter(|max| seconds > max.as_secs_f64());
-    let too_far = max_positions.filter(|max| positions > *max);
-    let found = match (too_old, too_far) {
-        (Some(max), _) => ComponentHealth::degraded(
-            name,
-            format!("its oldest event not passed is {seconds:.1} s old, over the {max:?} limit"),
-        ),
-        (None, Some(max)) => ComponentHealth::degraded(
-            name,
-            format!("{positions} positions behind, over the limit of {max}"),
-        ),
-        (None, None) => ComponentHealth::up(name),
-    };
-    found.with_lag(positions, seconds)
+/// The limits of a lag check, past which it is degraded (none by default).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LagLimits {
+    /// The oldest event not passed may be this old.
+    pub(crate) max_lag: Option<Duration>,
+    /// It may be this many positions (events, for a subscription) behind.
+    pub(crate) max_positions: Option<u64>,
+}
+
+impl LagLimits {
+    /// Applies the limits to a lag of `positions` (`unit`: "positions", "events")
+    /// whose oldest event is `seconds` old.
+    pub(crate) fn judge(
+        &self,
+        name: String,
+        (positions, seconds): (u64, f64),
+        unit: &str,
+    ) -> ComponentHealth {
+        let too_old = self.max_lag.filter(|max| seconds > max.as_secs_f64());
+        let too_far = self.max_positions.filter(|max| positions > *max);
+        let found = match (too_old, too_far) {
+            (Some(max), _) => ComponentHealth::degraded(
+                name,
+                format!(
+                    "its oldest event not passed is {seconds:.1} s old, over the {max:?} limit"
+                ),
+            ),
+            (None, Some(max)) => ComponentHealth::degraded(
+                name,
+                format!("{positions} {unit} behind, over the limit of {max}"),
+            ),
+            (None, None) => ComponentHealth::up(name),
+        };
+        found.with_lag(positions, seconds)
+    }
 }
 
 #[async_trait]
@@ -472,19 +487,19 @@ impl HealthCheck for CheckpointLag {
             }
         };
         match lag_behind(&*self.store, checkpoint, &self.filter).await {
-            Ok(lag) => judge_lag(self.name(), lag, self.max_lag, self.max_positions),
+            Ok(lag) => self.limits.judge(self.name(), lag, "positions"),
             Err(error) => ComponentHealth::down(self.name(), error.to_string()),
         }
     }
 }
 
 #[cfg(feature = "distributed")]
-pub use self::publisher::PublisherHealth;
+pub use self::publisher::{PublisherHealth, SubscriptionHealth};
 
 #[cfg(feature = "distributed")]
 mod publisher {
     use super::*;
-    use crate::distributed::EventPublisher;
+    use crate::distributed::{EventPublisher, EventSubscriber, SubscriptionSpec};
 
     /// The broker answers, and what it holds of the service's publication against the
     /// store's head (feature `distributed`): down when the broker or the store does not
@@ -496,16 +511,14 @@ mod publisher {
         publisher: Arc<dyn EventPublisher>,
         store: Arc<dyn EventStore>,
         filter: ProjectionFilter,
-        max_lag: Option<Duration>,
-        max_positions: Option<u64>,
+        limits: LagLimits,
     }
 
     impl fmt::Debug for PublisherHealth {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("PublisherHealth")
                 .field("service", self.publisher.service())
-                .field("max_lag", &self.max_lag)
-                .field("max_positions", &self.max_positions)
+                .field("limits", &self.limits)
                 .finish_non_exhaustive()
         }
     }
@@ -517,8 +530,7 @@ mod publisher {
                 publisher,
                 store,
                 filter: ProjectionFilter::all(),
-                max_lag: None,
-                max_positions: None,
+                limits: LagLimits::default(),
             }
         }
 
@@ -532,13 +544,13 @@ mod publisher {
         /// Degraded when the oldest event after the last published one was recorded
         /// longer ago than `max`.
         pub fn with_max_lag(mut self, max: Duration) -> Self {
-            self.max_lag = Some(max);
+            self.limits.max_lag = Some(max);
             self
         }
 
         /// Degraded when more than `max` log positions behind.
         pub fn with_max_positions(mut self, max: u64) -> Self {
-            self.max_positions = Some(max);
+            self.limits.max_positions = Some(max);
             self
         }
     }
@@ -560,10 +572,97 @@ mod publisher {
                 }
             };
             match lag_behind(&*self.store, published, &self.filter).await {
-                Ok(lag) => judge_lag(self.name(), lag, self.max_lag, self.max_positions),
+                Ok(lag) => self.limits.judge(self.name(), lag, "positions"),
                 Err(error) => ComponentHealth::down(
                     self.name(),
                     format!("the store does not answer: {error}"),
+                ),
+            }
+        }
+    }
+
+    /// What a durable subscription has still to consume, as the broker sees it
+    /// ([`EventSubscriber::backlog`], feature `distributed`): down when the broker does
+    /// not answer, degraded when it does not exist yet (no runner opened it) or is past
+    /// its limits. The events behind are those held for it that it has not
+    /// acknowledged (in [`ComponentHealth::lag_positions`]); the age is that of the
+    /// oldest of them, from when the publishing service recorded it (so it includes
+    /// the publisher's own lag, and the skew between the two clocks).
+    ///
+    /// One check per partition of a split subscription: each has its own backlog.
+    #[derive(Clone)]
+    pub struct SubscriptionHealth {
+        subscriber: Arc<dyn EventSubscriber>,
+        spec: SubscriptionSpec,
+        limits: LagLimits,
+    }
+
+    impl fmt::Debug for SubscriptionHealth {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("SubscriptionHealth")
+                .field("spec", &self.spec)
+                .field("limits", &self.limits)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl SubscriptionHealth {
+        /// A check of subscription `spec` through `subscriber` (the runner's
+        /// transport), with no limit: up whenever the broker answers and the
+        /// subscription exists.
+        pub fn new(subscriber: Arc<dyn EventSubscriber>, spec: SubscriptionSpec) -> Self {
+            SubscriptionHealth {
+                subscriber,
+                spec,
+                limits: LagLimits::default(),
+            }
+        }
+
+        /// Degraded when the oldest event not acknowledged was recorded longer ago
+        /// than `max`.
+        pub fn with_max_lag(mut self, max: Duration) -> Self {
+            self.limits.max_lag = Some(max);
+            self
+        }
+
+        /// Degraded when more than `max` events are not acknowledged.
+        pub fn with_max_events(mut self, max: u64) -> Self {
+            self.limits.max_positions = Some(max);
+            self
+        }
+    }
+
+    #[async_trait]
+    impl HealthCheck for SubscriptionHealth {
+        fn name(&self) -> String {
+            if self.spec.partition.is_whole() {
+                format!("subscription {}", self.spec.name)
+            } else {
+                format!(
+                    "subscription {} partition {}",
+                    self.spec.name, self.spec.partition
+                )
+            }
+        }
+
+        async fn check(&self) -> ComponentHealth {
+            match self.subscriber.backlog(&self.spec).await {
+                Ok(Some(backlog)) => {
+                    let seconds = backlog
+                        .oldest_occurred_at
+                        .and_then(|oldest| (Utc::now() - oldest).to_std().ok())
+                        .unwrap_or_default()
+                        .as_secs_f64();
+                    self.limits
+                        .judge(self.name(), (backlog.events, seconds), "events")
+                }
+                Ok(None) => ComponentHealth::degraded(
+                    self.name(),
+                    "the subscription does not exist yet: no runner has opened it",
+                ),
+                Err(error) => ComponentHealth::down(
+                    self.name(),
+                    format!("the broker does not answer: {error}"),
                 ),
             }
         }
@@ -600,8 +699,13 @@ mod tests {
 
     #[test]
     fn lag_limits_degrade_only_past_them() {
-        let judge =
-            |lag, max_lag, max_positions| judge_lag("p".into(), lag, max_lag, max_positions);
+        let judge = |lag, max_lag, max_positions| {
+            LagLimits {
+                max_lag,
+                max_positions,
+            }
+            .judge("p".into(), lag, "positions")
+        };
         let minute = Some(Duration::from_secs(60));
         assert_eq!(judge((10, 60.0), minute, Some(10)).status, HealthStatus::Up);
         let old = judge((10, 60.5), minute, Some(10));

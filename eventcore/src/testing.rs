@@ -280,6 +280,7 @@ macro_rules! transport_conformance_tests {
             a_split_subscription_delivers_each_stream_to_its_partition_in_order,
             the_partitions_of_a_subscription_hold_an_event_each_at_once,
             a_subscription_split_another_way_is_refused,
+            a_subscriptions_backlog_is_what_it_has_not_acknowledged,
             a_publisher_handle_behind_the_publication_is_refused,
             a_publisher_handle_ahead_of_a_broker_that_lost_events_is_refused,
             the_publisher_publishes_the_public_events_in_log_order,

@@ -278,6 +278,50 @@ pub trait EventSubscriber: Send + Sync + 'static {
         &self,
         spec: &SubscriptionSpec,
     ) -> Result<Box<dyn Subscription>, TransportError>;
+
+    /// What the durable subscription `spec` (one partition of it, when split) has still
+    /// to consume, as the broker sees it: the events held for it that it has not
+    /// acknowledged (the one in flight included), and the oldest of them. `None` when
+    /// the subscription does not exist yet (no handle ever opened it). It opens
+    /// nothing and changes nothing: a health check calls it.
+    ///
+    /// # Errors
+    ///
+    /// A [`TransportError`]: the broker cannot be reached, or a topic is not declared
+    /// yet by its publisher ([`TransportError::Unavailable`]).
+    async fn backlog(&self, spec: &SubscriptionSpec) -> Result<Option<Backlog>, TransportError>;
+}
+
+/// What a durable subscription has still to consume ([`EventSubscriber::backlog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Events held for it that it has not acknowledged, delivered or not.
+    pub events: u64,
+    /// When the source store recorded the oldest of them (its
+    /// [`DistributedEvent::occurred_at`], on the publishing service's clock); `None`
+    /// when there are none.
+    pub oldest_occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Backlog {
+    /// A backlog of `events`, the oldest recorded at `oldest_occurred_at` (for
+    /// transports).
+    pub fn new(events: u64, oldest_occurred_at: Option<chrono::DateTime<chrono::Utc>>) -> Self {
+        Backlog {
+            events,
+            oldest_occurred_at,
+        }
+    }
+
+    /// Adds `other`'s (another source's) events; the oldest of both stays.
+    pub fn merge(self, other: Backlog) -> Backlog {
+        let oldest = match (self.oldest_occurred_at, other.oldest_occurred_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Backlog::new(self.events.saturating_add(other.events), oldest)
+    }
 }
 
 /// An open handle on a durable subscription.

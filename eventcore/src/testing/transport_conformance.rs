@@ -12,7 +12,7 @@
 //!   when its handle is dropped; one event is in flight per subscription; a
 //!   subscription resumes after its last acknowledgement and receives its topics only;
 //!   a split subscription's partitions receive their own streams, in order, at once, and
-//!   are split one way.
+//!   are split one way; a subscription's backlog is what it has not acknowledged.
 //! - `transport_conformance/publisher.rs`: the [`crate::distributed::PublisherRunner`]
 //!   on the transport. Only public events, in log order; a restarted publisher, a crash
 //!   between publish and checkpoint, a publish failing inside a batch and a broker that

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::{TransportHarness, event, next_and_ack, publish_some, service, spec, topic};
-use crate::distributed::{Partition, Publication, TransportError};
+use crate::distributed::{
+    DistributedEvent, Partition, Publication, SubscriptionSpec, TransportError,
+};
 use crate::names::StreamId;
 use crate::types::{EventId, GlobalPosition};
 
@@ -640,4 +642,111 @@ pub async fn a_subscription_split_another_way_is_refused(harness: impl Transport
         .subscribe(&spec("billing", "audit", &["order-events"]))
         .await
         .expect("subscribes");
+}
+
+/// A subscription's backlog is what it has not acknowledged, of its topics (and its
+/// partition) only, the event in flight included, with the oldest of them; none
+/// before any handle opened it; an undeclared topic is unavailable.
+pub async fn a_subscriptions_backlog_is_what_it_has_not_acknowledged(
+    harness: impl TransportHarness,
+) {
+    use crate::distributed::Backlog;
+    let orders = harness.publisher(&service("orders")).await;
+    orders
+        .declare_topics(&[topic("order-events"), topic("order-internal")])
+        .await
+        .expect("declares");
+    let sent = publish_some(&*orders, "order-events", 1, 4).await;
+    publish_some(&*orders, "order-internal", 5, 2).await;
+    let subscriber = harness.subscriber().await;
+    let billing = spec("billing", "orders", &["order-events"]);
+    assert_eq!(
+        subscriber.backlog(&billing).await.expect("answers"),
+        None,
+        "no handle opened it yet"
+    );
+    let backlog_of = |spec: SubscriptionSpec| {
+        let subscriber = subscriber.clone();
+        async move {
+            subscriber
+                .backlog(&spec)
+                .await
+                .expect("answers")
+                .expect("it exists")
+        }
+    };
+    let mut subscription = subscriber.subscribe(&billing).await.expect("subscribes");
+    assert_eq!(
+        backlog_of(billing.clone()).await,
+        Backlog::new(4, Some(sent[0].occurred_at)),
+        "everything of its topic, nothing of the other"
+    );
+    let delivery = subscription.next().await.expect("delivers");
+    assert_eq!(delivery.event.event_id, sent[0].event_id);
+    assert_eq!(
+        backlog_of(billing.clone()).await,
+        Backlog::new(4, Some(sent[0].occurred_at)),
+        "the event in flight is not consumed yet"
+    );
+    subscription.ack(&delivery).await.expect("acknowledges");
+    assert_eq!(
+        backlog_of(billing.clone()).await,
+        Backlog::new(3, Some(sent[1].occurred_at))
+    );
+    for expected in &sent[1..] {
+        assert_eq!(
+            next_and_ack(&mut *subscription).await.event.event_id,
+            expected.event_id
+        );
+    }
+    assert_eq!(backlog_of(billing.clone()).await, Backlog::new(0, None));
+    let more = publish_some(&*orders, "order-events", 7, 1).await;
+    assert_eq!(
+        backlog_of(billing.clone()).await,
+        Backlog::new(1, Some(more[0].occurred_at))
+    );
+
+    // A partition counts its own streams only.
+    let all: Vec<&DistributedEvent> = sent.iter().chain(&more).collect();
+    let even = StreamId::try_new("even").expect("valid");
+    let mut handles = Vec::new();
+    for part in spec("billing", "audit", &["order-events"])
+        .split(2)
+        .expect("valid")
+    {
+        let its: Vec<&DistributedEvent> = all
+            .iter()
+            .copied()
+            .filter(|e| part.partition.contains(&e.stream_id))
+            .collect();
+        let mut handle = subscriber.subscribe(&part).await.expect("subscribes");
+        assert_eq!(
+            backlog_of(part.clone()).await,
+            Backlog::new(its.len() as u64, its.first().map(|e| e.occurred_at)),
+            "partition {}",
+            part.partition
+        );
+        if part.partition.contains(&even) {
+            assert_eq!(
+                next_and_ack(&mut *handle).await.event.event_id,
+                its[0].event_id
+            );
+            assert_eq!(
+                backlog_of(part.clone()).await,
+                Backlog::new(its.len() as u64 - 1, its.get(1).map(|e| e.occurred_at)),
+                "partition {}",
+                part.partition
+            );
+        }
+        handles.push(handle);
+    }
+
+    let unknown = spec("billing", "nothing", &["no-such-topic"]);
+    assert!(
+        matches!(
+            subscriber.backlog(&unknown).await,
+            Err(TransportError::Unavailable { .. })
+        ),
+        "an undeclared topic is unavailable"
+    );
 }
