@@ -3,35 +3,12 @@
 //! their endpoints and metadata, discovery finds both, each answers its own health
 //! report, and one that deregistered is unknown.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use async_trait::async_trait;
 use eventcore::distributed::{
     RegistryError, ServiceId, ServiceInstance, ServiceRegistration, ServiceRegistry,
 };
-use eventcore::health::{ComponentHealth, HealthCheck, HealthChecks, HealthStatus};
+use eventcore::health::{HealthChecks, HealthStatus};
+use eventcore::testing::SwitchedCheck;
 use eventcore_memory::InMemoryServiceRegistry;
-
-/// A dependency the test takes down.
-struct Broker {
-    up: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl HealthCheck for Broker {
-    fn name(&self) -> String {
-        "broker".to_owned()
-    }
-
-    async fn check(&self) -> ComponentHealth {
-        if self.up.load(Ordering::SeqCst) {
-            ComponentHealth::up(self.name())
-        } else {
-            ComponentHealth::down(self.name(), "connection refused")
-        }
-    }
-}
 
 fn registration(service: &ServiceId, port: u16) -> ServiceRegistration {
     ServiceRegistration::new(service.clone(), "1.4.0")
@@ -52,23 +29,19 @@ async fn registers_discovers_and_checks_health<R, D, F>(
     D: Fn(usize) -> F,
     F: std::future::Future<Output = Vec<ServiceInstance>>,
 {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let sick = Arc::new(AtomicBool::new(false));
+    let healthy = SwitchedCheck::new("broker", true);
+    let sick = SwitchedCheck::new("broker", false);
     let first = registry
         .register(
             registration(&service, 9464),
-            HealthChecks::new(service.as_str()).with_check(Broker {
-                up: Arc::clone(&healthy),
-            }),
+            HealthChecks::new(service.as_str()).with_check(healthy.clone()),
         )
         .await
         .expect("registers");
     let second = registry
         .register(
             registration(&service, 9465),
-            HealthChecks::new(service.as_str()).with_check(Broker {
-                up: Arc::clone(&sick),
-            }),
+            HealthChecks::new(service.as_str()).with_check(sick.clone()),
         )
         .await
         .expect("registers");
@@ -94,9 +67,9 @@ async fn registers_discovers_and_checks_health<R, D, F>(
     assert_eq!(report.status, HealthStatus::Down);
     assert_eq!(
         report.component("broker").and_then(|c| c.detail.as_deref()),
-        Some("connection refused")
+        Some("switched down by the test")
     );
-    sick.store(true, Ordering::SeqCst);
+    sick.set_up(true);
     assert!(
         registry
             .health(&found[1])

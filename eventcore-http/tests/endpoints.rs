@@ -4,10 +4,9 @@
 //! health report: 200 when up or degraded, 503 when a component is down.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_trait::async_trait;
-use eventcore::health::{CheckpointLag, ComponentHealth, HealthCheck, HealthChecks, StoreHealth};
+use eventcore::health::{CheckpointLag, HealthChecks, StoreHealth};
+use eventcore::testing::SwitchedCheck;
 use eventcore::{
     Command, CommandExecutor, CommandLogic, CommandResult, Event, ProjectionName, ReadStreams,
     StoredEvent, StreamId, StreamResolver, StreamWrite,
@@ -46,26 +45,6 @@ impl CommandLogic for Tick {
             self.counter.clone(),
             Counted::Ticked,
         )?])
-    }
-}
-
-/// A dependency the test takes down and brings back.
-struct Broker {
-    up: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl HealthCheck for Broker {
-    fn name(&self) -> String {
-        "broker".to_owned()
-    }
-
-    async fn check(&self) -> ComponentHealth {
-        if self.up.load(Ordering::SeqCst) {
-            ComponentHealth::up(self.name())
-        } else {
-            ComponentHealth::down(self.name(), "connection refused")
-        }
     }
 }
 
@@ -114,7 +93,7 @@ async fn a_running_service_is_scraped_and_probed_over_loopback() {
             .expect("ticks");
     }
 
-    let broker_up = Arc::new(AtomicBool::new(true));
+    let broker = SwitchedCheck::new("broker", true);
     let view = ProjectionName::try_new("tick-view").expect("valid");
     let health = HealthChecks::new("ticker")
         .with_check(StoreHealth::new(Arc::new(store.clone())))
@@ -126,9 +105,7 @@ async fn a_running_service_is_scraped_and_probed_over_loopback() {
             )
             .with_max_positions(2),
         )
-        .with_check(Broker {
-            up: Arc::clone(&broker_up),
-        });
+        .with_check(broker.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a free port");
@@ -191,7 +168,7 @@ async fn a_running_service_is_scraped_and_probed_over_loopback() {
     eventcore::CheckpointStore::save_checkpoint(&store, &view, eventcore::GlobalPosition::new(3))
         .await
         .expect("saved");
-    broker_up.store(false, Ordering::SeqCst);
+    broker.set_up(false);
     let (status, _, body) = get(address, "/ready").await;
     assert_eq!(status, 503, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).expect("JSON");
@@ -200,10 +177,10 @@ async fn a_running_service_is_scraped_and_probed_over_loopback() {
     assert_eq!(components[1]["status"], "up", "caught up: {report}");
     assert_eq!(components[1]["lag_positions"], 0);
     assert_eq!(components[2]["status"], "down");
-    assert_eq!(components[2]["detail"], "connection refused");
+    assert_eq!(components[2]["detail"], "switched down by the test");
 
     // Back up: ready again.
-    broker_up.store(true, Ordering::SeqCst);
+    broker.set_up(true);
     let (status, _, body) = get(address, "/ready").await;
     assert_eq!(status, 200, "{body}");
 

@@ -39,6 +39,44 @@ pub mod transport_conformance;
 
 pub use scenario::{CommandScenario, ScenarioOutcome};
 
+/// A health check whose answer a test switches: a dependency the test takes down and
+/// brings back (a broker, a card gateway). Clones share the switch.
+#[derive(Debug, Clone)]
+pub struct SwitchedCheck {
+    name: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SwitchedCheck {
+    /// A check named `name`, up or not.
+    pub fn new(name: impl Into<String>, up: bool) -> Self {
+        SwitchedCheck {
+            name: name.into(),
+            up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(up)),
+        }
+    }
+
+    /// Switches it up (`true`) or down.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::health::HealthCheck for SwitchedCheck {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn check(&self) -> crate::health::ComponentHealth {
+        if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            crate::health::ComponentHealth::up(self.name())
+        } else {
+            crate::health::ComponentHealth::down(self.name(), "switched down by the test")
+        }
+    }
+}
+
 /// Runs `future` to completion on a fresh multi-threaded runtime (4 workers, so the
 /// concurrency checks are genuinely parallel). Used by the generated conformance tests.
 ///
