@@ -220,6 +220,15 @@ pub enum Error {
     #[error(transparent)]
     InvalidProjectionName(#[from] InvalidProjectionName),
 
+    /// A filter's event type name looks like a pattern (it holds `*`): filters select
+    /// exact type names, so `"User*"` would silently select nothing. List the types (the
+    /// federation's routing rules take patterns: `EventPattern`, feature `distributed`).
+    #[error("event type filter {name:?} holds `*`: filters select exact type names, not patterns")]
+    EventTypePattern {
+        /// The refused name (cut to 300 bytes).
+        name: String,
+    },
+
     /// A saga definition or a stored saga cannot be used: a plan with an empty or
     /// repeated step name, or an input that does not decode into the saga's input type.
     #[error("invalid saga `{saga}`: {reason}")]
@@ -310,6 +319,7 @@ impl Error {
             Error::ProjectionFailed { .. } => "projection_failed",
             Error::InvalidProjectionName(_) => "invalid_projection_name",
             Error::InvalidSaga { .. } => "invalid_saga",
+            Error::EventTypePattern { .. } => "event_type_pattern",
             Error::OutcomeUnknown { .. } => "outcome_unknown",
             #[cfg(feature = "distributed")]
             Error::InvalidDistributedName(_) => "invalid_distributed_name",

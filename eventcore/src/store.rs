@@ -525,21 +525,19 @@ impl LogQuery {
         self
     }
 
-    /// Only events of these types.
+    /// Only events of these types (exact names).
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidEventType`] if a name is not a valid event type name.
+    /// [`Error::InvalidEventType`] if a name is not a valid event type name;
+    /// [`Error::EventTypePattern`] if it holds `*` (a pattern such as `"User*"`, which
+    /// would select nothing).
     pub fn with_event_types<I>(mut self, types: I) -> Result<Self>
     where
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        let types = types
-            .into_iter()
-            .map(|t| EventType::try_new(t.as_ref()).map_err(Error::from))
-            .collect::<Result<Vec<_>>>()?;
-        self.event_types = Some(types);
+        self.event_types = Some(exact_event_types(types)?);
         Ok(self)
     }
 
@@ -612,5 +610,59 @@ impl LogRead {
 impl Default for LogQuery {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Exact event type names for a filter: valid, and none holding `*` (what reads as a
+/// pattern is refused rather than silently selecting nothing).
+pub(crate) fn exact_event_types<I>(types: I) -> Result<Vec<EventType>>
+where
+    I: IntoIterator,
+    I::Item: AsRef<str>,
+{
+    types
+        .into_iter()
+        .map(|t| {
+            let name = t.as_ref();
+            if name.contains('*') {
+                return Err(Error::EventTypePattern {
+                    name: crate::error::truncate_for_error(name),
+                });
+            }
+            EventType::try_new(name).map_err(Error::from)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_in_an_event_type_filter_is_refused_not_left_to_select_nothing() {
+        for pattern in ["User*", "*", "*Created", "A*B"] {
+            let refused = LogQuery::new().with_event_types([pattern]).unwrap_err();
+            assert!(
+                matches!(&refused, Error::EventTypePattern { name } if name == pattern),
+                "{pattern}: {refused:?}"
+            );
+            assert!(
+                crate::ProjectionFilter::all()
+                    .with_event_types(["Exact", pattern])
+                    .is_err()
+            );
+        }
+        let exact = LogQuery::new()
+            .with_event_types(["UserRegistered"])
+            .expect("an exact name");
+        assert_eq!(exact.event_types().map(<[EventType]>::len), Some(1));
+        #[cfg(feature = "distributed")]
+        assert!(matches!(
+            crate::distributed::PublicationRule::new(
+                crate::distributed::Topic::try_new("t").expect("valid")
+            )
+            .with_event_types(["User*"]),
+            Err(Error::EventTypePattern { .. })
+        ));
     }
 }

@@ -38,16 +38,14 @@ impl PublicationRule {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidEventType`] for an invalid type name.
+    /// [`Error::InvalidEventType`] for an invalid type name; [`Error::EventTypePattern`]
+    /// for one holding `*` (rules select exact names).
     pub fn with_event_types<I, S>(mut self, types: I) -> Result<Self>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let types = types
-            .into_iter()
-            .map(|t| EventType::try_new(t.as_ref()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let types = crate::store::exact_event_types(types)?;
         self.event_types = Some(types);
         Ok(self)
     }
