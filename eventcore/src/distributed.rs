@@ -19,6 +19,7 @@
 //! The design, and what each guarantee rests on, is ADR 0010 in `docs/adr/`.
 
 mod envelope;
+pub mod federation;
 mod names;
 mod partition;
 mod policy;

@@ -222,7 +222,7 @@ pub enum Error {
 
     /// A filter's event type name looks like a pattern (it holds `*`): filters select
     /// exact type names, so `"User*"` would silently select nothing. List the types (the
-    /// federation's routing rules take patterns: `EventPattern`, feature `distributed`).
+    /// federation's routing rules take patterns: `distributed::federation::EventPattern`).
     #[error("event type filter {name:?} holds `*`: filters select exact type names, not patterns")]
     EventTypePattern {
         /// The refused name (cut to 300 bytes).
@@ -270,6 +270,12 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// Federation routing rules that cannot be used, or a transformation that failed
+    /// on an event (which the hub parks).
+    #[cfg(feature = "distributed")]
+    #[error(transparent)]
+    Federation(crate::distributed::federation::FederationError),
 
     /// The transport (broker) between services failed; `TransportError::is_retryable`
     /// says whether trying again may help.
@@ -327,6 +333,8 @@ impl Error {
             Error::InvalidPublicationPolicy { .. } => "invalid_publication_policy",
             #[cfg(feature = "distributed")]
             Error::Transport(_) => "transport",
+            #[cfg(feature = "distributed")]
+            Error::Federation(_) => "federation",
             Error::Backend { .. } => "backend",
         }
     }

@@ -84,6 +84,11 @@ pub const PUBLISHER_LAG_SECONDS: &str = "eventcore_publisher_lag_seconds";
 /// The position up to which the broker holds every public event (gauge; label
 /// `service`).
 pub const PUBLISHER_POSITION: &str = "eventcore_publisher_position";
+/// Source events a federation hub looked at (counter; labels `hub`, `outcome`:
+/// `forwarded`, `unmatched`, `loop`, `hop_limit`).
+pub const FEDERATION_EVENTS_TOTAL: &str = "eventcore_federation_events_total";
+/// Copies a federation hub wrote for a target (counter; labels `hub`, `target`).
+pub const FEDERATION_FORWARDED_TOTAL: &str = "eventcore_federation_forwarded_total";
 /// Whether this process is the elected runner (gauge 1 or 0; labels `role`, `name`).
 pub const LEADER: &str = "eventcore_leader";
 
@@ -199,6 +204,19 @@ pub(crate) fn projection_lag(
 /// Whether this process now leads as `role` under `name`.
 pub(crate) fn leadership(role: &'static str, name: &str, leading: bool) {
     gauge!(LEADER, "role" => role, "name" => name.to_owned()).set(if leading { 1.0 } else { 0.0 });
+}
+
+/// A federation hub looked at a source event.
+#[cfg(feature = "distributed")]
+pub(crate) fn federation_event(hub: &Arc<str>, outcome: &'static str) {
+    counter!(FEDERATION_EVENTS_TOTAL, "hub" => Arc::clone(hub), "outcome" => outcome).increment(1);
+}
+
+/// A federation hub wrote a copy for `target`.
+#[cfg(feature = "distributed")]
+pub(crate) fn federation_forwarded(hub: &Arc<str>, target: &str) {
+    counter!(FEDERATION_FORWARDED_TOTAL, "hub" => Arc::clone(hub), "target" => target.to_owned())
+        .increment(1);
 }
 
 /// The broker holds everything public of `service` up to `position`.
