@@ -1081,3 +1081,78 @@ async fn one_hub_of_a_name_is_active_at_a_time() {
     assert_drained(&broker, &crm_spec).await;
     assert_eq!(copies_held(&hub_store).await, 2);
 }
+
+#[test]
+fn what_the_hub_does_with_each_event_is_counted_once() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async {
+                let broker = InMemoryBroker::new();
+                let mut users = Source::new(&broker, "users", "user-events", "user-").await;
+                users.emit("user-1", "UserRegistered", json!({})).await;
+                users.emit("user-1", "ProfileViewed", json!({})).await;
+                let (mut hub, _) = hub_on(
+                    &broker,
+                    rules(json!([
+                        { "source_service": "users", "event_pattern": "User*",
+                          "target_services": ["billing", "crm"] }
+                    ])),
+                    functions(),
+                )
+                .await;
+                let spec = hub.router().subscription_spec();
+                let mut handle = broker.subscribe(&spec).await.expect("subscribes");
+                let first = handle.next().await.expect("delivers");
+                hub.process(&first).await.expect("routes");
+                // Lost acknowledgement: the redelivery writes and counts nothing.
+                drop(handle);
+                let mut handle = broker.subscribe(&spec).await.expect("subscribes");
+                let again = handle.next().await.expect("delivers");
+                hub.process(&again).await.expect("routes");
+                handle.ack(&again).await.expect("acknowledges");
+                let second = handle.next().await.expect("delivers");
+                hub.process(&second).await.expect("routes");
+                handle.ack(&second).await.expect("acknowledges");
+            });
+    });
+    // One snapshot: reading the debugging recorder resets what it read.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counted = |name: &str, pairs: &[(&str, &str)]| {
+        snapshot.iter().find_map(|(key, _, _, value)| {
+            let key = key.key();
+            let matches = key.name() == name
+                && key.labels().count() == pairs.len()
+                && pairs
+                    .iter()
+                    .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v));
+            match (matches, value) {
+                (true, DebugValue::Counter(n)) => Some(*n),
+                _ => None,
+            }
+        })
+    };
+    let events = eventcore::metrics::FEDERATION_EVENTS_TOTAL;
+    let forwarded = eventcore::metrics::FEDERATION_FORWARDED_TOTAL;
+    assert_eq!(
+        counted(events, &[("hub", "federation"), ("outcome", "forwarded")]),
+        Some(1)
+    );
+    assert_eq!(
+        counted(events, &[("hub", "federation"), ("outcome", "unmatched")]),
+        Some(1)
+    );
+    assert_eq!(
+        counted(forwarded, &[("hub", "federation"), ("target", "billing")]),
+        Some(1)
+    );
+    assert_eq!(
+        counted(forwarded, &[("hub", "federation"), ("target", "crm")]),
+        Some(1)
+    );
+}
