@@ -63,6 +63,7 @@ fn functions() -> TransformFunctions {
         if value.get("poison").is_some() {
             return Err("this payload cannot be mapped".into());
         }
+        assert!(value.get("panic").is_none(), "boom");
         let mapped = json!({ "v": 2, "was": value });
         Ok(Forwarding::new(
             EventType::try_new(format!("{}V2", shaped.event_type))?,
@@ -168,6 +169,38 @@ fn refused_rule_sets_are_typed_errors() {
         refused(json!([])),
         FederationError::InvalidRules { .. }
     ));
+    // Overlapping patterns are duplicates too: `*` and `User*`, `User*` and an exact
+    // `UserRegistered`, `User*` and `UserReg*`.
+    for (a, b) in [
+        ("*", "User*"),
+        ("User*", "UserRegistered"),
+        ("UserReg*", "User*"),
+    ] {
+        assert!(
+            matches!(
+                refused(json!([
+                    route("users", a, &["crm"], None),
+                    route("users", b, &["crm"], None)
+                ])),
+                FederationError::DuplicateRule {
+                    rule: 1,
+                    same_as: 0,
+                    ..
+                }
+            ),
+            "{a} and {b}"
+        );
+    }
+    // Disjoint patterns, or the same events to other targets, are not.
+    Router::new(
+        rules(json!([
+            route("users", "User*", &["crm"], None),
+            route("users", "Profile*", &["crm"], None),
+            route("users", "User*", &["billing"], None)
+        ])),
+        functions(),
+    )
+    .expect("disjoint rules");
     // Same source and pattern with another transformation is not a duplicate.
     Router::new(
         rules(json!([
@@ -220,10 +253,61 @@ fn refused_rule_sets_are_typed_errors() {
         ),
         Err(FederationError::HubInRules { role: "source", .. })
     ));
+    // The hub as a target, a target topic it consumes, services and topics listed
+    // twice, a hop limit of 0, a source without topics, a rename of nothing, a
+    // rename to a name no type can start with.
+    let base = serde_json::to_value(rules(json!([route("users", "*", &["crm"], None)])))
+        .expect("serializes");
+    let broken = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut raw = base.clone();
+        edit(&mut raw);
+        Router::new(serde_json::from_value(raw).expect("rules"), functions()).expect_err("refused")
+    };
+    assert!(matches!(
+        broken(&|r| r["targets"][0]["service"] = json!("federation")),
+        FederationError::HubInRules { role: "target", .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["targets"][0]["topic"] = json!("user-events")),
+        FederationError::HubInRules { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["sources"][1]["service"] = json!("users")),
+        FederationError::Duplicate { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["sources"][1]["topics"] = json!(["user-events"])),
+        FederationError::Duplicate { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["targets"][1]["topic"] = json!("federated-billing")),
+        FederationError::Duplicate { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["hop_limit"] = json!(0)),
+        FederationError::InvalidRules { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["sources"][1]["topics"] = json!([])),
+        FederationError::InvalidRules { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r["transformations"]["user_to_customer"][0]["rename_type"]["from"] = json!("")),
+        FederationError::InvalidStep { step: 0, .. }
+    ));
+    assert!(matches!(
+        broken(
+            &|r| r["transformations"]["user_to_customer"][0]["rename_type"]["to"] = json!("\u{7}")
+        ),
+        FederationError::InvalidStep { step: 0, .. }
+    ));
     // Unknown fields are refused, not ignored.
     raw["routes"][0]["targets"] = json!(["crm"]);
     assert!(serde_json::from_value::<RoutingRules>(raw).is_err());
 }
+
+/// The derived id of the pinned event's copy for billing under rule 0.
+const PINNED_BILLING_ID: &str = "b1e4e232-fad8-5eee-bd94-036a893a48f1";
 
 #[test]
 fn the_routing_matrix() {
@@ -307,6 +391,18 @@ fn the_routing_matrix() {
         again.iter().map(|c| c.event.event_id).collect::<Vec<_>>(),
         first.iter().map(|c| c.event.event_id).collect::<Vec<_>>()
     );
+    // The derivation is the wire format of the ids: pinned.
+    let pinned = source_event("users", "user-1", 1, "UserRegistered", json!({}));
+    let mut pinned_event = pinned.clone();
+    pinned_event.event_id = eventcore::EventId::from_uuid(
+        uuid::Uuid::parse_str("018f0000-0000-7000-8000-000000000001").expect("a uuid"),
+    );
+    let pinned_copies = forwarded(router.route(&pinned_event).expect("routes"));
+    assert_eq!(
+        pinned_copies[0].event.event_id.to_string(),
+        PINNED_BILLING_ID,
+        "the id of (federation, users, that event, rule 0, billing)"
+    );
     let reordered = Router::new(
         rules(json!([
             { "source_service": "orders", "event_pattern": "*", "target_services": ["billing"] },
@@ -344,7 +440,8 @@ fn a_forwarded_event_keeps_its_correlation_and_trace_and_records_its_origin() {
                 "event_id": event.event_id,
                 "event_type": "UserRegistered"
             },
-            "hops": ["federation"]
+            "hops": ["federation"],
+            "forwarded_id": copy.event.event_id
         })
     );
     assert_eq!(
@@ -414,6 +511,7 @@ fn an_event_that_crossed_this_hub_or_the_hop_limit_is_not_forwarded() {
     let router = router(json!([
         { "source_service": "users", "event_pattern": "*", "target_services": ["crm"] }
     ]));
+    // An event a hub forwarded: its record names it.
     let with_hops = |hops: Vec<&str>| {
         let mut event = source_event("users", "user-1", 1, "UserRegistered", json!({}));
         event.metadata.custom.insert(
@@ -421,7 +519,8 @@ fn an_event_that_crossed_this_hub_or_the_hop_limit_is_not_forwarded() {
             json!({
                 "origin": { "service": "shop", "stream": "s", "event_id": eventcore::EventId::new(),
                             "event_type": "X" },
-                "hops": hops
+                "hops": hops,
+                "forwarded_id": event.event_id
             }),
         );
         event
@@ -442,16 +541,22 @@ fn an_event_that_crossed_this_hub_or_the_hop_limit_is_not_forwarded() {
     let record = &copy.event.metadata.custom[FEDERATION_METADATA_KEY];
     assert_eq!(record["origin"]["service"], json!("shop"));
     assert_eq!(record["hops"], json!(["h1", "federation"]));
-    // A malformed record is not guessed at: the event is refused (and parked).
+    // A new event that inherited a forwarded one's record (a reaction to it, its
+    // custom metadata passed on) is a new origin, not a loop: it is forwarded, and its
+    // record starts again from it.
+    let mut reaction = with_hops(vec!["federation"]);
+    reaction.event_id = eventcore::EventId::new();
+    let copy = forwarded(router.route(&reaction).expect("routes")).remove(0);
+    let record = &copy.event.metadata.custom[FEDERATION_METADATA_KEY];
+    assert_eq!(record["origin"]["event_id"], json!(reaction.event_id));
+    assert_eq!(record["hops"], json!(["federation"]));
+    // So is an event with a malformed record (written by hand): logged, not parked.
     let mut bad = source_event("users", "user-1", 1, "UserRegistered", json!({}));
     bad.metadata.custom.insert(
         FEDERATION_METADATA_KEY.to_owned(),
         json!({"hops": "federation"}),
     );
-    assert!(matches!(
-        router.route(&bad),
-        Err(FederationError::TransformFailed { .. })
-    ));
+    assert_eq!(forwarded(router.route(&bad).expect("routes")).len(), 1);
 }
 
 #[test]
@@ -634,6 +739,15 @@ fn origins(events: &[DistributedEvent]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The types forwarded per origin stream, in the order received.
+fn per_stream(events: &[DistributedEvent]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut streams = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (stream, event_type) in origins(events) {
+        streams.entry(stream).or_default().push(event_type);
+    }
+    streams
+}
+
 /// What the broker still holds for `spec`: nothing, once every copy was read once.
 async fn assert_drained(broker: &dyn Broker, spec: &SubscriptionSpec) {
     let backlog = broker
@@ -710,15 +824,18 @@ async fn routes_end_to_end_and_advances_over_unmatched_events(broker: &dyn Broke
         .await;
     users.emit("user-1", "UserDeleted", json!({})).await;
 
+    // Order holds per source stream (across sources it is the broker's to choose).
     let billed = receive(&mut *billing, 4).await;
     assert_eq!(
-        origins(&billed),
+        per_stream(&billed),
         [
-            ("user-1".to_owned(), "UserRegistered".to_owned()),
-            ("user-2".to_owned(), "UserRegistered".to_owned()),
-            ("order-1".to_owned(), "OrderPlaced".to_owned()),
-            ("user-1".to_owned(), "UserDeleted".to_owned()),
+            ("order-1", vec!["OrderPlaced"]),
+            ("user-1", vec!["UserRegistered", "UserDeleted"]),
+            ("user-2", vec!["UserRegistered"]),
         ]
+        .into_iter()
+        .map(|(s, t)| (s.to_owned(), t.into_iter().map(str::to_owned).collect()))
+        .collect()
     );
     assert!(billed.iter().all(|e| e.service_id.as_str() == "federation"));
     assert_eq!(
@@ -739,7 +856,8 @@ async fn routes_end_to_end_and_advances_over_unmatched_events(broker: &dyn Broke
             ("user-1".to_owned(), "UserRegistered".to_owned()),
             ("user-2".to_owned(), "UserRegistered".to_owned()),
             ("user-1".to_owned(), "UserDeleted".to_owned()),
-        ]
+        ],
+        "one source: its publication's order"
     );
     assert_eq!(
         known[0]
@@ -1030,17 +1148,38 @@ hub_tests!(
     )]
 );
 
+/// Rules whose one route counts, per instance, the events it routes.
+fn counting(calls: &Arc<std::sync::atomic::AtomicUsize>) -> (RoutingRules, TransformFunctions) {
+    let mut rules = rules(json!([
+        { "source_service": "users", "event_pattern": "*", "target_services": ["crm"],
+          "transformation": "counted" }
+    ]));
+    rules.transformations.insert(
+        "counted".to_owned(),
+        vec![eventcore::distributed::federation::Transform::Apply {
+            function: "count".to_owned(),
+        }],
+    );
+    let calls = Arc::clone(calls);
+    let functions = functions().with("count", move |_event, shaped| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Ok(shaped)
+    });
+    (rules, functions)
+}
+
 #[tokio::test]
 async fn one_hub_of_a_name_is_active_at_a_time() {
+    use std::sync::atomic::AtomicUsize;
     let broker = InMemoryBroker::new();
     let election = Arc::new(InMemoryLeaderElection::new());
     let mut users = Source::new(&broker, "users", "user-events", "user-").await;
-    let rules = || {
-        rules(json!([
-            { "source_service": "users", "event_pattern": "*", "target_services": ["crm"] }
-        ]))
-    };
-    let (first, hub_store) = hub_on(&broker, rules(), functions()).await;
+    let (first_calls, second_calls) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (rules, functions) = counting(&first_calls);
+    let (first, hub_store) = hub_on(&broker, rules, functions).await;
+    let (rules, functions) = counting(&second_calls);
+    let second = hub_with_store(&broker, rules, functions, &hub_store).await;
     let (mut crm, crm_spec) = reader(&broker, "crm", "federated-crm").await;
     let run_as_leader = |mut hub: FederationHub| {
         let election = Arc::clone(&election);
@@ -1057,29 +1196,43 @@ async fn one_hub_of_a_name_is_active_at_a_time() {
     let (stop_first, first_task) = run_as_leader(first);
     users.emit("user-1", "UserRegistered", json!({})).await;
     assert_eq!(receive(&mut *crm, 1).await.len(), 1);
-    // The first leads (it forwarded); a second instance on the same store waits.
-    let second = FederationHub::new(
-        Router::new(rules(), functions()).expect("valid"),
-        Arc::new(hub_store.clone()),
-        Arc::new(hub_store.clone()),
-        broker.subscriber(),
-        Broker::publisher(&broker, &service("federation")),
-    )
-    .expect("a hub");
+    assert!(election.is_held("federation-federation"), "the first leads");
+    // A second instance on the same store waits while the first leads.
     let (stop_second, second_task) = run_as_leader(second);
+    users.emit("user-1", "UserRenamed", json!({})).await;
+    assert_eq!(receive(&mut *crm, 1).await.len(), 1);
+    assert_eq!(first_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        second_calls.load(Ordering::SeqCst),
+        0,
+        "the second stayed idle"
+    );
+    // The first stops: only the second can route now.
     stop_first.send(true).expect("running");
     first_task.await.expect("joins");
-    // Only the second can forward now.
-    users.emit("user-1", "UserRenamed", json!({})).await;
-    let renamed = receive(&mut *crm, 1).await;
+    users.emit("user-2", "UserRegistered", json!({})).await;
     assert_eq!(
-        origins(&renamed),
-        [("user-1".to_owned(), "UserRenamed".to_owned())]
+        origins(&receive(&mut *crm, 1).await),
+        [("user-2".to_owned(), "UserRegistered".to_owned())]
+    );
+    assert_eq!(second_calls.load(Ordering::SeqCst), 1);
+    // The second loses its leadership (its connection died): it stops, is elected
+    // again (the only candidate) and goes on.
+    assert!(election.revoke("federation-federation"));
+    users.emit("user-2", "UserRenamed", json!({})).await;
+    assert_eq!(
+        origins(&receive(&mut *crm, 1).await),
+        [("user-2".to_owned(), "UserRenamed".to_owned())]
+    );
+    assert_eq!(
+        first_calls.load(Ordering::SeqCst),
+        2,
+        "the stopped first did nothing more"
     );
     stop_second.send(true).expect("running");
     second_task.await.expect("joins");
     assert_drained(&broker, &crm_spec).await;
-    assert_eq!(copies_held(&hub_store).await, 2);
+    assert_eq!(copies_held(&hub_store).await, 4);
 }
 
 #[test]

@@ -20,14 +20,18 @@
 //!   topic per target, completely, in order, deduplicated by those ids;
 //! - every forwarded event keeps the original's correlation id and trace context, has
 //!   the original event as its causation, and carries an origin and hop record
-//!   (`eventcore.federation` in its custom metadata): a hub never forwards an event it
-//!   forwarded before (a loop through other hubs), nor one that already crossed
-//!   [`RoutingRules::hop_limit`] hubs;
+//!   (`eventcore.federation` in its custom metadata, naming the copy it belongs to, so a
+//!   new event that inherited it from a forwarded one is a new origin): a hub never
+//!   forwards an event it forwarded before (a loop through other hubs), nor one that
+//!   already crossed [`RoutingRules::hop_limit`] hubs; custom metadata is forwarded as
+//!   it is (transformations edit the payload only);
 //! - [`FederationHub::run_as_leader`] keeps one active hub per name across processes.
 //!
 //! Rules are data (serde), checked when the [`Router`] is built: unknown services or
-//! transformations, rules without targets, duplicate rules, patterns other than `*`,
-//! an exact name or `Prefix*`, and a hub that would consume its own output are typed
+//! transformations, rules without targets, duplicate rules (same source and
+//! transformation, overlapping patterns, a shared target), patterns other than `*`, an
+//! exact name or `Prefix*`, and a hub that would consume its own output (its id among
+//! its sources or targets, a target topic among its source topics) are typed
 //! [`FederationError`]s.
 //!
 //! ```
@@ -119,7 +123,8 @@ pub enum FederationError {
         /// The rule's index in `routes`.
         rule: usize,
     },
-    /// Two rules that would forward the same events the same way to the same target.
+    /// Two rules that would forward the same events the same way to the same target
+    /// (same source and transformation, patterns some type matches both).
     #[error(
         "rule {rule} repeats rule {same_as} (same source, pattern and transformation, for target `{target}`)"
     )]
@@ -139,7 +144,8 @@ pub enum FederationError {
         /// Its name.
         name: String,
     },
-    /// The hub among its own sources or targets: it would consume what it publishes.
+    /// The hub among its own sources or targets, or a target topic among its source
+    /// topics: it would consume what it publishes.
     #[error("the hub `{hub}` cannot be its own {role}: it would consume what it publishes")]
     HubInRules {
         /// The hub.

@@ -272,8 +272,16 @@ impl FederationHub {
             }
         };
         let (consumed, published, ()) = tokio::join!(consuming, publishing, outer);
-        consumed?;
-        published
+        match (consumed, published) {
+            (Err(consuming), Err(publishing)) => {
+                tracing::error!(
+                    error = %crate::error::error_chain(&publishing),
+                    "the federation hub's publisher failed too"
+                );
+                Err(consuming)
+            }
+            (consumed, published) => consumed.and(published),
+        }
     }
 
     /// Like [`FederationHub::run`], as the one active hub of its name among its

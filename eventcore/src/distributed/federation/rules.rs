@@ -87,6 +87,20 @@ impl EventPattern {
         }
     }
 
+    /// Whether some event type matches both.
+    pub fn overlaps(&self, other: &EventPattern) -> bool {
+        match (&self.kind, &other.kind) {
+            (PatternKind::Any, _) | (_, PatternKind::Any) => true,
+            (PatternKind::Exact, PatternKind::Exact) => self.text == other.text,
+            (PatternKind::Exact, PatternKind::Prefix(_)) => other.matches(&self.text),
+            (PatternKind::Prefix(_), PatternKind::Exact) => self.matches(&other.text),
+            (PatternKind::Prefix(a), PatternKind::Prefix(b)) => {
+                let (a, b) = (&self.text[..*a], &other.text[..*b]);
+                a.starts_with(b) || b.starts_with(a)
+            }
+        }
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -295,8 +309,8 @@ enum Step {
 #[derive(Clone)]
 struct Route {
     index: usize,
-    /// The rule as canonical JSON: its identity in derived event ids, so reordering
-    /// the rules changes no id.
+    /// The rule's source, pattern and transformation as JSON: its identity in derived
+    /// event ids, so reordering the rules changes no id.
     key: String,
     source: ServiceId,
     pattern: EventPattern,
@@ -355,11 +369,15 @@ pub struct Forwarded {
     pub event: EventData,
 }
 
-/// The origin and hop record in a forwarded event's metadata.
+/// The origin and hop record in a forwarded event's metadata. It belongs to the copy
+/// whose id it names: a service reacting to a forwarded event may pass its custom
+/// metadata on to its own new events (`Dispatcher::inherit_metadata` does), and those
+/// are new origins, not the forwarded event coming back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Record {
     origin: Origin,
     hops: Vec<ServiceId>,
+    forwarded_id: EventId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,6 +443,12 @@ impl Router {
                     role: "target",
                 });
             }
+            if topics.contains(&target.topic) {
+                return Err(FederationError::HubInRules {
+                    hub,
+                    role: "source of its own target topic",
+                });
+            }
             if targets.values().any(|t| t == &target.topic) {
                 return Err(duplicate("target topic", target.topic.as_str()));
             }
@@ -486,7 +510,7 @@ impl Router {
             };
             for earlier in &routes {
                 let same = earlier.source == rule.source_service
-                    && earlier.pattern == rule.event_pattern
+                    && earlier.pattern.overlaps(&rule.event_pattern)
                     && earlier.transformation.as_ref().map(|(n, _)| n)
                         == rule.transformation.as_ref();
                 if let Some(target) = rule
@@ -503,7 +527,14 @@ impl Router {
             }
             routes.push(Route {
                 index,
-                key: serde_json::to_string(rule).unwrap_or_default(),
+                // Without the targets: each (rule, target) pair is unique (the duplicate
+                // check), and a target added to a rule leaves the others' ids as they were.
+                key: serde_json::to_string(&(
+                    &rule.source_service,
+                    &rule.event_pattern,
+                    &rule.transformation,
+                ))
+                .unwrap_or_default(),
                 source: rule.source_service.clone(),
                 pattern: rule.event_pattern.clone(),
                 targets: rule.target_services.clone(),
@@ -564,14 +595,21 @@ impl Router {
         };
         let record = match event.metadata.custom.get(FEDERATION_METADATA_KEY) {
             None => None,
-            Some(value) => Some(serde_json::from_value::<Record>(value.clone()).map_err(
-                |error| {
-                    failed(
-                        FEDERATION_METADATA_KEY,
-                        format!("the origin and hop record is malformed: {error}"),
-                    )
-                },
-            )?),
+            Some(value) => match serde_json::from_value::<Record>(value.clone()) {
+                // The record of this very event: it was forwarded by a hub.
+                Ok(record) if record.forwarded_id == event.event_id => Some(record),
+                // Inherited by a new event (or written by hand): a new origin.
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(
+                        hub = %self.hub,
+                        event_id = %event.event_id,
+                        %error,
+                        "ignoring a malformed federation record: the event is a new origin"
+                    );
+                    None
+                }
+            },
         };
         if let Some(record) = &record {
             if record.hops.contains(&self.hub) {
@@ -602,31 +640,31 @@ impl Router {
                     event_type: event.event_type.clone(),
                 },
                 hops: Vec::new(),
+                forwarded_id: event.event_id,
             });
             record.hops.push(self.hub.clone());
             let mut metadata = event.metadata.clone();
             metadata.causation_id = Some(CausationId::from(event.event_id));
             metadata.trace_context = event.trace_context.clone();
-            metadata.custom.insert(
-                FEDERATION_METADATA_KEY.to_owned(),
-                serde_json::to_value(&record)
-                    .map_err(|e| failed(FEDERATION_METADATA_KEY, e.to_string()))?,
-            );
             for target in &route.targets {
-                let id = uuid::Uuid::new_v5(
+                let id = EventId::from_uuid(uuid::Uuid::new_v5(
                     &ID_NAMESPACE,
                     format!(
                         "{}\n{}\n{}\n{}\n{}",
                         self.hub, event.service_id, event.event_id, route.key, target
                     )
                     .as_bytes(),
+                ));
+                record.forwarded_id = id;
+                let mut metadata = metadata.clone();
+                metadata.custom.insert(
+                    FEDERATION_METADATA_KEY.to_owned(),
+                    serde_json::to_value(&record)
+                        .map_err(|e| failed(FEDERATION_METADATA_KEY, e.to_string()))?,
                 );
-                let mut data = EventData::new(
-                    shaped.event_type.clone(),
-                    shaped.payload.clone(),
-                    metadata.clone(),
-                );
-                data.event_id = EventId::from_uuid(id);
+                let mut data =
+                    EventData::new(shaped.event_type.clone(), shaped.payload.clone(), metadata);
+                data.event_id = id;
                 forwarded.push(Forwarded {
                     rule: route.index,
                     target: target.clone(),
@@ -652,7 +690,7 @@ fn duplicate(what: &str, name: &str) -> FederationError {
 
 /// The hub's stream for `target`'s copies of source stream `stream` of `source`:
 /// `federated/<target>/<source>/<stream>`, or, when that is too long for a stream id,
-/// the source stream by a UUID derived from it.
+/// `federated/<target>/<source>#<uuid>` with a UUID derived from the source stream.
 fn hub_stream(target: &ServiceId, source: &ServiceId, stream: &StreamId) -> StreamId {
     let readable = format!("federated/{target}/{source}/{stream}");
     if readable.len() <= MAX_NAME_LEN
@@ -661,8 +699,9 @@ fn hub_stream(target: &ServiceId, source: &ServiceId, stream: &StreamId) -> Stre
         return id;
     }
     let derived = uuid::Uuid::new_v5(&ID_NAMESPACE, stream.as_str().as_bytes());
-    // Service ids are at most 64 bytes of ASCII: this always fits.
-    StreamId::try_new(format!("federated/{target}/{source}/~{derived}"))
+    // `#` is in no service id, so this is no readable id of another stream; service ids
+    // are at most 64 bytes of ASCII, so it always fits.
+    StreamId::try_new(format!("federated/{target}/{source}#{derived}"))
         .expect("a derived stream id is valid")
 }
 
@@ -693,15 +732,24 @@ fn compile_step(
                     "`from` is empty (it would rename every type)".to_owned(),
                 ));
             }
+            if !to.is_empty() {
+                EventType::try_new(to.as_str())
+                    .map_err(|e| invalid(format!("`to` cannot start a type name: {e}")))?;
+            }
             Step::Rename {
                 from: from.clone(),
                 to: to.clone(),
             }
         }
-        Transform::Redact { pointers: p, with } => Step::Redact {
-            pointers: pointers(p)?,
-            with: serde_json::to_string(with).map_err(|e| invalid(e.to_string()))?,
-        },
+        Transform::Redact { pointers: p, with } => {
+            let with = serde_json::to_string(with).map_err(|e| invalid(e.to_string()))?;
+            EventPayload::from_json(with.as_str())
+                .map_err(|e| invalid(format!("the replacement is refused: {e}")))?;
+            Step::Redact {
+                pointers: pointers(p)?,
+                with,
+            }
+        }
         Transform::Remove { pointers: p } => Step::Remove {
             pointers: pointers(p)?,
         },
@@ -732,7 +780,22 @@ fn apply_step(
         }
         Step::Redact { pointers, with } => edit_payload(shaped, pointers, Op::Replace(with)),
         Step::Remove { pointers } => edit_payload(shaped, pointers, Op::Remove),
-        Step::Apply { function } => function(event, shaped).map_err(|error| error_chain(&*error)),
+        // A panic in your function is a failed transformation (the event is parked),
+        // not the end of the hub.
+        Step::Apply { function } => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| function(event, shaped)))
+            {
+                Ok(result) => result.map_err(|error| error_chain(&*error)),
+                Err(panic) => Err(format!(
+                    "the function panicked: {}",
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".to_owned())
+                )),
+            }
+        }
     }
 }
 
