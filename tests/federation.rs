@@ -838,17 +838,45 @@ async fn routes_end_to_end_and_advances_over_unmatched_events(broker: &dyn Broke
         .collect()
     );
     assert!(billed.iter().all(|e| e.service_id.as_str() == "federation"));
+    let registered = billed
+        .iter()
+        .find(|e| e.stream_id.as_str() == "federated/billing/users/user-1")
+        .expect("user-1's copies");
+    assert_eq!(registered.event_type.as_str(), "UserRegistered");
     assert_eq!(
-        billed[0].stream_id.as_str(),
-        "federated/billing/users/user-1"
-    );
-    assert_eq!(
-        billed[0]
+        registered
             .payload
             .deserialize_as::<serde_json::Value>()
             .expect("json"),
         json!({"email": "a@b.c", "name": "A"})
     );
+    // Each copy's causation is its origin event, and it keeps the origin's correlation.
+    let sources: Vec<eventcore::RecordedEvent> = users
+        .store
+        .read_all(&LogQuery::new())
+        .await
+        .expect("reads")
+        .into_iter()
+        .chain(
+            orders
+                .store
+                .read_all(&LogQuery::new())
+                .await
+                .expect("reads"),
+        )
+        .collect();
+    let caused_by_its_origin = |copies: &[DistributedEvent]| {
+        for copy in copies {
+            let origin = &copy.metadata.custom[FEDERATION_METADATA_KEY]["origin"]["event_id"];
+            let source = sources
+                .iter()
+                .find(|e| json!(e.event_id) == *origin)
+                .expect("the origin is a source event");
+            assert_eq!(copy.metadata.causation_id, Some(source.event_id.into()));
+            assert_eq!(copy.metadata.correlation_id, source.metadata.correlation_id);
+        }
+    };
+    caused_by_its_origin(&billed);
     let known = receive(&mut *crm, 3).await;
     assert_eq!(
         origins(&known),
@@ -859,6 +887,7 @@ async fn routes_end_to_end_and_advances_over_unmatched_events(broker: &dyn Broke
         ],
         "one source: its publication's order"
     );
+    caused_by_its_origin(&known);
     assert_eq!(
         known[0]
             .payload
