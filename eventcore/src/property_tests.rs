@@ -25,6 +25,7 @@ fn is_valid_name(name: &str) -> bool {
 fn name_like() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-z0-9/-]{0,20}",
+        "[A-Za-z]{0,6}\\*[a-z]{0,3}",
         any::<String>(),
         "[a-z]{250,260}",
         "[a-z]{0,4}[\\x00-\\x1f\u{7f}-\u{9f}][a-z]{0,4}",
@@ -185,18 +186,26 @@ proptest! {
     }
 
     #[test]
-    fn log_queries_accept_valid_type_names_and_any_prefix(
+    fn log_queries_accept_valid_exact_type_names_and_any_prefix(
         types in prop::collection::vec(name_like(), 0..4),
         prefix in name_like(),
         after in any::<u64>(),
         limit in any::<usize>(),
     ) {
-        let all_valid = types.iter().all(|t| is_valid_name(t));
+        // Valid names are accepted, except those holding `*`: a filter selects exact
+        // names, and what reads as a pattern is refused (Error::EventTypePattern).
+        let all_valid = types.iter().all(|t| is_valid_name(t) && !t.contains('*'));
         let query = LogQuery::new().with_after(crate::GlobalPosition::new(after))
             .with_limit(limit)
             .with_stream_prefix(prefix.as_str())
             .with_event_types(&types);
         prop_assert_eq!(query.is_ok(), all_valid);
+        if types.iter().all(|t| is_valid_name(t)) && !all_valid {
+            prop_assert!(
+                matches!(query, Err(crate::Error::EventTypePattern { .. })),
+                "a valid name holding `*` is refused as a pattern"
+            );
+        }
         if let Ok(query) = query {
             prop_assert_eq!(query.stream_prefix(), Some(prefix.as_str()));
             prop_assert_eq!(query.limit(), limit);
