@@ -659,12 +659,15 @@ async fn hub_on(
 }
 
 /// The hub of `rules` on `broker` with `store` (an instance after a restart).
-async fn hub_with_store(
+async fn hub_with_store<S>(
     broker: &dyn Broker,
     rules: RoutingRules,
     functions: TransformFunctions,
-    store: &InMemoryEventStore,
-) -> FederationHub {
+    store: &S,
+) -> FederationHub
+where
+    S: EventStore + eventcore::CheckpointStore + Clone + 'static,
+{
     // The sources' topics exist once their publishers started; these have.
     for source in &rules.sources {
         broker
@@ -764,7 +767,7 @@ async fn assert_drained(broker: &dyn Broker, spec: &SubscriptionSpec) {
 }
 
 /// How many copies the hub's store holds.
-async fn copies_held(store: &InMemoryEventStore) -> usize {
+async fn copies_held(store: &impl EventStore) -> usize {
     store
         .read_all(&LogQuery::new().with_stream_prefix("federated/"))
         .await
@@ -904,7 +907,12 @@ async fn routes_end_to_end_and_advances_over_unmatched_events(broker: &dyn Broke
     assert_eq!(copies_held(&hub_store).await, 7);
 }
 
-async fn a_crash_between_consume_and_forward_makes_no_duplicate(broker: &dyn Broker) {
+async fn a_crash_between_consume_and_forward_makes_no_duplicate<S>(
+    broker: &dyn Broker,
+    hub_store: S,
+) where
+    S: EventStore + eventcore::CheckpointStore + Clone + 'static,
+{
     let mut users = Source::new(broker, "users", "user-events", "user-").await;
     users.emit("user-1", "UserRegistered", json!({})).await;
     users.emit("user-1", "UserRenamed", json!({})).await;
@@ -914,7 +922,7 @@ async fn a_crash_between_consume_and_forward_makes_no_duplicate(broker: &dyn Bro
             { "source_service": "users", "event_pattern": "*", "target_services": ["billing", "crm"] }
         ]))
     };
-    let (mut first, hub_store) = hub_on(broker, rules(), functions()).await;
+    let mut first = hub_with_store(broker, rules(), functions(), &hub_store).await;
     let spec = first.router().subscription_spec();
     let (mut billing, billing_spec) = reader(broker, "billing", "federated-billing").await;
 
@@ -1149,7 +1157,11 @@ macro_rules! hub_tests {
             #[tokio::test]
             $(#[$attr])*
             async fn a_crash_between_consume_and_forward_makes_no_duplicate() {
-                super::a_crash_between_consume_and_forward_makes_no_duplicate(&$broker).await;
+                super::a_crash_between_consume_and_forward_makes_no_duplicate(
+                    &$broker,
+                    super::InMemoryEventStore::new(),
+                )
+                .await;
             }
 
             #[tokio::test]
@@ -1195,6 +1207,20 @@ fn counting(calls: &Arc<std::sync::atomic::AtomicUsize>) -> (RoutingRules, Trans
         Ok(shaped)
     });
     (rules, functions)
+}
+
+/// The hub's store on PostgreSQL: the key and the derived ids hold there too.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test starts one)"
+)]
+async fn on_postgres_a_crash_between_consume_and_forward_makes_no_duplicate() {
+    a_crash_between_consume_and_forward_makes_no_duplicate(
+        &InMemoryBroker::new(),
+        eventcore_tests::postgres::fresh_store().await,
+    )
+    .await;
 }
 
 #[tokio::test]
