@@ -412,15 +412,7 @@ impl EventSubscriber for InMemoryBroker {
                 None,
             ));
         }
-        if let Some(unknown) = spec.topics.iter().find(|t| !state.owners.contains_key(*t)) {
-            return Err(TransportError::unavailable(
-                format!(
-                    "no service publishes topic `{unknown}` yet (it exists once its publisher \
-                     declared it)"
-                ),
-                None,
-            ));
-        }
+        undeclared(&state, spec)?;
         // Split one way for the subscription's whole life, every partition with the
         // same topics.
         for ((service, name, other), consumer) in &state.consumers {
@@ -476,15 +468,7 @@ impl EventSubscriber for InMemoryBroker {
 
     async fn backlog(&self, spec: &SubscriptionSpec) -> Result<Option<Backlog>, TransportError> {
         let state = self.shared.state.lock();
-        if let Some(unknown) = spec.topics.iter().find(|t| !state.owners.contains_key(*t)) {
-            return Err(TransportError::unavailable(
-                format!(
-                    "no service publishes topic `{unknown}` yet (it exists once its publisher \
-                     declared it)"
-                ),
-                None,
-            ));
-        }
+        undeclared(&state, spec)?;
         let key = (spec.service.clone(), spec.name.clone(), spec.partition);
         let Some(consumer) = state.consumers.get(&key) else {
             return Ok(None);
@@ -511,6 +495,20 @@ impl EventSubscriber for InMemoryBroker {
             backlog = backlog.merge(Backlog::new(events, oldest));
         }
         Ok(Some(backlog))
+    }
+}
+
+/// Refuses `spec` while one of its topics is not declared by its publisher yet.
+fn undeclared(state: &State, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+    match spec.topics.iter().find(|t| !state.owners.contains_key(*t)) {
+        Some(unknown) => Err(TransportError::unavailable(
+            format!(
+                "no service publishes topic `{unknown}` yet (it exists once its publisher \
+                 declared it)"
+            ),
+            None,
+        )),
+        None => Ok(()),
     }
 }
 

@@ -60,6 +60,37 @@ impl Leadership {
     }
 }
 
+/// Waits until elected over `name`, retrying the election's retryable failures (a
+/// standby must survive what a leader survives: a dropped connection while waiting)
+/// after `delay(failures so far)`; `Ok(None)` when `shutdown` completes first. What the
+/// runners' `run_as_leader` share.
+pub(crate) async fn elected<F: std::future::Future<Output = ()>>(
+    election: &dyn LeaderElection,
+    name: &ProjectionName,
+    mut delay: impl FnMut(u32) -> std::time::Duration,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Result<Option<Leadership>> {
+    let mut failures = 0;
+    loop {
+        let acquired = tokio::select! {
+            held = election.acquire(name) => held,
+            () = shutdown.as_mut() => return Ok(None),
+        };
+        match acquired {
+            Ok(leadership) => return Ok(Some(leadership)),
+            Err(error) if error.is_retryable() => {
+                failures += 1;
+                tracing::warn!(%name, %error, "election failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay(failures)) => {}
+                    () = shutdown.as_mut() => return Ok(None),
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 impl fmt::Debug for Leadership {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Leadership")

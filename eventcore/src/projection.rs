@@ -653,22 +653,16 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut summary = RunSummary::default();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let acquired = tokio::select! {
-                held = election.acquire(&key) => held,
-                () = &mut shutdown => break,
-            };
-            let mut leadership = match acquired {
-                Ok(leadership) => leadership,
-                // A standby must survive what a leader survives: a dropped connection
-                // while waiting is retried, not fatal.
-                Err(error) if error.is_retryable() => {
-                    tracing::warn!(projection = %self.name, %error, "election failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(self.policy.delay_before_retry(3)) => continue,
-                        () = &mut shutdown => break,
-                    }
-                }
-                Err(error) => return Err(error),
+            let policy = &self.policy;
+            let Some(mut leadership) = crate::leadership::elected(
+                election,
+                &key,
+                |_| policy.delay_before_retry(3),
+                &mut shutdown,
+            )
+            .await?
+            else {
+                break;
             };
             tracing::info!(projection = %self.name, "elected");
             self.metrics.inner.leading.store(true, Ordering::SeqCst);

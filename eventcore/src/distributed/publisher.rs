@@ -427,24 +427,18 @@ impl PublisherRunner {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut failures = 0;
         loop {
-            let acquired = tokio::select! {
-                held = election.acquire(&self.key) => held,
-                () = &mut shutdown => return Ok(()),
+            let retry = &self.retry;
+            let Some(mut leadership) = crate::leadership::elected(
+                election,
+                &self.key,
+                |failures| retry.delay_before_retry(failures),
+                &mut shutdown,
+            )
+            .await?
+            else {
+                return Ok(());
             };
-            let mut leadership = match acquired {
-                Ok(leadership) => leadership,
-                Err(error) if error.is_retryable() => {
-                    failures += 1;
-                    tokio::select! {
-                        () = tokio::time::sleep(self.retry.delay_before_retry(failures)) => continue,
-                        () = &mut shutdown => return Ok(()),
-                    }
-                }
-                Err(error) => return Err(error),
-            };
-            failures = 0;
             tracing::info!(service = %self.publisher.service(), "elected publisher");
             self.metrics.inner.leading.store(true, Ordering::Relaxed);
             crate::metrics::leadership("publisher", self.publisher.service().as_str(), true);

@@ -299,24 +299,17 @@ impl FederationHub {
     ) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
         let retry = RetryPolicy::default();
-        let mut failures = 0;
         loop {
-            let acquired = tokio::select! {
-                held = election.acquire(&self.election_key) => held,
-                () = &mut shutdown => return Ok(()),
+            let Some(mut leadership) = crate::leadership::elected(
+                election,
+                &self.election_key,
+                |failures| retry.delay_before_retry(failures),
+                &mut shutdown,
+            )
+            .await?
+            else {
+                return Ok(());
             };
-            let mut leadership = match acquired {
-                Ok(leadership) => leadership,
-                Err(error) if error.is_retryable() => {
-                    failures += 1;
-                    tokio::select! {
-                        () = tokio::time::sleep(retry.delay_before_retry(failures)) => continue,
-                        () = &mut shutdown => return Ok(()),
-                    }
-                }
-                Err(error) => return Err(error),
-            };
-            failures = 0;
             let hub = self.router.hub().clone();
             tracing::info!(%hub, "elected federation hub");
             crate::metrics::leadership("federation", hub.as_str(), true);
