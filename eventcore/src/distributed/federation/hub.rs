@@ -1,11 +1,11 @@
 //! The running hub: a subscription that routes into the hub's store, and the
 //! publisher of that store.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::FederationError;
 use super::rules::{Router, Routing};
@@ -67,14 +67,18 @@ impl EventHandler for HubHandler {
         drop(_entered);
         // Every copy of this event in one atomic append, once: the key is committed with
         // them, so a redelivery (after a crash before the acknowledgement) writes nothing.
-        let mut streams: BTreeMap<StreamId, Vec<crate::event::EventData>> = BTreeMap::new();
-        let mut order: Vec<StreamId> = Vec::new();
+        // One participating stream per hub stream, in the order of its first copy.
+        let mut streams: Vec<StreamAppend> = Vec::new();
         let mut targets: Vec<ServiceId> = Vec::new();
         for copy in forwarded {
-            if !streams.contains_key(&copy.stream) {
-                order.push(copy.stream.clone());
+            match streams.iter_mut().find(|s| s.stream_id == copy.stream) {
+                Some(stream) => stream.events.push(copy.event),
+                None => streams.push(StreamAppend::new(
+                    copy.stream,
+                    ExpectedVersion::Any,
+                    vec![copy.event],
+                )),
             }
-            streams.entry(copy.stream).or_default().push(copy.event);
             targets.push(copy.target);
         }
         let mut request =
@@ -82,15 +86,14 @@ impl EventHandler for HubHandler {
                 "federation/{}/{}/{}",
                 self.hub, event.service_id, event.event_id
             ))?);
-        for stream in order {
-            let events = streams.remove(&stream).unwrap_or_default();
-            request = request.with_stream(StreamAppend::new(stream, ExpectedVersion::Any, events));
+        for stream in streams {
+            request = request.with_stream(stream);
         }
         let outcome = dispatcher
             .executor()
             .store()
             .append(request)
-            .instrument_in(&span)
+            .instrument(span.clone())
             .await?;
         span.record(
             "outcome",
@@ -109,15 +112,6 @@ impl EventHandler for HubHandler {
         Ok(())
     }
 }
-
-/// `instrument` without importing the trait at every call.
-trait InstrumentIn: Future + Sized {
-    fn instrument_in(self, span: &tracing::Span) -> tracing::instrument::Instrumented<Self> {
-        tracing::Instrument::instrument(self, span.clone())
-    }
-}
-
-impl<F: Future> InstrumentIn for F {}
 
 /// A federation hub: consumes its sources' topics, routes each event by its
 /// [`Router`] into its own store, and publishes that store to its targets' topics (see
