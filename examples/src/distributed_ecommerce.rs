@@ -12,4 +12,5 @@ pub mod payment;
 pub mod scenarios;
 pub mod shipping;
 pub mod shop;
+pub mod user;
 pub mod view;

@@ -227,6 +227,8 @@ pub struct SubscriptionRunner<H> {
     inbox: Inbox,
     max_deliveries: u32,
     labels: Labels,
+    /// The handle [`SubscriptionRunner::process_available`] keeps open between calls.
+    open: Option<Box<dyn Subscription>>,
 }
 
 /// The metric labels of a runner, built once: a label from a `&str` is allocated at
@@ -292,6 +294,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 subscription: Arc::from(spec_name.as_str()),
                 topics: Vec::new(),
             },
+            open: None,
         })
     }
 
@@ -643,20 +646,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 }
             };
             match open.ack(&delivery).await {
-                Ok(()) => {
-                    if matches!(processed, Processed::Handled) {
-                        let topic = self.labels.topic(&delivery.topic);
-                        let lag = (chrono::Utc::now() - delivery.event.occurred_at)
-                            .to_std()
-                            .ok();
-                        crate::metrics::event_consumed(
-                            &self.labels.service,
-                            &self.labels.subscription,
-                            &topic,
-                            lag,
-                        );
-                    }
-                }
+                Ok(()) => self.consumed(&delivery, processed),
                 Err(error) => {
                     if !error.is_retryable() {
                         return Err(error.into());
@@ -664,6 +654,80 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                     tracing::warn!(subscription = %self.spec.name, event_id = %delivery.event.event_id, %error, "acknowledgement failed; the event will come again");
                 }
             }
+        }
+    }
+
+    fn consumed(&mut self, delivery: &Delivery, processed: Processed) {
+        if matches!(processed, Processed::Handled) {
+            let topic = self.labels.topic(&delivery.topic);
+            let lag = (chrono::Utc::now() - delivery.event.occurred_at)
+                .to_std()
+                .ok();
+            crate::metrics::event_consumed(
+                &self.labels.service,
+                &self.labels.subscription,
+                &topic,
+                lag,
+            );
+        }
+    }
+
+    /// Opens the subscription (if this runner has not yet), so that the transport keeps
+    /// what is published for it from now on even before the first
+    /// [`SubscriptionRunner::process_available`], and its [`EventSubscriber::backlog`] is known.
+    ///
+    /// # Errors
+    ///
+    /// The transport's errors.
+    pub async fn open(&mut self) -> Result<()> {
+        if self.open.is_none() {
+            self.open = Some(self.subscriber.subscribe(&self.spec).await?);
+        }
+        Ok(())
+    }
+
+    /// Processes and acknowledges every event the subscription holds, and returns how
+    /// many, once its [`EventSubscriber::backlog`] is empty: a step-by-step driver for
+    /// tests and examples, deterministic where the transport counts its backlog exactly
+    /// (the in-memory broker). [`SubscriptionRunner::run`] is the way to run in
+    /// production. The handle stays open between calls; a transport error closes it, so
+    /// the next call opens it again and the unacknowledged event comes again.
+    ///
+    /// # Errors
+    ///
+    /// The transport's errors and what [`SubscriptionRunner::process`] returns.
+    pub async fn process_available(&mut self) -> Result<u64> {
+        let mut handled = 0;
+        loop {
+            self.open().await?;
+            let waiting = self
+                .subscriber
+                .backlog(&self.spec)
+                .await?
+                .map_or(0, |backlog| backlog.events);
+            if waiting == 0 {
+                return Ok(handled);
+            }
+            let Some(open) = self.open.as_mut() else {
+                continue;
+            };
+            let delivery = match open.next().await {
+                Ok(delivery) => delivery,
+                Err(error) => {
+                    self.open = None;
+                    return Err(error.into());
+                }
+            };
+            let processed = self.process(&delivery).await?;
+            let Some(open) = self.open.as_mut() else {
+                continue;
+            };
+            if let Err(error) = open.ack(&delivery).await {
+                self.open = None;
+                return Err(error.into());
+            }
+            self.consumed(&delivery, processed);
+            handled += 1;
         }
     }
 

@@ -26,6 +26,8 @@ pub struct SagaManager<S: Saga> {
     clock: Arc<dyn Clock>,
     filter: ProjectionFilter,
     plan: Vec<SagaStep>,
+    /// The event types the saga listens to (starts and answers).
+    listens: Vec<String>,
 }
 
 impl<S: Saga> SagaManager<S> {
@@ -41,7 +43,8 @@ impl<S: Saga> SagaManager<S> {
         check_saga_name(&name)?;
         let plan = saga.steps();
         check_plan(&name, &plan)?;
-        let mut types = saga.listens_to();
+        let listens = saga.listens_to();
+        let mut types = listens.clone();
         types.push(event_types::STEP_STARTED.to_owned());
         types.push(event_types::COMPENSATION_STARTED.to_owned());
         let filter = ProjectionFilter::all().with_event_types(types)?;
@@ -52,6 +55,7 @@ impl<S: Saga> SagaManager<S> {
             clock,
             filter,
             plan,
+            listens,
         })
     }
 
@@ -162,7 +166,16 @@ impl<S: Saga> SagaManager<S> {
         dispatcher: &mut Dispatcher<'_>,
     ) -> Result<()> {
         let decoded: StoredEvent<S::Event> = redecode(event)?;
-        match self.saga.on_event(&decoded) {
+        self.on_decoded(&decoded, dispatcher).await
+    }
+
+    async fn on_decoded(
+        &self,
+        decoded: &StoredEvent<S::Event>,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> Result<()> {
+        let event = decoded;
+        match self.saga.on_event(decoded) {
             None => Ok(()),
             Some(SagaTrigger::Start { instance, input }) => {
                 let command = self.start_command(&instance, &input)?;
@@ -185,7 +198,7 @@ impl<S: Saga> SagaManager<S> {
                     // An answer for an instance or step this saga does not have: nothing
                     // to record, and retrying will not change that.
                     Err(Error::BusinessRuleViolation(reason)) => {
-                        tracing::warn!(saga = %self.name, position = %event.global_position, %reason, "answer ignored");
+                        tracing::warn!(saga = %self.name, stream = %event.stream_id, position = %event.global_position, %reason, "answer ignored");
                         Ok(())
                     }
                     Err(error) => Err(error),
@@ -224,6 +237,36 @@ impl<S: Saga> ProcessManager for SagaManager<S> {
         } else {
             self.on_other_event(event, dispatcher).await
         }
+    }
+}
+
+/// A saga across services: the answers of other services (and the events that start
+/// instances, when another service publishes them) arrive over a subscription. Run the
+/// manager twice in the service that owns the saga: with a
+/// [`crate::ProcessManagerRunner`] on the service's own log (its step events, and the
+/// triggers it writes itself), and with a
+/// [`SubscriptionRunner`](crate::distributed::SubscriptionRunner) on the other
+/// services' topics. Each published event whose type the saga
+/// [listens to](Saga::listens_to) is decoded as `S::Event` and given to
+/// [`Saga::on_event`]; what it triggers is written once, however often the event is
+/// delivered (the subscription's keys). Events of other types are acknowledged and
+/// ignored.
+///
+/// A step that asks another service for something writes the request as an event of
+/// its own service in [`Saga::perform`] (through the dispatcher) and returns
+/// [`StepOutcome::Pending`]; the answer comes back here, or the step's deadline passes.
+#[cfg(feature = "distributed")]
+impl<S: Saga> crate::distributed::EventHandler for SagaManager<S> {
+    async fn handle(
+        &mut self,
+        event: &crate::distributed::DistributedEvent,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> Result<()> {
+        if !self.listens.iter().any(|t| t == event.event_type.as_str()) {
+            return Ok(());
+        }
+        let decoded: StoredEvent<S::Event> = event.decode()?;
+        self.on_decoded(&decoded, dispatcher).await
     }
 }
 

@@ -1,14 +1,16 @@
-//! The Inventory service: owns `product-<sku>`. Adds, reserves and releases stock.
+//! The Inventory service: owns `product-<sku>` and `reservation-<order id>`. Adds,
+//! reserves and releases stock; takes the order saga's requests from `order-events` and
+//! answers on `inventory-events`.
 
 use std::collections::{BTreeMap, HashMap};
 
+use eventcore::distributed::{DistributedEvent, EventHandler};
 use eventcore::{
-    Command, CommandLogic, CommandResult, ReadStreams, StoredEvent, StreamId, StreamResolver,
-    StreamWrite, require,
+    Command, CommandLogic, CommandResult, Dispatcher, ReadStreams, StoredEvent, StreamId,
+    StreamResolver, StreamWrite, require,
 };
 
-use super::contracts::{InventoryEvent, OrderLine, ShopEvent, order_stream, product_stream};
-use super::order::OrderStatus;
+use super::contracts::{InventoryEvent, OrderEvent, OrderLine, product_stream, reservation_stream};
 
 /// One product's stock as folded from its stream, seen from one order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,6 +45,8 @@ impl ProductStock {
                     self.released_for_order = true;
                 }
             }
+            InventoryEvent::StockReservationConfirmed { .. }
+            | InventoryEvent::StockReservationRefused { .. } => {}
         }
     }
 }
@@ -103,16 +107,17 @@ fn wanted(lines: &[OrderLine]) -> BTreeMap<String, i64> {
     wanted
 }
 
-/// Reserves every line of an order at once, or none: one atomic write across all the
-/// product streams. The order stream is read too (it is not written: it belongs to the
-/// Order service), so the reservation is only committed if the order was still pending
-/// at that very version: an order cancelled meanwhile makes the write conflict and the
-/// retry refuse it.
+/// Reserves every line of an order at once, or none, and answers: one atomic write
+/// across all the product streams and the order's `reservation-<order id>` stream, with
+/// `StockReservationConfirmed`, or only `StockReservationRefused` there when a line is
+/// short (or the reservation was released already). The answer is an event, not an
+/// error, so that the Order service learns it; a reservation answered before changes
+/// nothing.
 #[derive(Debug, Clone, Command)]
 pub struct ReserveStock {
-    /// `order-<id>`, read only.
+    /// `reservation-<order id>`: the answer.
     #[stream]
-    pub order: StreamId,
+    pub reservation: StreamId,
     /// `product-<sku>` for every product of the order.
     #[stream]
     pub products: Vec<StreamId>,
@@ -130,7 +135,7 @@ impl ReserveStock {
             .map(|sku| product_stream(sku))
             .collect::<eventcore::Result<_>>()?;
         Ok(ReserveStock {
-            order: order_stream(order_id)?,
+            reservation: reservation_stream(order_id)?,
             products,
             order_id: order_id.to_owned(),
             lines: lines.to_vec(),
@@ -138,27 +143,27 @@ impl ReserveStock {
     }
 }
 
-/// The order's status and every product's stock, each product keyed by its own stream:
-/// an event is counted for the stream it is in, once.
+/// Whether the order's reservation was answered, and every product's stock, each
+/// product keyed by its own stream: an event is counted for the stream it is in, once.
 #[derive(Debug, Default)]
 pub struct ReservationState {
-    order: OrderStatus,
+    answered: bool,
     products: HashMap<StreamId, ProductStock>,
 }
 
 impl CommandLogic for ReserveStock {
     type State = ReservationState;
-    type Event = ShopEvent;
+    type Event = InventoryEvent;
 
-    fn apply(&self, state: &mut ReservationState, event: &StoredEvent<ShopEvent>) {
+    fn apply(&self, state: &mut ReservationState, event: &StoredEvent<InventoryEvent>) {
         match &event.payload {
-            ShopEvent::Order(order) if event.stream_id == self.order => state.order.apply(order),
-            ShopEvent::Inventory(inventory) => state
+            InventoryEvent::StockReservationConfirmed { .. }
+            | InventoryEvent::StockReservationRefused { .. } => state.answered = true,
+            inventory => state
                 .products
                 .entry(event.stream_id.clone())
                 .or_default()
                 .apply(inventory, &self.order_id),
-            _ => {}
         }
     }
 
@@ -167,13 +172,20 @@ impl CommandLogic for ReserveStock {
         read_streams: ReadStreams<Self::StreamSet>,
         state: ReservationState,
         _: &mut StreamResolver,
-    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, ShopEvent>>> {
-        require!(
-            state.order == OrderStatus::Pending,
-            "order {} is {:?}, not pending",
-            self.order_id,
-            state.order
-        );
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, InventoryEvent>>> {
+        if state.answered {
+            return Ok(Vec::new());
+        }
+        let refuse = |reason: String| {
+            Ok(vec![StreamWrite::new(
+                &read_streams,
+                self.reservation.clone(),
+                InventoryEvent::StockReservationRefused {
+                    order_id: self.order_id.clone(),
+                    reason,
+                },
+            )?])
+        };
         let mut writes = Vec::new();
         for (sku, quantity) in wanted(&self.lines) {
             let stream = product_stream(&sku)?;
@@ -181,35 +193,78 @@ impl CommandLogic for ReserveStock {
             // A release closes the order's reservation for good: a reservation that
             // arrives after it (from a saga instance that stalled) must not hold stock
             // for an order on its way to cancellation.
-            require!(
-                !stock.released_for_order,
-                "the reservation of order {} was released",
-                self.order_id
-            );
-            // Already reserved for this order (a repeated request): nothing more.
+            if stock.released_for_order {
+                return refuse(format!(
+                    "the reservation of order {} was released",
+                    self.order_id
+                ));
+            }
             let missing = quantity - stock.reserved_for_order;
             if missing <= 0 {
                 continue;
             }
-            require!(
-                stock.available >= missing,
-                "insufficient stock of {sku}: {} available, {missing} wanted",
-                stock.available.max(0)
-            );
+            if stock.available < missing {
+                return refuse(format!(
+                    "insufficient stock of {sku}: {} available, {missing} wanted",
+                    stock.available.max(0)
+                ));
+            }
             let quantity = u32::try_from(missing).map_err(|_| {
                 eventcore::Error::BusinessRuleViolation(format!("{missing} units of {sku}"))
             })?;
             writes.push(StreamWrite::new(
                 &read_streams,
                 stream,
-                ShopEvent::Inventory(InventoryEvent::StockReserved {
+                InventoryEvent::StockReserved {
                     sku,
                     order_id: self.order_id.clone(),
                     quantity,
-                }),
+                },
             )?);
         }
+        writes.push(StreamWrite::new(
+            &read_streams,
+            self.reservation.clone(),
+            InventoryEvent::StockReservationConfirmed {
+                order_id: self.order_id.clone(),
+            },
+        )?);
         Ok(writes)
+    }
+}
+
+/// The Inventory service's handler of `order-events`: reserves on
+/// `StockReservationRequested` and releases on `StockReleaseRequested`, each exactly
+/// once however often the request is delivered; the order's other events are ignored.
+#[derive(Debug, Default)]
+pub struct InventoryRequests;
+
+impl EventHandler for InventoryRequests {
+    async fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        if !matches!(
+            event.event_type.as_str(),
+            "StockReservationRequested" | "StockReleaseRequested"
+        ) {
+            return Ok(());
+        }
+        match event.decode::<OrderEvent>()?.payload {
+            OrderEvent::StockReservationRequested { order_id, lines } => {
+                dispatcher
+                    .dispatch(&ReserveStock::new(&order_id, &lines)?)
+                    .await?;
+            }
+            OrderEvent::StockReleaseRequested { order_id, lines } => {
+                dispatcher
+                    .dispatch(&ReleaseStock::new(&order_id, &lines)?)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,14 @@
 //! The order saga (Order service): takes an order through stock, payment, shipping and
 //! completion, and undoes what was done, in reverse order, when a step is refused or
 //! does not answer in time.
+//!
+//! It is orchestrated: each step that needs another service writes a `…Requested` event
+//! on the order's stream (published on `order-events`) and waits; the service answers
+//! with an event on its own topic, which reaches the saga over the Order service's
+//! `order-saga` subscription ([`eventcore::saga::SagaManager`] is also an
+//! [`eventcore::distributed::EventHandler`]). Compensations are requests too; they are
+//! written in reverse order, and each service applies them exactly once (they cannot be
+//! refused, so the saga does not wait for them).
 
 use std::time::Duration;
 
@@ -9,12 +17,10 @@ use eventcore::{Dispatcher, Error, StoredEvent};
 use serde::{Deserialize, Serialize};
 
 use super::contracts::{
-    Address, Cents, OrderEvent, OrderLine, PaymentEvent, ShopEvent, order_stream,
+    Address, Cents, InventoryEvent, OrderEvent, OrderLine, PaymentEvent, ShippingEvent, ShopEvent,
+    order_stream,
 };
-use super::inventory::{ReleaseStock, ReserveStock};
-use super::order::{CancelOrder, CompleteOrder};
-use super::payment::{ProcessPayment, RefundPayment};
-use super::shipping::{CancelShipment, CreateShipment};
+use super::order::{CancelOrder, CompleteOrder, SendRequest};
 
 /// What an order saga works on: copied from `OrderCreated`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,12 +41,14 @@ pub struct OrderSagaInput {
 pub mod steps {
     /// The order exists (created by `CreateOrder`); undone by cancelling it.
     pub const PLACE_ORDER: &str = "place-order";
-    /// Every line reserved at once; undone by releasing the stock.
+    /// Asked of the Inventory service, answered by `StockReservationConfirmed` or
+    /// `StockReservationRefused`; undone by asking it to release the stock.
     pub const RESERVE_STOCK: &str = "reserve-stock";
-    /// Asked of the gateway, answered by `PaymentCaptured` or `PaymentDeclined`, or
-    /// timed out; undone by a refund (or a void if it was never answered).
+    /// Asked of the Payment service, answered by `PaymentCaptured` or `PaymentDeclined`,
+    /// or timed out; undone by asking for a refund (or a void if it was never answered).
     pub const PAYMENT: &str = "payment";
-    /// Shipped; undone by stopping the shipment.
+    /// Asked of the Shipping service, answered by `ShipmentCreated` or
+    /// `ShipmentRefused`; undone by asking it to stop the shipment.
     pub const SHIPPING: &str = "shipping";
     /// The order is completed.
     pub const COMPLETE: &str = "complete";
@@ -77,9 +85,17 @@ impl Saga for OrderSaga {
     }
 
     fn listens_to(&self) -> Vec<String> {
-        ["OrderCreated", "PaymentCaptured", "PaymentDeclined"]
-            .map(String::from)
-            .to_vec()
+        [
+            "OrderCreated",
+            "StockReservationConfirmed",
+            "StockReservationRefused",
+            "PaymentCaptured",
+            "PaymentDeclined",
+            "ShipmentCreated",
+            "ShipmentRefused",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn on_event(&self, event: &StoredEvent<ShopEvent>) -> Option<SagaTrigger<OrderSagaInput>> {
@@ -101,19 +117,33 @@ impl Saga for OrderSaga {
                     address: address.clone(),
                 },
             }),
-            ShopEvent::Payment(PaymentEvent::PaymentCaptured { order_id, .. }) => {
-                Some(SagaTrigger::Reply {
-                    instance: order_id.clone(),
-                    step: steps::PAYMENT.to_owned(),
-                    outcome: StepOutcome::Succeeded,
-                })
+            ShopEvent::Inventory(InventoryEvent::StockReservationConfirmed { order_id }) => Some(
+                reply(order_id, steps::RESERVE_STOCK, StepOutcome::Succeeded),
+            ),
+            ShopEvent::Inventory(InventoryEvent::StockReservationRefused { order_id, reason }) => {
+                Some(reply(
+                    order_id,
+                    steps::RESERVE_STOCK,
+                    StepOutcome::Failed(reason.clone()),
+                ))
             }
-            ShopEvent::Payment(PaymentEvent::PaymentDeclined { order_id, reason }) => {
-                Some(SagaTrigger::Reply {
-                    instance: order_id.clone(),
-                    step: steps::PAYMENT.to_owned(),
-                    outcome: StepOutcome::Failed(reason.clone()),
-                })
+            ShopEvent::Payment(PaymentEvent::PaymentCaptured { order_id, .. }) => {
+                Some(reply(order_id, steps::PAYMENT, StepOutcome::Succeeded))
+            }
+            ShopEvent::Payment(PaymentEvent::PaymentDeclined { order_id, reason }) => Some(reply(
+                order_id,
+                steps::PAYMENT,
+                StepOutcome::Failed(reason.clone()),
+            )),
+            ShopEvent::Shipping(ShippingEvent::ShipmentCreated { order_id, .. }) => {
+                Some(reply(order_id, steps::SHIPPING, StepOutcome::Succeeded))
+            }
+            ShopEvent::Shipping(ShippingEvent::ShipmentRefused { order_id, reason }) => {
+                Some(reply(
+                    order_id,
+                    steps::SHIPPING,
+                    StepOutcome::Failed(reason.clone()),
+                ))
             }
             _ => None,
         }
@@ -126,32 +156,35 @@ impl Saga for OrderSaga {
         dispatcher: &mut Dispatcher<'_>,
     ) -> eventcore::Result<StepOutcome> {
         let order = saga.input;
-        match step {
-            steps::PLACE_ORDER => Ok(StepOutcome::Succeeded),
-            steps::RESERVE_STOCK => {
-                let command = ReserveStock::new(&order.order_id, &order.lines)?;
-                StepOutcome::from_execution(dispatcher.dispatch(&command).await)
-            }
-            steps::PAYMENT => {
-                let command = ProcessPayment::new(&order.order_id, order.total, &order.card)?;
-                // Asked; the answer comes as an event (or the deadline passes).
-                match StepOutcome::from_execution(dispatcher.dispatch(&command).await)? {
-                    StepOutcome::Succeeded => Ok(StepOutcome::Pending),
-                    refused => Ok(refused),
-                }
-            }
-            steps::SHIPPING => {
-                let command = CreateShipment::new(&order.order_id, &order.address)?;
-                StepOutcome::from_execution(dispatcher.dispatch(&command).await)
-            }
+        let request = match step {
+            steps::PLACE_ORDER => return Ok(StepOutcome::Succeeded),
+            steps::RESERVE_STOCK => OrderEvent::StockReservationRequested {
+                order_id: order.order_id.clone(),
+                lines: order.lines.clone(),
+            },
+            steps::PAYMENT => OrderEvent::PaymentProcessingRequested {
+                order_id: order.order_id.clone(),
+                amount: order.total,
+                card: order.card.clone(),
+            },
+            steps::SHIPPING => OrderEvent::ShipmentRequested {
+                order_id: order.order_id.clone(),
+                address: order.address.clone(),
+            },
             steps::COMPLETE => {
                 let command = CompleteOrder {
                     order: order_stream(&order.order_id)?,
                     order_id: order.order_id.clone(),
                 };
-                StepOutcome::from_execution(dispatcher.dispatch(&command).await)
+                return StepOutcome::from_execution(dispatcher.dispatch(&command).await);
             }
-            other => Err(unknown_step(other)),
+            other => return Err(unknown_step(other)),
+        };
+        // Asked; the answer comes as an event of the other service (or the deadline
+        // passes).
+        match StepOutcome::from_execution(dispatcher.dispatch(&SendRequest::new(request)?).await)? {
+            StepOutcome::Succeeded => Ok(StepOutcome::Pending),
+            refused => Ok(refused),
         }
     }
 
@@ -162,34 +195,36 @@ impl Saga for OrderSaga {
         dispatcher: &mut Dispatcher<'_>,
     ) -> eventcore::Result<()> {
         let order = saga.input;
-        match step {
+        let order_id = order.order_id.clone();
+        let request = match step {
             steps::PLACE_ORDER => {
                 let command = CancelOrder {
                     order: order_stream(&order.order_id)?,
-                    order_id: order.order_id.clone(),
+                    order_id,
                     reason: saga.failure.unwrap_or("cancelled").to_owned(),
                 };
                 dispatcher.dispatch(&command).await?;
+                return Ok(());
             }
-            steps::RESERVE_STOCK => {
-                dispatcher
-                    .dispatch(&ReleaseStock::new(&order.order_id, &order.lines)?)
-                    .await?;
-            }
-            steps::PAYMENT => {
-                dispatcher
-                    .dispatch(&RefundPayment::new(&order.order_id)?)
-                    .await?;
-            }
-            steps::SHIPPING => {
-                dispatcher
-                    .dispatch(&CancelShipment::new(&order.order_id)?)
-                    .await?;
-            }
-            steps::COMPLETE => {}
+            steps::RESERVE_STOCK => OrderEvent::StockReleaseRequested {
+                order_id,
+                lines: order.lines.clone(),
+            },
+            steps::PAYMENT => OrderEvent::PaymentRefundRequested { order_id },
+            steps::SHIPPING => OrderEvent::ShipmentCancellationRequested { order_id },
+            steps::COMPLETE => return Ok(()),
             other => return Err(unknown_step(other)),
-        }
+        };
+        dispatcher.dispatch(&SendRequest::new(request)?).await?;
         Ok(())
+    }
+}
+
+fn reply(order_id: &str, step: &str, outcome: StepOutcome) -> SagaTrigger<OrderSagaInput> {
+    SagaTrigger::Reply {
+        instance: order_id.to_owned(),
+        step: step.to_owned(),
+        outcome,
     }
 }
 

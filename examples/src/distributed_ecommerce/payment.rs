@@ -1,5 +1,6 @@
-//! The Payment service: owns `payment-<order id>`. Asks the card gateway for payments,
-//! records its answers, refunds.
+//! The Payment service: owns `payment-<order id>`. Takes the order saga's requests from
+//! `order-events`, asks the card gateway for payments, records its answers (published
+//! on `payment-events`: the saga's answer), refunds.
 //!
 //! The gateway is outside the event store: it answers later (or never), and it can be
 //! down. Its adapter is a process manager that reacts to `PaymentRequested`, calls the
@@ -14,13 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use eventcore::circuit_breaker::{CircuitBreaker, CircuitBreakerConfig, CircuitBreakerError};
+use eventcore::distributed::{DistributedEvent, EventHandler};
 use eventcore::{
     Command, CommandLogic, CommandResult, Dispatcher, ProcessManager, ProjectionFilter,
     ReadStreams, StoredEvent, StreamId, StreamResolver, StreamWrite, require,
 };
 use serde::{Deserialize, Serialize};
 
-use super::contracts::{Cents, PaymentEvent, payment_stream};
+use super::contracts::{Cents, OrderEvent, PaymentEvent, payment_stream};
 
 /// A payment, as folded from its stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -473,6 +475,43 @@ impl ProcessManager for PaymentGatewayAdapter {
                 %error,
                 "card gateway call failed; the saga's deadline decides"
             ),
+        }
+        Ok(())
+    }
+}
+
+/// The Payment service's handler of `order-events`: asks for the payment on
+/// `PaymentProcessingRequested` and refunds (or voids) on `PaymentRefundRequested`, each
+/// exactly once however often the request is delivered.
+#[derive(Debug, Default)]
+pub struct PaymentRequests;
+
+impl EventHandler for PaymentRequests {
+    async fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        if !matches!(
+            event.event_type.as_str(),
+            "PaymentProcessingRequested" | "PaymentRefundRequested"
+        ) {
+            return Ok(());
+        }
+        match event.decode::<OrderEvent>()?.payload {
+            OrderEvent::PaymentProcessingRequested {
+                order_id,
+                amount,
+                card,
+            } => {
+                dispatcher
+                    .dispatch(&ProcessPayment::new(&order_id, amount, &card)?)
+                    .await?;
+            }
+            OrderEvent::PaymentRefundRequested { order_id } => {
+                dispatcher.dispatch(&RefundPayment::new(&order_id)?).await?;
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -1,11 +1,14 @@
-//! The Shipping service: owns `shipment-<order id>`. Creates and cancels shipments.
+//! The Shipping service: owns `shipment-<order id>`. Takes the order saga's requests from
+//! `order-events`; creates, refuses and cancels shipments (published on
+//! `shipping-events`).
 
+use eventcore::distributed::{DistributedEvent, EventHandler};
 use eventcore::{
-    Command, CommandLogic, CommandResult, ReadStreams, StoredEvent, StreamId, StreamResolver,
-    StreamWrite, require,
+    Command, CommandLogic, CommandResult, Dispatcher, ReadStreams, StoredEvent, StreamId,
+    StreamResolver, StreamWrite,
 };
 
-use super::contracts::{Address, ShippingEvent, shipment_stream};
+use super::contracts::{Address, OrderEvent, ShippingEvent, shipment_stream};
 
 /// The countries the carrier serves.
 pub const SERVED_COUNTRIES: [&str; 5] = ["DE", "FR", "NL", "SE", "US"];
@@ -20,6 +23,8 @@ pub enum ShipmentStatus {
     Created,
     /// Stopped.
     Cancelled,
+    /// Refused (no carrier).
+    Refused,
 }
 
 impl ShipmentStatus {
@@ -28,12 +33,13 @@ impl ShipmentStatus {
         *self = match event {
             ShippingEvent::ShipmentCreated { .. } => ShipmentStatus::Created,
             ShippingEvent::ShipmentCancelled { .. } => ShipmentStatus::Cancelled,
+            ShippingEvent::ShipmentRefused { .. } => ShipmentStatus::Refused,
         };
     }
 }
 
-/// Ships an order; shipping it again changes nothing. Refused for a country the carrier
-/// does not serve.
+/// Ships an order, or answers `ShipmentRefused` for a country the carrier does not serve
+/// or a shipment stopped before it was asked for; asking again changes nothing.
 #[derive(Debug, Clone, Command)]
 pub struct CreateShipment {
     /// `shipment-<order id>`.
@@ -70,28 +76,27 @@ impl CommandLogic for CreateShipment {
         state: ShipmentStatus,
         _: &mut StreamResolver,
     ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, ShippingEvent>>> {
-        match state {
-            ShipmentStatus::Created => return Ok(Vec::new()),
-            ShipmentStatus::Cancelled => {
-                return Err(eventcore::Error::BusinessRuleViolation(format!(
-                    "the shipment of order {} was cancelled",
-                    self.order_id
-                )));
+        let event = match state {
+            ShipmentStatus::Created | ShipmentStatus::Refused => return Ok(Vec::new()),
+            ShipmentStatus::Cancelled => ShippingEvent::ShipmentRefused {
+                order_id: self.order_id.clone(),
+                reason: format!("the shipment of order {} was cancelled", self.order_id),
+            },
+            ShipmentStatus::None if !SERVED_COUNTRIES.contains(&self.address.country.as_str()) => {
+                ShippingEvent::ShipmentRefused {
+                    order_id: self.order_id.clone(),
+                    reason: format!("no carrier serves country {:?}", self.address.country),
+                }
             }
-            ShipmentStatus::None => {}
-        }
-        require!(
-            SERVED_COUNTRIES.contains(&self.address.country.as_str()),
-            "no carrier serves country {:?}",
-            self.address.country
-        );
-        Ok(vec![StreamWrite::new(
-            &read_streams,
-            self.shipment.clone(),
-            ShippingEvent::ShipmentCreated {
+            ShipmentStatus::None => ShippingEvent::ShipmentCreated {
                 order_id: self.order_id.clone(),
                 address: self.address.clone(),
             },
+        };
+        Ok(vec![StreamWrite::new(
+            &read_streams,
+            self.shipment.clone(),
+            event,
         )?])
     }
 }
@@ -141,5 +146,40 @@ impl CommandLogic for CancelShipment {
                 order_id: self.order_id.clone(),
             },
         )?])
+    }
+}
+
+/// The Shipping service's handler of `order-events`: ships on `ShipmentRequested` and
+/// stops on `ShipmentCancellationRequested`, each exactly once however often the request
+/// is delivered.
+#[derive(Debug, Default)]
+pub struct ShippingRequests;
+
+impl EventHandler for ShippingRequests {
+    async fn handle(
+        &mut self,
+        event: &DistributedEvent,
+        dispatcher: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        if !matches!(
+            event.event_type.as_str(),
+            "ShipmentRequested" | "ShipmentCancellationRequested"
+        ) {
+            return Ok(());
+        }
+        match event.decode::<OrderEvent>()?.payload {
+            OrderEvent::ShipmentRequested { order_id, address } => {
+                dispatcher
+                    .dispatch(&CreateShipment::new(&order_id, &address)?)
+                    .await?;
+            }
+            OrderEvent::ShipmentCancellationRequested { order_id } => {
+                dispatcher
+                    .dispatch(&CancelShipment::new(&order_id)?)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
-//! A read model across the four services: one line per order with its payment and
-//! shipping status, built by a projection from their events.
+//! A read model across the services: one line per order with its stock, payment and
+//! shipping status, built by a projection from the events the Order, Inventory, Payment
+//! and Shipping services publish (it reads no service's store).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -22,11 +23,11 @@ pub struct OrderSummary {
     pub status: &'static str,
     /// Why it was cancelled.
     pub reason: Option<String>,
-    /// `-`, `reserved` or `released`.
+    /// `-`, `reserved`, `refused` or `released`.
     pub stock: &'static str,
     /// `-`, `requested`, `captured`, `declined`, `refunded` or `voided`.
     pub payment: &'static str,
-    /// `-`, `shipped` or `cancelled`.
+    /// `-`, `shipped`, `refused` or `cancelled`.
     pub shipping: &'static str,
 }
 
@@ -41,7 +42,9 @@ pub struct OrderView {
 impl OrderView {
     /// An empty view.
     pub fn new() -> eventcore::Result<Self> {
-        let types = SHOP_EVENT_TYPES.iter().filter(|t| **t != "StockAdded");
+        let types = SHOP_EVENT_TYPES.iter().filter(|t| {
+            **t != "StockAdded" && **t != "UserRegistered" && !t.ends_with("Requested")
+        });
         Ok(OrderView {
             orders: BTreeMap::new(),
             filter: ProjectionFilter::all().with_event_types(types)?,
@@ -99,7 +102,15 @@ impl Projection for OrderView {
             ShopEvent::Inventory(InventoryEvent::StockReleased { order_id, .. }) => {
                 self.order(order_id).stock = "released";
             }
-            ShopEvent::Inventory(InventoryEvent::StockAdded { .. }) => {}
+            ShopEvent::Inventory(InventoryEvent::StockReservationRefused { order_id, .. }) => {
+                self.order(order_id).stock = "refused";
+            }
+            ShopEvent::Inventory(
+                InventoryEvent::StockAdded { .. }
+                | InventoryEvent::StockReservationConfirmed { .. },
+            )
+            | ShopEvent::User(_)
+            | ShopEvent::Order(_) => {}
             ShopEvent::Payment(payment) => {
                 let (order_id, status) = match payment {
                     PaymentEvent::PaymentRequested { order_id, .. } => (order_id, "requested"),
@@ -115,6 +126,9 @@ impl Projection for OrderView {
             }
             ShopEvent::Shipping(ShippingEvent::ShipmentCancelled { order_id }) => {
                 self.order(order_id).shipping = "cancelled";
+            }
+            ShopEvent::Shipping(ShippingEvent::ShipmentRefused { order_id, .. }) => {
+                self.order(order_id).shipping = "refused";
             }
         }
         Ok(())
