@@ -131,6 +131,56 @@ async fn a_stop_policy_stops_without_acknowledging_and_the_event_comes_again() {
     assert!(again.attempt >= 2, "not acknowledged: delivered again");
 }
 
+#[tokio::test]
+async fn process_available_handles_what_is_held_then_returns_and_resumes_after_a_failure() {
+    let broker = InMemoryBroker::new();
+    let producer = broker.publisher(ServiceId::try_new("producer").expect("valid"));
+    producer.declare_topics(&[topic()]).await.expect("declares");
+    let store = InMemoryEventStore::new();
+    let recorder = Recorder::default();
+    let mut runner = SubscriptionRunner::new(
+        Arc::new(broker.clone()),
+        spec(),
+        recorder.clone(),
+        CommandExecutor::new(store.clone()),
+    )
+    .expect("valid")
+    .with_error_policy(quick_retries(OnFailure::Stop));
+    // Opened before anything is published: what comes later is kept for it.
+    runner.open().await.expect("opens");
+    assert_eq!(runner.process_available().await.expect("nothing held"), 0);
+    publish(&producer, &[("a", 1), ("b", 1), ("a", 2)], 1).await;
+    assert_eq!(runner.process_available().await.expect("handles"), 3);
+    assert_eq!(
+        *recorder.handled.lock(),
+        [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("a".to_owned(), 2)
+        ]
+    );
+    let backlog = broker
+        .backlog(&spec())
+        .await
+        .expect("answers")
+        .expect("opened");
+    assert_eq!(backlog.events, 0, "all acknowledged");
+    assert_eq!(runner.process_available().await.expect("nothing new"), 0);
+
+    // A failure stops it with the event unacknowledged; the next call handles it.
+    recorder.failing.lock().insert("c".to_owned());
+    publish(&producer, &[("c", 1), ("d", 1)], 4).await;
+    let stopped = runner.process_available().await;
+    assert!(
+        matches!(stopped, Err(Error::ProjectionFailed { .. })),
+        "{stopped:?}"
+    );
+    recorder.failing.lock().clear();
+    assert_eq!(runner.process_available().await.expect("resumes"), 2);
+    let handled = recorder.handled.lock().clone();
+    assert_eq!(&handled[3..], [("c".to_owned(), 1), ("d".to_owned(), 1)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_running_instances_apply_each_event_once_in_order() {
     let orders: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());

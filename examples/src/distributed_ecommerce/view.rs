@@ -12,7 +12,7 @@ use super::contracts::{
     Cents, InventoryEvent, OrderEvent, PaymentEvent, SHOP_EVENT_TYPES, ShippingEvent, ShopEvent,
 };
 
-/// One order, as the four services left it.
+/// One order, as the Order, Inventory, Payment and Shipping services published it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderSummary {
     /// Who ordered.
