@@ -77,7 +77,8 @@ async fn main() -> ExitCode {
     let env = Environment {
         clock: ManualClock::new(Utc::now().trunc_subsecs(0)),
         gateway: Arc::new(FakeGateway::default()),
-        // One attempt, then the event is parked: the scenarios never wait for a backoff.
+        // One attempt, then the runner stops with the error (the scenario fails loudly):
+        // the scenarios never wait for a backoff.
         policy: ProjectionErrorPolicy::new().with_max_attempts(1),
     };
     let broker = Broker::in_memory(&InMemoryBroker::new());

@@ -227,8 +227,11 @@ pub struct SubscriptionRunner<H> {
     inbox: Inbox,
     max_deliveries: u32,
     labels: Labels,
-    /// The handle [`SubscriptionRunner::process_available`] keeps open between calls.
+    /// The handle [`SubscriptionRunner::process_available`] keeps open between calls
+    /// ([`SubscriptionRunner::run`] takes it over).
     open: Option<Box<dyn Subscription>>,
+    /// The delivery in hand whose processing failed (processed again first).
+    unfinished: Option<Delivery>,
 }
 
 /// The metric labels of a runner, built once: a label from a `&str` is allocated at
@@ -295,6 +298,7 @@ impl<H: EventHandler> SubscriptionRunner<H> {
                 topics: Vec::new(),
             },
             open: None,
+            unfinished: None,
         })
     }
 
@@ -593,7 +597,9 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// [`SubscriptionRunner::process`] returns.
     pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut subscription: Option<Box<dyn Subscription>> = None;
+        // The handle opened before (by `open` or `process_available`), if any: a second
+        // handle of the same subscription would wait behind what the first holds.
+        let mut subscription: Option<Box<dyn Subscription>> = self.open.take();
         let mut failures = 0;
         loop {
             let open = match subscription.as_mut() {
@@ -691,7 +697,13 @@ impl<H: EventHandler> SubscriptionRunner<H> {
     /// tests and examples, deterministic where the transport counts its backlog exactly
     /// (the in-memory broker). [`SubscriptionRunner::run`] is the way to run in
     /// production. The handle stays open between calls; a transport error closes it, so
-    /// the next call opens it again and the unacknowledged event comes again.
+    /// the next call opens it again and the unacknowledged event comes again. A delivery
+    /// whose processing failed is kept and processed again first by the next call (not
+    /// asked of the transport again, which would count another delivery of it).
+    ///
+    /// Use it where this runner is the only handle of its subscription (or partition):
+    /// the backlog counts an event another handle holds, and this call would wait for
+    /// it.
     ///
     /// # Errors
     ///
@@ -700,29 +712,44 @@ impl<H: EventHandler> SubscriptionRunner<H> {
         let mut handled = 0;
         loop {
             self.open().await?;
-            let waiting = self
-                .subscriber
-                .backlog(&self.spec)
-                .await?
-                .map_or(0, |backlog| backlog.events);
-            if waiting == 0 {
-                return Ok(handled);
-            }
-            let Some(open) = self.open.as_mut() else {
-                continue;
-            };
-            let delivery = match open.next().await {
-                Ok(delivery) => delivery,
-                Err(error) => {
-                    self.open = None;
-                    return Err(error.into());
+            // A delivery whose processing failed last time is processed again in place:
+            // asking the transport again would count as another delivery.
+            let delivery = match self.unfinished.take() {
+                Some(delivery) => delivery,
+                None => {
+                    let waiting = self
+                        .subscriber
+                        .backlog(&self.spec)
+                        .await?
+                        .map_or(0, |backlog| backlog.events);
+                    if waiting == 0 {
+                        return Ok(handled);
+                    }
+                    let next = match self.open.as_mut() {
+                        Some(open) => open.next().await,
+                        None => continue,
+                    };
+                    match next {
+                        Ok(delivery) => delivery,
+                        Err(error) => {
+                            self.open = None;
+                            return Err(error.into());
+                        }
+                    }
                 }
             };
-            let processed = self.process(&delivery).await?;
-            let Some(open) = self.open.as_mut() else {
-                continue;
+            let processed = match self.process(&delivery).await {
+                Ok(processed) => processed,
+                Err(error) => {
+                    self.unfinished = Some(delivery);
+                    return Err(error);
+                }
             };
-            if let Err(error) = open.ack(&delivery).await {
+            let acked = match self.open.as_mut() {
+                Some(open) => open.ack(&delivery).await,
+                None => Ok(()),
+            };
+            if let Err(error) = acked {
                 self.open = None;
                 return Err(error.into());
             }

@@ -18,7 +18,9 @@ use crate::types::StreamId;
 
 /// The [`ProcessManager`] of a [`Saga`]: starts instances and records answers from the
 /// events the saga listens to, performs the steps and compensations its streams ask for.
-/// Run it with [`crate::ProcessManagerRunner`]; deadlines are fired by a [`SagaTimer`](super::SagaTimer).
+/// Run it with [`crate::ProcessManagerRunner`] (and, for answers from other services, on
+/// a subscription: it is also an `EventHandler` with the `distributed` feature);
+/// deadlines are fired by a [`SagaTimer`](super::SagaTimer).
 pub struct SagaManager<S: Saga> {
     saga: S,
     name: String,

@@ -39,8 +39,8 @@ pub struct Address {
 pub enum ServiceName {
     /// Registers users; publishes `user-events`.
     User,
-    /// Takes orders, runs the order saga, keeps customer profiles and the order view;
-    /// publishes `order-events`.
+    /// Takes orders, runs the order saga, keeps customer profiles; publishes
+    /// `order-events`.
     Order,
     /// Keeps stock; publishes `inventory-events`.
     Inventory,

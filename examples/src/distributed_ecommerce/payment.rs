@@ -448,6 +448,28 @@ impl ProcessManager for PaymentGatewayAdapter {
         else {
             return Ok(());
         };
+        // Withdrawn meanwhile (the saga's deadline passed while this service lagged):
+        // the card is not charged. (A void that lands during the call is handled by
+        // `RecordGatewayAnswer`, which pays such a charge back.)
+        let mut status = PaymentStatus::default();
+        let stream = std::slice::from_ref(&event.stream_id);
+        for recorded in dispatcher
+            .executor()
+            .store()
+            .read_streams(stream)
+            .await?
+            .events
+        {
+            status.apply(&recorded.decode::<PaymentEvent>()?.payload);
+        }
+        if !matches!(status, PaymentStatus::Requested { .. }) {
+            tracing::info!(
+                order_id,
+                ?status,
+                "payment no longer requested: the gateway is not called"
+            );
+            return Ok(());
+        }
         let key = event.event_id.to_string();
         let gateway = &self.gateway;
         let answer = self

@@ -774,7 +774,7 @@ impl Shop {
         let restarted =
             RunningService::start(name, &self.stores[name.index()], &self.broker, &self.env)
                 .await?;
-        // The old one is dropped first: its subscription handles give back what they
+        // The old one is dropped here: its subscription handles give back what they
         // held unacknowledged.
         let slot = &mut self.services[name.index()];
         *slot = restarted;
@@ -846,7 +846,7 @@ impl Shop {
         }
     }
 
-    /// Every service's health checks, and the storefront's view lag, in one report.
+    /// Every service's health checks, one set per service.
     pub fn health_checks(&self, max_lag: Duration) -> eventcore::Result<Vec<HealthChecks>> {
         self.services
             .iter()
