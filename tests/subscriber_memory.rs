@@ -145,7 +145,10 @@ async fn process_available_handles_what_is_held_then_returns_and_resumes_after_a
         CommandExecutor::new(store.clone()),
     )
     .expect("valid")
-    .with_error_policy(quick_retries(OnFailure::Stop));
+    .with_error_policy(quick_retries(OnFailure::Stop))
+    // A second delivery of an event would be parked unhandled: the retry after a
+    // failure must process the delivery in hand, not ask the broker again.
+    .with_max_deliveries(1);
     // Opened before anything is published: what comes later is kept for it.
     runner.open().await.expect("opens");
     assert_eq!(runner.process_available().await.expect("nothing held"), 0);
@@ -179,6 +182,7 @@ async fn process_available_handles_what_is_held_then_returns_and_resumes_after_a
     assert_eq!(runner.process_available().await.expect("resumes"), 2);
     let handled = recorder.handled.lock().clone();
     assert_eq!(&handled[3..], [("c".to_owned(), 1), ("d".to_owned(), 1)]);
+    assert!(runner.parked().await.expect("reads").is_empty(), "nothing parked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

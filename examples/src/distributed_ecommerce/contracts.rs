@@ -214,6 +214,22 @@ pub enum OrderEvent {
 }
 
 impl OrderEvent {
+    /// The order service's request in `event`, if its type is one of `wanted` (the
+    /// requests a service handles); `None` for every other event of `order-events`.
+    ///
+    /// # Errors
+    ///
+    /// [`eventcore::Error`] when an event of a wanted type does not decode.
+    pub fn request_in(
+        event: &eventcore::distributed::DistributedEvent,
+        wanted: &[&str],
+    ) -> eventcore::Result<Option<OrderEvent>> {
+        if !wanted.contains(&event.event_type.as_str()) {
+            return Ok(None);
+        }
+        Ok(Some(event.decode::<OrderEvent>()?.payload))
+    }
+
     /// The order it is about.
     pub fn order_id(&self) -> &str {
         match self {

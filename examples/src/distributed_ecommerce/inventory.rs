@@ -245,19 +245,16 @@ impl EventHandler for InventoryRequests {
         event: &DistributedEvent,
         dispatcher: &mut Dispatcher<'_>,
     ) -> eventcore::Result<()> {
-        if !matches!(
-            event.event_type.as_str(),
-            "StockReservationRequested" | "StockReleaseRequested"
-        ) {
-            return Ok(());
-        }
-        match event.decode::<OrderEvent>()?.payload {
-            OrderEvent::StockReservationRequested { order_id, lines } => {
+        match OrderEvent::request_in(
+            event,
+            &["StockReservationRequested", "StockReleaseRequested"],
+        )? {
+            Some(OrderEvent::StockReservationRequested { order_id, lines }) => {
                 dispatcher
                     .dispatch(&ReserveStock::new(&order_id, &lines)?)
                     .await?;
             }
-            OrderEvent::StockReleaseRequested { order_id, lines } => {
+            Some(OrderEvent::StockReleaseRequested { order_id, lines }) => {
                 dispatcher
                     .dispatch(&ReleaseStock::new(&order_id, &lines)?)
                     .await?;

@@ -514,23 +514,20 @@ impl EventHandler for PaymentRequests {
         event: &DistributedEvent,
         dispatcher: &mut Dispatcher<'_>,
     ) -> eventcore::Result<()> {
-        if !matches!(
-            event.event_type.as_str(),
-            "PaymentProcessingRequested" | "PaymentRefundRequested"
-        ) {
-            return Ok(());
-        }
-        match event.decode::<OrderEvent>()?.payload {
-            OrderEvent::PaymentProcessingRequested {
+        match OrderEvent::request_in(
+            event,
+            &["PaymentProcessingRequested", "PaymentRefundRequested"],
+        )? {
+            Some(OrderEvent::PaymentProcessingRequested {
                 order_id,
                 amount,
                 card,
-            } => {
+            }) => {
                 dispatcher
                     .dispatch(&ProcessPayment::new(&order_id, amount, &card)?)
                     .await?;
             }
-            OrderEvent::PaymentRefundRequested { order_id } => {
+            Some(OrderEvent::PaymentRefundRequested { order_id }) => {
                 dispatcher.dispatch(&RefundPayment::new(&order_id)?).await?;
             }
             _ => {}

@@ -161,19 +161,16 @@ impl EventHandler for ShippingRequests {
         event: &DistributedEvent,
         dispatcher: &mut Dispatcher<'_>,
     ) -> eventcore::Result<()> {
-        if !matches!(
-            event.event_type.as_str(),
-            "ShipmentRequested" | "ShipmentCancellationRequested"
-        ) {
-            return Ok(());
-        }
-        match event.decode::<OrderEvent>()?.payload {
-            OrderEvent::ShipmentRequested { order_id, address } => {
+        match OrderEvent::request_in(
+            event,
+            &["ShipmentRequested", "ShipmentCancellationRequested"],
+        )? {
+            Some(OrderEvent::ShipmentRequested { order_id, address }) => {
                 dispatcher
                     .dispatch(&CreateShipment::new(&order_id, &address)?)
                     .await?;
             }
-            OrderEvent::ShipmentCancellationRequested { order_id } => {
+            Some(OrderEvent::ShipmentCancellationRequested { order_id }) => {
                 dispatcher
                     .dispatch(&CancelShipment::new(&order_id)?)
                     .await?;
