@@ -182,7 +182,10 @@ async fn process_available_handles_what_is_held_then_returns_and_resumes_after_a
     assert_eq!(runner.process_available().await.expect("resumes"), 2);
     let handled = recorder.handled.lock().clone();
     assert_eq!(&handled[3..], [("c".to_owned(), 1), ("d".to_owned(), 1)]);
-    assert!(runner.parked().await.expect("reads").is_empty(), "nothing parked");
+    assert!(
+        runner.parked().await.expect("reads").is_empty(),
+        "nothing parked"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

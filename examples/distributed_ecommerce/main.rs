@@ -17,6 +17,19 @@
 //!
 //! Metrics go to a Prometheus recorder (`eventcore-http`); at the end the example prints
 //! an excerpt of them and every service's health report.
+//!
+//! As separate processes, over NATS JetStream (`NATS_URL`, required) and, with
+//! `DATABASE_URL`, PostgreSQL (schema `<ECOMMERCE_PREFIX>_<service>`; the prefix, default
+//! `ecommerce`, is also the NATS prefix):
+//!
+//! - `--service <user|order|inventory|payment|shipping> [--http ADDR]` runs one service:
+//!   `/metrics`, `/health` and `/ready` on `ADDR` (default `127.0.0.1:0`, printed),
+//!   registered in the NATS service registry, taking commands on
+//!   `<prefix>.<service>.commands`, until Ctrl-C or SIGTERM;
+//! - `--drive` places five orders through services started that way, waits for their
+//!   sagas to end (the payment deadline is `ECOMMERCE_PAYMENT_TIMEOUT_SECS` of the Order
+//!   service, default 30) and checks every order in each service's store (needs
+//!   `DATABASE_URL`). `scripts/ecommerce-processes.sh` starts the five and drives them.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -33,6 +46,8 @@ use eventcore_examples::distributed_ecommerce::shop::{
 };
 use eventcore_memory::InMemoryBroker;
 use eventcore_postgres::{PostgresConfig, PostgresEventStore, SchemaName};
+
+mod processes;
 
 /// One store per service: in memory, or a PostgreSQL schema each when `DATABASE_URL` is
 /// set.
@@ -59,6 +74,32 @@ async fn open_stores() -> Result<Vec<Stores>, Box<dyn std::error::Error>> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name);
+    let value = |name: &str| flag(name).and_then(|i| args.get(i + 1)).cloned();
+    if flag("--service").is_some() {
+        let Some(service) = value("--service").as_deref().and_then(ServiceName::parse) else {
+            eprintln!("--service takes one of: user, order, inventory, payment, shipping");
+            return ExitCode::FAILURE;
+        };
+        let http = value("--http").unwrap_or_else(|| "127.0.0.1:0".to_owned());
+        return match processes::run_service(service, &http).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("the {service} service failed: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if flag("--drive").is_some() {
+        return match processes::drive().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("FAILED: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let prometheus = match eventcore_http::install_prometheus() {
         Ok(handle) => handle,
         Err(error) => {

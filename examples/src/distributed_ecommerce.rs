@@ -11,6 +11,7 @@ pub mod inventory;
 pub mod order;
 pub mod order_saga;
 pub mod payment;
+pub mod process;
 pub mod scenarios;
 pub mod shipping;
 pub mod shop;

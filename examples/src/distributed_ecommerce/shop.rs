@@ -140,6 +140,21 @@ pub fn subscription(
     ))
 }
 
+/// Every event in `store`, in its global order.
+async fn read_log(store: &Arc<dyn EventStore>) -> eventcore::Result<Vec<RecordedEvent>> {
+    let mut events = Vec::new();
+    loop {
+        let after = events.last().map(|e: &RecordedEvent| e.global_position);
+        let batch = store
+            .read_all(&LogQuery::new().with_after(after).with_limit(1_000))
+            .await?;
+        if batch.is_empty() {
+            return Ok(events);
+        }
+        events.extend(batch);
+    }
+}
+
 /// What every service has: its store, its executor, and the publisher of its outbox
 /// (the store's own log).
 pub struct Service {
@@ -211,18 +226,7 @@ impl Service {
 
     /// Every event in its store, in its global order.
     pub async fn log(&self) -> eventcore::Result<Vec<RecordedEvent>> {
-        let mut events = Vec::new();
-        loop {
-            let after = events.last().map(|e: &RecordedEvent| e.global_position);
-            let batch = self
-                .store()
-                .read_all(&LogQuery::new().with_after(after).with_limit(1_000))
-                .await?;
-            if batch.is_empty() {
-                return Ok(events);
-            }
-            events.extend(batch);
-        }
+        read_log(self.store()).await
     }
 
     /// Publishes what its store holds and the broker does not yet; how many.
@@ -267,6 +271,40 @@ pub struct Environment {
     pub policy: ProjectionErrorPolicy,
 }
 
+impl Environment {
+    /// What a service of this shop runs with.
+    pub fn context(&self) -> ServiceContext {
+        ServiceContext {
+            clock: Arc::new(self.clock.clone()),
+            gateway: Arc::clone(&self.gateway),
+            policy: self.policy.clone(),
+            payment_timeout: PAYMENT_TIMEOUT,
+        }
+    }
+}
+
+/// What a service runs with: the clock of its deadlines and breaker, the card gateway,
+/// its handlers' error policy, and the saga's payment deadline.
+#[derive(Clone)]
+pub struct ServiceContext {
+    /// The clock (a manual one in the scenarios, the system's in a process of its own).
+    pub clock: Arc<dyn eventcore::saga::Clock>,
+    /// The card gateway.
+    pub gateway: Arc<FakeGateway>,
+    /// What happens to an event whose handling keeps failing.
+    pub policy: ProjectionErrorPolicy,
+    /// How long the saga's payment step waits for an answer.
+    pub payment_timeout: Duration,
+}
+
+impl std::fmt::Debug for ServiceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceContext")
+            .field("payment_timeout", &self.payment_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One running service: its store, publisher, subscriptions and runners.
 pub struct RunningService {
     service: Service,
@@ -287,12 +325,12 @@ fn no_subscription(service: ServiceName, name: &str) -> eventcore::Error {
     ))
 }
 
-fn order_saga(env: &Environment) -> eventcore::Result<SagaManager<OrderSaga>> {
+fn order_saga(env: &ServiceContext) -> eventcore::Result<SagaManager<OrderSaga>> {
     SagaManager::new(
         OrderSaga {
-            payment_timeout: PAYMENT_TIMEOUT,
+            payment_timeout: env.payment_timeout,
         },
-        Arc::new(env.clock.clone()),
+        Arc::clone(&env.clock),
     )
 }
 
@@ -310,13 +348,13 @@ pub fn subscriptions_of(service: ServiceName) -> Vec<(&'static str, Vec<ServiceN
 }
 
 impl RunningService {
-    /// Starts `name` over `stores`: declares its topic, opens its subscriptions (so the
-    /// broker keeps for them what is published from now on).
+    /// Starts `name` over `stores`: declares its topic and makes its runners (their
+    /// subscriptions open when they first run, or with [`RunningService::open`]).
     pub async fn start(
         name: ServiceName,
         stores: &Stores,
         broker: &Broker,
-        env: &Environment,
+        env: &ServiceContext,
     ) -> eventcore::Result<Self> {
         let service = Service::start(name, stores, broker).await?;
         let executor = service.executor.clone();
@@ -335,27 +373,22 @@ impl RunningService {
                     Arc::clone(&checkpoints),
                 )
                 .with_error_policy(env.policy.clone());
-                let mut profiles = SubscriptionRunner::new(
+                let profiles = SubscriptionRunner::new(
                     Arc::clone(&subscriber),
                     specs[0].clone(),
                     CustomerProfiles,
                     executor.clone(),
                 )?
                 .with_error_policy(env.policy.clone());
-                let mut answers = SubscriptionRunner::new(
+                let answers = SubscriptionRunner::new(
                     Arc::clone(&subscriber),
                     specs[1].clone(),
                     order_saga(env)?,
                     executor.clone(),
                 )?
                 .with_error_policy(env.policy.clone());
-                profiles.open().await?;
-                answers.open().await?;
-                let timer = SagaTimer::new(
-                    OrderSaga::NAME,
-                    executor.clone(),
-                    Arc::new(env.clock.clone()),
-                )?;
+                let timer =
+                    SagaTimer::new(OrderSaga::NAME, executor.clone(), Arc::clone(&env.clock))?;
                 Parts::Order(Box::new(OrderParts {
                     saga,
                     answers,
@@ -368,14 +401,13 @@ impl RunningService {
                 for spec in specs[0].split(INVENTORY_WORKERS).map_err(|e| {
                     eventcore::Error::BusinessRuleViolation(format!("partitions: {e}"))
                 })? {
-                    let mut worker = SubscriptionRunner::new(
+                    let worker = SubscriptionRunner::new(
                         Arc::clone(&subscriber),
                         spec,
                         InventoryRequests,
                         executor.clone(),
                     )?
                     .with_error_policy(env.policy.clone());
-                    worker.open().await?;
                     workers.push(worker);
                 }
                 let workers: [SubscriptionRunner<InventoryRequests>; 2] =
@@ -385,21 +417,20 @@ impl RunningService {
                 Parts::Inventory(Box::new(workers))
             }
             ServiceName::Payment => {
-                let mut requests = SubscriptionRunner::new(
+                let requests = SubscriptionRunner::new(
                     Arc::clone(&subscriber),
                     specs[0].clone(),
                     PaymentRequests,
                     executor.clone(),
                 )?
                 .with_error_policy(env.policy.clone());
-                requests.open().await?;
                 // The breaker runs on the shop's clock: the scenarios move it past the
                 // open period as they move it past the saga's deadlines. A new process
                 // has a new, closed one.
                 let breaker = CircuitBreaker::with_clock(
                     "card-gateway",
                     gateway_circuit(),
-                    Arc::new(env.clock.clone()),
+                    Arc::clone(&env.clock),
                 );
                 let adapter = ProcessManagerRunner::new(
                     PaymentGatewayAdapter::new(Arc::clone(&env.gateway), breaker.clone())?,
@@ -414,14 +445,13 @@ impl RunningService {
                 }))
             }
             ServiceName::Shipping => {
-                let mut requests = SubscriptionRunner::new(
+                let requests = SubscriptionRunner::new(
                     Arc::clone(&subscriber),
                     specs[0].clone(),
                     ShippingRequests,
                     executor.clone(),
                 )?
                 .with_error_policy(env.policy.clone());
-                requests.open().await?;
                 Parts::Shipping(Box::new(requests))
             }
         };
@@ -431,6 +461,27 @@ impl RunningService {
     /// The service.
     pub fn service(&self) -> &Service {
         &self.service
+    }
+
+    /// Opens its subscriptions now (so the broker keeps for them what is published from
+    /// here on, and their backlog is known), rather than when they first run; every
+    /// topic they read must exist.
+    pub async fn open(&mut self) -> eventcore::Result<()> {
+        match &mut self.parts {
+            Parts::User => {}
+            Parts::Order(order) => {
+                order.profiles.open().await?;
+                order.answers.open().await?;
+            }
+            Parts::Inventory(workers) => {
+                for worker in workers.iter_mut() {
+                    worker.open().await?;
+                }
+            }
+            Parts::Payment(payment) => payment.requests.open().await?,
+            Parts::Shipping(requests) => requests.open().await?,
+        }
+        Ok(())
     }
 
     /// Does what there is to do now: publishes its outbox, handles the events its
@@ -597,7 +648,7 @@ impl RunningService {
     pub fn health_checks(
         &self,
         broker: &Broker,
-        env: &Environment,
+        env: &ServiceContext,
         max_lag: Duration,
     ) -> eventcore::Result<HealthChecks> {
         let name = self.service.name;
@@ -710,7 +761,9 @@ impl Storefront {
 pub struct Shop {
     broker: Broker,
     env: Environment,
+    context: ServiceContext,
     stores: Vec<Stores>,
+    ledger: Ledger,
     services: Vec<RunningService>,
     storefront: Storefront,
 }
@@ -724,7 +777,21 @@ impl std::fmt::Debug for Shop {
     }
 }
 
+/// The shop reads through its [`Ledger`] (each service's current store).
+impl std::ops::Deref for Shop {
+    type Target = Ledger;
+
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
 impl Shop {
+    /// The reads over every service's store.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
     /// The five services over `stores` (one per service, in the order of
     /// [`ServiceName::ALL`]), talking through `broker`.
     pub async fn start(
@@ -747,14 +814,19 @@ impl Shop {
                 .declare_topics(&publication_policy(name)?.topics())
                 .await?;
         }
+        let context = env.context();
         let mut services = Vec::new();
         for name in ServiceName::ALL {
-            services.push(RunningService::start(name, &stores[name.index()], &broker, &env).await?);
+            services
+                .push(RunningService::start(name, &stores[name.index()], &broker, &context).await?);
         }
         let storefront = Storefront::start(&broker).await?;
+        let ledger = Ledger::new(stores.clone())?;
         Ok(Shop {
             broker,
+            context,
             env,
+            ledger,
             stores,
             services,
             storefront,
@@ -771,14 +843,18 @@ impl Shop {
     /// everything it knew comes back from its store and the broker (checkpoints,
     /// deadlines, unacknowledged deliveries), nothing from memory.
     pub async fn restart_service(&mut self, name: ServiceName) -> eventcore::Result<()> {
-        let restarted =
-            RunningService::start(name, &self.stores[name.index()], &self.broker, &self.env)
-                .await?;
+        let restarted = RunningService::start(
+            name,
+            &self.stores[name.index()],
+            &self.broker,
+            &self.context,
+        )
+        .await?;
         // The old one is dropped here: its subscription handles give back what they
-        // held unacknowledged.
+        // held unacknowledged, before the new ones open.
         let slot = &mut self.services[name.index()];
         *slot = restarted;
-        Ok(())
+        slot.open().await
     }
 
     /// Every service started again.
@@ -792,6 +868,7 @@ impl Shop {
     /// Service `name` restarted over other stores (wrappers of its own, say).
     pub async fn use_stores(&mut self, name: ServiceName, stores: Stores) -> eventcore::Result<()> {
         self.stores[name.index()] = stores;
+        self.ledger = Ledger::new(self.stores.clone())?;
         self.restart_service(name).await
     }
 
@@ -850,7 +927,7 @@ impl Shop {
     pub fn health_checks(&self, max_lag: Duration) -> eventcore::Result<Vec<HealthChecks>> {
         self.services
             .iter()
-            .map(|service| service.health_checks(&self.broker, &self.env, max_lag))
+            .map(|service| service.health_checks(&self.broker, &self.context, max_lag))
             .collect()
     }
 
@@ -932,13 +1009,66 @@ impl Shop {
             _ => 0,
         }
     }
+}
+
+/// The reads the scenarios check their outcomes with, each from the store of the
+/// service that owns the stream (cheap to clone: the stores are shared).
+#[derive(Clone)]
+pub struct Ledger {
+    stores: Vec<Stores>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Reads over `stores` (one per service, in the order of [`ServiceName::ALL`]).
+    pub fn new(stores: Vec<Stores>) -> eventcore::Result<Self> {
+        if stores.len() != ServiceName::ALL.len() {
+            return Err(eventcore::Error::BusinessRuleViolation(format!(
+                "{} stores for {} services",
+                stores.len(),
+                ServiceName::ALL.len()
+            )));
+        }
+        Ok(Ledger { stores })
+    }
+
+    fn store(&self, name: ServiceName) -> &Arc<dyn EventStore> {
+        &self.stores[name.index()].0
+    }
+
+    /// The stores, one per service in the order of [`ServiceName::ALL`].
+    pub fn stores(&self) -> &[Stores] {
+        &self.stores
+    }
+
+    /// The events of `stream` in `name`'s store.
+    pub async fn stream(
+        &self,
+        name: ServiceName,
+        stream: &StreamId,
+    ) -> eventcore::Result<Vec<RecordedEvent>> {
+        Ok(self
+            .store(name)
+            .read_streams(std::slice::from_ref(stream))
+            .await?
+            .events)
+    }
+
+    /// Every event in `name`'s store, in its global order.
+    pub async fn log(&self, name: ServiceName) -> eventcore::Result<Vec<RecordedEvent>> {
+        read_log(self.store(name)).await
+    }
 
     /// The order's status (Order service).
     pub async fn order_status(&self, order_id: &str) -> eventcore::Result<OrderStatus> {
         let mut status = OrderStatus::default();
         for event in self
-            .service(ServiceName::Order)
-            .stream(&order_stream(order_id)?)
+            .stream(ServiceName::Order, &order_stream(order_id)?)
             .await?
         {
             status.apply(&event.decode::<OrderEvent>()?.payload);
@@ -949,8 +1079,7 @@ impl Shop {
     /// The saga's requests for the order, by type name, in the order written.
     pub async fn requests(&self, order_id: &str) -> eventcore::Result<Vec<String>> {
         Ok(self
-            .service(ServiceName::Order)
-            .stream(&order_stream(order_id)?)
+            .stream(ServiceName::Order, &order_stream(order_id)?)
             .await?
             .iter()
             .map(|e| e.event_type.as_str().to_owned())
@@ -968,8 +1097,7 @@ impl Shop {
     }
 
     async fn payment_stream(&self, order_id: &str) -> eventcore::Result<Vec<RecordedEvent>> {
-        self.service(ServiceName::Payment)
-            .stream(&payment_stream(order_id)?)
+        self.stream(ServiceName::Payment, &payment_stream(order_id)?)
             .await
     }
 
@@ -987,8 +1115,7 @@ impl Shop {
     pub async fn shipment_status(&self, order_id: &str) -> eventcore::Result<ShipmentStatus> {
         let mut status = ShipmentStatus::default();
         for event in self
-            .service(ServiceName::Shipping)
-            .stream(&shipment_stream(order_id)?)
+            .stream(ServiceName::Shipping, &shipment_stream(order_id)?)
             .await?
         {
             status.apply(&event.decode::<ShippingEvent>()?.payload);
@@ -1001,8 +1128,7 @@ impl Shop {
     pub async fn stock(&self, sku: &str) -> eventcore::Result<Stock> {
         let mut stock = Stock::default();
         for event in self
-            .service(ServiceName::Inventory)
-            .stream(&product_stream(sku)?)
+            .stream(ServiceName::Inventory, &product_stream(sku)?)
             .await?
         {
             match event.decode::<InventoryEvent>()?.payload {
@@ -1032,7 +1158,11 @@ impl Shop {
     /// The order's saga (Order service).
     pub async fn saga(&self, order_id: &str) -> eventcore::Result<SagaState> {
         let stream = eventcore::saga::saga_stream(OrderSaga::NAME, order_id)?;
-        SagaState::load(self.service(ServiceName::Order).executor(), &stream).await
+        SagaState::load(
+            &CommandExecutor::from_shared(Arc::clone(self.store(ServiceName::Order))),
+            &stream,
+        )
+        .await
     }
 
     /// The order's saga stream, one line per event.
@@ -1040,7 +1170,7 @@ impl Shop {
         let stream = eventcore::saga::saga_stream(OrderSaga::NAME, order_id)?;
         let mut names = Vec::new();
         let mut history = Vec::new();
-        for event in self.service(ServiceName::Order).stream(&stream).await? {
+        for event in self.stream(ServiceName::Order, &stream).await? {
             let decoded = event.decode::<SagaEvent>()?;
             if let SagaEvent::Started { steps, .. } = &decoded.payload {
                 names = steps.iter().map(|s| s.name().to_owned()).collect();
@@ -1057,7 +1187,7 @@ impl Shop {
         for name in ServiceName::ALL {
             let policy = publication_policy(name)?;
             let mut types: Vec<String> = Vec::new();
-            for event in self.service(name).log().await? {
+            for event in self.log(name).await? {
                 if policy.topic_of(&event).is_some()
                     && super::scenarios::order_of(&event).as_deref() == Some(order_id)
                 {
