@@ -12,6 +12,7 @@ mod conformance_memory;
 mod conformance_postgres;
 mod ecommerce_memory;
 mod ecommerce_postgres;
+mod ecommerce_processes;
 mod federation;
 mod health;
 mod metrics;
