@@ -1,7 +1,8 @@
 //! The e-commerce example as five OS processes on NATS JetStream and PostgreSQL: the
 //! driver's orders go through them, the Payment service is killed (SIGKILL) in the
 //! middle of the sagas and started again; afterwards every order ended as it should in
-//! each service's own store, each effect once, and every service's `/metrics` shows its
+//! each service's own store, each effect once, every event of an order carries its
+//! correlation id and one trace in every store, and every service's `/metrics` shows its
 //! commands and the events it published and consumed.
 
 use std::collections::BTreeMap;
@@ -179,8 +180,10 @@ async fn five_processes_end_every_order_once_with_a_service_killed_mid_saga() {
     {
         println!("{line}");
     }
-    // One correlation id per order on every event of its processing, in every store.
+    // One correlation id and one trace per order on every event of its processing, in
+    // every store.
     let correlations: BTreeMap<String, String> = placed.into_iter().collect();
+    let mut traces: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     for name in ServiceName::ALL {
         for event in ledger.log(name).await.expect("reads") {
             let Some(order) =
@@ -195,7 +198,31 @@ async fn five_processes_end_every_order_once_with_a_service_killed_mid_saga() {
                 event.event_type.as_str(),
                 event.stream_id
             );
+            let trace = event
+                .metadata
+                .trace_context
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |c| c.trace_id().to_owned());
+            traces
+                .entry(order)
+                .or_default()
+                .entry(trace)
+                .or_default()
+                .push(format!("{name}:{}", event.event_type.as_str()));
         }
+    }
+    for (order, by_trace) in &traces {
+        assert!(
+            by_trace.len() == 1 && !by_trace.contains_key("none"),
+            "order {order}: its events are in {} traces: {by_trace:?}",
+            by_trace.len()
+        );
+        let services: std::collections::BTreeSet<&str> = by_trace
+            .values()
+            .flatten()
+            .filter_map(|e| e.split(':').next())
+            .collect();
+        println!("order {order}: one trace over {services:?}");
     }
 
     // Each service's /metrics shows its commands and what it published and consumed.

@@ -86,3 +86,113 @@ async fn a_process_managers_commands_inherit_custom_fields_and_the_trace() {
         assert_eq!(event.metadata.actor.as_deref(), Some("mirror"));
     }
 }
+
+/// A saga of one step that never answers: only its deadline moves it.
+struct Waits;
+
+impl eventcore::saga::Saga for Waits {
+    type Input = String;
+    type Event = OrderEvent;
+
+    fn name(&self) -> &str {
+        "waits"
+    }
+
+    fn steps(&self) -> Vec<eventcore::saga::SagaStep> {
+        vec![
+            eventcore::saga::SagaStep::new("answer")
+                .with_timeout(std::time::Duration::from_secs(10)),
+        ]
+    }
+
+    fn listens_to(&self) -> Vec<String> {
+        vec!["OrderPlaced".to_owned()]
+    }
+
+    fn on_event(
+        &self,
+        event: &StoredEvent<OrderEvent>,
+    ) -> Option<eventcore::saga::SagaTrigger<String>> {
+        let OrderEvent::OrderPlaced { order, .. } = &event.payload else {
+            return None;
+        };
+        Some(eventcore::saga::SagaTrigger::Start {
+            instance: order.clone(),
+            input: order.clone(),
+        })
+    }
+
+    async fn perform(
+        &self,
+        _: &str,
+        _: eventcore::saga::SagaContext<'_, String>,
+        _: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<eventcore::saga::StepOutcome> {
+        Ok(eventcore::saga::StepOutcome::Pending)
+    }
+
+    async fn compensate(
+        &self,
+        _: &str,
+        _: eventcore::saga::SagaContext<'_, String>,
+        _: &mut Dispatcher<'_>,
+    ) -> eventcore::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_saga_timeout_inherits_the_custom_fields_and_the_trace_of_its_step() {
+    let store = InMemoryEventStore::new();
+    let executor = CommandExecutor::new(store.clone());
+    let trace = TraceContext::new(TRACE).expect("valid");
+    executor
+        .execute_with(
+            &PlaceOrder {
+                order: StreamId::try_new("order-o1").expect("valid"),
+                id: "o1".to_owned(),
+                amount: 5,
+            },
+            ExecutionOptions::new()
+                .with_custom("tenant", "acme")
+                .with_trace_context(trace.clone()),
+        )
+        .await
+        .expect("places");
+    let clock = eventcore::saga::ManualClock::new(chrono::Utc::now());
+    let manager = eventcore::saga::SagaManager::new(Waits, Arc::new(clock.clone())).expect("valid");
+    let mut runner = ProcessManagerRunner::new(manager, executor.clone(), Arc::new(store.clone()));
+    runner.catch_up().await.expect("starts the saga");
+    let mut timer =
+        eventcore::saga::SagaTimer::new("waits", executor.clone(), Arc::new(clock.clone()))
+            .expect("valid");
+    timer.catch_up().await.expect("reads the deadline");
+    clock.advance(std::time::Duration::from_secs(11));
+    assert_eq!(timer.fire_due().await.expect("fires"), 1);
+
+    let stream = eventcore::saga::saga_stream("waits", "o1").expect("valid");
+    let events = store
+        .read_streams(std::slice::from_ref(&stream))
+        .await
+        .expect("reads")
+        .events;
+    let timed_out: Vec<_> = events
+        .iter()
+        .skip_while(|e| e.event_type.as_str() != eventcore::saga::event_types::STEP_TIMED_OUT)
+        .collect();
+    assert!(!timed_out.is_empty(), "the step timed out: {events:?}");
+    for event in timed_out {
+        assert_eq!(
+            event.metadata.trace_context.as_ref(),
+            Some(&trace),
+            "{} continues the step's trace",
+            event.event_type.as_str()
+        );
+        assert_eq!(
+            event.metadata.custom.get("tenant"),
+            Some(&serde_json::Value::from("acme")),
+            "{}",
+            event.event_type.as_str()
+        );
+    }
+}

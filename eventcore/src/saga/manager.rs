@@ -28,7 +28,9 @@ pub struct SagaManager<S: Saga> {
     clock: Arc<dyn Clock>,
     filter: ProjectionFilter,
     plan: Vec<SagaStep>,
-    /// The event types the saga listens to (starts and answers).
+    /// The event types the saga listens to (starts and answers), for its handler of
+    /// other services' events.
+    #[cfg_attr(not(feature = "distributed"), allow(dead_code))]
     listens: Vec<String>,
 }
 

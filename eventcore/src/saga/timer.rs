@@ -24,6 +24,9 @@ struct Deadline {
     deadline: DateTime<Utc>,
     cause: EventId,
     correlation_id: CorrelationId,
+    /// The step event's metadata: the timeout carries its custom fields and continues
+    /// its trace, as a process manager's commands continue their event's.
+    metadata: std::sync::Arc<crate::EventMetadata>,
 }
 
 /// Fires a saga's step deadlines.
@@ -142,6 +145,7 @@ impl SagaTimer {
                                 deadline,
                                 cause: decoded.event_id,
                                 correlation_id: decoded.metadata.correlation_id,
+                                metadata: std::sync::Arc::clone(&event.metadata),
                             },
                         );
                     }
@@ -183,12 +187,24 @@ impl SagaTimer {
                 deadline.cause,
                 deadline.correlation_id,
             )?;
+            dispatcher.inherit_metadata(&deadline.metadata);
             let command = TimeOutStep {
                 stream: stream.clone(),
                 step,
                 now,
             };
-            match dispatcher.dispatch(&command).await {
+            let span = tracing::info_span!(
+                "eventcore.saga.timeout",
+                otel.name = %format_args!("timeout {}", self.manager),
+                otel.kind = "internal",
+                %stream,
+                step,
+            );
+            #[cfg(feature = "opentelemetry")]
+            if let Some(context) = &deadline.metadata.trace_context {
+                crate::otel::continue_from(&span, context);
+            }
+            match tracing::Instrument::instrument(dispatcher.dispatch(&command), span).await {
                 Ok(_) => {
                     tracing::info!(%stream, step, deadline = %deadline.deadline, "saga step deadline passed");
                     self.pending.remove(&(stream, step));

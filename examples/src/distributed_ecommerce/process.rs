@@ -173,7 +173,17 @@ pub async fn serve_commands(
             },
         };
         let reply = match serde_json::from_slice::<Request>(&message.payload) {
-            Ok(request) => execute(service, &executor, request).await,
+            Ok(request) => {
+                // The root of the trace of everything the command causes, in every
+                // service (the events carry its context across the broker).
+                let span = tracing::info_span!(
+                    "ecommerce.command",
+                    otel.name = %format_args!("{service} command"),
+                    otel.kind = "server",
+                    service = %service,
+                );
+                tracing::Instrument::instrument(execute(service, &executor, request), span).await
+            }
             Err(error) => Reply::Refused {
                 reason: format!("not a request: {error}"),
             },
@@ -586,6 +596,7 @@ fn nats_url() -> Result<String, BoxError> {
 /// What fails to start, or a part that fails for good.
 pub async fn run_service(service: ServiceName, http: &str) -> Result<(), BoxError> {
     let prometheus = eventcore_http::install_prometheus()?;
+    let tracer = install_tracing(service)?;
     let deployment = Deployment::from_env();
     let database_url = std::env::var("DATABASE_URL").ok();
     let client = async_nats::connect(nats_url()?).await?;
@@ -647,10 +658,38 @@ pub async fn run_service(service: ServiceName, http: &str) -> Result<(), BoxErro
     };
     let (served, answered, ran, ()) = tokio::join!(endpoints, commands, runners, signal);
     let _ = registered.deregister().await;
+    let _ = tracer.shutdown();
     served?;
     answered?;
     ran?;
     Ok(())
+}
+
+/// Logs to stderr (`RUST_LOG`, default `info`) and traces with OpenTelemetry: every
+/// span gets a trace context, which the events written under it carry to the other
+/// services. Spans are not exported anywhere here; give the provider an exporter (OTLP,
+/// say) to see them.
+fn install_tracing(
+    service: ServiceName,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, BoxError> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(format!("ecommerce-{service}"))),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        );
+    tracing::subscriber::set_global_default(subscriber)?;
+    Ok(provider)
 }
 
 /// Places [`ORDERS`] through the services of the deployment, waits until their sagas
