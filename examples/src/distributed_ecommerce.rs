@@ -12,6 +12,7 @@ pub mod order;
 pub mod order_saga;
 pub mod payment;
 pub mod process;
+pub mod reporting;
 pub mod scenarios;
 pub mod shipping;
 pub mod shop;

@@ -239,11 +239,12 @@ impl Deployment {
     ) -> Result<Broker, Box<dyn std::error::Error + Send + Sync>> {
         let transport = self.transport(client)?;
         let subscriber: Arc<dyn EventSubscriber> = Arc::new(transport.subscriber());
-        let publishers = ServiceName::ALL
-            .into_iter()
-            .map(|s| Arc::new(transport.publisher(s.id())) as Arc<dyn EventPublisher>)
-            .collect();
-        Ok(Broker::new(subscriber, publishers))
+        Ok(Broker::new(
+            subscriber,
+            Arc::new(move |service| {
+                Arc::new(transport.publisher(service.clone())) as Arc<dyn EventPublisher>
+            }),
+        ))
     }
 
     /// The PostgreSQL schema of `service`'s store: `<prefix>_<service>`.

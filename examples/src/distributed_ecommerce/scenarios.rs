@@ -1315,9 +1315,77 @@ pub async fn run_all(shop: &mut Shop, out: &mut Narrative) -> Result<(), Scenari
     a_service_restarted_mid_saga_does_nothing_twice(shop, out).await?;
     out.say("");
     out.say("Order view (the storefront's projection of what the Order, Inventory, Payment and Shipping services published):");
-    let view = shop.view().await?.to_string();
-    for row in view.lines() {
+    let view = shop.view().await?.clone();
+    for row in view.to_string().lines() {
         out.say(row.to_owned());
     }
+    out.say("");
+    sales_report_sees_no_personal_data(shop, out, &view).await
+}
+
+/// Reporting's sales report, fed by the analytics federation hub from the User and
+/// Order services' events: every customer and order is in it, its revenue is that of
+/// the completed orders, and it never received a name, an e-mail address or a card
+/// token.
+pub async fn sales_report_sees_no_personal_data(
+    shop: &mut Shop,
+    out: &mut Narrative,
+    view: &super::view::OrderView,
+) -> Result<(), ScenarioError> {
+    const S: &str = "report";
+    let report = shop.report().await?.clone();
+    out.say("Sales report (Reporting, fed by the analytics hub: User* renamed Customer*, personal data redacted):");
+    for row in report.to_string().lines() {
+        out.say(row.to_owned());
+    }
+    let users = shop
+        .log(ServiceName::User)
+        .await?
+        .iter()
+        .filter(|e| e.event_type.as_str() == "UserRegistered")
+        .count();
+    ensure!(
+        S,
+        report.customers.len() == users,
+        "{} customers reported for {users} users",
+        report.customers.len()
+    );
+    ensure!(
+        S,
+        report.customers.values().all(|email| email == "[redacted]"),
+        "an e-mail address reached Reporting: {:?}",
+        report.customers
+    );
+    ensure!(
+        S,
+        !report.cards.is_empty() && report.cards.iter().all(|card| card == "[redacted]"),
+        "a card token reached Reporting: {:?}",
+        report.cards
+    );
+    ensure!(
+        S,
+        report.orders.len() == view.orders.len(),
+        "{} orders reported, {} in the view",
+        report.orders.len(),
+        view.orders.len()
+    );
+    let revenue: u64 = view
+        .orders
+        .values()
+        .filter(|o| o.status == "completed")
+        .map(|o| o.total)
+        .sum();
+    ensure!(
+        S,
+        report.revenue() == revenue,
+        "revenue {} reported, {} completed",
+        money(report.revenue()),
+        money(revenue)
+    );
+    out.say(format!(
+        "    checked: {users} customers and {} orders reported, revenue {} as completed; no name, e-mail or card reached Reporting",
+        report.orders.len(),
+        money(revenue)
+    ));
     Ok(())
 }

@@ -50,11 +50,16 @@ pub fn memory_stores() -> Stores {
     (Arc::new(store.clone()), Arc::new(store))
 }
 
-/// The broker the services talk through: one subscriber, and a publisher per service.
+/// Makes the publisher of a service (or hub) on the broker.
+pub type PublisherFactory =
+    Arc<dyn Fn(&eventcore::distributed::ServiceId) -> Arc<dyn EventPublisher> + Send + Sync>;
+
+/// The broker the services talk through: one subscriber, and the publisher of any
+/// service.
 #[derive(Clone)]
 pub struct Broker {
     subscriber: Arc<dyn EventSubscriber>,
-    publishers: Vec<Arc<dyn EventPublisher>>,
+    publishers: PublisherFactory,
 }
 
 impl std::fmt::Debug for Broker {
@@ -66,21 +71,15 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// The in-process broker.
     pub fn in_memory(broker: &InMemoryBroker) -> Self {
+        let publishing = broker.clone();
         Broker {
             subscriber: Arc::new(broker.clone()),
-            publishers: ServiceName::ALL
-                .into_iter()
-                .map(|service| Arc::new(broker.publisher(service.id())) as Arc<dyn EventPublisher>)
-                .collect(),
+            publishers: Arc::new(move |service| Arc::new(publishing.publisher(service.clone()))),
         }
     }
 
-    /// A broker of `subscriber` and `publishers` (one per service, in the order of
-    /// [`ServiceName::ALL`]).
-    pub fn new(
-        subscriber: Arc<dyn EventSubscriber>,
-        publishers: Vec<Arc<dyn EventPublisher>>,
-    ) -> Self {
+    /// A broker of `subscriber`, with `publishers` making each service's publisher.
+    pub fn new(subscriber: Arc<dyn EventSubscriber>, publishers: PublisherFactory) -> Self {
         Broker {
             subscriber,
             publishers,
@@ -94,14 +93,15 @@ impl Broker {
 
     /// The publisher of `service`.
     pub fn publisher(&self, service: ServiceName) -> eventcore::Result<Arc<dyn EventPublisher>> {
-        self.publishers
-            .get(service.index())
-            .cloned()
-            .ok_or_else(|| {
-                eventcore::Error::BusinessRuleViolation(format!(
-                    "no publisher for service {service}"
-                ))
-            })
+        Ok(self.publisher_of(&service.id()))
+    }
+
+    /// The publisher of any service id (a federation hub's).
+    pub fn publisher_of(
+        &self,
+        service: &eventcore::distributed::ServiceId,
+    ) -> Arc<dyn EventPublisher> {
+        (self.publishers)(service)
     }
 }
 
@@ -766,6 +766,7 @@ pub struct Shop {
     ledger: Ledger,
     services: Vec<RunningService>,
     storefront: Storefront,
+    analytics: super::reporting::Analytics,
 }
 
 impl std::fmt::Debug for Shop {
@@ -821,6 +822,7 @@ impl Shop {
                 .push(RunningService::start(name, &stores[name.index()], &broker, &context).await?);
         }
         let storefront = Storefront::start(&broker).await?;
+        let analytics = super::reporting::Analytics::start(&broker).await?;
         let ledger = Ledger::new(stores.clone())?;
         Ok(Shop {
             broker,
@@ -830,6 +832,7 @@ impl Shop {
             stores,
             services,
             storefront,
+            analytics,
         })
     }
 
@@ -989,6 +992,7 @@ impl Shop {
                 progress += service.step().await?;
             }
             progress += self.storefront.step().await?;
+            progress += self.analytics.step().await?;
             if progress == 0 {
                 return Ok(handled);
             }
@@ -1000,6 +1004,12 @@ impl Shop {
     pub async fn view(&mut self) -> eventcore::Result<&OrderView> {
         self.storefront.step().await?;
         Ok(self.storefront.view())
+    }
+
+    /// Reporting's sales report (fed by the analytics federation hub), up to date.
+    pub async fn report(&mut self) -> eventcore::Result<&super::reporting::SalesReport> {
+        self.analytics.step().await?;
+        Ok(self.analytics.report())
     }
 
     /// Steps of the saga with a deadline still pending.

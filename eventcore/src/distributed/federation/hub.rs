@@ -205,6 +205,26 @@ impl FederationHub {
         self.subscription.process(delivery).await
     }
 
+    /// Opens the hub's subscription to its sources (see
+    /// [`SubscriptionRunner::open`]).
+    ///
+    /// # Errors
+    ///
+    /// The transport's errors.
+    pub async fn open(&mut self) -> Result<()> {
+        self.subscription.open().await
+    }
+
+    /// Routes every source event the subscription holds now, and returns how many (a
+    /// step-by-step driver: [`SubscriptionRunner::process_available`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`SubscriptionRunner::process_available`].
+    pub async fn process_available(&mut self) -> Result<u64> {
+        self.subscription.process_available().await
+    }
+
     /// Publishes what the store holds and the broker does not yet.
     ///
     /// # Errors
