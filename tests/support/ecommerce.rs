@@ -743,6 +743,12 @@ macro_rules! ecommerce_tests {
 
         $(#[$attr])*
         #[tokio::test]
+        async fn answers_from_the_wrong_stream_move_nothing() {
+            $crate::ecommerce::answers_from_the_wrong_stream_move_nothing($stores).await;
+        }
+
+        $(#[$attr])*
+        #[tokio::test]
         async fn bad_order_input_is_refused() {
             $crate::ecommerce::bad_order_input_is_refused($stores).await;
         }
@@ -765,4 +771,72 @@ macro_rules! ecommerce_tests {
         $crate::ecommerce_tests!(@scenario [$($attr),*] $($rest),*);
     };
     (@scenario [$($attr:meta),*]) => {};
+}
+
+/// A `PaymentCaptured` naming the order but written on another stream (another
+/// service's, or another order's payment) does not answer the saga's payment step; the
+/// same answer from the order's own payment stream does.
+pub async fn answers_from_the_wrong_stream_move_nothing<F, Fut>(stores: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Stores>,
+{
+    use eventcore::distributed::{Delivery, DistributedEvent};
+    use eventcore::saga::StepStatus;
+    use eventcore_examples::distributed_ecommerce::order_saga::steps;
+
+    let mut base = shop(stores).await;
+    place(&mut base, Ending::TimedOut).await;
+    base.settle().await.expect("settles");
+    let running = |saga: &eventcore::saga::SagaState| {
+        matches!(
+            saga.status_of(steps::PAYMENT),
+            Some(StepStatus::Running { .. })
+        )
+    };
+    assert!(
+        running(&base.saga("X-1").await.expect("saga")),
+        "waiting for the gateway"
+    );
+    let answer = |stream: &str, position: u64| {
+        let recorded = RecordedEvent::new(
+            eventcore::EventId::new(),
+            StreamId::try_new(stream).expect("valid"),
+            eventcore::StreamVersion::new(9),
+            GlobalPosition::new(position),
+            eventcore::EventType::try_new("PaymentCaptured").expect("valid"),
+            eventcore::EventPayload::from_json(
+                r#"{"order_id":"X-1","amount":4000,"reference":"forged"}"#,
+            )
+            .expect("valid"),
+            Arc::new(eventcore::EventMetadata::default()),
+            Utc::now(),
+        );
+        let event =
+            DistributedEvent::from_recorded(&recorded, &ServiceName::Payment.id(), Utc::now())
+                .expect("readable");
+        Delivery::new(event, ServiceName::Payment.topic(), position, 1)
+    };
+    for wrong in ["payment-Y-9", "shipment-X-1", "reservation-X-1"] {
+        base.running_mut(ServiceName::Order)
+            .redeliver("order-saga", &answer(wrong, 1_000))
+            .await
+            .expect("handled");
+        assert!(
+            running(&base.saga("X-1").await.expect("saga")),
+            "an answer on {wrong} moved the payment step"
+        );
+    }
+    base.running_mut(ServiceName::Order)
+        .redeliver("order-saga", &answer("payment-X-1", 1_001))
+        .await
+        .expect("handled");
+    assert_eq!(
+        base.saga("X-1")
+            .await
+            .expect("saga")
+            .status_of(steps::PAYMENT),
+        Some(&StepStatus::Succeeded),
+        "the answer from the order's payment stream counts"
+    );
 }

@@ -61,6 +61,11 @@ pub struct OrderSaga {
     pub payment_timeout: Duration,
 }
 
+/// How long the reservation and shipping steps wait for the other service's answer
+/// before the saga compensates: they answer at once when they are up, so only a service
+/// that is down or keeps failing on the request (its subscription parks it) reaches it.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
 impl OrderSaga {
     /// The saga's name: its streams are `saga/order-fulfilment/<order id>`.
     pub const NAME: &'static str = "order-fulfilment";
@@ -77,9 +82,9 @@ impl Saga for OrderSaga {
     fn steps(&self) -> Vec<SagaStep> {
         vec![
             SagaStep::new(steps::PLACE_ORDER),
-            SagaStep::new(steps::RESERVE_STOCK),
+            SagaStep::new(steps::RESERVE_STOCK).with_timeout(ANSWER_TIMEOUT),
             SagaStep::new(steps::PAYMENT).with_timeout(self.payment_timeout),
-            SagaStep::new(steps::SHIPPING),
+            SagaStep::new(steps::SHIPPING).with_timeout(ANSWER_TIMEOUT),
             SagaStep::new(steps::COMPLETE),
         ]
     }
@@ -99,6 +104,33 @@ impl Saga for OrderSaga {
     }
 
     fn on_event(&self, event: &StoredEvent<ShopEvent>) -> Option<SagaTrigger<OrderSagaInput>> {
+        // An answer counts only from the stream the answering service keeps for that
+        // order (`reservation-`, `payment-`, `shipment-<order id>`), and a start only
+        // from the order's own stream: an event that merely names the order elsewhere
+        // moves nothing.
+        let from = |stream: Result<eventcore::StreamId, eventcore::Error>| {
+            stream.is_ok_and(|stream| stream == event.stream_id)
+        };
+        let trusted = match &event.payload {
+            ShopEvent::Order(order) => from(order_stream(order.order_id())),
+            ShopEvent::Inventory(
+                InventoryEvent::StockReservationConfirmed { order_id }
+                | InventoryEvent::StockReservationRefused { order_id, .. },
+            ) => from(super::contracts::reservation_stream(order_id)),
+            ShopEvent::Payment(
+                PaymentEvent::PaymentCaptured { order_id, .. }
+                | PaymentEvent::PaymentDeclined { order_id, .. },
+            ) => from(super::contracts::payment_stream(order_id)),
+            ShopEvent::Shipping(
+                ShippingEvent::ShipmentCreated { order_id, .. }
+                | ShippingEvent::ShipmentRefused { order_id, .. },
+            ) => from(super::contracts::shipment_stream(order_id)),
+            _ => false,
+        };
+        if !trusted {
+            tracing::warn!(stream = %event.stream_id, event_id = %event.event_id, "not from the stream that answers for its order; ignored");
+            return None;
+        }
         match &event.payload {
             ShopEvent::Order(OrderEvent::OrderCreated {
                 order_id,
