@@ -1,4 +1,6 @@
-//! The e-commerce example as five OS processes on NATS JetStream and PostgreSQL: the
+//! The e-commerce example over NATS JetStream: its nine scenarios with the services in
+//! one process talking over JetStream, and the services as five OS processes on NATS and
+//! PostgreSQL: the
 //! driver's orders go through them, the Payment service is killed (SIGKILL) in the
 //! middle of the sagas and started again; afterwards every order ended as it should in
 //! each service's own store, each effect once, every event of an order carries its
@@ -254,4 +256,41 @@ async fn five_processes_end_every_order_once_with_a_service_killed_mid_saga() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(nats_tests),
+    ignore = "set NATS_URL (scripts/test provisions one) to run the NATS tests"
+)]
+async fn the_nine_scenarios_hold_with_the_services_talking_over_nats_jetstream() {
+    use eventcore::ProjectionErrorPolicy;
+    use eventcore_examples::distributed_ecommerce::payment::FakeGateway;
+    use eventcore_examples::distributed_ecommerce::scenarios::{Narrative, run_all};
+    use eventcore_examples::distributed_ecommerce::shop::{Environment, Shop, memory_stores};
+
+    let prefix = format!("ecn_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let client = async_nats::connect(eventcore_tests::nats::nats_url())
+        .await
+        .expect("connects");
+    let broker = Deployment { prefix }.broker(client).expect("valid prefix");
+    let env = Environment {
+        clock: eventcore::saga::ManualClock::new(chrono::Utc::now()),
+        gateway: std::sync::Arc::new(FakeGateway::default()),
+        policy: ProjectionErrorPolicy::new().with_max_attempts(1),
+    };
+    let stores = ServiceName::ALL.iter().map(|_| memory_stores()).collect();
+    let mut shop = Shop::start(stores, broker, env)
+        .await
+        .expect("the services start");
+    let mut out = Narrative::quiet();
+    run_all(&mut shop, &mut out)
+        .await
+        .expect("every scenario holds over NATS");
+    assert!(
+        out.lines()
+            .iter()
+            .any(|l| l.contains("no name, e-mail or card reached Reporting")),
+        "the sales report was checked"
+    );
 }

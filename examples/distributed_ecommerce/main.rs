@@ -11,7 +11,8 @@
 //! By default everything runs in this process over in-memory stores and the in-memory
 //! broker, deterministic, and needs no services. With `DATABASE_URL` set each service
 //! gets its own PostgreSQL schema, `ecommerce_<random>_<service>` (printed; drop them
-//! when done). The saga's deadlines and the gateway's circuit breaker run on a manual
+//! when done); with `NATS_URL` set the services talk over NATS JetStream (streams and
+//! consumers under a fresh prefix, printed). The saga's deadlines and the gateway's circuit breaker run on a manual
 //! clock the example moves forward, so the timeout scenarios do not wait 30 real
 //! seconds.
 //!
@@ -40,6 +41,7 @@ use eventcore::saga::ManualClock;
 use eventcore::{EventId, ProjectionErrorPolicy};
 use eventcore_examples::distributed_ecommerce::contracts::ServiceName;
 use eventcore_examples::distributed_ecommerce::payment::FakeGateway;
+use eventcore_examples::distributed_ecommerce::process::Deployment;
 use eventcore_examples::distributed_ecommerce::scenarios::{Narrative, run_all};
 use eventcore_examples::distributed_ecommerce::shop::{
     Broker, Environment, Shop, Stores, memory_stores,
@@ -114,7 +116,35 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("Broker: in memory\n");
+    let broker = match std::env::var("NATS_URL") {
+        Ok(url) => {
+            let suffix = EventId::new().as_uuid().simple().to_string();
+            let deployment = Deployment {
+                prefix: format!("ecommerce_{}", &suffix[suffix.len() - 8..]),
+            };
+            let broker = match async_nats::connect(&url).await {
+                Ok(client) => deployment.broker(client),
+                Err(error) => Err(error.into()),
+            };
+            match broker {
+                Ok(broker) => {
+                    println!(
+                        "Broker: NATS JetStream at {url}, prefix {} (streams and consumers stay: remove them when done)\n",
+                        deployment.prefix
+                    );
+                    broker
+                }
+                Err(error) => {
+                    eprintln!("cannot use NATS at {url}: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Err(_) => {
+            println!("Broker: in memory (set NATS_URL to use NATS JetStream)\n");
+            Broker::in_memory(&InMemoryBroker::new())
+        }
+    };
     let env = Environment {
         clock: ManualClock::new(Utc::now().trunc_subsecs(0)),
         gateway: Arc::new(FakeGateway::default()),
@@ -122,7 +152,6 @@ async fn main() -> ExitCode {
         // the scenarios never wait for a backoff.
         policy: ProjectionErrorPolicy::new().with_max_attempts(1),
     };
-    let broker = Broker::in_memory(&InMemoryBroker::new());
     let mut shop = match Shop::start(stores, broker, env).await {
         Ok(shop) => shop,
         Err(error) => {
