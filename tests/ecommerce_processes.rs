@@ -32,7 +32,9 @@ fn spawn(service: ServiceName, prefix: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ecommerce-service"))
         .arg(service.as_str())
         .env("ECOMMERCE_PREFIX", prefix)
-        .env("ECOMMERCE_PAYMENT_TIMEOUT_SECS", "3")
+        // Long enough for an answered payment on a loaded machine; G-1's is never
+        // answered, so the test waits this long once.
+        .env("ECOMMERCE_PAYMENT_TIMEOUT_SECS", "10")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -78,20 +80,27 @@ async fn get(address: &str, path: &str) -> String {
     response
 }
 
-/// Whether some order's saga is past its reservation and not ended: the services are
-/// in the middle of it.
+/// Whether the services are in the middle of G-1's saga (its payment step waits for a
+/// gateway that never answers, so the Payment service must void it after the deadline)
+/// while every other order has ended: killing the Payment service now kills it mid-saga,
+/// and the outcome of every order is still determined.
 async fn mid_saga(ledger: &Ledger) -> bool {
     for (order_id, _) in ORDERS {
         let saga = ledger.saga(order_id).await.expect("reads");
-        let paying = matches!(
-            saga.status_of(steps::PAYMENT),
-            Some(StepStatus::Running { .. })
-        );
-        if paying && !matches!(saga.phase(), SagaPhase::Completed | SagaPhase::Aborted) {
-            return true;
+        let ended = matches!(saga.phase(), SagaPhase::Completed | SagaPhase::Aborted);
+        if order_id == "G-1" {
+            let paying = matches!(
+                saga.status_of(steps::PAYMENT),
+                Some(StepStatus::Running { .. })
+            );
+            if ended || !paying {
+                return false;
+            }
+        } else if !ended {
+            return false;
         }
     }
-    false
+    true
 }
 
 /// Waits (on the Order store's live wait, re-checking at least every second) until
@@ -119,7 +128,8 @@ where
     ignore = "set DATABASE_URL and NATS_URL (scripts/test provisions both) to run the multi-process test"
 )]
 async fn five_processes_end_every_order_once_with_a_service_killed_mid_saga() {
-    let prefix = format!("ecp_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    // `ect_` like every test schema: scripts/test drops them.
+    let prefix = format!("ect_p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let deployment = Deployment {
         prefix: prefix.clone(),
     };
@@ -232,10 +242,8 @@ async fn five_processes_end_every_order_once_with_a_service_killed_mid_saga() {
         let metrics = get(&process.http, "/metrics").await;
         let ready = get(&process.http, "/ready").await;
         assert!(ready.contains("\"status\""), "{service}: {ready}");
-        if *service == ServiceName::Payment {
-            // A new process: its counters start at its restart.
-            continue;
-        }
+        // (The Payment process was restarted: its counters start then, and it voided
+        // G-1's payment after the restart.)
         assert!(
             metrics.contains("eventcore_commands_total{"),
             "{service}: no command metrics"
@@ -269,7 +277,7 @@ async fn the_nine_scenarios_hold_with_the_services_talking_over_nats_jetstream()
     use eventcore_examples::distributed_ecommerce::scenarios::{Narrative, run_all};
     use eventcore_examples::distributed_ecommerce::shop::{Environment, Shop, memory_stores};
 
-    let prefix = format!("ecn_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let prefix = format!("ect_n{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let client = async_nats::connect(eventcore_tests::nats::nats_url())
         .await
         .expect("connects");
@@ -290,7 +298,7 @@ async fn the_nine_scenarios_hold_with_the_services_talking_over_nats_jetstream()
     assert!(
         out.lines()
             .iter()
-            .any(|l| l.contains("no name, e-mail or card reached Reporting")),
+            .any(|l| l.contains("holds a name, e-mail, street or card")),
         "the sales report was checked"
     );
 }

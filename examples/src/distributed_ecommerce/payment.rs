@@ -351,7 +351,7 @@ impl FakeGateway {
         }
         Ok(match Self::behaviour(card) {
             CardBehaviour::Decline => Some(GatewayAnswer::Declined {
-                reason: format!("card {card} declined"),
+                reason: "the card was declined (issuer code 05: do not honour)".to_owned(),
             }),
             CardBehaviour::NeverAnswer => None,
             CardBehaviour::Approve => Some(self.capture(key, description, amount)),

@@ -74,6 +74,27 @@ impl Request {
     }
 }
 
+/// A [`Request`] with the id that makes it happen once: a request sent again (its
+/// answer was lost, the service restarted) finds the first outcome, and the processing
+/// it starts carries the id as its correlation id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRequest {
+    /// The request's id (a UUID the sender chooses once).
+    pub request_id: uuid::Uuid,
+    /// What is asked.
+    pub request: Request,
+}
+
+impl CommandRequest {
+    /// `request` under a new id.
+    pub fn new(request: Request) -> Self {
+        CommandRequest {
+            request_id: uuid::Uuid::now_v7(),
+            request,
+        }
+    }
+}
+
 /// The answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -95,19 +116,33 @@ pub fn command_subject(prefix: &str, service: ServiceName) -> String {
     format!("{prefix}.{service}.commands")
 }
 
-/// Executes `request` on `service`'s own store.
+/// Executes `request` on `service`'s own store, once per request id.
 pub async fn execute(
     service: ServiceName,
     executor: &eventcore::CommandExecutor,
-    request: Request,
+    request: CommandRequest,
 ) -> Reply {
+    let CommandRequest {
+        request_id,
+        request,
+    } = request;
     if request.service() != service {
         return Reply::Refused {
             reason: format!("the {service} service does not take {request:?}"),
         };
     }
-    let correlation = CorrelationId::new();
-    let options = ExecutionOptions::new().with_correlation_id(correlation);
+    let correlation = CorrelationId::from_uuid(request_id);
+    let key = match eventcore::IdempotencyKey::try_new(format!("request-{request_id}")) {
+        Ok(key) => key,
+        Err(error) => {
+            return Reply::Refused {
+                reason: error.to_string(),
+            };
+        }
+    };
+    let options = ExecutionOptions::new()
+        .with_correlation_id(correlation)
+        .with_idempotency_key(key);
     let result = match request {
         Request::RegisterUser {
             user_id,
@@ -172,7 +207,7 @@ pub async fn serve_commands(
                 None => return Ok(()),
             },
         };
-        let reply = match serde_json::from_slice::<Request>(&message.payload) {
+        let reply = match serde_json::from_slice::<CommandRequest>(&message.payload) {
             Ok(request) => {
                 // The root of the trace of everything the command causes, in every
                 // service (the events carry its context across the broker).
@@ -292,9 +327,9 @@ impl Deployment {
     }
 }
 
-/// Sends `request` to its service and waits for the answer, asking again while no
-/// instance answers (a service still starting, or restarting) until `patience` runs
-/// out.
+/// Sends `request` to its service and waits for the answer, asking again (with the same
+/// request id: it happens once) while no instance answers (a service still starting, or
+/// restarting, or an answer lost) until `patience` runs out.
 ///
 /// # Errors
 ///
@@ -302,10 +337,10 @@ impl Deployment {
 pub async fn send(
     client: &async_nats::Client,
     prefix: &str,
-    request: &Request,
+    request: &CommandRequest,
     patience: Duration,
 ) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
-    let subject = command_subject(prefix, request.service());
+    let subject = command_subject(prefix, request.request.service());
     let body = serde_json::to_vec(request)?;
     let deadline = tokio::time::Instant::now() + patience;
     loop {
@@ -407,14 +442,15 @@ pub async fn place_orders(
             quantity: 1,
         },
     ];
-    for request in &setup {
-        if let Reply::Refused { reason } = send(client, prefix, request, patience).await? {
+    for request in setup {
+        let request = CommandRequest::new(request);
+        if let Reply::Refused { reason } = send(client, prefix, &request, patience).await? {
             return Err(format!("{request:?} refused: {reason}").into());
         }
     }
     let mut placed = Vec::new();
     for (order_id, ending) in ORDERS {
-        let request = driver_order(order_id, ending);
+        let request = CommandRequest::new(driver_order(order_id, ending));
         let deadline = tokio::time::Instant::now() + patience;
         // The Order service takes the order once it has the customer's profile (from
         // the User service's `UserRegistered`, over the broker).
@@ -608,16 +644,14 @@ pub async fn run_service(service: ServiceName, http: &str) -> Result<(), BoxErro
         database_url.as_deref(),
     )
     .await?;
-    // The topics it reads exist once their publishers started: wait for them.
-    let mut waited = 0u32;
+    // The topics it reads exist once their publishers started: wait for them (a
+    // minute at most).
+    let waiting_since = tokio::time::Instant::now();
     while let Err(error) = running.open().await {
-        waited += 1;
-        if waited > 600 {
+        if waiting_since.elapsed() > Duration::from_secs(60) {
             return Err(format!("the topics it subscribes to never appeared: {error}").into());
         }
-        if waited == 1 {
-            tracing::info!(%error, "waiting for the other services' topics");
-        }
+        tracing::debug!(%error, "waiting for the other services' topics");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let health = running.health_checks(&broker, &context, Duration::from_secs(60))?;
@@ -653,11 +687,31 @@ pub async fn run_service(service: ServiceName, http: &str) -> Result<(), BoxErro
         wait(stopped.clone()),
     );
     let runners = running.run(wait(stopped.clone()));
+    // Whichever part ends (for good, or on the signal), the others stop too: a service
+    // never goes on half working.
+    let stop = &stop;
+    let ending = |part| async move {
+        let ended = part.await;
+        let _ = stop.send(true);
+        ended
+    };
     let signal = async {
-        terminated().await;
+        tokio::select! {
+            () = terminated() => {}
+            () = wait(stopped.clone()) => {}
+        }
         let _ = stop.send(true);
     };
-    let (served, answered, ran, ()) = tokio::join!(endpoints, commands, runners, signal);
+    let endpoints = async { endpoints.await.map_err(BoxError::from) };
+    let (served, answered, ran, ()) = tokio::join!(
+        ending(Box::pin(endpoints)
+            as std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send + '_>,
+            >),
+        ending(Box::pin(commands)),
+        ending(Box::pin(async { runners.await.map_err(BoxError::from) })),
+        signal
+    );
     let _ = registered.deregister().await;
     let _ = tracer.shutdown();
     served?;

@@ -202,6 +202,7 @@ fn name_error(error: impl fmt::Display) -> eventcore::Error {
 /// The hub and the Reporting consumer, each with its own in-memory store.
 pub struct Analytics {
     hub: FederationHub,
+    hub_store: InMemoryEventStore,
     report: SubscriptionRunner<ProjectionHandler<SalesReport>>,
 }
 
@@ -227,7 +228,7 @@ impl Analytics {
         let mut hub = FederationHub::new(
             router,
             Arc::new(hub_store.clone()),
-            Arc::new(hub_store),
+            Arc::new(hub_store.clone()),
             Arc::clone(broker.subscriber()),
             publisher,
         )?;
@@ -246,7 +247,11 @@ impl Analytics {
             CommandExecutor::new(store),
         )?;
         report.open().await?;
-        Ok(Analytics { hub, report })
+        Ok(Analytics {
+            hub,
+            hub_store,
+            report,
+        })
     }
 
     /// Routes what the sources published, publishes it, and lets Reporting apply it;
@@ -256,6 +261,18 @@ impl Analytics {
         let published = self.hub.publish_available().await?.published;
         let applied = self.report.process_available().await?;
         Ok(routed + published + applied)
+    }
+
+    /// Every event the hub forwarded (its store: what it published), as written.
+    ///
+    /// # Errors
+    ///
+    /// The hub store's errors.
+    pub async fn forwarded(&self) -> eventcore::Result<Vec<eventcore::RecordedEvent>> {
+        use eventcore::EventStore as _;
+        self.hub_store
+            .read_all(&eventcore::LogQuery::new().with_stream_prefix("federated/"))
+            .await
     }
 
     /// The report.

@@ -1382,10 +1382,40 @@ pub async fn sales_report_sees_no_personal_data(
         money(report.revenue()),
         money(revenue)
     );
+    // And in what the hub published, as written: no personal datum at all.
+    let forwarded = shop.forwarded().await?;
+    let customers = forwarded
+        .iter()
+        .filter(|e| e.event_type.as_str() == "CustomerRegistered")
+        .count();
+    ensure!(
+        S,
+        customers == users && forwarded.len() > users,
+        "the hub forwarded {} events, {customers} of them customers",
+        forwarded.len()
+    );
+    for event in &forwarded {
+        let payload = event.payload.as_str();
+        for personal in [
+            "@example.com",
+            "(customer)",
+            "Main Street",
+            "4242-",
+            "4000-",
+        ] {
+            ensure!(
+                S,
+                !payload.contains(personal),
+                "the hub forwarded {personal:?} in {}: {payload}",
+                event.event_type.as_str()
+            );
+        }
+    }
     out.say(format!(
-        "    checked: {users} customers and {} orders reported, revenue {} as completed; no name, e-mail or card reached Reporting",
+        "    checked: {users} customers and {} orders reported, revenue {} as completed; none of the {} forwarded events holds a name, e-mail, street or card",
         report.orders.len(),
-        money(revenue)
+        money(revenue),
+        forwarded.len()
     ));
     Ok(())
 }

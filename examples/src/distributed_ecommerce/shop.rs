@@ -1012,6 +1012,11 @@ impl Shop {
         Ok(self.analytics.report())
     }
 
+    /// What the analytics hub forwarded to Reporting, as written.
+    pub async fn forwarded(&self) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.analytics.forwarded().await
+    }
+
     /// Steps of the saga with a deadline still pending.
     pub fn pending_deadlines(&self) -> usize {
         match &self.services[ServiceName::Order.index()].parts {
