@@ -5,9 +5,13 @@
 #   scripts/pg-limit.sh [--duration SECS]
 #
 # Uses DATABASE_URL, or starts a throwaway cluster like scripts/test. Prints, for
-# concurrency 1 and 8: one INSERT per transaction (the ceiling for W1 and W5); a
-# two-stream transaction (two version checks and two INSERTs, the hand-written W2); and
-# a paged ordered scan of 100,000 rows (the ceiling for W4), in rows/s.
+# concurrency 1 and 8: one INSERT per transaction (the ceiling for W1 and W5); one
+# statement inserting a row into each of two streams (the ceiling for what W2 writes);
+# a two-stream transaction (two version reads and one two-row INSERT, the W2 a user
+# would write by hand); and a paged ordered scan of 100,000 rows (the ceiling for W4),
+# in rows/s. pgbench runs with prepared statements (`-M prepared`), as the store sends
+# its statements: the simple protocol would parse and plan every statement again and
+# put the limit too low.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +55,13 @@ INSERT INTO $schema.events (event_id, stream_id, stream_version, event_type, pay
 VALUES (gen_random_uuid(), 'raw-' || gen_random_uuid(), 1, 'Deposited', '{"amount":1}', '$metadata');
 SQL
 
+# One statement, two rows in two streams: what W2 writes, without the reads or checks.
+cat > "$dir/two_rows.sql" <<SQL
+INSERT INTO $schema.events (event_id, stream_id, stream_version, event_type, payload, metadata)
+VALUES (gen_random_uuid(), 'raw-' || gen_random_uuid(), 1, 'Withdrawn', '{"amount":1}', '$metadata'),
+       (gen_random_uuid(), 'raw-' || gen_random_uuid(), 1, 'Deposited', '{"amount":1}', '$metadata');
+SQL
+
 # Two accounts out of 1,000: read both versions, append one event to each. A concurrent
 # writer that took a version first makes the insert do nothing (EventCore would report a
 # conflict and retry): rare with 1,000 accounts, and it keeps pgbench's clients running.
@@ -70,13 +81,15 @@ SQL
 run() {
     local name=$1 clients=$2 file=$3
     local tps
-    tps=$("$pgbench" -n -c "$clients" -j "$clients" -T "$duration" -f "$file" "$DATABASE_URL" 2>/dev/null \
+    tps=$("$pgbench" -n -M prepared -c "$clients" -j "$clients" -T "$duration" -f "$file" "$DATABASE_URL" 2>/dev/null \
         | awk '/^tps/ { printf "%.0f", $3 }' || true)
     printf '{"limit":"%s","concurrency":%d,"tps":%s}\n' "$name" "$clients" "${tps:-null}"
 }
 
 run one_insert 1 "$dir/one_insert.sql"
 run one_insert 8 "$dir/one_insert.sql"
+run two_rows 1 "$dir/two_rows.sql"
+run two_rows 8 "$dir/two_rows.sql"
 run two_streams 1 "$dir/two_streams.sql"
 run two_streams 8 "$dir/two_streams.sql"
 
