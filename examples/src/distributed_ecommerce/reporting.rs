@@ -195,10 +195,6 @@ impl fmt::Display for SalesReport {
     }
 }
 
-fn name_error(error: impl fmt::Display) -> eventcore::Error {
-    eventcore::Error::BusinessRuleViolation(format!("name: {error}"))
-}
-
 /// The hub and the Reporting consumer, each with its own in-memory store.
 pub struct Analytics {
     hub: FederationHub,
@@ -223,7 +219,7 @@ impl Analytics {
         let hub_store = InMemoryEventStore::new();
         let publisher = broker.publisher_of(router.hub());
         publisher
-            .declare_topics(&[Topic::try_new(REPORTING_TOPIC).map_err(name_error)?])
+            .declare_topics(&[Topic::try_new(REPORTING_TOPIC)?])
             .await?;
         let mut hub = FederationHub::new(
             router,
@@ -236,9 +232,9 @@ impl Analytics {
         let store = InMemoryEventStore::new();
         let checkpoints: Arc<dyn CheckpointStore> = Arc::new(store.clone());
         let spec = SubscriptionSpec::new(
-            ServiceId::try_new("reporting").map_err(name_error)?,
-            SubscriptionName::try_new("sales-report").map_err(name_error)?,
-            [Topic::try_new(REPORTING_TOPIC).map_err(name_error)?],
+            ServiceId::try_new("reporting")?,
+            SubscriptionName::try_new("sales-report")?,
+            [Topic::try_new(REPORTING_TOPIC)?],
         );
         let mut report = SubscriptionRunner::new(
             Arc::clone(broker.subscriber()),

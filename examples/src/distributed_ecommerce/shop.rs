@@ -92,8 +92,8 @@ impl Broker {
     }
 
     /// The publisher of `service`.
-    pub fn publisher(&self, service: ServiceName) -> eventcore::Result<Arc<dyn EventPublisher>> {
-        Ok(self.publisher_of(&service.id()))
+    pub fn publisher(&self, service: ServiceName) -> Arc<dyn EventPublisher> {
+        self.publisher_of(&service.id())
     }
 
     /// The publisher of any service id (a federation hub's).
@@ -130,9 +130,7 @@ pub fn subscription(
     name: &str,
     from: &[ServiceName],
 ) -> eventcore::Result<SubscriptionSpec> {
-    let name = SubscriptionName::try_new(name).map_err(|error| {
-        eventcore::Error::BusinessRuleViolation(format!("subscription name: {error}"))
-    })?;
+    let name = SubscriptionName::try_new(name)?;
     Ok(SubscriptionSpec::new(
         service.id(),
         name,
@@ -179,7 +177,7 @@ impl Service {
         stores: &Stores,
         broker: &Broker,
     ) -> eventcore::Result<Self> {
-        let publisher = broker.publisher(name)?;
+        let publisher = broker.publisher(name);
         let policy = publication_policy(name)?;
         publisher.declare_topics(&policy.topics()).await?;
         Ok(Service {
@@ -717,11 +715,8 @@ impl Storefront {
     pub async fn start(broker: &Broker) -> eventcore::Result<Self> {
         let store = InMemoryEventStore::new();
         let checkpoints: Arc<dyn CheckpointStore> = Arc::new(store.clone());
-        let service = eventcore::distributed::ServiceId::try_new("storefront")
-            .map_err(|e| eventcore::Error::BusinessRuleViolation(format!("service id: {e}")))?;
-        let name = SubscriptionName::try_new("order-view").map_err(|e| {
-            eventcore::Error::BusinessRuleViolation(format!("subscription name: {e}"))
-        })?;
+        let service = eventcore::distributed::ServiceId::try_new("storefront")?;
+        let name = SubscriptionName::try_new("order-view")?;
         let spec = SubscriptionSpec::new(
             service,
             name,
@@ -811,7 +806,7 @@ impl Shop {
         // subscriber waits for it instead).
         for name in ServiceName::ALL {
             broker
-                .publisher(name)?
+                .publisher(name)
                 .declare_topics(&publication_policy(name)?.topics())
                 .await?;
         }
