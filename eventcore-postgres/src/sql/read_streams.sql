@@ -1,6 +1,17 @@
--- Every event of the given streams, in global order, in one statement (one snapshot).
-SELECT global_position, event_id, stream_id, stream_version, event_type,
-       payload::text AS payload, metadata::text AS metadata, recorded_at
-  FROM {schema}.events
- WHERE stream_id = ANY($1)
- ORDER BY global_position
+-- Every event of the given streams ($1: ids, sorted, each once), in global order, in one
+-- statement (one snapshot). Each stream is read through its own index scan: the lateral
+-- subquery is kept apart from the join (OFFSET 0), so that the plan cannot become a
+-- scan of the whole table joined by hash. The store's statements are prepared, and a
+-- generic plan made while the table was small (its statistics not analyzed yet) would
+-- be kept for the connection's life: measured at 1.9 ms a read of one stream in a
+-- table of 64,000 events, against 0.03 ms through the index.
+SELECT x.global_position, x.event_id, x.stream_id, x.stream_version, x.event_type,
+       x.payload::text AS payload, x.metadata::text AS metadata, x.recorded_at
+  FROM unnest($1::text[]) AS wanted(stream_id)
+ CROSS JOIN LATERAL (
+       SELECT e.global_position, e.event_id, e.stream_id, e.stream_version, e.event_type,
+              e.payload, e.metadata, e.recorded_at
+         FROM {schema}.events e
+        WHERE e.stream_id = wanted.stream_id
+       OFFSET 0) AS x
+ ORDER BY x.global_position
