@@ -142,7 +142,18 @@ async fn install_gate(conn: &mut PgConnection, schema: &SchemaName, stream: &Str
 /// An append that read the sequence, then waited for its stream, must not take a mark
 /// below positions committed (and seen by readers) while it waited: the horizon would
 /// move backwards, hiding events readers already returned.
-async fn mark_after_wait_scenario(one_statement: bool) {
+/// Which of the store's three append paths a scenario's request takes.
+#[derive(Clone, Copy)]
+enum AppendPath {
+    /// One event to one stream at an exact version (`sql/append_one.sql`).
+    OneEvent,
+    /// Every stream at an exact version (`sql/append_many.sql`).
+    ManyStreams,
+    /// Anything else (`eventcore_append`).
+    General,
+}
+
+async fn mark_after_wait_scenario(path: AppendPath) {
     let schema = fresh_schema();
     let store = store_in(&schema).await;
     let (a, b, s) = (stream("a"), stream("b"), stream("s"));
@@ -175,20 +186,35 @@ async fn mark_after_wait_scenario(one_statement: bool) {
         &format!("SELECT pg_advisory_xact_lock({key})"),
     )
     .await;
-    let request = if one_statement {
-        AppendRequest::single(s.clone(), ExpectedVersion::NoStream, vec![deposit(2)])
-    } else {
-        AppendRequest::single(
+    let request = match path {
+        AppendPath::OneEvent => {
+            AppendRequest::single(s.clone(), ExpectedVersion::NoStream, vec![deposit(2)])
+        }
+        AppendPath::ManyStreams => AppendRequest::new()
+            .with_stream(StreamAppend::new(
+                s.clone(),
+                ExpectedVersion::NoStream,
+                vec![deposit(2)],
+            ))
+            .with_stream(StreamAppend::new(
+                stream("t"),
+                ExpectedVersion::NoStream,
+                vec![deposit(3)],
+            )),
+        AppendPath::General => AppendRequest::single(
             s.clone(),
             ExpectedVersion::Any,
             vec![deposit(2), deposit(3)],
-        )
+        ),
     };
     let waiting = {
         let store = store.clone();
         tokio::spawn(async move { store.append(request).await })
     };
-    backend_waiting_for(&mut control, key).await;
+    let pid = backend_waiting_for(&mut control, key).await;
+    if matches!(path, AppendPath::ManyStreams) {
+        runs_the_one_statement_append(&mut control, pid).await;
+    }
 
     // Meanwhile another append commits, and readers see it.
     store
@@ -236,7 +262,16 @@ async fn mark_after_wait_scenario(one_statement: bool) {
     ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
 )]
 async fn a_single_event_append_marks_after_it_waited_for_its_stream() {
-    mark_after_wait_scenario(true).await;
+    mark_after_wait_scenario(AppendPath::OneEvent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+async fn a_one_statement_append_of_several_streams_marks_after_it_waited_for_them() {
+    mark_after_wait_scenario(AppendPath::ManyStreams).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -245,7 +280,166 @@ async fn a_single_event_append_marks_after_it_waited_for_its_stream() {
     ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
 )]
 async fn a_general_append_marks_after_it_waited_for_its_streams() {
-    mark_after_wait_scenario(false).await;
+    mark_after_wait_scenario(AppendPath::General).await;
+}
+
+/// Asserts that backend `pid` is running the one-statement append of several streams
+/// (`sql/append_many.sql`), not `eventcore_append`.
+async fn runs_the_one_statement_append(control: &mut PgConnection, pid: i32) {
+    let query: String = sqlx::query_scalar("SELECT query FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(&mut *control)
+        .await
+        .expect("pg_stat_activity");
+    assert!(
+        query.trim_start().starts_with("WITH wanted AS"),
+        "the append under test took another path: {query}"
+    );
+}
+
+/// Holds `stream`'s lock exclusively in an open transaction on `writer` and writes its
+/// next event there, as a concurrent append would, uncommitted until the caller says.
+async fn write_under_lock(
+    writer: &mut PgConnection,
+    control: &mut PgConnection,
+    schema: &SchemaName,
+    stream: &StreamId,
+    version: u64,
+) -> i64 {
+    let key = stream_key(control, schema, stream).await;
+    exec(writer, "BEGIN").await;
+    exec(writer, &format!("SELECT pg_advisory_xact_lock({key})")).await;
+    sqlx::query(&format!(
+        "INSERT INTO \"{schema}\".events (global_position, event_id, stream_id, stream_version,
+                                          event_type, payload, metadata)
+         VALUES (nextval('\"{schema}\".global_position_seq'), gen_random_uuid(), $1, $2,
+                 'Deposited', '{{\"amount\":5}}', '{{}}')"
+    ))
+    .bind(stream.as_str())
+    .bind(i64::try_from(version).expect("small"))
+    .execute(&mut *writer)
+    .await
+    .expect("the concurrent write");
+    key
+}
+
+/// An append of several streams at exact versions reads their versions in its
+/// statement's snapshot and only then queues for their locks. A stream it only reads
+/// that another append writes meanwhile (committed after the snapshot, before the lock
+/// was granted) must fail the append with a conflict: nothing is written, and no
+/// decision is committed on the stale read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+async fn a_read_only_participant_written_while_the_append_queued_is_a_conflict() {
+    let schema = fresh_schema();
+    let store = store_in(&schema).await;
+    let (read_only, written) = (stream("limits"), stream("account"));
+    store
+        .append(AppendRequest::single(
+            read_only.clone(),
+            ExpectedVersion::NoStream,
+            vec![deposit(1)],
+        ))
+        .await
+        .expect("setup");
+
+    let mut control = raw_connection().await;
+    let mut writer = raw_connection().await;
+    let key = write_under_lock(&mut writer, &mut control, &schema, &read_only, 2).await;
+    let request = AppendRequest::new()
+        .with_stream(StreamAppend::check_only(
+            read_only.clone(),
+            ExpectedVersion::Exact(eventcore::StreamVersion::new(1)),
+        ))
+        .with_stream(StreamAppend::new(
+            written.clone(),
+            ExpectedVersion::NoStream,
+            vec![deposit(2)],
+        ));
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(request).await })
+    };
+    // The append read version 1 (the write is not committed) and queues for the lock.
+    let pid = backend_waiting_for(&mut control, key).await;
+    runs_the_one_statement_append(&mut control, pid).await;
+    exec(&mut writer, "COMMIT").await;
+
+    let outcome = tokio::time::timeout(HANG_GUARD, waiting)
+        .await
+        .expect("the append ends")
+        .expect("task");
+    match outcome {
+        Err(Error::VersionConflict { conflicts }) => {
+            assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+            assert_eq!(conflicts[0].stream, read_only);
+            assert_eq!(conflicts[0].actual.value(), 2);
+        }
+        other => panic!("a decision on a stale read was committed: {other:?}"),
+    }
+    let read = store.read_streams(&[written]).await.expect("read");
+    assert!(
+        read.events.is_empty(),
+        "nothing is written: {:?}",
+        read.events
+    );
+}
+
+/// The same for a stream the append writes: a version taken after the statement's
+/// snapshot fails the whole append (the other stream gets nothing) with a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+async fn a_written_stream_taken_while_the_append_queued_is_a_conflict() {
+    let schema = fresh_schema();
+    let store = store_in(&schema).await;
+    let (from, to) = (stream("from"), stream("to"));
+    let mut control = raw_connection().await;
+    let mut writer = raw_connection().await;
+    let key = write_under_lock(&mut writer, &mut control, &schema, &from, 1).await;
+    let request = AppendRequest::new()
+        .with_stream(StreamAppend::new(
+            from.clone(),
+            ExpectedVersion::NoStream,
+            vec![deposit(-2)],
+        ))
+        .with_stream(StreamAppend::new(
+            to.clone(),
+            ExpectedVersion::NoStream,
+            vec![deposit(2)],
+        ));
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(request).await })
+    };
+    let pid = backend_waiting_for(&mut control, key).await;
+    runs_the_one_statement_append(&mut control, pid).await;
+    exec(&mut writer, "COMMIT").await;
+
+    let outcome = tokio::time::timeout(HANG_GUARD, waiting)
+        .await
+        .expect("the append ends")
+        .expect("task");
+    match outcome {
+        Err(Error::VersionConflict { conflicts }) => {
+            assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+            assert_eq!(conflicts[0].stream, from);
+            assert_eq!(conflicts[0].actual.value(), 1);
+        }
+        other => panic!("expected a conflict on `from`: {other:?}"),
+    }
+    let read = store.read_streams(&[from, to]).await.expect("read");
+    assert_eq!(
+        read.events.len(),
+        1,
+        "only the concurrent write: {:?}",
+        read.events
+    );
 }
 
 /// Records what a projection applied, and publishes the last position.

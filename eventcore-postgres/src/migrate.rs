@@ -26,6 +26,7 @@ const FILES: &[(i64, &str, &str)] = migrations![
     (4, "0004_lean_append.sql"),
     (5, "0005_atomic_marks.sql"),
     (6, "0006_exact_payloads.sql"),
+    (7, "0007_one_statement_appends.sql"),
 ];
 
 /// One embedded file as sqlx's own resolver describes it: the description is the file

@@ -1,5 +1,6 @@
-//! Appends: the one-statement path for a single event at an exact version
-//! (`sql/append_one.sql`), the general path through `eventcore_append`, and what an
+//! Appends: the one-statement paths for a single event at an exact version
+//! (`sql/append_one.sql`) and for any request whose streams all have exact versions
+//! (`sql/append_many.sql`), the general path through `eventcore_append`, and what an
 //! append answers after its connection failed (found, deduplicated, or an unknown
 //! outcome).
 
@@ -62,6 +63,124 @@ pub(super) fn single_exact(request: &AppendRequest) -> eventcore::Result<Option<
         event,
         metadata: metadata_json(&event.metadata)?,
     }))
+}
+
+/// A request the one-statement path for several streams takes: every stream at an exact
+/// version (or no stream yet), without an idempotency key, with at least one event.
+/// Built only for requests the single-event path does not take.
+pub(super) struct ManyAppend<'r> {
+    request: &'r AppendRequest,
+    streams: Vec<&'r str>,
+    /// Each stream's exact version expected; 0 for no stream.
+    expected: Vec<i64>,
+    written: Vec<bool>,
+    event_streams: Vec<&'r str>,
+    event_versions: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    event_types: Vec<&'r str>,
+    payloads: Vec<&'r str>,
+    metadata: Vec<String>,
+}
+
+pub(super) fn many_exact(request: &AppendRequest) -> eventcore::Result<Option<ManyAppend<'_>>> {
+    let n = request.event_count();
+    // Without events there is nothing to write; the general path answers the check.
+    if request.idempotency_key.is_some() || n == 0 {
+        return Ok(None);
+    }
+    let mut many = ManyAppend {
+        request,
+        streams: Vec::with_capacity(request.streams.len()),
+        expected: Vec::with_capacity(request.streams.len()),
+        written: Vec::with_capacity(request.streams.len()),
+        event_streams: Vec::with_capacity(n),
+        event_versions: Vec::with_capacity(n),
+        event_ids: Vec::with_capacity(n),
+        event_types: Vec::with_capacity(n),
+        payloads: Vec::with_capacity(n),
+        metadata: Vec::with_capacity(n),
+    };
+    for stream in &request.streams {
+        let expected = match stream.expected_version {
+            ExpectedVersion::Any => return Ok(None),
+            ExpectedVersion::NoStream => 0,
+            ExpectedVersion::Exact(version) => match i64::try_from(version.value()) {
+                Ok(version) => version,
+                // No stream reaches such a version: the general path reports the
+                // conflict.
+                Err(_) => return Ok(None),
+            },
+        };
+        many.streams.push(stream.stream_id.as_str());
+        many.expected.push(expected);
+        many.written.push(!stream.events.is_empty());
+        for (offset, event) in (1_i64..).zip(&stream.events) {
+            let Some(version) = expected.checked_add(offset) else {
+                return Ok(None);
+            };
+            many.event_streams.push(stream.stream_id.as_str());
+            many.event_versions.push(version);
+            many.event_ids.push(event.event_id.as_uuid());
+            many.event_types.push(event.event_type.as_str());
+            many.payloads.push(event.payload.as_str());
+            many.metadata.push(metadata_json(&event.metadata)?);
+        }
+    }
+    Ok(Some(many))
+}
+
+/// The answer of `sql/append_many.sql`: one row per event written (its position,
+/// recording time and id), or none when a check failed and nothing was written.
+/// Positions are drawn in request order, so sorted they pair with the request's events;
+/// the ids prove it.
+pub(super) fn many_outcome(
+    rows: &[PgRow],
+    many: &ManyAppend<'_>,
+) -> eventcore::Result<Option<AppendOutcome>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    if rows.len() != many.event_ids.len() {
+        return Err(corrupt(format!(
+            "the append answered {} rows for {} events",
+            rows.len(),
+            many.event_ids.len()
+        )));
+    }
+    let mut written = rows
+        .iter()
+        .map(|row| {
+            let position: i64 = row.try_get(0).map_err(decode_error)?;
+            let recorded_at: DateTime<Utc> = row.try_get(1).map_err(decode_error)?;
+            let id: Uuid = row.try_get(2).map_err(decode_error)?;
+            Ok((position_from(position)?, recorded_at, id))
+        })
+        .collect::<eventcore::Result<Vec<_>>>()?;
+    written.sort_unstable_by_key(|(position, _, _)| *position);
+    let events = many
+        .request
+        .streams
+        .iter()
+        .flat_map(|stream| std::iter::repeat(stream).zip(&stream.events))
+        .zip(&many.event_versions)
+        .zip(written)
+        .map(|(((stream, event), version), (position, recorded_at, id))| {
+            if id != event.event_id.as_uuid() {
+                return Err(corrupt(format!(
+                    "the append drew positions out of request order (event {id} where {} was due)",
+                    event.event_id
+                )));
+            }
+            Ok(AppendedEvent::new(
+                event.event_id,
+                stream.stream_id.clone(),
+                version_from(*version)?,
+                position,
+            )
+            .with_recorded_at(recorded_at))
+        })
+        .collect::<eventcore::Result<Vec<_>>>()?;
+    Ok(Some(AppendOutcome::written(events)))
 }
 
 pub(super) fn metadata_json(metadata: &EventMetadata) -> eventcore::Result<String> {
@@ -200,8 +319,8 @@ impl PostgresEventStore {
         // Stored with the key, so that after a lost answer this call can tell its own
         // write from an earlier call's.
         let attempt = Uuid::new_v4();
-        let result = match single_exact(&request)? {
-            Some(single) => match self.append_one(&single).await {
+        let result = if let Some(single) = single_exact(&request)? {
+            match self.append_one(&single).await {
                 // Another append took the version after this statement's snapshot.
                 // Nothing was written: the general path reports the conflict with the
                 // stream's actual version.
@@ -209,8 +328,23 @@ impl PostgresEventStore {
                     self.append_general(&request, attempt).await
                 }
                 result => result,
-            },
-            None => self.append_general(&request, attempt).await,
+            }
+        } else if let Some(many) = many_exact(&request)? {
+            match self.append_many(&many).await {
+                // A check failed (a version not the one expected, a version taken after
+                // the statement's snapshot, a stream only read that moved before its
+                // lock): nothing was written, and the general path, which checks after
+                // its locks, reports the conflict (or writes, if it holds by then).
+                Err(AppendFailure::Failed(error)) if is_stream_version_taken(&error) => {
+                    self.append_general(&request, attempt).await
+                }
+                Ok(Ok(None)) => self.append_general(&request, attempt).await,
+                Ok(Ok(Some(outcome))) => Ok(Ok(outcome)),
+                Ok(Err(error)) => Ok(Err(error)),
+                Err(failure) => Err(failure),
+            }
+        } else {
+            self.append_general(&request, attempt).await
         };
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -263,7 +397,36 @@ impl PostgresEventStore {
         Ok(single_outcome(&row.map_err(AppendFailure::Failed)?, single))
     }
 
-    /// Any request, through `eventcore_append` (migrations/0004).
+    /// Every stream at an exact version, no key, in one plain statement
+    /// (`sql/append_many.sql`); `None` when a check failed and nothing was written. The
+    /// outer error is the database's.
+    pub(super) async fn append_many(
+        &self,
+        many: &ManyAppend<'_>,
+    ) -> Result<eventcore::Result<Option<AppendOutcome>>, AppendFailure> {
+        let mut conn = self
+            .inner
+            .kept
+            .lease()
+            .await
+            .map_err(AppendFailure::NotSent)?;
+        let rows = sqlx::query(&self.inner.sql.append_many)
+            .bind(&many.streams)
+            .bind(&many.expected)
+            .bind(&many.written)
+            .bind(&many.event_streams)
+            .bind(&many.event_versions)
+            .bind(&many.event_ids)
+            .bind(&many.event_types)
+            .bind(&many.payloads)
+            .bind(&many.metadata)
+            .fetch_all(&mut *conn)
+            .await;
+        conn.done(&rows);
+        Ok(many_outcome(&rows.map_err(AppendFailure::Failed)?, many))
+    }
+
+    /// Any request, through `eventcore_append` (migrations/0006).
     pub(super) async fn append_general(
         &self,
         request: &AppendRequest,
