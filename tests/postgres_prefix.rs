@@ -1235,6 +1235,19 @@ async fn a_reader_held_back_by_its_own_process_wakes_when_the_append_commits() {
     held_back_scenario(&store, &store, false).await;
 }
 
+/// A live reader held back by an older append of its own process is woken by that
+/// append's rollback, once the server has released the append's mark (the error
+/// reaches the client before the server rolls back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+async fn a_reader_held_back_by_its_own_process_wakes_when_the_append_rolls_back() {
+    let store = store_without_polling(&fresh_schema()).await;
+    held_back_scenario(&store, &store, true).await;
+}
+
 /// A live reader held back by an older append of another process is woken, through
 /// that process's notification, when the append rolls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -153,6 +153,26 @@ impl Lease<'_> {
     }
 }
 
+impl Lease<'_> {
+    /// As [`Lease::done`], once the server has ended the statement's transaction. A
+    /// statement that failed is answered with its error *before* the server rolls its
+    /// transaction back and releases its locks (PostgreSQL sends the error, then
+    /// aborts, then says it is ready): whoever learns of the failure at once may find
+    /// the locks still held. An append's end wakes live readers held back by its mark,
+    /// so an append waits for the server's "ready" (a ping, one round trip, on failures
+    /// only) before it says it ended.
+    pub(crate) async fn done_after_rollback<T>(mut self, result: &Result<T, sqlx::Error>) {
+        if let Err(error @ sqlx::Error::Database(_)) = result
+            && !crate::error::is_connection_failure(error)
+            && let Err(broken) = sqlx::Connection::ping(&mut *self).await
+        {
+            self.done(&Err::<(), _>(broken));
+            return;
+        }
+        self.done(result);
+    }
+}
+
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         // Dropped before `done` (the statement's future was dropped): the connection

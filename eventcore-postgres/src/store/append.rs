@@ -393,7 +393,7 @@ impl PostgresEventStore {
             .bind(single.metadata.as_str())
             .fetch_one(&mut *conn)
             .await;
-        conn.done(&row);
+        conn.done_after_rollback(&row).await;
         Ok(single_outcome(&row.map_err(AppendFailure::Failed)?, single))
     }
 
@@ -422,7 +422,7 @@ impl PostgresEventStore {
             .bind(&many.metadata)
             .fetch_all(&mut *conn)
             .await;
-        conn.done(&rows);
+        conn.done_after_rollback(&rows).await;
         Ok(many_outcome(&rows.map_err(AppendFailure::Failed)?, many))
     }
 
@@ -479,7 +479,7 @@ impl PostgresEventStore {
             .bind(key.map(|_| attempt))
             .fetch_one(&mut *conn)
             .await;
-        conn.done(&row);
+        conn.done_after_rollback(&row).await;
         Ok(general_outcome(&row.map_err(AppendFailure::Failed)?))
     }
 
