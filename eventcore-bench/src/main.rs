@@ -109,6 +109,10 @@ struct Args {
     /// first, so every metric EventCore emits is recorded: the cost of metrics.
     #[arg(long)]
     metrics: bool,
+    /// Let executions over the same streams race instead of taking turns
+    /// (`CommandExecutor::with_stream_queue(false)`): the cost and the gain of the queue.
+    #[arg(long)]
+    race: bool,
 }
 
 /// One JSON line per run, with exactly these keys.
@@ -141,6 +145,8 @@ pub(crate) struct Run {
     accounts: usize,
     duration: Duration,
     warmup: Duration,
+    /// Executions race instead of taking turns.
+    race: bool,
 }
 
 /// A large initial balance, so that no transfer fails for lack of funds.
@@ -182,7 +188,8 @@ struct TaskResult {
 
 async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, String> {
     let executor = CommandExecutor::from_shared(store.clone())
-        .with_retry_policy(RetryPolicy::new().with_max_attempts(50));
+        .with_retry_policy(RetryPolicy::new().with_max_attempts(50))
+        .with_stream_queue(!run.race);
     if run.workload != Workload::W5 {
         for n in 0..run.accounts {
             executor
@@ -616,6 +623,7 @@ async fn main() -> ExitCode {
                 .max(2),
             duration: Duration::from_secs_f64(args.duration.max(0.1)),
             warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+            race: args.race,
         };
         match execute(&run, broker, &settings).await {
             Ok(done) => {

@@ -6,6 +6,7 @@
 //! keep it correct).
 
 mod decide;
+mod queue;
 mod retry;
 mod state_cache;
 
@@ -25,6 +26,7 @@ use serde_json::{Map, Value};
 
 use decide::build_request;
 pub(crate) use decide::decide;
+use queue::StreamQueue;
 pub use retry::RetryPolicy;
 use state_cache::StateCacheMap;
 
@@ -177,6 +179,8 @@ pub struct CommandExecutor {
     retry_policy: RetryPolicy,
     max_stream_resolutions: u32,
     states: Arc<StateCacheMap>,
+    /// `None` when executions race (see [`CommandExecutor::with_stream_queue`]).
+    queue: Option<Arc<StreamQueue>>,
     metrics: Arc<crate::metrics::CommandMetrics>,
 }
 
@@ -200,6 +204,7 @@ impl CommandExecutor {
             retry_policy: RetryPolicy::default(),
             max_stream_resolutions: Self::DEFAULT_MAX_STREAM_RESOLUTIONS,
             states: Arc::new(StateCacheMap::new(Self::DEFAULT_STATE_CACHE_CAPACITY)),
+            queue: Some(Arc::new(StreamQueue::new())),
             metrics: Arc::default(),
         }
     }
@@ -209,6 +214,21 @@ impl CommandExecutor {
     /// this executor's clones; this gives the executor a new, empty one.
     pub fn with_state_cache_capacity(mut self, capacity: usize) -> Self {
         self.states = Arc::new(StateCacheMap::new(capacity));
+        self
+    }
+
+    /// Whether executions of this executor (and its clones) that declare the same stream
+    /// take turns (the default) or race. Taking turns, the second waits for the first
+    /// one's attempt to end and then decides on what it left, instead of deciding at the
+    /// same time and losing at the append (a conflict, a read, and a wait from the retry
+    /// policy): on a hot stream that is most of the latency. The append still checks
+    /// every stream it read, so writers elsewhere (other processes, other executors) are
+    /// caught as before. Turns are per attempt and per declared stream (streams a
+    /// [`StreamResolver`] adds are not queued), held only while the attempt runs, never
+    /// during a retry's delay. Racing can be the better choice only when commands over
+    /// the same streams rarely meet and each attempt is long.
+    pub fn with_stream_queue(mut self, take_turns: bool) -> Self {
+        self.queue = take_turns.then(|| Arc::new(StreamQueue::new()));
         self
     }
 
@@ -315,15 +335,33 @@ impl CommandExecutor {
             span.record("attempt", attempt);
             // The first attempt leaves the key to the append (see `attempt`).
             let look_up_first = attempt > 1;
-            let result = self
-                .attempt(
-                    command,
-                    &declared,
-                    &metadata,
-                    options.idempotency_key.as_ref(),
-                    look_up_first,
-                )
-                .await;
+            // Held for this attempt only: released before any retry delay below.
+            let turn = match &self.queue {
+                Some(queue) => Some(queue.turn(&declared).await),
+                None => None,
+            };
+            let attempt_future = self.attempt(
+                command,
+                &declared,
+                &metadata,
+                options.idempotency_key.as_ref(),
+                look_up_first,
+            );
+            // Holding a turn, the attempt is not preempted by Tokio's cooperative budget
+            // (it still gives its worker back whenever it waits for I/O): executions
+            // queued behind it would wait for every task of the worker to run first.
+            let result = if turn.is_some() {
+                tokio::task::unconstrained(attempt_future).await
+            } else {
+                attempt_future.await
+            };
+            if let Some(turn) = turn {
+                turn.end().await;
+                // What the attempt did not spend of the task's budget, spent here, out of
+                // the turn: a task executing commands back to back on a store that never
+                // waits (the in-memory one) still gives its worker to other tasks.
+                tokio::task::coop::consume_budget().await;
+            }
             match result {
                 Ok(outcome) => {
                     // The key found the events of this execution's own attempt whose

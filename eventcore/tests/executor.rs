@@ -1647,3 +1647,104 @@ async fn a_state_folded_from_some_streams_sees_only_them_with_the_cache_off_too(
         "{refused:?}"
     );
 }
+
+/// A store whose first read waits at a gate until the test opens it; counts reads.
+struct GatedFirstRead {
+    inner: InMemoryEventStore,
+    reads: AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl EventStore for GatedFirstRead {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        let snapshot = self.inner.read_streams(streams).await?;
+        if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            // The read happened; its answer waits for the gate.
+            self.gate.acquire().await.expect("open").forget();
+        }
+        Ok(snapshot)
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
+/// Two transfers from one account through one executor, the first held at its read:
+/// returns the reads seen while it was held, and each transfer's attempts.
+async fn two_transfers_from_one_account(take_turns: bool) -> (usize, u32, u32) {
+    let store = Arc::new(GatedFirstRead {
+        inner: InMemoryEventStore::new(),
+        reads: AtomicUsize::new(0),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let (hot, x, y) = (id("acc-hot"), id("acc-x"), id("acc-y"));
+    seed(&store.inner, &hot, vec![credit(100)]).await;
+    let executor = CommandExecutor::from_shared(store.clone())
+        .with_retry_policy(fast_retries(5))
+        .with_stream_queue(take_turns);
+    let first = {
+        let (executor, hot, x) = (executor.clone(), hot.clone(), x.clone());
+        tokio::spawn(async move { executor.execute(&transfer(&hot, &x, 10)).await })
+    };
+    while store.reads.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = {
+        let (executor, hot, y) = (executor.clone(), hot.clone(), y.clone());
+        tokio::spawn(async move { executor.execute(&transfer(&hot, &y, 20)).await })
+    };
+    // On this single-threaded runtime, the second transfer runs as far as it can while
+    // the test yields: to its own read if it may race, to the queue if it takes turns.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let reads_while_held = store.reads.load(Ordering::SeqCst);
+    store.gate.add_permits(1);
+    let first = first.await.expect("task").expect("first transfer");
+    let second = second.await.expect("task").expect("second transfer");
+    assert_eq!(balance(&store.inner, &hot).await, 70);
+    assert_eq!(balance(&store.inner, &x).await, 10);
+    assert_eq!(balance(&store.inner, &y).await, 20);
+    (reads_while_held, first.attempts, second.attempts)
+}
+
+/// Executions of one executor over the same stream take turns: the second waits for
+/// the first instead of deciding on the same state and losing at the append.
+#[tokio::test]
+async fn executions_over_one_stream_take_turns_instead_of_conflicting() {
+    let (reads_while_held, first, second) = two_transfers_from_one_account(true).await;
+    assert_eq!(
+        reads_while_held, 1,
+        "the second read while the first held its turn"
+    );
+    assert_eq!((first, second), (1, 1), "neither conflicted");
+}
+
+/// Without the queue the same two executions race: both read, and one conflicts.
+#[tokio::test]
+async fn without_the_queue_executions_over_one_stream_race() {
+    let (reads_while_held, first, second) = two_transfers_from_one_account(false).await;
+    assert_eq!(reads_while_held, 2);
+    assert_eq!(first + second, 3, "one of them conflicted and tried again");
+}

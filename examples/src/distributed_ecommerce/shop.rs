@@ -399,11 +399,15 @@ impl RunningService {
                 for spec in specs[0].split(INVENTORY_WORKERS).map_err(|e| {
                     eventcore::Error::BusinessRuleViolation(format!("partitions: {e}"))
                 })? {
+                    // Each worker stands for an instance of the service: its commands
+                    // take turns among themselves, never with the other worker's (which
+                    // scenario (f) makes race for the last unit). Same store, same
+                    // state cache.
                     let worker = SubscriptionRunner::new(
                         Arc::clone(&subscriber),
                         spec,
                         InventoryRequests,
-                        executor.clone(),
+                        executor.clone().with_stream_queue(true),
                     )?
                     .with_error_policy(env.policy.clone());
                     workers.push(worker);
