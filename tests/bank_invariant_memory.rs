@@ -12,9 +12,21 @@ const INITIAL: i64 = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_transfers_conserve_money() {
+    // Executions over the same account take turns (the default).
+    transfers_conserve_money(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_random_transfers_conserve_money() {
+    // They race, and the losers conflict and retry.
+    transfers_conserve_money(false).await;
+}
+
+async fn transfers_conserve_money(take_turns: bool) {
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
     let executor = CommandExecutor::from_shared(store.clone())
-        .with_retry_policy(RetryPolicy::new().with_max_attempts(1_000));
+        .with_retry_policy(RetryPolicy::new().with_max_attempts(1_000))
+        .with_stream_queue(take_turns);
     open_accounts(&executor, ACCOUNTS, INITIAL).await;
 
     let run = random_transfers(&[executor], 8, 2_000, ACCOUNTS).await;

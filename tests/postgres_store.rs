@@ -721,8 +721,9 @@ async fn refused_connections_bad_urls_and_unmigrated_schemas_are_typed_errors() 
 async fn racing_executions_with_one_key_on_two_pools_charge_once() {
     let schema = fresh_schema();
     let (one, two) = (store_in(&schema).await, store_in(&schema).await);
-    let executor_one = CommandExecutor::new(one.clone());
-    let executor_two = CommandExecutor::new(two);
+    // Racing within each pool too, so that executions of one executor conflict.
+    let executor_one = CommandExecutor::new(one.clone()).with_stream_queue(false);
+    let executor_two = CommandExecutor::new(two).with_stream_queue(false);
     for n in 0..2 {
         executor_one
             .execute(&Open {

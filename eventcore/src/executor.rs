@@ -227,6 +227,18 @@ impl CommandExecutor {
     /// [`StreamResolver`] adds are not queued), held only while the attempt runs, never
     /// during a retry's delay. Racing can be the better choice only when commands over
     /// the same streams rarely meet and each attempt is long.
+    ///
+    /// Streams share 4,096 turns by hash, so two unrelated streams occasionally take
+    /// turns too, and a command waiting for one of its streams holds the others: turns
+    /// can chain. An attempt holds its turns while it waits for the store, so **a store
+    /// (or a wrapper around one) must not wait for another execution of this executor**
+    /// from inside a read or an append, as a test gate that needs two executions inside
+    /// the store at once would: that one waits for the turn, forever. Give such
+    /// executions their own queues or race (`false`). An execution started from inside
+    /// an attempt, on the same task, does not queue.
+    ///
+    /// The queue is shared by this executor's clones; `true` gives the executor a new
+    /// one of its own (as does `false`, none).
     pub fn with_stream_queue(mut self, take_turns: bool) -> Self {
         self.queue = take_turns.then(|| Arc::new(StreamQueue::new()));
         self
@@ -337,8 +349,8 @@ impl CommandExecutor {
             let look_up_first = attempt > 1;
             // Held for this attempt only: released before any retry delay below.
             let turn = match &self.queue {
-                Some(queue) => Some(queue.turn(&declared).await),
-                None => None,
+                Some(queue) if !queue::in_turn() => Some(queue.turn(&declared).await),
+                _ => None,
             };
             let attempt_future = self.attempt(
                 command,
@@ -351,7 +363,7 @@ impl CommandExecutor {
             // (it still gives its worker back whenever it waits for I/O): executions
             // queued behind it would wait for every task of the worker to run first.
             let result = if turn.is_some() {
-                tokio::task::unconstrained(attempt_future).await
+                tokio::task::unconstrained(queue::holding(attempt_future)).await
             } else {
                 attempt_future.await
             };

@@ -859,10 +859,23 @@ async fn a_repeated_key_whose_decision_now_fails_returns_the_first_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_executions_with_one_key_write_once() {
+    // Racing, the losers conflict and find the key on their retry.
+    executions_with_one_key_write_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn executions_with_one_key_taking_turns_write_once() {
+    // Taking turns, each later one decides again and the append's key check answers it.
+    executions_with_one_key_write_once(true).await;
+}
+
+async fn executions_with_one_key_write_once(take_turns: bool) {
     let store = InMemoryEventStore::new();
     let (a, b) = (id("acc-a"), id("acc-b"));
     seed(&store, &a, vec![credit(100)]).await;
-    let executor = CommandExecutor::new(store.clone()).with_retry_policy(fast_retries(50));
+    let executor = CommandExecutor::new(store.clone())
+        .with_retry_policy(fast_retries(50))
+        .with_stream_queue(take_turns);
     let key = IdempotencyKey::try_new("one-charge").expect("valid");
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
 
@@ -1747,4 +1760,84 @@ async fn without_the_queue_executions_over_one_stream_race() {
     let (reads_while_held, first, second) = two_transfers_from_one_account(false).await;
     assert_eq!(reads_while_held, 2);
     assert_eq!(first + second, 3, "one of them conflicted and tried again");
+}
+
+/// A store that, at its first append, executes another command through the executor
+/// that called it, over the same stream, on the same task.
+struct ExecutesFromAppend {
+    inner: InMemoryEventStore,
+    executor: std::sync::OnceLock<CommandExecutor>,
+    started: std::sync::atomic::AtomicBool,
+    nested: tokio::sync::Mutex<Option<eventcore::Result<u32>>>,
+    from: StreamId,
+    to: StreamId,
+}
+
+#[async_trait]
+impl EventStore for ExecutesFromAppend {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        self.inner.read_streams(streams).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        if !self.started.swap(true, Ordering::SeqCst) {
+            let executor = self.executor.get().expect("set before executing");
+            let result = executor.execute(&transfer(&self.from, &self.to, 5)).await;
+            *self.nested.lock().await = Some(result.map(|r| r.attempts));
+        }
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
+/// An execution started from inside another's attempt on the same task does not wait
+/// for the turn its own task holds. (The clock is paused: were the two waiting for each
+/// other, the runtime would go idle, the clock jump, and the timeout fire at once.)
+#[tokio::test(start_paused = true)]
+async fn an_execution_started_inside_an_attempt_does_not_wait_for_its_own_turn() {
+    let (hot, x, y) = (id("acc-hot"), id("acc-x"), id("acc-y"));
+    let store = Arc::new(ExecutesFromAppend {
+        inner: InMemoryEventStore::new(),
+        executor: std::sync::OnceLock::new(),
+        started: std::sync::atomic::AtomicBool::new(false),
+        nested: tokio::sync::Mutex::new(None),
+        from: hot.clone(),
+        to: y.clone(),
+    });
+    seed(&store.inner, &hot, vec![credit(100)]).await;
+    let executor = CommandExecutor::from_shared(store.clone()).with_retry_policy(fast_retries(5));
+    assert!(store.executor.set(executor.clone()).is_ok());
+
+    let outer = tokio::time::timeout(
+        std::time::Duration::from_secs(3_600),
+        executor.execute(&transfer(&hot, &x, 10)),
+    )
+    .await
+    .expect("the executions waited for each other")
+    .expect("the outer transfer");
+    let nested = store.nested.lock().await.take().expect("it ran");
+    assert_eq!(nested.expect("the nested transfer"), 1);
+    // The nested transfer wrote first; the outer one conflicted and decided again.
+    assert_eq!(outer.attempts, 2);
+    assert_eq!(balance(&store.inner, &hot).await, 85);
+    assert_eq!(balance(&store.inner, &x).await, 10);
+    assert_eq!(balance(&store.inner, &y).await, 5);
 }

@@ -16,8 +16,17 @@
 //! Streams map to a fixed set of shards (by hash); an attempt locks the shards of its
 //! declared streams in ascending order, so attempts never wait for each other in a
 //! cycle, and releases them before any retry delay. Two streams sharing a shard only
-//! means their commands take turns too.
+//! means their commands take turns too. An attempt that waits for a shard holds those
+//! it already has, so a command can wait behind one that waits for a third: turns can
+//! chain.
+//!
+//! An execution started while its task already holds a turn (a store wrapper that
+//! executes a command from inside `append`, say) does not queue: it would wait for the
+//! turn its own task holds. Waits across tasks are the caller's to avoid (see
+//! `CommandExecutor::with_stream_queue`).
 
+use std::future::Future;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Mutex, MutexGuard};
@@ -29,7 +38,24 @@ const SHARDS: usize = 4096;
 
 /// The stream queue of an executor and its clones.
 pub(super) struct StreamQueue {
-    shards: Box<[Shard]>,
+    /// Made at the first turn: an executor that never executes (or races) costs no
+    /// shards.
+    shards: OnceLock<Box<[Shard]>>,
+}
+
+tokio::task_local! {
+    /// Set while the task runs an attempt holding a turn.
+    static IN_TURN: ();
+}
+
+/// Whether this task is running an attempt that holds a turn.
+pub(super) fn in_turn() -> bool {
+    IN_TURN.try_with(|()| ()).is_ok()
+}
+
+/// Runs `attempt` as one that holds a turn (see [`in_turn`]).
+pub(super) async fn holding<F: Future>(attempt: F) -> F::Output {
+    IN_TURN.scope((), attempt).await
 }
 
 struct Shard {
@@ -64,13 +90,19 @@ impl Turn<'_> {
 impl StreamQueue {
     pub(super) fn new() -> Self {
         StreamQueue {
-            shards: (0..SHARDS)
+            shards: OnceLock::new(),
+        }
+    }
+
+    fn shards(&self) -> &[Shard] {
+        self.shards.get_or_init(|| {
+            (0..SHARDS)
                 .map(|_| Shard {
                     turn: Mutex::new(()),
                     waiting: AtomicUsize::new(0),
                 })
-                .collect(),
-        }
+                .collect()
+        })
     }
 
     /// FNV-1a of the id: the queue needs spread, not resistance to chosen collisions
@@ -96,8 +128,9 @@ impl StreamQueue {
             guards: Vec::with_capacity(indexes.len()),
             shards: Vec::with_capacity(indexes.len()),
         };
+        let shards = self.shards();
         for index in indexes {
-            let shard = &self.shards[index];
+            let shard = &shards[index];
             // Uncontended, the turn is taken without an await (tokio's lock spends the
             // task's cooperative budget even when it is free). A free lock with waiters
             // queued is already handed to the first of them, so this never jumps the
