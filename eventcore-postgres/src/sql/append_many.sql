@@ -11,9 +11,11 @@
 --   makes the insert fail on events_stream_version_key. A stream only read has no such
 --   arbiter, so its lock is taken by eventcore_lock_shared_version (migrations/0007),
 --   which then reads its version again in a fresh snapshot; if it moved, nothing is
---   written. The first and the last case return no row, the second fails on the index;
---   in all three the caller asks eventcore_append, which reports the conflict as of
---   after its locks.
+--   written. The first case returns one row per stream not at its expected version
+--   (conflict_stream, conflict_actual: a committed version, so the conflict is real and
+--   reported as such, without locking anything); the second fails on the index and the
+--   last returns no row: in those two the caller asks eventcore_append, which reports
+--   the conflict as of after its locks (or writes, if the versions hold by then).
 -- - The locks: `locked` takes every participant's lock in key order (written streams
 --   exclusively, streams only read in shared mode), as eventcore_append does, so that
 --   overlapping appends of both kinds queue instead of deadlocking. Two streams whose
@@ -38,7 +40,8 @@
 -- $1 streams, $2 their expected versions, $3 whether each is written (same order);
 -- then per event, in request order (grouped by stream): $4 stream, $5 version (the
 -- expected one plus its place among the stream's events), $6 id, $7 type, $8 payload,
--- $9 metadata. One row per event written: its position, recording time and id.
+-- $9 metadata. One row per event written: its position, recording time and id; or one
+-- row per stream not at its expected version (see above).
 WITH wanted AS MATERIALIZED (
     SELECT w.stream_id, w.expected, w.written,
            hashtextextended('eventcore.stream.{schema_name}/' || w.stream_id, 0) AS lock_key,
@@ -92,5 +95,10 @@ WITH wanted AS MATERIALIZED (
 SELECT i.global_position, i.recorded_at, i.event_id,
        CASE WHEN m.next_position > i.global_position
             THEN {schema}.eventcore_refuse_mark(m.next_position, i.global_position)
-       END AS refused
+       END AS refused,
+       NULL::text AS conflict_stream, NULL::bigint AS conflict_actual
   FROM ins i, mark m
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, w.stream_id, w.actual
+  FROM wanted w
+ WHERE w.actual <> w.expected

@@ -130,15 +130,45 @@ pub(super) fn many_exact(request: &AppendRequest) -> eventcore::Result<Option<Ma
 }
 
 /// The answer of `sql/append_many.sql`: one row per event written (its position,
-/// recording time and id), or none when a check failed and nothing was written.
-/// Positions are drawn in request order, so sorted they pair with the request's events;
-/// the ids prove it.
+/// recording time and id); a version conflict when streams were not at their expected
+/// versions in the statement's snapshot (a row each, with its version); or none when a
+/// later check failed and nothing was written. Positions are drawn in request order, so
+/// sorted they pair with the request's events; the ids prove it.
 pub(super) fn many_outcome(
     rows: &[PgRow],
     many: &ManyAppend<'_>,
 ) -> eventcore::Result<Option<AppendOutcome>> {
     if rows.is_empty() {
         return Ok(None);
+    }
+    let mut conflicts = Vec::new();
+    for row in rows {
+        let stream: Option<&str> = row.try_get(4).map_err(decode_error)?;
+        let Some(stream) = stream else { continue };
+        let actual: i64 = row.try_get(5).map_err(decode_error)?;
+        let Some(asked) = many
+            .request
+            .streams
+            .iter()
+            .find(|s| s.stream_id.as_str() == stream)
+        else {
+            return Err(corrupt(format!(
+                "the append reported a conflict on {stream:?}, which it was not asked for"
+            )));
+        };
+        conflicts.push(eventcore::StreamConflict {
+            stream: asked.stream_id.clone(),
+            expected: asked.expected_version,
+            actual: version_from(actual)?,
+        });
+    }
+    if !conflicts.is_empty() {
+        if conflicts.len() != rows.len() {
+            return Err(corrupt(
+                "the append answered both written events and conflicts".to_owned(),
+            ));
+        }
+        return Err(eventcore::Error::VersionConflict { conflicts });
     }
     if rows.len() != many.event_ids.len() {
         return Err(corrupt(format!(
@@ -331,10 +361,12 @@ impl PostgresEventStore {
             }
         } else if let Some(many) = many_exact(&request)? {
             match self.append_many(&many).await {
-                // A check failed (a version not the one expected, a version taken after
-                // the statement's snapshot, a stream only read that moved before its
-                // lock): nothing was written, and the general path, which checks after
-                // its locks, reports the conflict (or writes, if it holds by then).
+                // A version not the one expected in the statement's snapshot is
+                // reported by the statement itself (`Ok(Err(VersionConflict))`). A later
+                // check that failed (a version taken after the snapshot, a stream only
+                // read that moved before its lock): nothing was written, and the general
+                // path, which checks after its locks, reports the conflict (or writes,
+                // if the versions hold by then).
                 Err(AppendFailure::Failed(error)) if is_stream_version_taken(&error) => {
                     self.append_general(&request, attempt).await
                 }
