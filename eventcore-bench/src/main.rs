@@ -21,6 +21,7 @@
 
 mod bank;
 mod distributed;
+mod processes;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -52,6 +53,9 @@ enum Backend {
 enum Workload {
     W1,
     W2,
+    /// W2 from two processes (PostgreSQL only).
+    #[value(name = "w2x2")]
+    W2x2,
     W3,
     W4,
     W5,
@@ -113,6 +117,10 @@ struct Args {
     /// (`CommandExecutor::with_stream_queue(false)`): the cost and the gain of the queue.
     #[arg(long)]
     race: bool,
+    /// W2x2's child processes: run W2 on the accounts already opened in this schema,
+    /// starting when told to on stdin (see `processes.rs`).
+    #[arg(long, hide = true)]
+    child_schema: Option<String>,
 }
 
 /// One JSON line per run, with exactly these keys.
@@ -163,46 +171,167 @@ async fn open_store(backend: Backend, url: Option<&str>) -> Result<Stores, Strin
         }
         Backend::Postgres => {
             let url = url.ok_or("postgres needs --database-url or DATABASE_URL")?;
-            let schema = SchemaName::try_new(format!("bench_{}", uuid::Uuid::new_v4().simple()))
-                .map_err(|e| e.to_string())?;
-            let config = PostgresConfig::from_url(url)
-                .map_err(|e| e.to_string())?
-                .with_schema(schema)
-                .with_max_connections(32);
-            let store = PostgresEventStore::connect_with(config)
-                .await
-                .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
-            store.migrate().await.map_err(|e| e.to_string())?;
+            let store = open_postgres(url, &fresh_schema()?, true).await?;
             Ok((Arc::new(store.clone()), Arc::new(store)))
         }
     }
 }
 
-struct TaskResult {
-    histogram: Histogram<u64>,
-    ops: u64,
-    retries: u64,
-    failed: u64,
-    events: u64,
+/// A schema name no run has used.
+pub(crate) fn fresh_schema() -> Result<SchemaName, String> {
+    SchemaName::try_new(format!("bench_{}", uuid::Uuid::new_v4().simple()))
+        .map_err(|e| e.to_string())
 }
 
-async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, String> {
-    let executor = CommandExecutor::from_shared(store.clone())
-        .with_retry_policy(RetryPolicy::new().with_max_attempts(50))
-        .with_stream_queue(!run.race);
-    if run.workload != Workload::W5 {
-        for n in 0..run.accounts {
-            executor
-                .execute(&Open {
-                    account: account(n),
-                    owner: format!("owner-{n}"),
-                    initial: INITIAL,
-                })
-                .await
-                .map_err(|e| format!("opening accounts: {e}"))?;
+/// The PostgreSQL store in `schema`, with a pool of 32 connections; `migrate` creates
+/// its tables.
+pub(crate) async fn open_postgres(
+    url: &str,
+    schema: &SchemaName,
+    migrate: bool,
+) -> Result<PostgresEventStore, String> {
+    let config = PostgresConfig::from_url(url)
+        .map_err(|e| e.to_string())?
+        .with_schema(schema.clone())
+        .with_max_connections(32);
+    let store = PostgresEventStore::connect_with(config)
+        .await
+        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+    if migrate {
+        store.migrate().await.map_err(|e| e.to_string())?;
+    }
+    Ok(store)
+}
+
+/// What the tasks of one run measured.
+pub(crate) struct Measured {
+    pub(crate) histogram: Histogram<u64>,
+    pub(crate) ops: u64,
+    pub(crate) retries: u64,
+    pub(crate) failed: u64,
+    pub(crate) events: u64,
+}
+
+impl Measured {
+    fn new() -> Self {
+        Self {
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            ops: 0,
+            retries: 0,
+            failed: 0,
+            events: 0,
         }
     }
 
+    /// Adds `other`'s counts and latencies to these.
+    pub(crate) fn add(&mut self, other: &Measured) -> Result<(), String> {
+        self.histogram
+            .add(&other.histogram)
+            .map_err(|e| e.to_string())?;
+        self.ops += other.ops;
+        self.retries += other.retries;
+        self.failed += other.failed;
+        self.events += other.events;
+        Ok(())
+    }
+
+    /// The report of a run of `seconds` with these figures.
+    pub(crate) fn report(
+        &self,
+        backend: Backend,
+        workload: Workload,
+        concurrency: usize,
+        seconds: f64,
+        invariant_ok: Option<bool>,
+    ) -> Report {
+        let ms = |micros: u64| micros as f64 / 1_000.0;
+        let ops = self.ops;
+        Report {
+            backend,
+            broker: None,
+            workload,
+            concurrency,
+            duration_s: seconds,
+            ops_per_s: Some(ops as f64 / seconds),
+            events_per_s: Some(self.events as f64 / seconds),
+            p50_ms: (ops > 0).then(|| ms(self.histogram.value_at_quantile(0.50))),
+            p99_ms: (ops > 0).then(|| ms(self.histogram.value_at_quantile(0.99))),
+            max_ms: (ops > 0).then(|| ms(self.histogram.max())),
+            retries_per_op: (ops > 0).then(|| self.retries as f64 / ops as f64),
+            failed: Some(self.failed),
+            invariant_ok,
+            rate: None,
+            lag: None,
+        }
+    }
+}
+
+/// The executor of a command workload.
+pub(crate) fn executor(run: &Run, store: Arc<dyn EventStore>) -> CommandExecutor {
+    CommandExecutor::from_shared(store)
+        .with_retry_policy(RetryPolicy::new().with_max_attempts(50))
+        .with_stream_queue(!run.race)
+}
+
+/// Opens the run's accounts, each with [`INITIAL`].
+pub(crate) async fn open_accounts(
+    executor: &CommandExecutor,
+    accounts: usize,
+) -> Result<(), String> {
+    for n in 0..accounts {
+        executor
+            .execute(&Open {
+                account: account(n),
+                owner: format!("owner-{n}"),
+                initial: INITIAL,
+            })
+            .await
+            .map_err(|e| format!("opening accounts: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Whether the balances of the run's accounts still add up to what they were opened
+/// with.
+pub(crate) async fn money_conserved(
+    store: &dyn EventStore,
+    accounts: usize,
+) -> Result<bool, String> {
+    let mut total = 0;
+    for n in 0..accounts {
+        total += balance(store, &account(n)).await?;
+    }
+    Ok(total == INITIAL * accounts as i64)
+}
+
+async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, String> {
+    let executor = executor(run, store.clone());
+    if run.workload != Workload::W5 {
+        open_accounts(&executor, run.accounts).await?;
+    }
+    let measured = drive(run, run.workload, &executor, &store).await?;
+    let invariant_ok = if run.workload == Workload::W3 {
+        Some(money_conserved(&*store, run.accounts).await?)
+    } else {
+        None
+    };
+    Ok(measured.report(
+        run.backend,
+        run.workload,
+        run.concurrency,
+        run.duration.as_secs_f64(),
+        invariant_ok,
+    ))
+}
+
+/// Runs `workload` (W1, W2, W3 or W5) with `run.concurrency` tasks issuing commands back
+/// to back, from now: the warm-up, then the measured seconds.
+pub(crate) async fn drive(
+    run: &Run,
+    workload: Workload,
+    executor: &CommandExecutor,
+    store: &Arc<dyn EventStore>,
+) -> Result<Measured, String> {
     let start = Instant::now();
     let measure_from = start + run.warmup;
     let end = measure_from + run.duration;
@@ -210,15 +339,9 @@ async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, S
     for task in 0..run.concurrency {
         let executor = executor.clone();
         let store = store.clone();
-        let (workload, accounts) = (run.workload, run.accounts);
+        let accounts = run.accounts;
         handles.push(tokio::spawn(async move {
-            let mut result = TaskResult {
-                histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
-                ops: 0,
-                retries: 0,
-                failed: 0,
-                events: 0,
-            };
+            let mut result = Measured::new();
             let mut n: u64 = 0;
             loop {
                 let began = Instant::now();
@@ -236,7 +359,7 @@ async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, S
                             Err(_) => (false, 0, 0),
                         }
                     }
-                    Workload::W2 | Workload::W3 => {
+                    Workload::W2 | Workload::W3 | Workload::W2x2 => {
                         let (from, to) = {
                             let mut rng = rand::rng();
                             let from = rng.random_range(0..accounts);
@@ -288,45 +411,12 @@ async fn run_workload(run: &Run, store: Arc<dyn EventStore>) -> Result<Report, S
             result
         }));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-    let (mut ops, mut retries, mut failed, mut events) = (0, 0, 0, 0);
+    let mut measured = Measured::new();
     for handle in handles {
         let task = handle.await.map_err(|e| format!("task panicked: {e}"))?;
-        histogram.add(&task.histogram).map_err(|e| e.to_string())?;
-        ops += task.ops;
-        retries += task.retries;
-        failed += task.failed;
-        events += task.events;
+        measured.add(&task)?;
     }
-
-    let invariant_ok = if run.workload == Workload::W3 {
-        let mut total = 0;
-        for n in 0..run.accounts {
-            total += balance(&*store, &account(n)).await?;
-        }
-        Some(total == INITIAL * run.accounts as i64)
-    } else {
-        None
-    };
-    let seconds = run.duration.as_secs_f64();
-    let ms = |micros: u64| micros as f64 / 1_000.0;
-    Ok(Report {
-        backend: run.backend,
-        broker: None,
-        workload: run.workload,
-        concurrency: run.concurrency,
-        duration_s: seconds,
-        ops_per_s: Some(ops as f64 / seconds),
-        events_per_s: Some(events as f64 / seconds),
-        p50_ms: (ops > 0).then(|| ms(histogram.value_at_quantile(0.50))),
-        p99_ms: (ops > 0).then(|| ms(histogram.value_at_quantile(0.99))),
-        max_ms: (ops > 0).then(|| ms(histogram.max())),
-        retries_per_op: (ops > 0).then(|| retries as f64 / ops as f64),
-        failed: Some(failed),
-        invariant_ok,
-        rate: None,
-        lag: None,
-    })
+    Ok(measured)
 }
 
 /// Loads `events` events (accounts × events/accounts) into `store`, many at a time:
@@ -419,6 +509,9 @@ fn matrix(postgres: bool, nats: bool) -> Vec<Planned> {
             runs.push((backend, None, workload, 8));
         }
         runs.push((backend, None, Workload::W3, 8));
+        if backend == Backend::Postgres {
+            runs.push((backend, None, Workload::W2x2, 4));
+        }
         runs.push((backend, None, Workload::W4, 1));
         let broker = match backend {
             Backend::Memory => Some(Broker::Memory),
@@ -561,6 +654,7 @@ async fn execute(
             }
             Ok(reports)
         }
+        Workload::W2x2 => Ok(vec![processes::run_two_processes(run, url).await?]),
         _ => Ok(vec![
             run_workload(run, open_store(run.backend, url).await?.0).await?,
         ]),
@@ -611,20 +705,32 @@ async fn main() -> ExitCode {
         }
     };
 
+    let plan = |backend, workload, concurrency: usize| Run {
+        backend,
+        workload,
+        concurrency: concurrency.max(1),
+        accounts: args
+            .accounts
+            .unwrap_or(if workload == Workload::W3 { 10 } else { 1_000 })
+            .max(2),
+        duration: Duration::from_secs_f64(args.duration.max(0.1)),
+        warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+        race: args.race,
+    };
+    if let Some(schema) = &args.child_schema {
+        let run = plan(Backend::Postgres, Workload::W2x2, args.concurrency);
+        return match processes::run_child(&run, settings.database_url.as_deref(), schema).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("eventcore-bench (w2x2 child): {error}");
+                ExitCode::from(2)
+            }
+        };
+    }
+
     let mut reports = Vec::new();
     for (backend, broker, workload, concurrency) in runs {
-        let run = Run {
-            backend,
-            workload,
-            concurrency: concurrency.max(1),
-            accounts: args
-                .accounts
-                .unwrap_or(if workload == Workload::W3 { 10 } else { 1_000 })
-                .max(2),
-            duration: Duration::from_secs_f64(args.duration.max(0.1)),
-            warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
-            race: args.race,
-        };
+        let run = plan(backend, workload, concurrency);
         match execute(&run, broker, &settings).await {
             Ok(done) => {
                 for report in done {

@@ -48,3 +48,43 @@ fn every_workload_runs_on_the_in_memory_store_with_its_invariant_holding() {
         assert_eq!(report["backend"], "memory", "{report}");
     }
 }
+
+/// W2x2 needs PostgreSQL (two processes cannot share an in-memory store): two child
+/// processes transfer between the same accounts, and the money must be conserved.
+#[test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
+)]
+fn w2x2_runs_two_processes_on_postgres_with_the_money_conserved() {
+    let output = Command::new(env!("CARGO_BIN_EXE_eventcore-bench"))
+        .args(["--backend", "postgres", "--workload", "w2x2"])
+        .args(["--concurrency", "2", "--accounts", "20"])
+        .args(["--duration", "1", "--warmup", "0"])
+        .output()
+        .expect("the benchmark starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the benchmark failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("a report line is JSON"))
+        .collect();
+    assert_eq!(reports.len(), 1, "{stdout}");
+    let report = &reports[0];
+    assert_eq!(report["workload"], "w2x2", "{report}");
+    assert_eq!(
+        report["invariant_ok"],
+        serde_json::Value::Bool(true),
+        "{report}"
+    );
+    assert!(
+        report["ops_per_s"].as_f64().is_some_and(|ops| ops > 0.0),
+        "no transfer was measured: {report}"
+    );
+}
