@@ -1841,3 +1841,67 @@ async fn an_execution_started_inside_an_attempt_does_not_wait_for_its_own_turn()
     assert_eq!(balance(&store.inner, &x).await, 10);
     assert_eq!(balance(&store.inner, &y).await, 5);
 }
+
+/// A conflict only on a stream the state is not folded from (a transfer's destination,
+/// written by someone else) says all that was missing, its version: the kept state is
+/// still current, and the decision is taken again on it at once, without reading.
+#[tokio::test]
+async fn a_conflict_only_on_a_stream_not_folded_is_decided_again_without_reading() {
+    let memory = InMemoryEventStore::new();
+    let spy = Arc::new(ReadSpy::new(memory.clone()));
+    let cached = CommandExecutor::from_shared(spy.clone());
+    let (a, b) = (id("pay-from"), id("pay-to"));
+    seed(&memory, &a, vec![credit(5)]).await;
+    let pay = PayOne {
+        from: a.clone(),
+        to: b.clone(),
+    };
+    cached.execute(&pay).await.expect("first payment");
+    let reads = |spy: &ReadSpy| {
+        spy.whole.load(Ordering::SeqCst) + spy.after.load(Ordering::SeqCst)
+    };
+    let (reads_before, appends_before) = (reads(&spy), spy.appends.load(Ordering::SeqCst));
+
+    // Someone else credits the destination: its version moves, the source's does not.
+    seed(&memory, &b, vec![credit(10), credit(10)]).await;
+    let paid = cached.execute(&pay).await.expect("second payment");
+
+    assert_eq!(paid.attempts, 1);
+    assert_eq!(reads(&spy), reads_before, "the executor read again");
+    assert_eq!(
+        spy.appends.load(Ordering::SeqCst) - appends_before,
+        2,
+        "the stale append, then the one at the destination's new version"
+    );
+    assert_eq!(balance(&memory, &a).await, 3);
+    assert_eq!(balance(&memory, &b).await, 22);
+}
+
+/// A conflict on the stream the state is folded from still reads what is new.
+#[tokio::test]
+async fn a_conflict_on_the_folded_stream_reads_what_is_new() {
+    let memory = InMemoryEventStore::new();
+    let spy = Arc::new(ReadSpy::new(memory.clone()));
+    let cached = CommandExecutor::from_shared(spy.clone());
+    let (a, b) = (id("pay-from-2"), id("pay-to-2"));
+    seed(&memory, &a, vec![credit(5)]).await;
+    let pay = PayOne {
+        from: a.clone(),
+        to: b.clone(),
+    };
+    cached.execute(&pay).await.expect("first payment");
+    let (after_before, appends_before) = (
+        spy.after.load(Ordering::SeqCst),
+        spy.appends.load(Ordering::SeqCst),
+    );
+    // Someone else takes 3 from the source: the kept balance (4) is behind, and a
+    // payment decided on it would still pass, so only the append can tell.
+    let debit = EventData::from_event(&Ledger::Debited { amount: 3 }, EventMetadata::default())
+        .expect("serializes");
+    seed(&memory, &a, vec![debit]).await;
+    cached.execute(&pay).await.expect("second payment");
+    assert_eq!(spy.after.load(Ordering::SeqCst), after_before + 1, "no read");
+    assert_eq!(spy.appends.load(Ordering::SeqCst), appends_before + 2);
+    assert_eq!(balance(&memory, &a).await, 0);
+    assert_eq!(balance(&memory, &b).await, 2);
+}

@@ -118,7 +118,12 @@ impl CommandExecutor {
             streams: folded.to_vec(),
         };
 
-        if let Some(kept) = self.states.checkout(&key, ops)
+        // A conflict only on streams the state is not folded from (a transfer's `to`)
+        // says all that was missing: their versions. The kept state is as current as
+        // before, so the decision is taken again on it at once, with those versions;
+        // a few times at most, then the streams are read.
+        let mut unfolded_conflicts = 0;
+        while let Some(kept) = self.states.checkout(&key, ops)
             && kept.current
             && let Some(versions) = self.states.known_versions(declared, folded, &kept.versions)
             && let Ok(decision) = decide_from(command, declared, kept.state)
@@ -144,10 +149,22 @@ impl CommandExecutor {
             {
                 Err(conflict @ Error::VersionConflict { .. }) => {
                     crate::metrics::attempt_failed(command.command_name(), &conflict);
+                    if unfolded_conflicts < MAX_UNFOLDED_CONFLICTS
+                        && let Some(moved) = unfolded_only(&conflict, folded)
+                    {
+                        unfolded_conflicts += 1;
+                        tracing::debug!(
+                            command = command.command_name(),
+                            "streams not folded had moved; deciding again on the kept state"
+                        );
+                        self.states.learn_versions(&moved);
+                        continue;
+                    }
                     tracing::debug!(
                         command = command.command_name(),
                         "kept state was behind; reading what is new"
                     );
+                    break;
                 }
                 other => return other.map(Some),
             }
@@ -273,10 +290,11 @@ impl CommandExecutor {
                 Ok(outcome)
             }
             Err(error) => {
-                if matches!(
-                    error,
-                    Error::VersionConflict { .. } | Error::OutcomeUnknown { .. }
-                ) {
+                let folded = &key.streams;
+                if matches!(error, Error::OutcomeUnknown { .. })
+                    || matches!(error, Error::VersionConflict { .. })
+                        && unfolded_only(&error, folded).is_none()
+                {
                     let versions: Vec<StreamVersion> =
                         key.streams.iter().map(|s| snapshot.version_of(s)).collect();
                     self.states.mark_behind(key, &versions);
@@ -384,6 +402,27 @@ impl CommandExecutor {
             }
         }
     }
+}
+
+/// How many times in a row a decision on a kept state is taken again after conflicts
+/// only on streams it is not folded from.
+const MAX_UNFOLDED_CONFLICTS: u32 = 3;
+
+/// The actual versions of the conflicting streams, when a conflict names only streams
+/// that are not in `folded` (and each at least once); `None` otherwise.
+fn unfolded_only(error: &Error, folded: &[StreamId]) -> Option<Vec<(StreamId, StreamVersion)>> {
+    let Error::VersionConflict { conflicts } = error else {
+        return None;
+    };
+    if conflicts.is_empty() || conflicts.iter().any(|c| folded.contains(&c.stream)) {
+        return None;
+    }
+    Some(
+        conflicts
+            .iter()
+            .map(|c| (c.stream.clone(), c.actual))
+            .collect(),
+    )
 }
 
 /// The cache key: the command type and the streams it declared, in order.
