@@ -21,12 +21,14 @@ async fn random_transfers_from_two_pools_conserve_money() {
     let (one, two) = (store_in(&schema).await, store_in(&schema).await);
     let policy = RetryPolicy::new().with_max_attempts(1_000);
     // One instance's tasks take turns on a stream, the other's race each other: both
-    // meet the other instance only at the append.
+    // meet the other instance only at the append. The second also brings its kept
+    // states forward from the log (the feed suggests, the append proves).
     let executors = [
         CommandExecutor::new(one.clone()).with_retry_policy(policy.clone()),
         CommandExecutor::new(two)
             .with_retry_policy(policy)
-            .with_stream_queue(false),
+            .with_stream_queue(false)
+            .with_log_feed(true),
     ];
     open_accounts(&executors[0], ACCOUNTS, INITIAL).await;
 

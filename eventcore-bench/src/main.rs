@@ -117,6 +117,10 @@ struct Args {
     /// (`CommandExecutor::with_stream_queue(false)`): the cost and the gain of the queue.
     #[arg(long)]
     race: bool,
+    /// Bring kept states forward with what other writers append
+    /// (`CommandExecutor::with_log_feed`): for W2x2, two instances of a service.
+    #[arg(long)]
+    log_feed: bool,
     /// W2x2's child processes: run W2 on the accounts already opened in this schema,
     /// starting when told to on stdin (see `processes.rs`).
     #[arg(long, hide = true)]
@@ -155,6 +159,8 @@ pub(crate) struct Run {
     warmup: Duration,
     /// Executions race instead of taking turns.
     race: bool,
+    /// Kept states follow the log.
+    log_feed: bool,
 }
 
 /// A large initial balance, so that no transfer fails for lack of funds.
@@ -271,6 +277,7 @@ pub(crate) fn executor(run: &Run, store: Arc<dyn EventStore>) -> CommandExecutor
     CommandExecutor::from_shared(store)
         .with_retry_policy(RetryPolicy::new().with_max_attempts(50))
         .with_stream_queue(!run.race)
+        .with_log_feed(run.log_feed)
 }
 
 /// Opens the run's accounts, each with [`INITIAL`].
@@ -716,6 +723,7 @@ async fn main() -> ExitCode {
         duration: Duration::from_secs_f64(args.duration.max(0.1)),
         warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
         race: args.race,
+        log_feed: args.log_feed,
     };
     if let Some(schema) = &args.child_schema {
         let run = plan(Backend::Postgres, Workload::W2x2, args.concurrency);

@@ -116,6 +116,9 @@ pub(crate) async fn run_two_processes(run: &Run, url: Option<&str>) -> Result<Re
         if run.race {
             command.arg("--race");
         }
+        if run.log_feed {
+            command.arg("--log-feed");
+        }
         let mut child = command
             .spawn()
             .map_err(|e| format!("starting a child process: {e}"))?;

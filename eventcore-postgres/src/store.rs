@@ -279,6 +279,14 @@ impl EventStore for PostgresEventStore {
     ) -> eventcore::Result<Option<AppendOutcome>> {
         self.idempotent_outcome_impl(key).await
     }
+
+    async fn peek_log(
+        &self,
+        after: Option<GlobalPosition>,
+        limit: usize,
+    ) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.peek_log_impl(after, limit).await
+    }
 }
 
 /// Checkpoints and parked events live in the store's schema (migration 0002), so a

@@ -6,6 +6,7 @@
 //! keep it correct).
 
 mod decide;
+mod feed;
 mod queue;
 mod retry;
 mod state_cache;
@@ -181,6 +182,9 @@ pub struct CommandExecutor {
     states: Arc<StateCacheMap>,
     /// `None` when executions race (see [`CommandExecutor::with_stream_queue`]).
     queue: Option<Arc<StreamQueue>>,
+    /// With [`CommandExecutor::with_log_feed`]: the task following the log, started at
+    /// the first cached execution, stopped with the last clone.
+    feed: Option<Arc<std::sync::OnceLock<Option<feed::Follower>>>>,
     metrics: Arc<crate::metrics::CommandMetrics>,
 }
 
@@ -205,6 +209,7 @@ impl CommandExecutor {
             max_stream_resolutions: Self::DEFAULT_MAX_STREAM_RESOLUTIONS,
             states: Arc::new(StateCacheMap::new(Self::DEFAULT_STATE_CACHE_CAPACITY)),
             queue: Some(Arc::new(StreamQueue::new())),
+            feed: None,
             metrics: Arc::default(),
         }
     }
@@ -214,7 +219,42 @@ impl CommandExecutor {
     /// this executor's clones; this gives the executor a new, empty one.
     pub fn with_state_cache_capacity(mut self, capacity: usize) -> Self {
         self.states = Arc::new(StateCacheMap::new(capacity));
+        if self.feed.is_some() {
+            // The feed follows the log into this executor's new cache.
+            self.feed = Some(Arc::default());
+        }
         self
+    }
+
+    /// Whether kept states ([`CommandLogic::state_cache`]) are also brought forward
+    /// with what other writers append (off by default). With it, one background task
+    /// per executor (shared by its clones, started at the first cached execution,
+    /// stopped when the last clone is dropped) follows the store's global log, waiting
+    /// for events without polling, and keeps the latest events of the streams the cache
+    /// knows. An execution folds those into its copy of the kept state before deciding
+    /// without reading. It is for several processes (or executors) writing the same
+    /// streams, such as two instances of a service: without the feed, most of their
+    /// commands decide on a state the other one has moved, lose at the append, read and
+    /// decide again.
+    ///
+    /// Decisions are the same with it or without it: events are folded only when they
+    /// follow on from the kept state, and the append checks every stream at the
+    /// versions of the fold, so a feed that lags costs a conflict, never a wrong
+    /// decision. It costs a read of every event of the log, in batches, and memory for
+    /// the latest 32 events of up to the cache's capacity in streams. Outside a Tokio
+    /// runtime there is no feed.
+    pub fn with_log_feed(mut self, follow: bool) -> Self {
+        self.feed = follow.then(Arc::default);
+        self
+    }
+
+    /// Whether kept states are brought forward from the log, starting the feed if it
+    /// has not started.
+    fn feeds(&self) -> bool {
+        self.feed.as_ref().is_some_and(|slot| {
+            slot.get_or_init(|| feed::Follower::start(self.store.clone(), &self.states))
+                .is_some()
+        })
     }
 
     /// Whether executions of this executor (and its clones) that declare the same stream

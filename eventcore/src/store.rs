@@ -142,6 +142,27 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// [`Error::Backend`] when the backend fails.
     async fn idempotent_outcome(&self, key: &IdempotencyKey) -> Result<Option<AppendOutcome>>;
+
+    /// At most `limit` events of the log after `after`, in position order, **without
+    /// the prefix guarantee** of [`EventStore::read_all`]: an event whose position was
+    /// drawn before a later one's but whose commit is not yet visible may be missing,
+    /// and never be returned by a later peek past it. For readers that check what they
+    /// use and can do without what is missing (the executor's log feed,
+    /// [`crate::CommandExecutor::with_log_feed`]); projections and subscriptions use
+    /// `read_all`. The provided implementation is `read_all`; a backend whose `read_all`
+    /// pays for the guarantee (PostgreSQL's horizon, ADR 0003) overrides it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn peek_log(
+        &self,
+        after: Option<GlobalPosition>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.read_all(&LogQuery::new().with_after(after).with_limit(limit))
+            .await
+    }
 }
 
 #[async_trait]
@@ -179,6 +200,14 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
 
     async fn idempotent_outcome(&self, key: &IdempotencyKey) -> Result<Option<AppendOutcome>> {
         (**self).idempotent_outcome(key).await
+    }
+
+    async fn peek_log(
+        &self,
+        after: Option<GlobalPosition>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        (**self).peek_log(after, limit).await
     }
 }
 

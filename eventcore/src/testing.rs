@@ -146,6 +146,7 @@ macro_rules! event_store_conformance_tests {
             stream_prefix_filter_is_applied_before_the_limit,
             event_type_filter_is_applied_before_the_limit,
             read_log_says_how_far_it_looked,
+            peek_log_returns_the_events_after_a_position_in_order,
             append_of_ten_thousand_events_in_one_call,
             undecodable_payload_is_a_typed_error_and_never_dropped,
             idempotency_key_returns_the_first_outcome_and_writes_nothing,

@@ -1857,9 +1857,7 @@ async fn a_conflict_only_on_a_stream_not_folded_is_decided_again_without_reading
         to: b.clone(),
     };
     cached.execute(&pay).await.expect("first payment");
-    let reads = |spy: &ReadSpy| {
-        spy.whole.load(Ordering::SeqCst) + spy.after.load(Ordering::SeqCst)
-    };
+    let reads = |spy: &ReadSpy| spy.whole.load(Ordering::SeqCst) + spy.after.load(Ordering::SeqCst);
     let (reads_before, appends_before) = (reads(&spy), spy.appends.load(Ordering::SeqCst));
 
     // Someone else credits the destination: its version moves, the source's does not.
@@ -1900,8 +1898,183 @@ async fn a_conflict_on_the_folded_stream_reads_what_is_new() {
         .expect("serializes");
     seed(&memory, &a, vec![debit]).await;
     cached.execute(&pay).await.expect("second payment");
-    assert_eq!(spy.after.load(Ordering::SeqCst), after_before + 1, "no read");
+    assert_eq!(
+        spy.after.load(Ordering::SeqCst),
+        after_before + 1,
+        "no read"
+    );
     assert_eq!(spy.appends.load(Ordering::SeqCst), appends_before + 2);
     assert_eq!(balance(&memory, &a).await, 0);
     assert_eq!(balance(&memory, &b).await, 2);
+}
+
+/// Counts the executor's reads and appends, and tells after which position the log
+/// feed last started waiting (so a test knows what it has seen).
+struct FeedSpy {
+    inner: InMemoryEventStore,
+    reads: AtomicUsize,
+    appends: AtomicUsize,
+    /// Calls of `wait_for_events`, and the position of the last one.
+    waiting: tokio::sync::watch::Sender<(usize, Option<GlobalPosition>)>,
+}
+
+impl FeedSpy {
+    fn new(inner: InMemoryEventStore) -> Self {
+        FeedSpy {
+            inner,
+            reads: AtomicUsize::new(0),
+            appends: AtomicUsize::new(0),
+            waiting: tokio::sync::watch::Sender::new((0, None)),
+        }
+    }
+
+    /// Returns once the feed has taken in everything up to the store's head: it waits
+    /// for what comes after (it folds a batch into the cache before it waits again).
+    async fn fed_to_head(&self) {
+        let head = self.inner.head_position().await.expect("head");
+        self.waiting
+            .subscribe()
+            .wait_for(|(calls, after)| *calls > 0 && *after >= head)
+            .await
+            .expect("the spy lives");
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.reads.load(Ordering::SeqCst),
+            self.appends.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[async_trait]
+impl EventStore for FeedSpy {
+    async fn read_streams(&self, streams: &[StreamId]) -> eventcore::Result<StreamsSnapshot> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_streams(streams).await
+    }
+
+    async fn read_streams_after(
+        &self,
+        streams: &[(StreamId, eventcore::StreamVersion)],
+    ) -> eventcore::Result<StreamsSnapshot> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_streams_after(streams).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> eventcore::Result<AppendOutcome> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        self.inner.append(request).await
+    }
+
+    async fn read_all(&self, query: &LogQuery) -> eventcore::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn head_position(&self) -> eventcore::Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+
+    async fn wait_for_events(&self, after: Option<GlobalPosition>) -> eventcore::Result<()> {
+        self.waiting.send_modify(|(calls, at)| {
+            *calls += 1;
+            *at = after;
+        });
+        self.inner.wait_for_events(after).await
+    }
+
+    async fn idempotent_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> eventcore::Result<Option<AppendOutcome>> {
+        self.inner.idempotent_outcome(key).await
+    }
+}
+
+/// The amounts of a counter stream, in order.
+async fn counted(store: &InMemoryEventStore, counter: &StreamId) -> Vec<i64> {
+    store
+        .read_streams(std::slice::from_ref(counter))
+        .await
+        .expect("read")
+        .events
+        .iter()
+        .map(
+            |event| match event.decode::<Ledger>().expect("decodes").payload {
+                Ledger::Credited { amount } => amount,
+                other => panic!("unexpected {other:?}"),
+            },
+        )
+        .collect()
+}
+
+/// Two executors write one counter; ours follows the log. `theirs` writes `n` numbers
+/// between two of ours; returns our reads and appends for the last number, and the
+/// stream.
+async fn count_between_writes_of_another_executor(
+    n: usize,
+    feed: bool,
+) -> (usize, usize, Vec<i64>) {
+    let inner = InMemoryEventStore::new();
+    let spy = Arc::new(FeedSpy::new(inner.clone()));
+    let ours = CommandExecutor::from_shared(spy.clone())
+        .with_retry_policy(fast_retries(5))
+        .with_log_feed(feed);
+    let theirs = CommandExecutor::new(inner.clone());
+    let counter = id("counter");
+    let count = Count {
+        counter: counter.clone(),
+    };
+    ours.execute(&count).await.expect("ours, first");
+    if feed {
+        // The feed starts at the head it finds.
+        spy.fed_to_head().await;
+    }
+    for _ in 0..n {
+        theirs.execute(&count).await.expect("theirs");
+    }
+    if feed {
+        spy.fed_to_head().await;
+    }
+    let before = spy.counts();
+    let last = ours.execute(&count).await.expect("ours, last");
+    assert_eq!(last.attempts, 1, "a conflict after reading is an attempt");
+    let after = spy.counts();
+    (
+        after.0 - before.0,
+        after.1 - before.1,
+        counted(&inner, &counter).await,
+    )
+}
+
+/// With the log feed, a kept state is brought forward with what another executor
+/// wrote: the next decision needs neither a read nor a second append.
+#[tokio::test]
+async fn a_kept_state_is_brought_forward_with_what_another_executor_wrote() {
+    let (reads, appends, numbers) = count_between_writes_of_another_executor(2, true).await;
+    assert_eq!(
+        numbers,
+        vec![1, 2, 3, 4],
+        "a number was repeated or skipped"
+    );
+    assert_eq!((reads, appends), (0, 1), "the feed was not used");
+}
+
+/// Without it, the decision on the kept state loses at the append, and the executor
+/// reads and decides again.
+#[tokio::test]
+async fn without_the_log_feed_a_kept_state_learns_of_other_writers_at_its_append() {
+    let (reads, appends, numbers) = count_between_writes_of_another_executor(2, false).await;
+    assert_eq!(numbers, vec![1, 2, 3, 4]);
+    assert_eq!((reads, appends), (1, 2));
+}
+
+/// The feed keeps the latest 32 events of a stream: after more from another writer it
+/// cannot bring the state forward (the events right after it are gone), and the
+/// executor reads, deciding as without it.
+#[tokio::test]
+async fn a_feed_missing_events_of_a_stream_is_not_used() {
+    let (reads, appends, numbers) = count_between_writes_of_another_executor(40, true).await;
+    assert_eq!(numbers, (1..=42).collect::<Vec<_>>());
+    assert_eq!((reads, appends), (1, 2));
 }

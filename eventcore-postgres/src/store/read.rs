@@ -1,7 +1,10 @@
 //! Reads: streams whole or after known versions, and pages of the global log with the
 //! horizon the same statement saw (ADR 0003).
 
-use eventcore::{EventType, LogQuery, LogRead, StreamId, StreamVersion, StreamsSnapshot};
+use eventcore::{
+    EventType, GlobalPosition, LogQuery, LogRead, RecordedEvent, StreamId, StreamVersion,
+    StreamsSnapshot,
+};
 use sqlx::Row;
 
 use super::PostgresEventStore;
@@ -114,6 +117,29 @@ impl PostgresEventStore {
             versions.push((stream.clone(), version));
         }
         Ok(StreamsSnapshot { events, versions })
+    }
+
+    /// The log after `after` without the horizon (`sql/peek_log.sql`).
+    pub(super) async fn peek_log_impl(
+        &self,
+        after: Option<GlobalPosition>,
+        limit: usize,
+    ) -> eventcore::Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let after = after.map_or(0, |p| i64::try_from(p.value()).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let op = "peeking at the global log";
+        let mut conn = self.lease(op).await?;
+        let rows = sqlx::query(&self.inner.sql.peek_log)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await;
+        conn.done(&rows);
+        let rows = rows.map_err(|e| map_sqlx_error(e, op, None))?;
+        recorded_from_rows(&rows)
     }
 
     pub(super) async fn read_log_impl(&self, query: &LogQuery) -> eventcore::Result<LogRead> {

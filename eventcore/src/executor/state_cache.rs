@@ -43,7 +43,11 @@
 //!    were, which is safe by rule 5 (deciding on them unread ends in a conflict if they
 //!    are behind).
 //! 7. **Doubt marks behind.** A conflict or an unknown outcome on a cached append
-//!    marks the entry behind; the next execution reads before deciding.
+//!    marks the entry behind; the next execution reads before deciding. One exception:
+//!    a conflict that names only streams the state is not folded from (a transfer's
+//!    destination) says nothing of the state, only those streams' versions; they are
+//!    learned and the decision is taken again on the kept state at once (at most
+//!    `MAX_UNFOLDED_CONFLICTS` times), the append checking every stream as always.
 //! 8. **Turning the cache off changes no decision.** A state folded from some streams
 //!    only ([`StateCache::folded_from`]) sees only their events on the uncached path
 //!    too ([`super::decide`]). One difference remains: the uncached path decodes every
@@ -52,6 +56,11 @@
 //! 9. **Forgetting is always safe.** The map holds at most `capacity` entries and as
 //!    many known versions; a full map drops an arbitrary one, which is read again when
 //!    next needed. Capacity 0 turns the cache off.
+//! 10. **The log feed only suggests** (`feed.rs`, opt-in). Events it read from the log
+//!     are folded into a checked-out copy only when they follow on exactly as a read's
+//!     answer must (rule 3: contiguous versions from the kept ones for every folded
+//!     stream, the first after `last_position`); the state is then decided on without
+//!     reading, which rule 5 makes safe.
 //!
 //! Why a cache and not snapshots, and what it costs: ADR 0005
 //! (`docs/adr/0005-state-cache.md`).
@@ -62,6 +71,7 @@ use std::sync::{Arc, Mutex};
 
 use super::CommandExecutor;
 use super::decide::{build_request, decide_from};
+use super::feed::Fed;
 use crate::command::{Command, StateCacheOps, StreamWrite};
 #[cfg(doc)]
 use crate::command::{CommandLogic, StateCache};
@@ -123,7 +133,18 @@ impl CommandExecutor {
         // before, so the decision is taken again on it at once, with those versions;
         // a few times at most, then the streams are read.
         let mut unfolded_conflicts = 0;
-        while let Some(kept) = self.states.checkout(&key, ops)
+        // Started here, at the first cached execution, so it knows the streams from then.
+        let feeding = self.feeds();
+        let checkout = || {
+            self.states.checkout(&key, ops).map(|kept| {
+                if feeding {
+                    self.states.forward_from_feed(command, ops, &key, kept)
+                } else {
+                    kept
+                }
+            })
+        };
+        while let Some(kept) = checkout()
             && kept.current
             && let Some(versions) = self.states.known_versions(declared, folded, &kept.versions)
             && let Ok(decision) = decide_from(command, declared, kept.state)
@@ -461,9 +482,12 @@ pub(super) struct StateCacheMap {
 #[derive(Default)]
 struct CacheInner {
     entries: HashMap<StateKey, CachedState>,
-    /// A stream's highest version seen in a read or an append of this executor: what a
-    /// decision without reading expects of a stream it does not fold.
+    /// A stream's highest version seen in a read or an append of this executor (or, with
+    /// the log feed, in the log): what a decision without reading expects of a stream it
+    /// does not fold.
     versions: HashMap<StreamId, StreamVersion>,
+    /// With the log feed: the latest events of the streams in `versions`.
+    fed: Fed,
 }
 
 impl StateCacheMap {
@@ -548,6 +572,69 @@ impl StateCacheMap {
                 }
             }
         }
+    }
+
+    /// With the log feed: events of the log, kept for the streams whose versions are
+    /// known (the streams the cache has read or written), whose versions they raise.
+    pub(super) fn feed(&self, events: &[RecordedEvent]) {
+        let capacity = self.capacity;
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for event in events {
+            let Some(known) = inner.versions.get_mut(&event.stream_id) else {
+                continue;
+            };
+            *known = (*known).max(event.stream_version);
+            inner.fed.push(event, capacity);
+        }
+    }
+
+    /// `kept` brought forward with the events the feed holds after its versions, when
+    /// they follow on (contiguous versions, all after the newest event folded, in global
+    /// order) and decode; `kept` unchanged otherwise. A state brought forward is kept,
+    /// marked current: only the append will tell whether it is.
+    fn forward_from_feed<C: Command>(
+        &self,
+        command: &C,
+        ops: &StateCacheOps<C::State>,
+        key: &StateKey,
+        mut kept: Checkout<C::State>,
+    ) -> Checkout<C::State> {
+        let Some((events, versions)) = self.lock().fed.after(&key.streams, &kept.versions) else {
+            return kept;
+        };
+        let Some(first) = events.first() else {
+            return kept;
+        };
+        if kept
+            .last_position
+            .is_some_and(|last| first.global_position <= last)
+        {
+            return kept;
+        }
+        let Ok(typed) = events
+            .iter()
+            .map(|event| event.decode::<C::Event>())
+            .collect::<Result<Vec<_>>>()
+        else {
+            return kept;
+        };
+        for event in &typed {
+            command.apply(&mut kept.state, event);
+        }
+        kept.versions = versions;
+        kept.last_position = events.last().map(|e| e.global_position);
+        kept.current = true;
+        self.put(
+            key.clone(),
+            CachedState {
+                versions: kept.versions.clone(),
+                last_position: kept.last_position,
+                state: (ops.keep)(&kept.state),
+                current: true,
+            },
+        );
+        kept
     }
 
     /// Every declared stream's version: the cached state's for the streams it is folded

@@ -331,6 +331,34 @@ pub async fn head_position_tracks_the_last_event(store: impl EventStore) {
     );
 }
 
+/// `peek_log` (the log without the prefix guarantee, for the executor's log feed) with
+/// nothing in flight returns what `read_all` does: the events after the position, in
+/// order, each as stored, at most the limit.
+pub async fn peek_log_returns_the_events_after_a_position_in_order(store: impl EventStore) {
+    let (a, b) = (stream("peek-a"), stream("peek-b"));
+    for n in 1..=6 {
+        let s = if n % 2 == 0 { &a } else { &b };
+        append_to(&store, s, ExpectedVersion::Any, vec![added(n)])
+            .await
+            .expect("append");
+    }
+    let log = read_everything(&store).await;
+    assert_eq!(store.peek_log(None, 100).await.expect("peek"), log);
+    let second = log[1].global_position;
+    let rest = store.peek_log(Some(second), 100).await.expect("peek");
+    assert_eq!(rest, log[2..].to_vec());
+    let limited = store.peek_log(Some(second), 2).await.expect("peek");
+    assert_eq!(limited, log[2..4].to_vec());
+    assert!(
+        store
+            .peek_log(Some(log[5].global_position), 100)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+    assert!(store.peek_log(None, 0).await.expect("peek").is_empty());
+}
+
 /// `wait_for_events` returns at once when an event after the position exists, stays
 /// pending while none does, and wakes when one is appended.
 pub async fn waiting_reader_wakes_when_an_event_is_appended(store: impl EventStore) {
