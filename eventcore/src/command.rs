@@ -297,7 +297,15 @@ impl<S> StateCache<S> {
     #[must_use]
     pub fn folded_from(mut self, streams: impl IntoIterator<Item = StreamId>) -> Self {
         if let Some(ops) = &mut self.ops {
-            ops.only = Some(streams.into_iter().collect());
+            // Each stream once, in the order given: the key names what was folded, and
+            // a stream named twice (a transfer to its own account) is folded once.
+            let mut only: Vec<StreamId> = Vec::new();
+            for stream in streams {
+                if !only.contains(&stream) {
+                    only.push(stream);
+                }
+            }
+            ops.only = Some(only);
         }
         self
     }

@@ -150,7 +150,8 @@ pub trait EventStore: Send + Sync + 'static {
     /// use and can do without what is missing (the executor's log feed,
     /// [`crate::CommandExecutor::with_log_feed`]); projections and subscriptions use
     /// `read_all`. The provided implementation is `read_all`; a backend whose `read_all`
-    /// pays for the guarantee (PostgreSQL's horizon, ADR 0003) overrides it.
+    /// pays for the guarantee (PostgreSQL's horizon, ADR 0003) overrides it, and a store
+    /// that wraps another should forward it (or its feed falls back to `read_all`).
     ///
     /// # Errors
     ///

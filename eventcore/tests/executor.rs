@@ -2078,3 +2078,68 @@ async fn a_feed_missing_events_of_a_stream_is_not_used() {
     assert_eq!(numbers, (1..=42).collect::<Vec<_>>());
     assert_eq!((reads, appends), (1, 2));
 }
+
+/// Credits the sum of its stream's credits plus one; folded from its stream named twice
+/// (as a transfer to its own account would name it), which must fold each event once.
+#[derive(Command)]
+struct SumNamedTwice {
+    #[stream]
+    counter: StreamId,
+}
+
+impl CommandLogic for SumNamedTwice {
+    type State = i64;
+    type Event = Ledger;
+
+    fn apply(&self, sum: &mut i64, event: &StoredEvent<Ledger>) {
+        if let Ledger::Credited { amount } = event.payload {
+            *sum += amount;
+        }
+    }
+
+    fn handle(
+        &self,
+        read: ReadStreams<Self::StreamSet>,
+        sum: i64,
+        _: &mut StreamResolver,
+    ) -> CommandResult<Vec<StreamWrite<Self::StreamSet, Ledger>>> {
+        Ok(vec![StreamWrite::new(
+            &read,
+            self.counter.clone(),
+            Ledger::Credited { amount: sum + 1 },
+        )?])
+    }
+
+    fn state_cache(&self) -> eventcore::StateCache<i64> {
+        eventcore::StateCache::for_command::<Self>()
+            .folded_from([self.counter.clone(), self.counter.clone()])
+    }
+}
+
+/// A stream named twice in `folded_from` is folded once, also from the log feed (whose
+/// events were folded once per name, and the append, checking the stream's version,
+/// could not tell).
+#[tokio::test]
+async fn a_stream_named_twice_in_folded_from_is_folded_once_from_the_feed() {
+    let inner = InMemoryEventStore::new();
+    let spy = Arc::new(FeedSpy::new(inner.clone()));
+    let ours = CommandExecutor::from_shared(spy.clone()).with_log_feed(true);
+    let theirs = CommandExecutor::new(inner.clone());
+    let counter = id("summed");
+    let sum = SumNamedTwice {
+        counter: counter.clone(),
+    };
+    ours.execute(&sum).await.expect("ours, first"); // credits 1
+    spy.fed_to_head().await;
+    theirs.execute(&sum).await.expect("theirs"); // credits 2
+    spy.fed_to_head().await;
+    let before = spy.counts();
+    ours.execute(&sum).await.expect("ours, last"); // credits 1 + 2 + 1
+    let after = spy.counts();
+    assert_eq!(counted(&inner, &counter).await, vec![1, 2, 4]);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "the feed was used"
+    );
+}

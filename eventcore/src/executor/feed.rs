@@ -46,6 +46,9 @@ const BATCH: usize = 1_000;
 /// behind the log, and what a process pays for it (one read per window).
 const WINDOW: Duration = Duration::from_millis(5);
 
+/// Idle, the longest wait for events before the feed looks again.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
 /// The latest events of the streams the cache knows, as read from the log.
 #[derive(Default)]
 pub(super) struct Fed {
@@ -90,7 +93,12 @@ impl Fed {
     ) -> Option<(Vec<RecordedEvent>, Vec<StreamVersion>)> {
         let mut events = Vec::new();
         let mut now = Vec::with_capacity(streams.len());
-        for (stream, &version) in streams.iter().zip(versions) {
+        for (index, (stream, &version)) in streams.iter().zip(versions).enumerate() {
+            // A stream named twice would have its events folded twice (keys name each
+            // stream once; this is the guard).
+            if streams[..index].contains(stream) {
+                return None;
+            }
             let mut at = version;
             if let Some(kept) = self.streams.get(stream) {
                 for event in kept.iter().filter(|e| e.stream_version > version) {
@@ -135,6 +143,7 @@ impl Follower {
 
 async fn follow(store: Arc<dyn EventStore>, states: Weak<StateCacheMap>) {
     let mut after: Option<Option<GlobalPosition>> = None;
+    let mut waited = false;
     loop {
         let step = async {
             // What was written before the feed started, the cache reads as without it.
@@ -149,8 +158,23 @@ async fn follow(store: Arc<dyn EventStore>, states: Weak<StateCacheMap>) {
             states.feed(&events);
             drop(states);
             match events.last() {
-                None => store.wait_for_events(from).await?,
+                None => {
+                    if waited {
+                        // The wait said there were events, and the peek found none (a
+                        // store whose peek is stricter than its head): not at once again.
+                        tokio::time::sleep(WINDOW).await;
+                    }
+                    // Bounded: on PostgreSQL the peek can be ahead of the visible head,
+                    // which waits for every older append still running.
+                    if let Ok(Err(error)) =
+                        tokio::time::timeout(IDLE_WAIT, store.wait_for_events(from)).await
+                    {
+                        return Err(error);
+                    }
+                    waited = true;
+                }
                 Some(last) => {
+                    waited = false;
                     after = Some(Some(last.global_position));
                     if events.len() < BATCH {
                         tokio::time::sleep(WINDOW).await;
