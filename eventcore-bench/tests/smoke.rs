@@ -8,27 +8,34 @@
 
 use std::process::Command;
 
-#[test]
-fn every_workload_runs_on_the_in_memory_store_with_its_invariant_holding() {
-    let output = Command::new(env!("CARGO_BIN_EXE_eventcore-bench"))
-        .args(["--all", "--duration", "1", "--warmup", "0"])
-        .env_remove("DATABASE_URL")
-        .env_remove("NATS_URL")
-        .output()
-        .expect("the benchmark starts");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+/// Runs the benchmark with `command`'s arguments; fails the test unless it succeeds.
+/// Returns its report lines (one JSON object per run) and its whole stdout.
+fn reports_of(command: &mut Command) -> (Vec<serde_json::Value>, String) {
+    let output = command.output().expect("the benchmark starts");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
         "the benchmark failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
-    // One JSON line per run, each with its invariant held.
-    let reports: Vec<serde_json::Value> = stdout
+    let reports = stdout
         .lines()
         .filter(|line| line.starts_with('{'))
         .map(|line| serde_json::from_str(line).expect("a report line is JSON"))
         .collect();
+    (reports, stdout)
+}
+
+#[test]
+fn every_workload_runs_on_the_in_memory_store_with_its_invariant_holding() {
+    // One JSON line per run, each with its invariant held.
+    let (reports, stdout) = reports_of(
+        Command::new(env!("CARGO_BIN_EXE_eventcore-bench"))
+            .args(["--all", "--duration", "1", "--warmup", "0"])
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL"),
+    );
     let workloads: std::collections::BTreeSet<String> = reports
         .iter()
         .filter_map(|report| report["workload"].as_str().map(str::to_owned))
@@ -57,24 +64,12 @@ fn every_workload_runs_on_the_in_memory_store_with_its_invariant_holding() {
     ignore = "needs PostgreSQL: set DATABASE_URL (scripts/test provisions one)"
 )]
 fn w2x2_runs_two_processes_on_postgres_with_the_money_conserved() {
-    let output = Command::new(env!("CARGO_BIN_EXE_eventcore-bench"))
-        .args(["--backend", "postgres", "--workload", "w2x2"])
-        .args(["--concurrency", "2", "--accounts", "20"])
-        .args(["--duration", "1", "--warmup", "0"])
-        .output()
-        .expect("the benchmark starts");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the benchmark failed ({}):\n{stdout}\n{stderr}",
-        output.status
+    let (reports, stdout) = reports_of(
+        Command::new(env!("CARGO_BIN_EXE_eventcore-bench"))
+            .args(["--backend", "postgres", "--workload", "w2x2"])
+            .args(["--concurrency", "2", "--accounts", "20"])
+            .args(["--duration", "1", "--warmup", "0"]),
     );
-    let reports: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| serde_json::from_str(line).expect("a report line is JSON"))
-        .collect();
     assert_eq!(reports.len(), 1, "{stdout}");
     let report = &reports[0];
     assert_eq!(report["workload"], "w2x2", "{report}");
