@@ -170,15 +170,15 @@ impl CommandExecutor {
             {
                 Err(conflict @ Error::VersionConflict { .. }) => {
                     crate::metrics::attempt_failed(command.command_name(), &conflict);
+                    // `append_cached` learned their versions and kept the state current.
                     if unfolded_conflicts < MAX_UNFOLDED_CONFLICTS
-                        && let Some(moved) = unfolded_only(&conflict, folded)
+                        && unfolded_only(&conflict, folded).is_some()
                     {
                         unfolded_conflicts += 1;
                         tracing::debug!(
                             command = command.command_name(),
                             "streams not folded had moved; deciding again on the kept state"
                         );
-                        self.states.learn_versions(&moved);
                         continue;
                     }
                     tracing::debug!(
@@ -311,11 +311,15 @@ impl CommandExecutor {
                 Ok(outcome)
             }
             Err(error) => {
-                let folded = &key.streams;
-                if matches!(error, Error::OutcomeUnknown { .. })
-                    || matches!(error, Error::VersionConflict { .. })
-                        && unfolded_only(&error, folded).is_none()
-                {
+                if let Some(moved) = unfolded_only(&error, &key.streams) {
+                    // Only streams not folded moved: the state is as current as it was,
+                    // and their versions are what the next decision needs (here or at
+                    // the next attempt).
+                    self.states.learn_versions(&moved);
+                } else if matches!(
+                    error,
+                    Error::VersionConflict { .. } | Error::OutcomeUnknown { .. }
+                ) {
                     let versions: Vec<StreamVersion> =
                         key.streams.iter().map(|s| snapshot.version_of(s)).collect();
                     self.states.mark_behind(key, &versions);
