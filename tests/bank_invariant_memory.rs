@@ -1,4 +1,5 @@
-//! 8 tasks × 2,000 random transfers among 20 accounts on the in-memory store: money is
+//! 8 tasks × 2,000 random transfers among 20 accounts on the in-memory store (two
+//! executors, one of which forgets its states and starts from snapshots): money is
 //! conserved, versions are contiguous, the log holds every event exactly once.
 
 use std::sync::Arc;
@@ -27,9 +28,16 @@ async fn transfers_conserve_money(take_turns: bool) {
     let executor = CommandExecutor::from_shared(store.clone())
         .with_retry_policy(RetryPolicy::new().with_max_attempts(1_000))
         .with_stream_queue(take_turns);
+    // A second writer that keeps two states at most: it forgets nearly every state,
+    // and starts again from the snapshots both executors take (every 5 events), which
+    // the other one keeps making stale.
+    let forgetful = CommandExecutor::from_shared(store.clone())
+        .with_retry_policy(RetryPolicy::new().with_max_attempts(1_000))
+        .with_stream_queue(take_turns)
+        .with_state_cache_capacity(2);
     open_accounts(&executor, ACCOUNTS, INITIAL).await;
 
-    let run = random_transfers(&[executor], 8, 2_000, ACCOUNTS).await;
+    let run = random_transfers(&[executor, forgetful], 4, 2_000, ACCOUNTS).await;
 
     assert_eq!(run.done + run.refused, 8 * 2_000);
     assert!(run.done > 0);

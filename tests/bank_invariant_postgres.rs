@@ -1,6 +1,7 @@
-//! Two executors on two pools (as two processes would), 8 tasks each, 5,120 random
-//! transfers (at least 5,000 written) among 20 accounts on PostgreSQL: money is conserved, versions are
-//! contiguous, the log read back holds every event exactly once.
+//! Three executors on two pools (as processes would), one of them starting from
+//! snapshots, 6 tasks each, 5,760 random transfers (at least 5,000 written) among 20
+//! accounts on PostgreSQL: money is conserved, versions are contiguous, the log read
+//! back holds every event exactly once.
 
 use eventcore::{CommandExecutor, RetryPolicy};
 use eventcore_tests::bank::{audit, open_accounts, random_transfers};
@@ -8,7 +9,7 @@ use eventcore_tests::postgres::{fresh_schema, store_in};
 
 const ACCOUNTS: usize = 20;
 const INITIAL: i64 = 100_000;
-const TASKS_PER_EXECUTOR: usize = 8;
+const TASKS_PER_EXECUTOR: usize = 6;
 const TRANSFERS_PER_TASK: usize = 320;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -25,10 +26,16 @@ async fn random_transfers_from_two_pools_conserve_money() {
     // states forward from the log (the feed suggests, the append proves).
     let executors = [
         CommandExecutor::new(one.clone()).with_retry_policy(policy.clone()),
-        CommandExecutor::new(two)
-            .with_retry_policy(policy)
+        CommandExecutor::new(two.clone())
+            .with_retry_policy(policy.clone())
             .with_stream_queue(false)
             .with_log_feed(true),
+        // The third keeps two states at most: it starts nearly every command from a
+        // snapshot (taken every 5 events by all three), which the others keep making
+        // stale.
+        CommandExecutor::new(two)
+            .with_retry_policy(policy)
+            .with_state_cache_capacity(2),
     ];
     open_accounts(&executors[0], ACCOUNTS, INITIAL).await;
 
@@ -36,7 +43,7 @@ async fn random_transfers_from_two_pools_conserve_money() {
 
     assert_eq!(
         run.done + run.refused,
-        2 * TASKS_PER_EXECUTOR * TRANSFERS_PER_TASK
+        3 * TASKS_PER_EXECUTOR * TRANSFERS_PER_TASK
     );
     assert!(
         run.done >= 5_000,

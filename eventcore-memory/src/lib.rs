@@ -67,7 +67,8 @@ use dashmap::DashMap;
 use eventcore::{
     AppendOutcome, AppendRequest, AppendedEvent, CheckpointStore, Error, EventStore,
     GlobalPosition, IdempotencyKey, LogQuery, LogRead, ParkedEvent, ProjectionName, RecordedEvent,
-    Result, StreamConflict, StreamId, StreamVersion, StreamsSnapshot, check_checkpoint_position,
+    Result, Snapshot, SnapshotKey, SnapshotStore, StreamConflict, StreamId, StreamVersion,
+    StreamsSnapshot, check_checkpoint_position,
 };
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -91,6 +92,7 @@ struct Inner {
     /// The head position, published after every append so waiting readers wake up.
     head: watch::Sender<u64>,
     checkpoints: parking_lot::Mutex<Checkpoints>,
+    snapshots: parking_lot::Mutex<HashMap<SnapshotKey, Snapshot>>,
 }
 
 #[derive(Default)]
@@ -119,6 +121,7 @@ impl InMemoryEventStore {
                 log: RwLock::new(Log::default()),
                 head: watch::Sender::new(0),
                 checkpoints: parking_lot::Mutex::new(Checkpoints::default()),
+                snapshots: parking_lot::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -421,6 +424,39 @@ impl EventStore for InMemoryEventStore {
             .idempotency
             .get(key)
             .map(|outcome| outcome.clone().into_deduplicated()))
+    }
+
+    fn snapshots(&self) -> Option<&dyn SnapshotStore> {
+        Some(self)
+    }
+}
+
+/// The in-memory store keeps snapshots of command states too, with the same rules as
+/// every backend: of two snapshots of one key, the one folded further stays.
+#[async_trait]
+impl SnapshotStore for InMemoryEventStore {
+    async fn load_snapshot(&self, key: &SnapshotKey) -> Result<Option<Snapshot>> {
+        tokio::task::coop::consume_budget().await;
+        Ok(self.inner.snapshots.lock().get(key).cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<bool> {
+        tokio::task::coop::consume_budget().await;
+        let mut snapshots = self.inner.snapshots.lock();
+        match snapshots.get(snapshot.key()) {
+            Some(kept) if !snapshot.is_further_than(kept) => Ok(false),
+            _ => {
+                snapshots.insert(snapshot.key().clone(), snapshot.clone());
+                Ok(true)
+            }
+        }
+    }
+
+    async fn delete_snapshots(&self, name: &str) -> Result<u64> {
+        let mut snapshots = self.inner.snapshots.lock();
+        let before = snapshots.len();
+        snapshots.retain(|key, _| key.name() != name);
+        Ok(u64::try_from(before - snapshots.len()).unwrap_or(u64::MAX))
     }
 }
 

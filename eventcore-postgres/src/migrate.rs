@@ -27,6 +27,7 @@ const FILES: &[(i64, &str, &str)] = migrations![
     (5, "0005_atomic_marks.sql"),
     (6, "0006_exact_payloads.sql"),
     (7, "0007_one_statement_appends.sql"),
+    (8, "0008_snapshots.sql"),
 ];
 
 /// One embedded file as sqlx's own resolver describes it: the description is the file

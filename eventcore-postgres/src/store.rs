@@ -6,13 +6,15 @@
 //! - `store/append.rs`: both append paths, and answers after a lost connection;
 //! - `store/read.rs`: stream reads and log pages with their horizon;
 //! - `store/live.rs`: the heads and waiting for the log to grow (LISTEN/NOTIFY);
-//! - `store/checkpoints.rs`: checkpoints and parked events.
+//! - `store/checkpoints.rs`: checkpoints and parked events;
+//! - `store/snapshots.rs`: snapshots of command states.
 
 mod append;
 mod checkpoints;
 mod live;
 mod read;
 mod rows;
+mod snapshots;
 mod sql;
 
 use std::sync::{Arc, OnceLock};
@@ -21,8 +23,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventcore::{
     AppendOutcome, AppendRequest, CheckpointStore, EventStore, GlobalPosition, IdempotencyKey,
-    LogQuery, LogRead, ParkedEvent, ProjectionName, RecordedEvent, StreamId, StreamVersion,
-    StreamsSnapshot,
+    LogQuery, LogRead, ParkedEvent, ProjectionName, RecordedEvent, Snapshot, SnapshotKey,
+    SnapshotStore, StreamId, StreamVersion, StreamsSnapshot,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -286,6 +288,26 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> eventcore::Result<Vec<RecordedEvent>> {
         self.peek_log_impl(after, limit).await
+    }
+
+    fn snapshots(&self) -> Option<&dyn SnapshotStore> {
+        Some(self)
+    }
+}
+
+/// Snapshots live in the store's schema (migration 0008), one row per key.
+#[async_trait]
+impl SnapshotStore for PostgresEventStore {
+    async fn load_snapshot(&self, key: &SnapshotKey) -> eventcore::Result<Option<Snapshot>> {
+        self.load_snapshot_impl(key).await
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> eventcore::Result<bool> {
+        self.save_snapshot_impl(snapshot).await
+    }
+
+    async fn delete_snapshots(&self, name: &str) -> eventcore::Result<u64> {
+        self.delete_snapshots_impl(name).await
     }
 }
 

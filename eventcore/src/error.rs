@@ -81,6 +81,14 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A snapshot (or its key) cannot be stored: see [`crate::snapshot::Snapshot::new`]
+    /// and [`crate::snapshot::SnapshotKey::new`]. Nothing was stored.
+    #[error("invalid snapshot: {reason}")]
+    InvalidSnapshot {
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A parked event cannot be stored: its time is outside the range every backend
     /// keeps (years 1 to 9999). Nothing was stored.
     #[error("invalid parked event: {reason}")]
@@ -312,6 +320,7 @@ impl Error {
             Error::AppendTooLarge { .. } => "append_too_large",
             Error::InvalidPosition { .. } => "invalid_position",
             Error::InvalidParkedEvent { .. } => "invalid_parked_event",
+            Error::InvalidSnapshot { .. } => "invalid_snapshot",
             Error::UnreadableEvent { .. } => "unreadable_event",
             Error::InvalidAppend { .. } => "invalid_append",
             Error::VersionConflict { .. } => "version_conflict",

@@ -296,6 +296,14 @@ impl CommandExecutor {
         self
     }
 
+    /// Waits until every snapshot ([`crate::StateCache::with_snapshots`]) this
+    /// executor and its clones started saving is saved, or failed to be (snapshots are
+    /// saved by background tasks). For an orderly shutdown, and for tests that look at
+    /// the store's snapshots.
+    pub async fn flush_snapshots(&self) {
+        self.states.saves.settled().await;
+    }
+
     /// The store this executor writes to.
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store

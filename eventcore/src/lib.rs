@@ -164,6 +164,7 @@ mod projection;
 #[cfg(test)]
 mod property_tests;
 pub mod saga;
+pub mod snapshot;
 mod store;
 mod trace;
 mod types;
@@ -202,6 +203,7 @@ pub use crate::projection::{
     CheckpointStore, OnFailure, ParkedEvent, Projection, ProjectionErrorPolicy, ProjectionFilter,
     ProjectionMetrics, ProjectionRunner, RunSummary, check_checkpoint_position,
 };
+pub use crate::snapshot::{Snapshot, SnapshotKey, SnapshotStore, SnapshotVersion, Snapshots};
 pub use crate::store::{
     AppendOutcome, AppendRequest, AppendedEvent, EventStore, LogQuery, LogRead, StreamAppend,
     StreamsSnapshot,

@@ -20,6 +20,8 @@
 //! | [`PROJECTION_LAG_SECONDS`] `eventcore_projection_lag_seconds` | gauge | `projection` | while behind, the age of the last event it applied (how stale it is); 0 when it caught up |
 //! | [`PUBLISHER_LAG_SECONDS`] `eventcore_publisher_lag_seconds` | gauge | `service` | while catching up, the age of the last event the broker acknowledged; 0 when a pass ends at the head (feature `distributed`) |
 //! | [`PUBLISHER_POSITION`] `eventcore_publisher_position` | gauge | `service` | the log position up to which the broker holds every public event (feature `distributed`) |
+//! | [`SNAPSHOTS_LOADED_TOTAL`] `eventcore_snapshots_loaded_total` | counter | `command`, `outcome` (`used`, `ignored`) | snapshots an executor loaded to start a state from, used or found unusable (stale, undecodable, another history) |
+//! | [`SNAPSHOTS_SAVED_TOTAL`] `eventcore_snapshots_saved_total` | counter | `outcome` (`saved`, `kept_further`, `failed`) | snapshots an executor saved, found a further one kept already, or failed to save |
 //! | [`LEADER`] `eventcore_leader` | gauge | `role` (`projection`, `publisher`), `name` | 1 while this process is the elected runner, 0 when it is not |
 //! | [`crate::circuit_breaker::STATE_CHANGES_TOTAL`] `eventcore_circuit_breaker_state_changes_total` | counter | `breaker`, `from`, `to` (`closed`, `open`, `half_open`) | a circuit breaker's state changes |
 //! | [`crate::circuit_breaker::STATE`] `eventcore_circuit_breaker_state` | gauge | `breaker` | 0 closed, 1 open, 2 half-open |
@@ -233,6 +235,32 @@ pub(crate) fn publisher_lag(service: &str, acknowledged: Option<DateTime<Utc>>) 
         (Utc::now() - at).to_std().unwrap_or_default().as_secs_f64()
     });
     gauge!(PUBLISHER_LAG_SECONDS, "service" => service.to_owned()).set(seconds);
+}
+
+/// Snapshots loaded to start a state from (counter; labels `command`, `outcome`).
+pub const SNAPSHOTS_LOADED_TOTAL: &str = "eventcore_snapshots_loaded_total";
+/// Snapshots saved, or not (counter; label `outcome`).
+pub const SNAPSHOTS_SAVED_TOTAL: &str = "eventcore_snapshots_saved_total";
+
+/// A snapshot loaded and used.
+pub(crate) fn snapshot_loaded(command: &'static str) {
+    counter!(SNAPSHOTS_LOADED_TOTAL, "command" => command, "outcome" => "used").increment(1);
+}
+
+/// A snapshot loaded and found unusable.
+pub(crate) fn snapshot_ignored(command: &'static str) {
+    counter!(SNAPSHOTS_LOADED_TOTAL, "command" => command, "outcome" => "ignored").increment(1);
+}
+
+/// A snapshot save that ended: `Some(true)` saved, `Some(false)` a further one kept,
+/// `None` failed.
+pub(crate) fn snapshot_saved(saved: Option<bool>) {
+    let outcome = match saved {
+        Some(true) => "saved",
+        Some(false) => "kept_further",
+        None => "failed",
+    };
+    counter!(SNAPSHOTS_SAVED_TOTAL, "outcome" => outcome).increment(1);
 }
 
 /// An attempt that failed: a version conflict is counted (retried or not).

@@ -164,6 +164,14 @@ pub trait EventStore: Send + Sync + 'static {
         self.read_all(&LogQuery::new().with_after(after).with_limit(limit))
             .await
     }
+
+    /// Where this store keeps snapshots of command states
+    /// ([`crate::StateCache::with_snapshots`]); `None` (the provided implementation)
+    /// for a store that keeps none, whose executors then always fold from the start
+    /// when nothing is cached. A store that wraps another should forward it.
+    fn snapshots(&self) -> Option<&dyn crate::snapshot::SnapshotStore> {
+        None
+    }
 }
 
 #[async_trait]
@@ -209,6 +217,10 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
         (**self).peek_log(after, limit).await
+    }
+
+    fn snapshots(&self) -> Option<&dyn crate::snapshot::SnapshotStore> {
+        (**self).snapshots()
     }
 }
 

@@ -161,6 +161,11 @@ macro_rules! event_store_conformance_tests {
             sixteen_writers_racing_on_one_stream_get_one_winner_per_version,
             concurrent_multi_stream_appends_reach_a_live_reader_once_and_in_order,
             multi_stream_appends_are_read_entirely_or_not_at_all,
+            snapshots_round_trip_exactly,
+            snapshots_are_kept_per_name_streams_and_schema_version,
+            the_snapshot_folded_furthest_stays,
+            a_fresh_executor_starts_from_the_snapshot_and_folds_what_follows,
+            a_snapshot_its_stream_does_not_prove_is_never_used,
         }
         $crate::__hostile_input_conformance_tests! {
             [$(#[$attr])*] $factory;
@@ -407,6 +412,7 @@ mod tests {
                 include_str!("testing/conformance/idempotency.rs"),
                 include_str!("testing/conformance/log.rs"),
                 include_str!("testing/conformance/read.rs"),
+                include_str!("testing/conformance/snapshots.rs"),
                 include_str!("testing/conformance/validation.rs"),
             ]
             .into_iter()
@@ -425,7 +431,7 @@ mod tests {
                 .is_ok_and(|e| e.path().extension().is_some_and(|ext| ext == "rs"))
         })
         .count();
-        assert_eq!(topics, 6, "a conformance topic file is not checked");
+        assert_eq!(topics, 7, "a conformance topic file is not checked");
         assert!(
             checks(include_str!("testing/conformance.rs")).is_empty(),
             "checks belong in the topic files"

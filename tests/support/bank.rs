@@ -96,7 +96,7 @@ pub struct Transfer {
 }
 
 /// Each account's balance, by stream, for the accounts opened among the streams read.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TransferState {
     balances: std::collections::HashMap<StreamId, i64>,
 }
@@ -111,8 +111,10 @@ impl CommandLogic for Transfer {
         *state.balances.entry(event.stream_id.clone()).or_default() += event.payload.delta();
     }
 
+    // Snapshotted often, so that executors with a small cache (which forget states
+    // all the time) start from snapshots that other writers have made stale.
     fn state_cache(&self) -> eventcore::StateCache<TransferState> {
-        eventcore::StateCache::for_command::<Self>()
+        eventcore::StateCache::for_command::<Self>().with_snapshots(eventcore::Snapshots::every(5))
     }
 
     fn handle(

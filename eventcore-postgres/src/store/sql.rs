@@ -23,6 +23,9 @@ pub(crate) struct Sql {
     pub(crate) claim_checkpoint: String,
     pub(crate) lock_checkpoint: String,
     pub(crate) advance_checkpoint: String,
+    pub(crate) load_snapshot: String,
+    pub(crate) save_snapshot: String,
+    pub(crate) delete_snapshots: String,
 }
 
 impl Sql {
@@ -60,6 +63,9 @@ impl Sql {
             claim_checkpoint: fill(include_str!("../sql/claim_checkpoint.sql")),
             lock_checkpoint: fill(include_str!("../sql/lock_checkpoint.sql")),
             advance_checkpoint: fill(include_str!("../sql/advance_checkpoint.sql")),
+            load_snapshot: fill(include_str!("../sql/load_snapshot.sql")),
+            save_snapshot: fill(include_str!("../sql/save_snapshot.sql")),
+            delete_snapshots: fill(include_str!("../sql/delete_snapshots.sql")),
         }
     }
 }

@@ -69,6 +69,8 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use tracing::{Instrument, field};
+
 use super::CommandExecutor;
 use super::decide::{build_request, decide_from};
 use super::feed::Fed;
@@ -78,8 +80,11 @@ use crate::command::{CommandLogic, StateCache};
 use crate::error::{Error, Result};
 use crate::event::{EventData, RecordedEvent};
 use crate::metadata::EventMetadata;
+use crate::snapshot::{Snapshot, SnapshotVersion};
 use crate::store::{AppendOutcome, AppendRequest, StreamsSnapshot};
-use crate::types::{ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId, StreamVersion};
+use crate::types::{
+    EventId, ExpectedVersion, GlobalPosition, IdempotencyKey, StreamId, StreamVersion,
+};
 
 impl CommandExecutor {
     /// The cached path of one attempt; `None` when it does not apply (the command asked
@@ -207,6 +212,7 @@ impl CommandExecutor {
                 })
                 .collect()
         };
+        let tracked = ops.snapshots.is_some();
         let mut brought_up = None;
         if let Some(kept) = self.states.checkout(&key, ops) {
             let read = self
@@ -239,12 +245,17 @@ impl CommandExecutor {
                     command.apply(&mut state, &event.decode::<C::Event>()?);
                     last_position = Some(event.global_position);
                 }
-                brought_up = Some((state, last_position, read));
+                let track = kept.snapshot.after(tracked, folded, &read.events);
+                brought_up = Some((state, last_position, read, track));
             } else {
                 self.states.drop_entry(&key, &kept.versions);
             }
+        } else if tracked {
+            brought_up = self
+                .state_from_snapshot(command, ops, declared, folded)
+                .await?;
         }
-        let (state, last_position, snapshot) = match brought_up {
+        let (state, last_position, snapshot, track) = match brought_up {
             Some(brought_up) => brought_up,
             None => {
                 let read = self.store.read_streams_after(&wanted(None)).await?;
@@ -253,17 +264,21 @@ impl CommandExecutor {
                     command.apply(&mut state, &event.decode::<C::Event>()?);
                 }
                 let last_position = read.events.last().map(|e| e.global_position);
-                (state, last_position, read)
+                let track = SnapshotTrack::default().after(tracked, folded, &read.events);
+                (state, last_position, read, track)
             }
         };
         self.states.learn_versions(&snapshot.versions);
+        let versions: Vec<StreamVersion> = folded.iter().map(|s| snapshot.version_of(s)).collect();
+        let track = self.snapshot_if_due(ops, &key, &versions, last_position, &state, track);
         self.states.put(
             key.clone(),
             CachedState {
-                versions: folded.iter().map(|s| snapshot.version_of(s)).collect(),
+                versions,
                 last_position,
                 state: (ops.keep)(&state),
                 current: true,
+                snapshot: track,
             },
         );
         let decision = decide_from(command, declared, state)?;
@@ -388,10 +403,12 @@ impl CommandExecutor {
             let mut state = kept.state;
             let mut last_position = kept.last_position;
             let mut folded_all = true;
-            for event in recorded
-                .iter()
-                .filter(|e| target.streams.contains(&e.stream_id))
-            {
+            let own = || {
+                recorded
+                    .iter()
+                    .filter(|e| target.streams.contains(&e.stream_id))
+            };
+            for event in own() {
                 let Ok(typed) = event.decode::<C::Event>() else {
                     folded_all = false;
                     break;
@@ -414,17 +431,292 @@ impl CommandExecutor {
                 .map(|stream| written.version_after(stream, outcome))
                 .collect::<Option<Vec<_>>>();
             match versions {
-                Some(versions) if folded_all => self.states.put(
-                    target,
-                    CachedState {
-                        versions,
-                        last_position,
-                        state: (ops.boxed)(state),
-                        current: true,
-                    },
-                ),
+                Some(versions) if folded_all => {
+                    let track =
+                        kept.snapshot
+                            .after(ops.snapshots.is_some(), &target.streams, own());
+                    let track =
+                        self.snapshot_if_due(ops, &target, &versions, last_position, &state, track);
+                    self.states.put(
+                        target,
+                        CachedState {
+                            versions,
+                            last_position,
+                            state: (ops.boxed)(state),
+                            current: true,
+                            snapshot: track,
+                        },
+                    );
+                }
                 _ => self.states.mark_behind(&target, &kept.versions),
             }
+        }
+    }
+}
+
+impl CommandExecutor {
+    /// The kept state of `folded` from the command's snapshot and the events after it,
+    /// read with the versions of the other declared streams; `None` when there is no
+    /// snapshot, or it cannot be used (it does not decode, its streams do not hold the
+    /// events it names at its versions, the events after it do not follow on), and the
+    /// streams are then read whole. Only the store's read can fail the execution here.
+    async fn state_from_snapshot<C: Command>(
+        &self,
+        command: &C,
+        ops: &StateCacheOps<C::State>,
+        declared: &[StreamId],
+        folded: &[StreamId],
+    ) -> Result<Option<Brought<C::State>>> {
+        let (Some(settings), Some(snapshots), Some(key)) = (
+            ops.snapshots.as_ref(),
+            self.store.snapshots(),
+            ops.snapshot_key(folded),
+        ) else {
+            return Ok(None);
+        };
+        let span = tracing::debug_span!(
+            "eventcore.snapshot.load",
+            command = command.command_name(),
+            used = field::Empty,
+            folded_after = field::Empty,
+        );
+        let loaded = match snapshots.load_snapshot(&key).instrument(span.clone()).await {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                tracing::warn!(parent: &span, command = command.command_name(), error = %crate::error_chain(&error), "loading a snapshot failed; reading the streams whole");
+                return Ok(None);
+            }
+        };
+        let unusable = |why: &str| {
+            span.record("used", false);
+            tracing::warn!(parent: &span, command = command.command_name(), snapshot = key.name(), "{why}; the snapshot is not used, the streams are read whole");
+            crate::metrics::snapshot_ignored(command.command_name());
+            Ok(None)
+        };
+        if loaded.key() != &key || loaded.versions().len() != folded.len() {
+            return unusable("the store returned a snapshot of another key");
+        }
+        let mut state = match (settings.decode)(loaded.state()) {
+            Ok(state) => state,
+            Err(_) => return unusable("the snapshot does not decode into the state"),
+        };
+        // Read from the event each stream was folded to, so that the stream can be seen
+        // to hold it.
+        let wanted: Vec<(StreamId, StreamVersion)> = declared
+            .iter()
+            .map(|stream| {
+                let after = match folded.iter().position(|s| s == stream) {
+                    Some(index) => StreamVersion::new(
+                        loaded.versions()[index].version.value().saturating_sub(1),
+                    ),
+                    None => StreamVersion::new(u64::MAX),
+                };
+                (stream.clone(), after)
+            })
+            .collect();
+        let read = self
+            .store
+            .read_streams_after(&wanted)
+            .instrument(span.clone())
+            .await?;
+        let mut anchored = vec![false; folded.len()];
+        let mut events = Vec::with_capacity(read.events.len());
+        for event in read.events {
+            let Some(index) = folded.iter().position(|s| *s == event.stream_id) else {
+                return unusable("the store returned events of a stream not asked for");
+            };
+            let at = loaded.versions()[index];
+            if at.version.value() > 0 && event.stream_version == at.version {
+                if at.event_id != Some(event.event_id) {
+                    return unusable("a stream holds another event at the snapshot's version");
+                }
+                anchored[index] = true;
+            } else {
+                events.push(event);
+            }
+        }
+        let anchors_found = loaded
+            .versions()
+            .iter()
+            .zip(&anchored)
+            .all(|(at, found)| at.version.value() == 0 || *found);
+        if !anchors_found {
+            return unusable("a stream does not hold the event the snapshot was folded to");
+        }
+        let follows_on = folded.iter().zip(loaded.versions()).all(|(stream, at)| {
+            let now = read
+                .versions
+                .iter()
+                .find(|(s, _)| s == stream)
+                .map(|(_, v)| *v);
+            let new = events.iter().filter(|e| &e.stream_id == stream).count();
+            now.is_some_and(|now| {
+                now >= at.version
+                    && u64::try_from(new).is_ok_and(|new| now.value() - at.version.value() == new)
+            })
+        });
+        let in_order = events.first().is_none_or(|first| {
+            loaded
+                .last_position()
+                .is_none_or(|last| first.global_position > last)
+        });
+        if !follows_on || !in_order {
+            return unusable("the events after the snapshot do not follow on from it");
+        }
+        let mut last_position = loaded.last_position();
+        for event in &events {
+            command.apply(&mut state, &event.decode::<C::Event>()?);
+            last_position = Some(event.global_position);
+        }
+        span.record("used", true);
+        span.record("folded_after", events.len());
+        crate::metrics::snapshot_loaded(command.command_name());
+        let track = SnapshotTrack {
+            anchors: loaded.versions().iter().map(|at| at.event_id).collect(),
+            unsaved: 0,
+        }
+        .after(true, folded, &events);
+        let snapshot = StreamsSnapshot {
+            events,
+            versions: read.versions,
+        };
+        Ok(Some((state, last_position, snapshot, track)))
+    }
+
+    /// `track`, after starting to save `state` (kept for `key` at `versions`) as a
+    /// snapshot in the background when enough events were folded since the last one;
+    /// its count then starts again. Nothing is saved without a Tokio runtime, without a
+    /// store that keeps snapshots, or while too many saves are under way (the count
+    /// stands, and the next fold tries again).
+    fn snapshot_if_due<S>(
+        &self,
+        ops: &StateCacheOps<S>,
+        key: &StateKey,
+        versions: &[StreamVersion],
+        last_position: Option<GlobalPosition>,
+        state: &S,
+        track: SnapshotTrack,
+    ) -> SnapshotTrack {
+        let Some(settings) = ops.snapshots.as_ref() else {
+            return track;
+        };
+        if track.unsaved < settings.settings.events() || track.anchors.len() != versions.len() {
+            return track;
+        }
+        let (Some(_), Some(snapshot_key), Ok(runtime)) = (
+            self.store.snapshots(),
+            ops.snapshot_key(&key.streams),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return track;
+        };
+        let Some(slot) = self.states.saves.start() else {
+            return track;
+        };
+        let at: Vec<SnapshotVersion> = versions
+            .iter()
+            .zip(&track.anchors)
+            .map(|(version, event_id)| SnapshotVersion {
+                version: *version,
+                event_id: *event_id,
+            })
+            .collect();
+        let copy = (ops.keep)(state);
+        let encode = settings.encode;
+        let store = self.store.clone();
+        let span = tracing::debug_span!(
+            parent: None,
+            "eventcore.snapshot.save",
+            snapshot = snapshot_key.name(),
+            position = last_position.map(|p| p.value()),
+        );
+        runtime.spawn(
+            async move {
+                let _slot = slot;
+                let name = snapshot_key.name().to_owned();
+                let Some(Ok(bytes)) = encode(copy) else {
+                    tracing::warn!(snapshot = %name, "the state does not encode; no snapshot taken");
+                    return;
+                };
+                let snapshot = match Snapshot::new(snapshot_key, at, last_position, bytes, chrono::Utc::now()) {
+                    Ok(snapshot) => snapshot,
+                    Err(error) => {
+                        tracing::warn!(snapshot = %name, error = %error, "no snapshot taken");
+                        return;
+                    }
+                };
+                let Some(snapshots) = store.snapshots() else {
+                    return;
+                };
+                match snapshots.save_snapshot(&snapshot).await {
+                    Ok(saved) => {
+                        crate::metrics::snapshot_saved(Some(saved));
+                        tracing::debug!(snapshot = %name, saved, "snapshot taken");
+                    }
+                    Err(error) => {
+                        crate::metrics::snapshot_saved(None);
+                        tracing::warn!(snapshot = %name, error = %crate::error_chain(&error), "saving a snapshot failed");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        SnapshotTrack {
+            anchors: track.anchors,
+            unsaved: 0,
+        }
+    }
+}
+
+/// A state brought up to date: the state, the position of its newest event, the read
+/// it was brought up with (events and versions), and its snapshot track.
+type Brought<S> = (S, Option<GlobalPosition>, StreamsSnapshot, SnapshotTrack);
+
+/// The most snapshots an executor saves at once.
+const MAX_SAVES_IN_FLIGHT: usize = 16;
+
+/// Snapshots being saved, counted so that [`CommandExecutor::flush_snapshots`] can wait
+/// for them and their number stays bounded.
+#[derive(Default)]
+pub(super) struct SavesInFlight {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// One save under way; ends (and wakes waiters) when dropped.
+struct SaveSlot(Arc<SavesInFlight>);
+
+impl Drop for SaveSlot {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.done.notify_waiters();
+    }
+}
+
+impl SavesInFlight {
+    fn start(self: &Arc<Self>) -> Option<SaveSlot> {
+        use std::sync::atomic::Ordering;
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SAVES_IN_FLIGHT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SaveSlot(self.clone()))
+    }
+
+    /// Waits until no save is under way.
+    pub(super) async fn settled(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
         }
     }
 }
@@ -466,6 +758,8 @@ struct CachedState {
     /// Read, or brought forward with this executor's own append, and not known to be
     /// behind since: worth deciding on without reading first.
     current: bool,
+    /// With snapshots: what a snapshot of this state names.
+    snapshot: SnapshotTrack,
 }
 
 /// A copy of a kept state, with what it was folded to.
@@ -474,6 +768,48 @@ struct Checkout<S> {
     last_position: Option<GlobalPosition>,
     current: bool,
     state: S,
+    snapshot: SnapshotTrack,
+}
+
+/// What a kept state needs to be saved as a snapshot: the id of the event at each
+/// folded stream's version (`None` at version 0), and how many events were folded since
+/// the last snapshot. Kept only for commands with snapshots (`anchors` is empty
+/// otherwise, and no snapshot is ever taken of it).
+#[derive(Clone, Default)]
+struct SnapshotTrack {
+    anchors: Vec<Option<EventId>>,
+    unsaved: u64,
+}
+
+impl SnapshotTrack {
+    /// The track after folding `events` (in global order) into a state of `streams`
+    /// tracked by `self`; `None` for commands without snapshots.
+    fn after<'e>(
+        &self,
+        tracked: bool,
+        streams: &[StreamId],
+        events: impl IntoIterator<Item = &'e RecordedEvent>,
+    ) -> SnapshotTrack {
+        if !tracked {
+            return SnapshotTrack::default();
+        }
+        let mut anchors = if self.anchors.len() == streams.len() {
+            self.anchors.clone()
+        } else {
+            vec![None; streams.len()]
+        };
+        let mut folded = 0u64;
+        for event in events {
+            if let Some(index) = streams.iter().position(|s| *s == event.stream_id) {
+                anchors[index] = Some(event.event_id);
+                folded += 1;
+            }
+        }
+        SnapshotTrack {
+            anchors,
+            unsaved: self.unsaved.saturating_add(folded),
+        }
+    }
 }
 
 /// Folded states of commands that allow caching, and the last version seen of each
@@ -481,6 +817,8 @@ struct Checkout<S> {
 pub(super) struct StateCacheMap {
     pub(super) capacity: usize,
     inner: Mutex<CacheInner>,
+    /// Snapshots of these states being saved.
+    pub(super) saves: Arc<SavesInFlight>,
 }
 
 #[derive(Default)]
@@ -499,6 +837,7 @@ impl StateCacheMap {
         StateCacheMap {
             capacity,
             inner: Mutex::new(CacheInner::default()),
+            saves: Arc::default(),
         }
     }
 
@@ -524,6 +863,7 @@ impl StateCacheMap {
             last_position: entry.last_position,
             current: entry.current,
             state,
+            snapshot: entry.snapshot.clone(),
         })
     }
 
@@ -629,6 +969,9 @@ impl StateCacheMap {
         kept.versions = versions;
         kept.last_position = events.last().map(|e| e.global_position);
         kept.current = true;
+        kept.snapshot = kept
+            .snapshot
+            .after(ops.snapshots.is_some(), &key.streams, &events);
         self.put(
             key.clone(),
             CachedState {
@@ -636,6 +979,7 @@ impl StateCacheMap {
                 last_position: kept.last_position,
                 state: (ops.keep)(&kept.state),
                 current: true,
+                snapshot: kept.snapshot.clone(),
             },
         );
         kept

@@ -16,6 +16,9 @@
 //! - `conformance/concurrency.rs`: racing writers get one winner per version; a live
 //!   reader sees every event once, in order (the prefix property); multi-stream appends
 //!   are seen whole or not at all.
+//! - `conformance/snapshots.rs`: snapshots of command states read back exactly, under
+//!   exactly their key, the furthest one kept; the executor starts from one only when
+//!   its streams prove it.
 //!
 //! Each check takes a fresh, empty store. Instantiate them all with
 //! [`crate::event_store_conformance_tests!`]; a unit test checks that the macro names
@@ -26,6 +29,7 @@ mod concurrency;
 mod idempotency;
 mod log;
 mod read;
+mod snapshots;
 mod validation;
 
 pub use append::*;
@@ -33,6 +37,7 @@ pub use concurrency::*;
 pub use idempotency::*;
 pub use log::*;
 pub use read::*;
+pub use snapshots::*;
 pub use validation::*;
 
 use std::collections::{HashMap, HashSet};

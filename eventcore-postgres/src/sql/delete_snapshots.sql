@@ -1,0 +1,2 @@
+-- Every snapshot of one name.
+DELETE FROM {schema}.snapshots WHERE name = $1
