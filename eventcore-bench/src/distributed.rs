@@ -132,6 +132,9 @@ fn report(run: &Run, broker: Broker) -> Report {
         invariant_ok: None,
         rate: None,
         lag: None,
+        snapshots: None,
+        stream_events: None,
+        next_p50_ms: None,
     }
 }
 

@@ -20,6 +20,7 @@
 //! into `--concurrency` partitions, one runner each.
 
 mod bank;
+mod cold;
 mod distributed;
 mod processes;
 
@@ -61,6 +62,9 @@ enum Workload {
     W5,
     W6,
     W7,
+    /// Cold start: the first command of a fresh executor on a stream of `--events`
+    /// events, with and without snapshots.
+    W8,
 }
 
 /// Benchmarks EventCore on the standard workloads.
@@ -148,6 +152,16 @@ pub(crate) struct Report {
     rate: Option<f64>,
     /// W7: events A had written that B had not handled when A stopped.
     lag: Option<u64>,
+    /// W8: whether the fresh executors started from a snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshots: Option<bool>,
+    /// W8: the events in the stream before the first command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_events: Option<u64>,
+    /// W8: the median time of the command after the first (`p50_ms` and `max_ms` are
+    /// the first command's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_p50_ms: Option<f64>,
 }
 
 pub(crate) struct Run {
@@ -268,6 +282,9 @@ impl Measured {
             invariant_ok,
             rate: None,
             lag: None,
+            snapshots: None,
+            stream_events: None,
+            next_p50_ms: None,
         }
     }
 }
@@ -397,7 +414,7 @@ pub(crate) async fn drive(
                             Err(_) => (false, 0, 0),
                         }
                     }
-                    Workload::W4 | Workload::W6 | Workload::W7 => {
+                    Workload::W4 | Workload::W6 | Workload::W7 | Workload::W8 => {
                         unreachable!("not a command workload")
                     }
                 };
@@ -497,6 +514,9 @@ async fn run_catch_up(run: &Run, stores: Stores, events: usize) -> Result<Report
         invariant_ok: Some(counted == events as u64 && summary.applied == events as u64),
         rate: None,
         lag: None,
+        snapshots: None,
+        stream_events: None,
+        next_p50_ms: None,
     })
 }
 
@@ -520,6 +540,7 @@ fn matrix(postgres: bool, nats: bool) -> Vec<Planned> {
             runs.push((backend, None, Workload::W2x2, 4));
         }
         runs.push((backend, None, Workload::W4, 1));
+        runs.push((backend, None, Workload::W8, 1));
         let broker = match backend {
             Backend::Memory => Some(Broker::Memory),
             Backend::Postgres => nats.then_some(Broker::Nats),
@@ -560,7 +581,13 @@ fn print_table(reports: &[Report]) {
             format!("{:?}", r.backend).to_lowercase(),
             r.broker
                 .map_or("-".to_owned(), |b| format!("{b:?}").to_lowercase()),
-            format!("{:?}", r.workload).to_lowercase(),
+            // W8 with snapshots: `w8/s`.
+            format!(
+                "{:?}{}",
+                r.workload,
+                if r.snapshots == Some(true) { "/s" } else { "" }
+            )
+            .to_lowercase(),
             r.concurrency,
             cell(r.ops_per_s, 0),
             cell(r.events_per_s, 0),
@@ -662,6 +689,9 @@ async fn execute(
             Ok(reports)
         }
         Workload::W2x2 => Ok(vec![processes::run_two_processes(run, url).await?]),
+        Workload::W8 => {
+            cold::run_cold_start(run, open_store(run.backend, url).await?.0, settings.events).await
+        }
         _ => Ok(vec![
             run_workload(run, open_store(run.backend, url).await?.0).await?,
         ]),

@@ -40,7 +40,7 @@ fn every_workload_runs_on_the_in_memory_store_with_its_invariant_holding() {
         .iter()
         .filter_map(|report| report["workload"].as_str().map(str::to_owned))
         .collect();
-    for workload in ["w1", "w2", "w3", "w4", "w5", "w6", "w7"] {
+    for workload in ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"] {
         assert!(
             workloads.contains(workload),
             "no report for {workload}:\n{stdout}"
