@@ -821,3 +821,86 @@ async fn an_undecodable_step_event_does_not_stop_the_timer() {
         saga.phase()
     );
 }
+
+#[tokio::test]
+async fn a_timer_with_a_low_water_mark_resumes_from_its_oldest_pending_step() {
+    let mut world = World::new();
+    // Trips that complete, one left waiting for its hotel, more that complete.
+    for i in 0..20 {
+        world.request(&format!("early-{i}"), false).await;
+        world.settle().await;
+        world.answer_hotel(&format!("early-{i}"), true).await;
+        world.settle().await;
+    }
+    world.request("waiting", false).await;
+    world.settle().await;
+    for i in 0..5 {
+        world.request(&format!("late-{i}"), false).await;
+        world.settle().await;
+        world.answer_hotel(&format!("late-{i}"), true).await;
+        world.settle().await;
+    }
+    // The step events from the waiting trip's hotel step on: what a restart must read.
+    let waiting = saga_stream("trip", "waiting").expect("valid");
+    let log = world.log().await;
+    let step_event = |e: &RecordedEvent| {
+        e.stream_id.as_str().starts_with("saga/trip/")
+            && matches!(
+                e.decode::<SagaEvent>().map(|e| e.payload),
+                Ok(SagaEvent::StepStarted { .. }
+                    | SagaEvent::StepSucceeded { .. }
+                    | SagaEvent::StepFailed { .. }
+                    | SagaEvent::StepTimedOut { .. })
+            )
+    };
+    let hotel_started = log
+        .iter()
+        .find(|e| {
+            e.stream_id == waiting
+                && matches!(
+                    e.decode::<SagaEvent>().map(|e| e.payload),
+                    Ok(SagaEvent::StepStarted { step: 1, .. })
+                )
+        })
+        .expect("the waiting trip's hotel step started")
+        .global_position;
+    let all_steps = log.iter().filter(|e| step_event(e)).count();
+    let from_waiting = log
+        .iter()
+        .filter(|e| step_event(e) && e.global_position >= hotel_started)
+        .count();
+    assert!(
+        from_waiting < all_steps / 2,
+        "{from_waiting} of {all_steps}"
+    );
+
+    let checkpoints: Arc<dyn CheckpointStore> = Arc::new(world.store.clone());
+    let (executor, clock) = (world.executor.clone(), world.clock.clone());
+    let timer = || {
+        SagaTimer::new("trip", executor.clone(), Arc::new(clock.clone()))
+            .expect("timer")
+            .with_low_water_mark(Arc::clone(&checkpoints))
+    };
+    // The first timer has no mark yet: it reads every step event, and saves its mark.
+    let mut first = timer();
+    assert_eq!(first.catch_up().await.expect("catch up"), all_steps);
+    assert_eq!(first.pending(), 1);
+    drop(first);
+
+    // Restarted, it reads from the waiting step on, and still times it out.
+    let mut restarted = timer();
+    assert_eq!(restarted.catch_up().await.expect("catch up"), from_waiting);
+    assert_eq!(restarted.pending(), 1);
+    world.clock.advance(Duration::from_secs(60));
+    assert_eq!(restarted.fire_due().await.expect("fire"), 1);
+    // The manager compensates the timed-out trip.
+    world.settle().await;
+    restarted.catch_up().await.expect("catch up");
+    assert_eq!(restarted.pending(), 0);
+    assert_eq!(world.saga("waiting").await.phase(), SagaPhase::Aborted);
+
+    // Nothing pending: the mark passed every step event; the next start reads none.
+    let mut again = timer();
+    assert_eq!(again.catch_up().await.expect("catch up"), 0);
+    assert_eq!(again.pending(), 0);
+}

@@ -14,7 +14,9 @@ use super::state::{SagaEvent, event_types};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::executor::CommandExecutor;
+use crate::names::ProjectionName;
 use crate::process::Dispatcher;
+use crate::projection::CheckpointStore;
 use crate::store::LogQuery;
 use crate::types::{CorrelationId, EventId, GlobalPosition, StreamId};
 
@@ -27,13 +29,27 @@ struct Deadline {
     /// The step event's metadata: the timeout carries its custom fields and continues
     /// its trace, as a process manager's commands continue their event's.
     metadata: std::sync::Arc<crate::EventMetadata>,
+    /// Where the step's `StepStarted` is in the log: no low-water mark passes it while
+    /// the step is pending.
+    started: GlobalPosition,
+}
+
+/// With [`SagaTimer::with_low_water_mark`]: where the timer keeps how far a restart may
+/// skip.
+struct LowWaterMark {
+    checkpoints: Arc<dyn CheckpointStore>,
+    name: ProjectionName,
+    /// Loaded (at the first catch-up), and the last value saved or loaded.
+    loaded: bool,
+    saved: Option<GlobalPosition>,
 }
 
 /// Fires a saga's step deadlines.
 ///
 /// The deadlines are in the saga streams (each `StepStarted` carries its own), so they
 /// survive any restart: a timer rebuilds what is pending by reading the saga's step
-/// events from the start of the log, then follows it. When a deadline passes on its
+/// events from the start of the log (or, with [`SagaTimer::with_low_water_mark`], from
+/// its oldest pending step), then follows it. When a deadline passes on its
 /// [`Clock`], it dispatches the saga's timeout command, which times the step out only if
 /// the stream still says it runs past its deadline; the dispatch is idempotent
 /// (keyed by the step's `StepStarted` event), so two timers, or one restarted, never
@@ -47,6 +63,7 @@ pub struct SagaTimer {
     position: Option<GlobalPosition>,
     scanned: Option<GlobalPosition>,
     unreadable: Vec<GlobalPosition>,
+    mark: Option<LowWaterMark>,
 }
 
 impl SagaTimer {
@@ -77,7 +94,49 @@ impl SagaTimer {
             position: None,
             scanned: None,
             unreadable: Vec::new(),
+            mark: None,
         })
+    }
+
+    /// Keeps a low-water mark in `checkpoints` (under the name `<saga>.timer`), so that a
+    /// restarted timer does not read every saga's history again: it starts after the
+    /// mark, the position before the oldest step still pending (or, with none pending,
+    /// as far as the timer has read). Every step whose deadline can still pass started
+    /// after the mark, so nothing is missed; steps before it are all answered.
+    ///
+    /// The mark is loaded at the first [`SagaTimer::catch_up`] and saved at the end of
+    /// each one that moved it. Without it (the default) a timer reads the saga's step
+    /// events from the start of the log. Timers of one saga that share the checkpoint
+    /// store share the mark; a checkpoint never moves backwards, and the mark of one
+    /// timer is right for any other (it depends on the log alone).
+    pub fn with_low_water_mark(mut self, checkpoints: Arc<dyn CheckpointStore>) -> Self {
+        // `<saga>.timer` is as valid as `<saga>.timeout`, the manager name checked in
+        // `new` (same length, same characters).
+        if let Ok(name) = ProjectionName::try_new(format!(
+            "{}.timer",
+            self.manager.trim_end_matches(".timeout")
+        )) {
+            self.mark = Some(LowWaterMark {
+                checkpoints,
+                name,
+                loaded: false,
+                saved: None,
+            });
+        }
+        self
+    }
+
+    /// The position a restart may start after: before the oldest pending step, or as far
+    /// as the timer has read when none is pending.
+    fn low_water_mark(&self) -> Option<GlobalPosition> {
+        match self.pending.values().map(|d| d.started).min() {
+            Some(oldest) => oldest
+                .value()
+                .checked_sub(1)
+                .filter(|p| *p > 0)
+                .map(GlobalPosition::new),
+            None => self.scanned.max(self.position),
+        }
     }
 
     /// The positions of the step events the timer could not decode and passed (see
@@ -107,6 +166,17 @@ impl SagaTimer {
     ///
     /// The store's errors.
     pub async fn catch_up(&mut self) -> Result<usize> {
+        if let Some(mark) = &mut self.mark
+            && !mark.loaded
+        {
+            let loaded = mark.checkpoints.load_checkpoint(&mark.name).await?;
+            mark.loaded = true;
+            mark.saved = loaded;
+            if loaded > self.position {
+                tracing::debug!(saga = %self.manager, mark = ?loaded, "saga timer resumes after its low-water mark");
+                self.position = loaded;
+            }
+        }
         let mut read = 0;
         loop {
             let query = self
@@ -119,6 +189,7 @@ impl SagaTimer {
             let page = self.executor.store().read_log(&query).await?;
             if page.events.is_empty() {
                 self.scanned = page.scanned.max(self.scanned);
+                self.save_low_water_mark().await?;
                 return Ok(read);
             }
             let batch = page.events;
@@ -146,6 +217,7 @@ impl SagaTimer {
                                 cause: decoded.event_id,
                                 correlation_id: decoded.metadata.correlation_id,
                                 metadata: std::sync::Arc::clone(&event.metadata),
+                                started: event.global_position,
                             },
                         );
                     }
@@ -160,6 +232,23 @@ impl SagaTimer {
             }
             read += batch.len();
         }
+    }
+
+    /// Saves the low-water mark when it moved past the one saved.
+    async fn save_low_water_mark(&mut self) -> Result<()> {
+        let mark = self.low_water_mark();
+        let Some(kept) = &mut self.mark else {
+            return Ok(());
+        };
+        if let Some(position) = mark
+            && Some(position) > kept.saved
+        {
+            kept.checkpoints
+                .save_checkpoint(&kept.name, position)
+                .await?;
+            kept.saved = Some(position);
+        }
+        Ok(())
     }
 
     /// Times out every pending step whose deadline has passed on the clock. Returns how

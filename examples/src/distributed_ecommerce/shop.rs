@@ -385,8 +385,11 @@ impl RunningService {
                     executor.clone(),
                 )?
                 .with_error_policy(env.policy.clone());
+                // A restart reads the saga's step events from its oldest pending step
+                // on, not from the start of the log.
                 let timer =
-                    SagaTimer::new(OrderSaga::NAME, executor.clone(), Arc::clone(&env.clock))?;
+                    SagaTimer::new(OrderSaga::NAME, executor.clone(), Arc::clone(&env.clock))?
+                        .with_low_water_mark(Arc::clone(&checkpoints));
                 Parts::Order(Box::new(OrderParts {
                     saga,
                     answers,
