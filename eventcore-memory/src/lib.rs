@@ -452,6 +452,18 @@ impl SnapshotStore for InMemoryEventStore {
         }
     }
 
+    async fn delete_snapshot(&self, snapshot: &Snapshot) -> Result<bool> {
+        let mut snapshots = self.inner.snapshots.lock();
+        let same = snapshots.get(snapshot.key()).is_some_and(|kept| {
+            kept.last_position() == snapshot.last_position()
+                && kept.taken_at() == snapshot.taken_at()
+        });
+        if same {
+            snapshots.remove(snapshot.key());
+        }
+        Ok(same)
+    }
+
     async fn delete_snapshots(&self, name: &str) -> Result<u64> {
         let mut snapshots = self.inner.snapshots.lock();
         let before = snapshots.len();

@@ -306,6 +306,10 @@ impl SnapshotStore for PostgresEventStore {
         self.save_snapshot_impl(snapshot).await
     }
 
+    async fn delete_snapshot(&self, snapshot: &Snapshot) -> eventcore::Result<bool> {
+        self.delete_snapshot_impl(snapshot).await
+    }
+
     async fn delete_snapshots(&self, name: &str) -> eventcore::Result<u64> {
         self.delete_snapshots_impl(name).await
     }

@@ -274,6 +274,8 @@ pub(crate) struct SnapshotOps<S> {
     pub(crate) encode: EncodeKept,
     /// A state decoded.
     pub(crate) decode: fn(&[u8]) -> serde_json::Result<S>,
+    /// Encoded bytes decoded and encoded again; `None` when they do not decode.
+    pub(crate) recode: fn(&[u8]) -> Option<Vec<u8>>,
 }
 
 impl<S> StateCacheOps<S> {
@@ -385,6 +387,11 @@ impl<S: Serialize + DeserializeOwned + 'static> StateCache<S> {
                         .map(|state| serde_json::to_vec(&*state))
                 },
                 decode: |bytes| serde_json::from_slice(bytes),
+                recode: |bytes| {
+                    serde_json::from_slice::<S>(bytes)
+                        .ok()
+                        .and_then(|state| serde_json::to_vec(&state).ok())
+                },
             });
         }
         self

@@ -207,7 +207,10 @@ impl CommandExecutor {
             store,
             retry_policy: RetryPolicy::default(),
             max_stream_resolutions: Self::DEFAULT_MAX_STREAM_RESOLUTIONS,
-            states: Arc::new(StateCacheMap::new(Self::DEFAULT_STATE_CACHE_CAPACITY)),
+            states: Arc::new(StateCacheMap::new(
+                Self::DEFAULT_STATE_CACHE_CAPACITY,
+                Arc::default(),
+            )),
             queue: Some(Arc::new(StreamQueue::new())),
             feed: None,
             metrics: Arc::default(),
@@ -218,7 +221,9 @@ impl CommandExecutor {
     /// ([`CommandLogic::state_cache`]); 0 turns the cache off. The cache is shared by
     /// this executor's clones; this gives the executor a new, empty one.
     pub fn with_state_cache_capacity(mut self, capacity: usize) -> Self {
-        self.states = Arc::new(StateCacheMap::new(capacity));
+        // Snapshots the old cache started saving are still waited for by
+        // `flush_snapshots`.
+        self.states = Arc::new(StateCacheMap::new(capacity, self.states.saves.clone()));
         if self.feed.is_some() {
             // The feed follows the log into this executor's new cache.
             self.feed = Some(Arc::default());
@@ -296,10 +301,11 @@ impl CommandExecutor {
         self
     }
 
-    /// Waits until every snapshot ([`crate::StateCache::with_snapshots`]) this
-    /// executor and its clones started saving is saved, or failed to be (snapshots are
-    /// saved by background tasks). For an orderly shutdown, and for tests that look at
-    /// the store's snapshots.
+    /// Waits until no snapshot ([`crate::StateCache::with_snapshots`]) that this
+    /// executor or its clones started saving is still being saved (snapshots are saved
+    /// by background tasks, at most two at a time). For an orderly shutdown, and for
+    /// tests that look at the store's snapshots; while commands keep running, new saves
+    /// can start, and it returns at the first moment none is under way.
     pub async fn flush_snapshots(&self) {
         self.states.saves.settled().await;
     }

@@ -276,6 +276,16 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// [`Error::Backend`] when the backend fails.
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<bool>;
 
+    /// Forgets the snapshot saved under `snapshot`'s key if it is still that one (the
+    /// same last position and time taken), and not one saved since. Returns whether it
+    /// was forgotten. The executor forgets a snapshot its streams no longer prove, so
+    /// that it does not stand in the way of the next.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend fails.
+    async fn delete_snapshot(&self, snapshot: &Snapshot) -> Result<bool>;
+
     /// Forgets every snapshot whose name is `name` (all streams, all schema versions).
     /// Returns how many were forgotten.
     ///

@@ -166,6 +166,7 @@ macro_rules! event_store_conformance_tests {
             the_snapshot_folded_furthest_stays,
             a_fresh_executor_starts_from_the_snapshot_and_folds_what_follows,
             a_snapshot_its_stream_does_not_prove_is_never_used,
+            snapshots_are_taken_as_the_executor_writes,
         }
         $crate::__hostile_input_conformance_tests! {
             [$(#[$attr])*] $factory;

@@ -92,6 +92,21 @@ impl PostgresEventStore {
         Ok(saved.is_some())
     }
 
+    pub(super) async fn delete_snapshot_impl(
+        &self,
+        snapshot: &Snapshot,
+    ) -> eventcore::Result<bool> {
+        let last_position = snapshot.last_position().map(position_param).transpose()?;
+        let done = sqlx::query(&self.inner.sql.delete_snapshot)
+            .bind(snapshot.key().canonical())
+            .bind(last_position)
+            .bind(snapshot.taken_at())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| map_sqlx_error(e, "deleting a snapshot", None))?;
+        Ok(done.rows_affected() > 0)
+    }
+
     pub(super) async fn delete_snapshots_impl(&self, name: &str) -> eventcore::Result<u64> {
         // No key has such a name (SnapshotKey::new refuses it), and PostgreSQL cannot
         // take a NUL in a text parameter.

@@ -25,6 +25,7 @@ pub(crate) struct Sql {
     pub(crate) advance_checkpoint: String,
     pub(crate) load_snapshot: String,
     pub(crate) save_snapshot: String,
+    pub(crate) delete_snapshot: String,
     pub(crate) delete_snapshots: String,
 }
 
@@ -65,6 +66,7 @@ impl Sql {
             advance_checkpoint: fill(include_str!("../sql/advance_checkpoint.sql")),
             load_snapshot: fill(include_str!("../sql/load_snapshot.sql")),
             save_snapshot: fill(include_str!("../sql/save_snapshot.sql")),
+            delete_snapshot: fill(include_str!("../sql/delete_snapshot.sql")),
             delete_snapshots: fill(include_str!("../sql/delete_snapshots.sql")),
         }
     }

@@ -485,103 +485,45 @@ impl CommandExecutor {
             Ok(None) => return Ok(None),
             Err(error) => {
                 tracing::warn!(parent: &span, command = command.command_name(), error = %crate::error_chain(&error), "loading a snapshot failed; reading the streams whole");
+                crate::metrics::snapshot_ignored(command.command_name());
                 return Ok(None);
             }
         };
-        let unusable = |why: &str| {
-            span.record("used", false);
-            tracing::warn!(parent: &span, command = command.command_name(), snapshot = key.name(), "{why}; the snapshot is not used, the streams are read whole");
+        if loaded.key() != &key {
+            tracing::warn!(parent: &span, command = command.command_name(), "the store returned a snapshot of another key; reading the streams whole");
             crate::metrics::snapshot_ignored(command.command_name());
-            Ok(None)
-        };
-        if loaded.key() != &key || loaded.versions().len() != folded.len() {
-            return unusable("the store returned a snapshot of another key");
+            return Ok(None);
         }
-        let mut state = match (settings.decode)(loaded.state()) {
-            Ok(state) => state,
-            Err(_) => return unusable("the snapshot does not decode into the state"),
-        };
-        // Read from the event each stream was folded to, so that the stream can be seen
-        // to hold it.
-        let wanted: Vec<(StreamId, StreamVersion)> = declared
-            .iter()
-            .map(|stream| {
-                let after = match folded.iter().position(|s| s == stream) {
-                    Some(index) => StreamVersion::new(
-                        loaded.versions()[index].version.value().saturating_sub(1),
-                    ),
-                    None => StreamVersion::new(u64::MAX),
-                };
-                (stream.clone(), after)
-            })
-            .collect();
-        let read = self
-            .store
-            .read_streams_after(&wanted)
-            .instrument(span.clone())
-            .await?;
-        let mut anchored = vec![false; folded.len()];
-        let mut events = Vec::with_capacity(read.events.len());
-        for event in read.events {
-            let Some(index) = folded.iter().position(|s| *s == event.stream_id) else {
-                return unusable("the store returned events of a stream not asked for");
-            };
-            let at = loaded.versions()[index];
-            if at.version.value() > 0 && event.stream_version == at.version {
-                if at.event_id != Some(event.event_id) {
-                    return unusable("a stream holds another event at the snapshot's version");
+        match prove(
+            command,
+            settings,
+            folded,
+            declared,
+            &loaded,
+            self.store.as_ref(),
+            &span,
+        )
+        .await?
+        {
+            Ok(brought) => {
+                span.record("used", true);
+                span.record("folded_after", brought.2.events.len());
+                crate::metrics::snapshot_loaded(command.command_name());
+                Ok(Some(brought))
+            }
+            Err(why) => {
+                span.record("used", false);
+                tracing::warn!(parent: &span, command = command.command_name(), snapshot = key.name(), "{why}; the snapshot is not used, the streams are read whole");
+                crate::metrics::snapshot_ignored(command.command_name());
+                // Forgotten (unless another was saved meanwhile), so that it does not
+                // stand in the way of the next one: a snapshot no longer proved by its
+                // streams would be loaded, and refused, at every start.
+                if let Err(error) = snapshots.delete_snapshot(&loaded).await {
+                    tracing::warn!(parent: &span, error = %crate::error_chain(&error), "forgetting an unusable snapshot failed");
                 }
-                anchored[index] = true;
-            } else {
-                events.push(event);
+                Ok(None)
             }
         }
-        let anchors_found = loaded
-            .versions()
-            .iter()
-            .zip(&anchored)
-            .all(|(at, found)| at.version.value() == 0 || *found);
-        if !anchors_found {
-            return unusable("a stream does not hold the event the snapshot was folded to");
-        }
-        let follows_on = folded.iter().zip(loaded.versions()).all(|(stream, at)| {
-            let now = read
-                .versions
-                .iter()
-                .find(|(s, _)| s == stream)
-                .map(|(_, v)| *v);
-            let new = events.iter().filter(|e| &e.stream_id == stream).count();
-            now.is_some_and(|now| {
-                now >= at.version
-                    && u64::try_from(new).is_ok_and(|new| now.value() - at.version.value() == new)
-            })
-        });
-        let in_order = events.first().is_none_or(|first| {
-            loaded
-                .last_position()
-                .is_none_or(|last| first.global_position > last)
-        });
-        if !follows_on || !in_order {
-            return unusable("the events after the snapshot do not follow on from it");
-        }
-        let mut last_position = loaded.last_position();
-        for event in &events {
-            command.apply(&mut state, &event.decode::<C::Event>()?);
-            last_position = Some(event.global_position);
-        }
-        span.record("used", true);
-        span.record("folded_after", events.len());
-        crate::metrics::snapshot_loaded(command.command_name());
-        let track = SnapshotTrack {
-            anchors: loaded.versions().iter().map(|at| at.event_id).collect(),
-            unsaved: 0,
-        }
-        .after(true, folded, &events);
-        let snapshot = StreamsSnapshot {
-            events,
-            versions: read.versions,
-        };
-        Ok(Some((state, last_position, snapshot, track)))
     }
 
     /// `track`, after starting to save `state` (kept for `key` at `versions`) as a
@@ -623,7 +565,7 @@ impl CommandExecutor {
             })
             .collect();
         let copy = (ops.keep)(state);
-        let encode = settings.encode;
+        let (encode, recode) = (settings.encode, settings.recode);
         let store = self.store.clone();
         let span = tracing::debug_span!(
             parent: None,
@@ -635,13 +577,27 @@ impl CommandExecutor {
             async move {
                 let _slot = slot;
                 let name = snapshot_key.name().to_owned();
-                let Some(Ok(bytes)) = encode(copy) else {
-                    tracing::warn!(snapshot = %name, "the state does not encode; no snapshot taken");
+                // Encoding a large state takes a while: not on a worker of the runtime.
+                // The bytes must decode into a state that encodes to them again, or the
+                // snapshot would not be the state (a field serde skips or loses).
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let bytes = encode(copy)?.ok()?;
+                    // Compared as JSON values: a map's keys may come out in another order.
+                    let again = recode(&bytes)?;
+                    let same = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?
+                        == serde_json::from_slice::<serde_json::Value>(&again).ok()?;
+                    same.then_some(bytes)
+                })
+                .await;
+                let Ok(Some(bytes)) = encoded else {
+                    crate::metrics::snapshot_saved(None);
+                    tracing::warn!(snapshot = %name, "the state does not encode into JSON that decodes to it again; no snapshot taken");
                     return;
                 };
                 let snapshot = match Snapshot::new(snapshot_key, at, last_position, bytes, chrono::Utc::now()) {
                     Ok(snapshot) => snapshot,
                     Err(error) => {
+                        crate::metrics::snapshot_saved(None);
                         tracing::warn!(snapshot = %name, error = %error, "no snapshot taken");
                         return;
                     }
@@ -669,12 +625,140 @@ impl CommandExecutor {
     }
 }
 
+/// `loaded` proved by its streams and brought up to date with the events after it, or
+/// why it cannot be (`Err` inside): it does not decode, a stream does not hold the event
+/// it names at its version, its last position is not that of its newest event, the
+/// events after it do not follow on, or `apply` panics on them. Only the read's and the
+/// events' own errors are errors.
+async fn prove<C: Command>(
+    command: &C,
+    settings: &crate::command::SnapshotOps<C::State>,
+    folded: &[StreamId],
+    declared: &[StreamId],
+    loaded: &Snapshot,
+    store: &dyn crate::store::EventStore,
+    span: &tracing::Span,
+) -> Result<std::result::Result<Brought<C::State>, &'static str>> {
+    if loaded.versions().len() != folded.len() || loaded.key().streams() != folded {
+        return Ok(Err("the store returned a snapshot of another key"));
+    }
+    let Ok(mut state) = (settings.decode)(loaded.state()) else {
+        return Ok(Err("the snapshot does not decode into the state"));
+    };
+    // Read from the event each stream was folded to, so that the stream can be seen to
+    // hold it.
+    let wanted: Vec<(StreamId, StreamVersion)> = declared
+        .iter()
+        .map(|stream| {
+            let after = match folded.iter().position(|s| s == stream) {
+                Some(index) => {
+                    StreamVersion::new(loaded.versions()[index].version.value().saturating_sub(1))
+                }
+                None => StreamVersion::new(u64::MAX),
+            };
+            (stream.clone(), after)
+        })
+        .collect();
+    let read = store
+        .read_streams_after(&wanted)
+        .instrument(span.clone())
+        .await?;
+    let mut anchored = vec![false; folded.len()];
+    let mut newest_anchor: Option<GlobalPosition> = None;
+    let mut events = Vec::with_capacity(read.events.len());
+    for event in read.events {
+        let Some(index) = folded.iter().position(|s| *s == event.stream_id) else {
+            return Ok(Err("the store returned events of a stream not asked for"));
+        };
+        let at = loaded.versions()[index];
+        if at.version.value() > 0 && event.stream_version == at.version {
+            if at.event_id != Some(event.event_id) {
+                return Ok(Err(
+                    "a stream holds another event at the snapshot's version",
+                ));
+            }
+            anchored[index] = true;
+            newest_anchor = newest_anchor.max(Some(event.global_position));
+        } else {
+            events.push(event);
+        }
+    }
+    let anchors_found = loaded
+        .versions()
+        .iter()
+        .zip(&anchored)
+        .all(|(at, found)| at.version.value() == 0 || *found);
+    if !anchors_found {
+        return Ok(Err(
+            "a stream does not hold the event the snapshot was folded to",
+        ));
+    }
+    // The newest event folded is the newest of the events it names: what the order of
+    // the events after it is checked against.
+    if newest_anchor != loaded.last_position() {
+        return Ok(Err(
+            "its last position is not that of the newest event it names",
+        ));
+    }
+    let follows_on = folded.iter().zip(loaded.versions()).all(|(stream, at)| {
+        let now = read
+            .versions
+            .iter()
+            .find(|(s, _)| s == stream)
+            .map(|(_, v)| *v);
+        let new = events.iter().filter(|e| &e.stream_id == stream).count();
+        now.is_some_and(|now| {
+            now >= at.version
+                && u64::try_from(new).is_ok_and(|new| now.value() - at.version.value() == new)
+        })
+    });
+    let in_order = events.first().is_none_or(|first| {
+        loaded
+            .last_position()
+            .is_none_or(|last| first.global_position > last)
+    });
+    if !follows_on || !in_order {
+        return Ok(Err(
+            "the events after the snapshot do not follow on from it",
+        ));
+    }
+    let typed = events
+        .iter()
+        .map(|event| event.decode::<C::Event>())
+        .collect::<Result<Vec<_>>>()?;
+    // A state of an older shape (a schema version not bumped) can break what `apply`
+    // relies on: a panic here is the snapshot's fault, and the streams are read whole.
+    let folded_after = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for event in &typed {
+            command.apply(&mut state, event);
+        }
+    }));
+    if folded_after.is_err() {
+        return Ok(Err("apply panicked on the snapshot's state"));
+    }
+    let last_position = events
+        .last()
+        .map(|e| e.global_position)
+        .or(loaded.last_position());
+    let track = SnapshotTrack {
+        anchors: loaded.versions().iter().map(|at| at.event_id).collect(),
+        unsaved: 0,
+    }
+    .after(true, folded, &events);
+    let snapshot = StreamsSnapshot {
+        events,
+        versions: read.versions,
+    };
+    Ok(Ok((state, last_position, snapshot, track)))
+}
+
 /// A state brought up to date: the state, the position of its newest event, the read
 /// it was brought up with (events and versions), and its snapshot track.
 type Brought<S> = (S, Option<GlobalPosition>, StreamsSnapshot, SnapshotTrack);
 
-/// The most snapshots an executor saves at once.
-const MAX_SAVES_IN_FLIGHT: usize = 16;
+/// The most snapshots an executor saves at once: each takes a connection of the
+/// store's, which commands need more.
+const MAX_SAVES_IN_FLIGHT: usize = 2;
 
 /// Snapshots being saved, counted so that [`CommandExecutor::flush_snapshots`] can wait
 /// for them and their number stays bounded.
@@ -833,11 +917,11 @@ struct CacheInner {
 }
 
 impl StateCacheMap {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize, saves: Arc<SavesInFlight>) -> Self {
         StateCacheMap {
             capacity,
             inner: Mutex::new(CacheInner::default()),
-            saves: Arc::default(),
+            saves,
         }
     }
 

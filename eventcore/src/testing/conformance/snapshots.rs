@@ -417,6 +417,10 @@ pub async fn a_snapshot_its_stream_does_not_prove_is_never_used(store: impl Even
             planted(tally_key(&s, 1), 5, EventId::new(), position, 1_000),
         ),
         (
+            "a last position before the event it names",
+            planted(tally_key(&s, 1), 5, last, position - 1, 1_000),
+        ),
+        (
             "does not decode",
             Snapshot::new(
                 tally_key(&s, 1),
@@ -442,6 +446,12 @@ pub async fn a_snapshot_its_stream_does_not_prove_is_never_used(store: impl Even
         fresh.execute(&tally(&s)).await.expect("executes");
         assert_eq!(decided_total(&*store, &s).await, expected, "{why}");
         fresh.flush_snapshots().await;
+        // Forgotten, so that it does not stand in the way of the next one.
+        assert_ne!(
+            snapshots.load_snapshot(snapshot.key()).await.expect("load"),
+            Some(snapshot),
+            "{why}: still kept"
+        );
         add_ones(&*store, &s, 1).await;
         expected += 1;
     }
@@ -497,4 +507,40 @@ pub async fn a_snapshot_its_stream_does_not_prove_is_never_used(store: impl Even
     let fresh = CommandExecutor::from_shared(store.clone());
     fresh.execute(&tally(&s)).await.expect("executes");
     assert_eq!(decided_total(&*store, &s).await, 1_000);
+}
+
+/// Snapshots are taken from the executor's own writes too, without reading: every 10
+/// events folded (3 read, then one per command), at the version of the last event
+/// folded, naming it, of the state as folded up to it.
+pub async fn snapshots_are_taken_as_the_executor_writes(store: impl EventStore) {
+    if store.snapshots().is_none() {
+        return;
+    }
+    let executor = CommandExecutor::new(store);
+    let store = executor.store().clone();
+    let s = stream("snap-writes");
+    add_ones(&*store, &s, 3).await;
+    for _ in 0..22 {
+        executor.execute(&tally(&s)).await.expect("executes");
+    }
+    executor.flush_snapshots().await;
+    let taken = store
+        .snapshots()
+        .expect("kept")
+        .load_snapshot(&tally_key(&s, 1))
+        .await
+        .expect("load")
+        .expect("taken");
+    let read = store
+        .read_streams(std::slice::from_ref(&s))
+        .await
+        .expect("read");
+    assert_eq!(read.events.len(), 25);
+    assert_eq!(taken.versions()[0].version, StreamVersion::new(20));
+    assert_eq!(taken.versions()[0].event_id, Some(read.events[19].event_id));
+    assert_eq!(taken.last_position(), Some(read.events[19].global_position));
+    assert_eq!(
+        serde_json::from_slice::<Total>(taken.state()).expect("decodes"),
+        Total { total: 3 }
+    );
 }
