@@ -61,9 +61,18 @@
 //!     answer must (rule 3: contiguous versions from the kept ones for every folded
 //!     stream, the first after `last_position`); the state is then decided on without
 //!     reading, which rule 5 makes safe.
+//! 11. **A snapshot is a kept state only once its streams prove it** (opt-in,
+//!     [`StateCache::with_snapshots`], ADR 0013). With nothing kept, the executor loads
+//!     the key's snapshot and reads each folded stream from one before its version: the
+//!     state is used only when every stream holds, at the snapshot's version, the very
+//!     event the snapshot names, the newest of those is at its last position, and the
+//!     events after it follow on as rule 3 requires. Anything else (or a state that
+//!     does not decode, or an `apply` that panics on it) reads whole and forgets the
+//!     snapshot. Snapshots are saved by background tasks, of copies whose versions and
+//!     event ids were tracked with them (`SnapshotTrack`), never inside an append.
 //!
-//! Why a cache and not snapshots, and what it costs: ADR 0005
-//! (`docs/adr/0005-state-cache.md`).
+//! Why a cache, what it costs, and the snapshots behind it: ADR 0005
+//! (`docs/adr/0005-state-cache.md`) and ADR 0013 (`docs/adr/0013-snapshots.md`).
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
