@@ -366,8 +366,8 @@ impl<S: Serialize + DeserializeOwned + 'static> StateCache<S> {
     /// ([`Snapshots::every`]), never inside the append, and each one is proved like a
     /// kept state: the executor folds the events after it, checks that its streams
     /// still hold the events it was folded to, and the append checks every stream at
-    /// the versions of the fold, so a stale or wrong snapshot can cost a retry, never a
-    /// wrong decision. The contract on `apply` is the cache's (see
+    /// the versions of the fold, so a snapshot its streams no longer prove is not used,
+    /// and a write after the load costs a conflict, never a wrong decision. The contract on `apply` is the cache's (see
     /// [`CommandLogic::state_cache`]), and one more rule: **bump the schema version**
     /// ([`Snapshots::with_schema_version`]) whenever `State` or `apply` changes in a
     /// way an old snapshot would not match. A snapshot that does not decode is ignored

@@ -8,7 +8,8 @@
 //! append. When an executor has no kept state for a command (a fresh process, a state
 //! the cache forgot), it loads the snapshot, reads only the events after it, and decides
 //! on that; the append checks every stream at the versions of the fold, as always, so a
-//! snapshot that is stale costs a conflict and a read, never a wrong decision.
+//! write made after the load costs a conflict and a read, never a wrong decision. An
+//! older snapshot only costs folding more events after it.
 //!
 //! A snapshot is only ever used for exactly what it was taken from ([`SnapshotKey`]):
 //! the command type and its state type (by name), the streams folded (in order), and

@@ -904,3 +904,73 @@ async fn a_timer_with_a_low_water_mark_resumes_from_its_oldest_pending_step() {
     assert_eq!(again.catch_up().await.expect("catch up"), 0);
     assert_eq!(again.pending(), 0);
 }
+
+#[tokio::test]
+async fn a_low_water_mark_never_passes_an_unreadable_step_event() {
+    let mut world = World::new();
+    // The manager parks the unreadable event, as in the test above.
+    let shared: Arc<dyn Clock> = Arc::new(world.clock.clone());
+    world.manager = ProcessManagerRunner::new(
+        SagaManager::new(Trip, shared).expect("valid saga"),
+        world.executor.clone(),
+        Arc::new(world.store.clone()),
+    )
+    .with_error_policy(
+        ProjectionErrorPolicy::new()
+            .with_max_attempts(1)
+            .with_on_failure(eventcore::OnFailure::Park),
+    );
+    world.request("before", false).await;
+    world.settle().await;
+    world.answer_hotel("before", true).await;
+    world.settle().await;
+    let bogus = eventcore::EventData::new(
+        eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
+        eventcore::EventPayload::from_json(r#"{"Nonsense":{"step":"one"}}"#).expect("JSON"),
+        eventcore::EventMetadata::default(),
+    );
+    let outcome = world
+        .store
+        .append(eventcore::AppendRequest::single(
+            stream("saga/trip/by-hand"),
+            eventcore::ExpectedVersion::NoStream,
+            vec![bogus],
+        ))
+        .await
+        .expect("stored");
+    let unreadable = outcome.events[0].global_position;
+    world.request("after", false).await;
+    world.settle().await;
+    world.answer_hotel("after", true).await;
+    world.settle().await;
+
+    let checkpoints: Arc<dyn CheckpointStore> = Arc::new(world.store.clone());
+    let (executor, clock) = (world.executor.clone(), world.clock.clone());
+    let timer = || {
+        SagaTimer::new("trip", executor.clone(), Arc::new(clock.clone()))
+            .expect("timer")
+            .with_low_water_mark(Arc::clone(&checkpoints))
+    };
+    let mut first = timer();
+    first.catch_up().await.expect("catch up");
+    assert_eq!(first.unreadable(), [unreadable]);
+    assert_eq!(first.pending(), 0);
+    // Nothing is pending, but the mark stays before the event the timer could not read:
+    // a restart (a fixed decoder, a newer version) reads it again.
+    let mut restarted = timer();
+    let read = restarted.catch_up().await.expect("catch up");
+    assert_eq!(
+        restarted.unreadable(),
+        [unreadable],
+        "read again, reported again"
+    );
+    assert!(read > 0);
+    assert_eq!(
+        world
+            .store
+            .load_checkpoint(&ProjectionName::from_static("trip/timer"))
+            .await
+            .expect("load"),
+        Some(eventcore::GlobalPosition::new(unreadable.value() - 1))
+    );
+}

@@ -526,9 +526,25 @@ impl CommandExecutor {
                 crate::metrics::snapshot_ignored(command.command_name());
                 // Forgotten (unless another was saved meanwhile), so that it does not
                 // stand in the way of the next one: a snapshot no longer proved by its
-                // streams would be loaded, and refused, at every start.
-                if let Err(error) = snapshots.delete_snapshot(&loaded).await {
-                    tracing::warn!(parent: &span, error = %crate::error_chain(&error), "forgetting an unusable snapshot failed");
+                // streams would be loaded, and refused, at every start. In the
+                // background, as saves are, and not at all without a free slot (the
+                // next start meets it again).
+                if let (Ok(runtime), Some(slot)) = (
+                    tokio::runtime::Handle::try_current(),
+                    self.states.saves.start(),
+                ) {
+                    let store = self.store.clone();
+                    runtime.spawn(
+                        async move {
+                            let _slot = slot;
+                            if let Some(snapshots) = store.snapshots()
+                                && let Err(error) = snapshots.delete_snapshot(&loaded).await
+                            {
+                                tracing::warn!(error = %crate::error_chain(&error), "forgetting an unusable snapshot failed");
+                            }
+                        }
+                        .instrument(span.clone()),
+                    );
                 }
                 Ok(None)
             }
@@ -591,6 +607,9 @@ impl CommandExecutor {
                 // snapshot would not be the state (a field serde skips or loses).
                 let encoded = tokio::task::spawn_blocking(move || {
                     let bytes = encode(copy)?.ok()?;
+                    if bytes.len() > crate::snapshot::MAX_SNAPSHOT_BYTES {
+                        return None;
+                    }
                     // Compared as JSON values: a map's keys may come out in another order.
                     let again = recode(&bytes)?;
                     let same = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?
@@ -600,7 +619,7 @@ impl CommandExecutor {
                 .await;
                 let Ok(Some(bytes)) = encoded else {
                     crate::metrics::snapshot_saved(None);
-                    tracing::warn!(snapshot = %name, "the state does not encode into JSON that decodes to it again; no snapshot taken");
+                    tracing::warn!(snapshot = %name, "the state does not encode, is larger than a snapshot may be, or its JSON does not decode and encode to the same JSON again; no snapshot taken");
                     return;
                 };
                 let snapshot = match Snapshot::new(snapshot_key, at, last_position, bytes, chrono::Utc::now()) {

@@ -98,11 +98,17 @@ impl SagaTimer {
         })
     }
 
-    /// Keeps a low-water mark in `checkpoints` (under the name `<saga>.timer`), so that a
+    /// Keeps a low-water mark in `checkpoints` (under the name `<saga>/timer`), so that a
     /// restarted timer does not read every saga's history again: it starts after the
     /// mark, the position before the oldest step still pending (or, with none pending,
     /// as far as the timer has read). Every step whose deadline can still pass started
-    /// after the mark, so nothing is missed; steps before it are all answered.
+    /// after the mark, so nothing is missed; steps before it are all answered. A step
+    /// event the timer could not decode holds the mark before it too (it is read, and
+    /// reported, again at every start), and a step with a long deadline holds it for as
+    /// long as it runs.
+    ///
+    /// The mark only saves reading: when it cannot be loaded the timer reads from the
+    /// start, and when it cannot be saved it carries on (both with a warning).
     ///
     /// The mark is loaded at the first [`SagaTimer::catch_up`] and saved at the end of
     /// each one that moved it. Without it (the default) a timer reads the saga's step
@@ -110,12 +116,13 @@ impl SagaTimer {
     /// store share the mark; a checkpoint never moves backwards, and the mark of one
     /// timer is right for any other (it depends on the log alone).
     pub fn with_low_water_mark(mut self, checkpoints: Arc<dyn CheckpointStore>) -> Self {
-        // `<saga>.timer` is as valid as `<saga>.timeout`, the manager name checked in
-        // `new` (same length, same characters).
-        if let Ok(name) = ProjectionName::try_new(format!(
-            "{}.timer",
-            self.manager.trim_end_matches(".timeout")
-        )) {
+        // `<saga>/timer`: no saga name holds a `/`, so no other saga's checkpoint (its
+        // manager's is the bare name) can be called that.
+        let saga = self
+            .manager
+            .strip_suffix(".timeout")
+            .unwrap_or(&self.manager);
+        if let Ok(name) = ProjectionName::try_new(format!("{saga}/timer")) {
             self.mark = Some(LowWaterMark {
                 checkpoints,
                 name,
@@ -129,7 +136,14 @@ impl SagaTimer {
     /// The position a restart may start after: before the oldest pending step, or as far
     /// as the timer has read when none is pending.
     fn low_water_mark(&self) -> Option<GlobalPosition> {
-        match self.pending.values().map(|d| d.started).min() {
+        // Pending steps and unreadable step events must be read again after a restart.
+        let held = self
+            .pending
+            .values()
+            .map(|d| d.started)
+            .chain(self.unreadable.iter().copied())
+            .min();
+        match held {
             Some(oldest) => oldest
                 .value()
                 .checked_sub(1)
@@ -169,7 +183,13 @@ impl SagaTimer {
         if let Some(mark) = &mut self.mark
             && !mark.loaded
         {
-            let loaded = mark.checkpoints.load_checkpoint(&mark.name).await?;
+            let loaded = match mark.checkpoints.load_checkpoint(&mark.name).await {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    tracing::warn!(saga = %self.manager, error = %crate::error_chain(&error), "loading the saga timer's low-water mark failed; reading from the start of the log");
+                    None
+                }
+            };
             mark.loaded = true;
             mark.saved = loaded;
             if loaded > self.position {
@@ -189,7 +209,7 @@ impl SagaTimer {
             let page = self.executor.store().read_log(&query).await?;
             if page.events.is_empty() {
                 self.scanned = page.scanned.max(self.scanned);
-                self.save_low_water_mark().await?;
+                self.save_low_water_mark().await;
                 return Ok(read);
             }
             let batch = page.events;
@@ -235,20 +255,21 @@ impl SagaTimer {
     }
 
     /// Saves the low-water mark when it moved past the one saved.
-    async fn save_low_water_mark(&mut self) -> Result<()> {
+    async fn save_low_water_mark(&mut self) {
         let mark = self.low_water_mark();
         let Some(kept) = &mut self.mark else {
-            return Ok(());
+            return;
         };
         if let Some(position) = mark
             && Some(position) > kept.saved
         {
-            kept.checkpoints
-                .save_checkpoint(&kept.name, position)
-                .await?;
-            kept.saved = Some(position);
+            match kept.checkpoints.save_checkpoint(&kept.name, position).await {
+                Ok(()) => kept.saved = Some(position),
+                Err(error) => {
+                    tracing::warn!(saga = %self.manager, error = %crate::error_chain(&error), "saving the saga timer's low-water mark failed; a restart reads from the last one saved");
+                }
+            }
         }
-        Ok(())
     }
 
     /// Times out every pending step whose deadline has passed on the clock. Returns how
