@@ -247,6 +247,21 @@ impl World {
         }
     }
 
+    /// The manager parks an event it cannot handle instead of stopping.
+    fn park_failures(&mut self) {
+        let shared: Arc<dyn Clock> = Arc::new(self.clock.clone());
+        self.manager = ProcessManagerRunner::new(
+            SagaManager::new(Trip, shared).expect("valid saga"),
+            self.executor.clone(),
+            Arc::new(self.store.clone()),
+        )
+        .with_error_policy(
+            ProjectionErrorPolicy::new()
+                .with_max_attempts(1)
+                .with_on_failure(eventcore::OnFailure::Park),
+        );
+    }
+
     async fn post(&self, stream_name: &str, event: TripEvent) {
         self.executor
             .execute(&Post {
@@ -762,17 +777,7 @@ async fn an_undecodable_step_event_does_not_stop_the_timer() {
     let mut world = World::new();
     // The manager, which also reads step events, parks it by its policy (with Stop it
     // stops there, naming it, with serde's reason).
-    let shared: Arc<dyn Clock> = Arc::new(world.clock.clone());
-    world.manager = ProcessManagerRunner::new(
-        SagaManager::new(Trip, shared).expect("valid saga"),
-        world.executor.clone(),
-        Arc::new(world.store.clone()),
-    )
-    .with_error_policy(
-        ProjectionErrorPolicy::new()
-            .with_max_attempts(1)
-            .with_on_failure(eventcore::OnFailure::Park),
-    );
+    world.park_failures();
     let bogus = eventcore::EventData::new(
         eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
         eventcore::EventPayload::from_json(r#"{"Nonsense":{"step":"one"}}"#).expect("JSON"),
@@ -909,17 +914,7 @@ async fn a_timer_with_a_low_water_mark_resumes_from_its_oldest_pending_step() {
 async fn a_low_water_mark_never_passes_an_unreadable_step_event() {
     let mut world = World::new();
     // The manager parks the unreadable event, as in the test above.
-    let shared: Arc<dyn Clock> = Arc::new(world.clock.clone());
-    world.manager = ProcessManagerRunner::new(
-        SagaManager::new(Trip, shared).expect("valid saga"),
-        world.executor.clone(),
-        Arc::new(world.store.clone()),
-    )
-    .with_error_policy(
-        ProjectionErrorPolicy::new()
-            .with_max_attempts(1)
-            .with_on_failure(eventcore::OnFailure::Park),
-    );
+    world.park_failures();
     world.request("before", false).await;
     world.settle().await;
     world.answer_hotel("before", true).await;
