@@ -26,7 +26,9 @@
 //!   decision is ever committed on a stale read. Conflicts are retried under a
 //!   [`RetryPolicy`]; business errors ([`require!`]) are not. A command type may let the
 //!   executor keep its folded state between executions ([`CommandLogic::state_cache`]):
-//!   the next execution reads only what is new, or nothing at all.
+//!   the next execution reads only what is new, or nothing at all; with
+//!   [`StateCache::with_snapshots`] the state is also saved in the store
+//!   ([`snapshot`]), so a fresh executor starts from it.
 //! - **Metadata and idempotency**: every event carries [`EventMetadata`] (correlation,
 //!   causation, actor, custom fields), set per execution with [`ExecutionOptions`]. An
 //!   [`IdempotencyKey`] makes an execution happen at most once, across retries, processes
