@@ -1,6 +1,7 @@
 //! The metrics EventCore emits (`eventcore::metrics`), read back through
 //! `metrics-util`'s debugging recorder: names, labels and values for commands (success,
-//! refusal, a real version conflict and its retry), publication and consumption.
+//! refusal, a real version conflict and its retry), publication and consumption, and
+//! snapshots (used, ignored, saved).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -636,4 +637,93 @@ fn projection_lag_leadership_and_publisher_progress_are_gauges() {
     let lag = history.values(PUBLISHER_LAG_SECONDS, &orders);
     assert_eq!(lag.len(), 2, "one per page that published: {lag:?}");
     assert_eq!(lag[1], 0.0, "the last page reached the head: {lag:?}");
+}
+
+#[test]
+fn snapshots_used_ignored_and_saved_are_counted() {
+    use eventcore::metrics::{SNAPSHOTS_LOADED_TOTAL, SNAPSHOTS_SAVED_TOTAL};
+    use eventcore::{Snapshot, SnapshotKey, SnapshotStore};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    with_recorder(&recorder, || async {
+        let store = InMemoryEventStore::new();
+        let transfer = || Transfer {
+            from: account(0),
+            to: account(1),
+            amount: 1,
+        };
+        let executor = CommandExecutor::new(store.clone());
+        for n in 0..2 {
+            executor
+                .execute(&Open {
+                    account: account(n),
+                    initial: 100,
+                })
+                .await
+                .expect("opens");
+        }
+        // 2 events read, then 2 per transfer: the second reaches the 5 of `Transfer`'s
+        // snapshots.
+        for _ in 0..2 {
+            executor.execute(&transfer()).await.expect("transfers");
+        }
+        executor.flush_snapshots().await;
+        // A fresh executor starts from it.
+        CommandExecutor::new(store.clone())
+            .execute(&transfer())
+            .await
+            .expect("transfers");
+        // A snapshot that does not decode: ignored.
+        let key = SnapshotKey::new(
+            format!(
+                "{} {}",
+                std::any::type_name::<Transfer>(),
+                std::any::type_name::<eventcore_tests::bank::TransferState>()
+            ),
+            vec![account(0), account(1)],
+            1,
+        )
+        .expect("key");
+        let taken = store
+            .load_snapshot(&key)
+            .await
+            .expect("load")
+            .expect("taken");
+        let broken = Snapshot::new(
+            key.clone(),
+            taken.versions().to_vec(),
+            taken.last_position(),
+            b"not json".to_vec(),
+            taken.taken_at(),
+        )
+        .expect("valid");
+        store.delete_snapshots(key.name()).await.expect("delete");
+        assert!(store.save_snapshot(&broken).await.expect("save"));
+        let fresh = CommandExecutor::new(store.clone());
+        fresh.execute(&transfer()).await.expect("transfers");
+        fresh.flush_snapshots().await;
+    });
+    let seen = seen(&snapshotter);
+    let transfer = std::any::type_name::<Transfer>();
+    assert_eq!(
+        counter(
+            &seen,
+            SNAPSHOTS_LOADED_TOTAL,
+            &[("command", transfer), ("outcome", "used")]
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        counter(
+            &seen,
+            SNAPSHOTS_LOADED_TOTAL,
+            &[("command", transfer), ("outcome", "ignored")]
+        ),
+        Some(1)
+    );
+    assert!(
+        counter(&seen, SNAPSHOTS_SAVED_TOTAL, &[("outcome", "saved")]).is_some_and(|n| n >= 1),
+        "{seen:?}"
+    );
 }
