@@ -18,7 +18,8 @@ pub(crate) enum AccountEvent {
 }
 
 impl AccountEvent {
-    fn delta(&self) -> i64 {
+    /// What the event adds to the balance.
+    pub(crate) fn delta(&self) -> i64 {
         match self {
             AccountEvent::Opened { initial, .. } => *initial,
             AccountEvent::Deposited { amount } => *amount,

@@ -28,11 +28,7 @@ impl CommandLogic for ColdDeposit {
     type Event = AccountEvent;
 
     fn apply(&self, balance: &mut i64, event: &StoredEvent<AccountEvent>) {
-        *balance += match &event.payload {
-            AccountEvent::Opened { initial, .. } => *initial,
-            AccountEvent::Deposited { amount } => *amount,
-            AccountEvent::Withdrawn { amount } => -amount,
-        };
+        *balance += event.payload.delta();
     }
 
     fn state_cache(&self) -> StateCache<i64> {

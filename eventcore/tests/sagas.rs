@@ -262,6 +262,26 @@ impl World {
         );
     }
 
+    /// A step event written by hand that does not decode, in a saga stream of its own;
+    /// returns its position.
+    async fn write_unreadable_step(&self) -> eventcore::GlobalPosition {
+        let bogus = eventcore::EventData::new(
+            eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
+            eventcore::EventPayload::from_json(r#"{"Nonsense":{"step":"one"}}"#).expect("JSON"),
+            eventcore::EventMetadata::default(),
+        );
+        let outcome = self
+            .store
+            .append(eventcore::AppendRequest::single(
+                stream("saga/trip/by-hand"),
+                eventcore::ExpectedVersion::NoStream,
+                vec![bogus],
+            ))
+            .await
+            .expect("stored");
+        outcome.events[0].global_position
+    }
+
     async fn post(&self, stream_name: &str, event: TripEvent) {
         self.executor
             .execute(&Post {
@@ -778,27 +798,10 @@ async fn an_undecodable_step_event_does_not_stop_the_timer() {
     // The manager, which also reads step events, parks it by its policy (with Stop it
     // stops there, naming it, with serde's reason).
     world.park_failures();
-    let bogus = eventcore::EventData::new(
-        eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
-        eventcore::EventPayload::from_json(r#"{"Nonsense":{"step":"one"}}"#).expect("JSON"),
-        eventcore::EventMetadata::default(),
-    );
-    let outcome = world
-        .store
-        .append(eventcore::AppendRequest::single(
-            stream("saga/trip/by-hand"),
-            eventcore::ExpectedVersion::NoStream,
-            vec![bogus],
-        ))
-        .await
-        .expect("stored");
+    let unreadable = world.write_unreadable_step().await;
     world.request("t9", false).await;
     world.settle().await;
-    assert_eq!(
-        world.timer.unreadable(),
-        [outcome.events[0].global_position],
-        "listed, not hidden"
-    );
+    assert_eq!(world.timer.unreadable(), [unreadable], "listed, not hidden");
     assert_eq!(
         world.timer.pending(),
         1,
@@ -919,21 +922,7 @@ async fn a_low_water_mark_never_passes_an_unreadable_step_event() {
     world.settle().await;
     world.answer_hotel("before", true).await;
     world.settle().await;
-    let bogus = eventcore::EventData::new(
-        eventcore::EventType::try_new("eventcore.SagaStepStarted").expect("valid"),
-        eventcore::EventPayload::from_json(r#"{"Nonsense":{"step":"one"}}"#).expect("JSON"),
-        eventcore::EventMetadata::default(),
-    );
-    let outcome = world
-        .store
-        .append(eventcore::AppendRequest::single(
-            stream("saga/trip/by-hand"),
-            eventcore::ExpectedVersion::NoStream,
-            vec![bogus],
-        ))
-        .await
-        .expect("stored");
-    let unreadable = outcome.events[0].global_position;
+    let unreadable = world.write_unreadable_step().await;
     world.request("after", false).await;
     world.settle().await;
     world.answer_hotel("after", true).await;
